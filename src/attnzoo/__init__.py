@@ -1,0 +1,43 @@
+"""attnzoo: attention mechanisms behind one interface, exact against a readable reference.
+
+    >>> import torch, attnzoo
+    >>> q = k = v = torch.randn(1, 8, 1024, 64)
+    >>> out = attnzoo.attention(q, k, v, "softmax", causal=True)
+    >>> attnzoo.get("softmax").explain(q, k, v, causal=True)  # which backend, and why not the others
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from . import errors, masks
+from .functional import softmax_attention
+from .kernels.split_kv import merge_attention_states
+from .registry import PATTERNS, Backend, Mechanism, Param, get, list_mechanisms, set_checks
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "attention",
+    "get",
+    "list_mechanisms",
+    "merge_attention_states",
+    "set_checks",
+    "softmax_attention",
+    "masks",
+    "errors",
+    "Mechanism",
+    "Backend",
+    "Param",
+    "PATTERNS",
+    "__version__",
+]
+
+
+def attention(q: Any, k: Any, v: Any, mechanism: str = "softmax", *, backend: Optional[str] = None, **params: Any) -> Any:
+    """Run the registered ``mechanism`` on q, k, v (token layout (B, H, N, D)).
+
+    Validates the inputs once, then runs the highest-priority backend that accepts them;
+    ``backend="..."`` forces one. Parameters are the mechanism's (``attnzoo info NAME``).
+    """
+    return get(mechanism)(q, k, v, backend=backend, **params)

@@ -1,0 +1,5 @@
+"""The functional forms, one module per mechanism family; importing registers them."""
+
+from .dense import softmax_attention
+
+__all__ = ["softmax_attention"]

@@ -1,0 +1,472 @@
+"""Dense, exact softmax attention (catalog D1-D3).
+
+    out_i = sum_j softmax_j(s_ij) v_j,   s_ij = mask(score_mod(scale * q_i . k_j + bias_ij))
+
+with ``mask`` setting to -inf the keys a query may not see (causal, key padding, ``mask_mod``).
+The reference materializes the ``Nq x Nk`` scores; the fast backends do not:
+
+* ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` (flash/efficient kernels);
+* ``tiled``: FlashAttention-2 in PyTorch (:mod:`attnzoo.kernels.tiled`), O(N) memory, LSE,
+  block skipping for causal and ``mask_mod`` patterns, its own FA2 backward;
+* ``split_kv``: Lean Attention / FlashDecoding for few queries over a long cache
+  (:mod:`attnzoo.kernels.split_kv`);
+* ``flex``: FlexAttention (compiled; forward only on CPU).
+
+Causal alignment when Nq != Nk: ``bottom_right`` (default, FlashAttention's: query i sees keys
+``j <= i + Nk - Nq``, so the last query sees every key: the decoding convention) or
+``top_left`` (``j <= i``, SDPA's ``is_causal``). A query that sees no key outputs 0 with
+LSE -inf, never NaN.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import masks
+from ..errors import ParameterError
+from ..kernels.split_kv import split_kv_attention, stable_softmax_lse
+from ..kernels.tiled import BlockPlan, _fit_block, tiled_attention
+from ..registry import PATTERNS, Backend, Mechanism, Param, Problem, choice, flag, positive_number, register
+
+__all__ = ["softmax_attention", "SOFTMAX"]
+
+
+# --------------------------------------------------------------------------------------------
+# parameters
+# --------------------------------------------------------------------------------------------
+def _check_padding(value: Any, p: Problem) -> Optional[str]:
+    if value is None:
+        return None
+    expected = f"None or a bool tensor of shape ({p.batch}, {p.kv_len}) on {p.device} (True = ignore the key)"
+    if not isinstance(value, Tensor) or value.dtype != torch.bool or tuple(value.shape) != (p.batch, p.kv_len):
+        return expected
+    return None if value.device == p.device else expected
+
+
+def _check_bias(value: Any, p: Problem) -> Optional[str]:
+    if value is None:
+        return None
+    target = (p.batch, p.q_heads, p.q_len, p.kv_len)
+    expected = f"None or a floating tensor broadcastable to (B, H, Nq, Nk) = {target} on {p.device}"
+    if not isinstance(value, Tensor) or not value.is_floating_point() or value.device != p.device or value.dim() > 4:
+        return expected
+    try:
+        if torch.broadcast_shapes(tuple(value.shape), target) != target:
+            return expected
+    except RuntimeError:
+        return expected
+    return None
+
+
+def _check_callable(value: Any, p: Problem) -> Optional[str]:
+    return None if value is None or callable(value) else "None or a callable (b, h, q_idx, kv_idx)"
+
+
+SOFTMAX_PARAMS = (
+    flag("causal", False, "mask keys after the query (alignment: causal_alignment)"),
+    choice(
+        "causal_alignment",
+        ("bottom_right", "top_left"),
+        "bottom_right",
+        "when Nq != Nk: bottom_right (the last query sees every key) or top_left",
+    ),
+    Param(
+        "key_padding_mask",
+        None,
+        "(B, Nk) bool, True marks a key to ignore (nn.MultiheadAttention's convention)",
+        _check_padding,
+        (torch.zeros(1, dtype=torch.bool), torch.zeros(1, 1)),
+        "Tensor | None",
+    ),
+    Param("bias", None, "additive bias broadcastable to (B, H, Nq, Nk)", _check_bias, (torch.zeros(3, 5, 7, 11, 13),), "Tensor | None"),
+    Param(
+        "mask_mod",
+        None,
+        "predicate (b, h, q_idx, kv_idx) -> bool, True = attend (attnzoo.masks)",
+        _check_callable,
+        (3,),
+        "callable | None",
+    ),
+    Param(
+        "score_mod",
+        None,
+        "(score, b, h, q_idx, kv_idx) -> score, applied after bias (attnzoo.masks)",
+        _check_callable,
+        ("softcap",),
+        "callable | None",
+    ),
+    positive_number("scale", "multiplies q.k; default head_dim ** -0.5"),
+    flag("return_lse", False, "also return the log-sum-exp of each row, (B, H, Nq)"),
+)
+
+
+# --------------------------------------------------------------------------------------------
+# the pattern, shared by the backends
+# --------------------------------------------------------------------------------------------
+def _scale(q: Tensor, scale: Optional[float]) -> float:
+    return float(q.shape[-1] ** -0.5 if scale is None else scale)
+
+
+def _causal_offset(nq: int, nk: int, alignment: str) -> int:
+    return nk - nq if alignment == "bottom_right" else 0
+
+
+def _pattern(nq: int, nk: int, causal: bool, alignment: str, mask_mod: Optional[Callable]) -> Optional[Callable]:
+    """The mask predicate of a call (causal and/or the user's), without key padding."""
+    parts = []
+    if causal:
+        parts.append(masks.causal(_causal_offset(nq, nk, alignment)))
+    if mask_mod is not None:
+        parts.append(mask_mod)
+    if not parts:
+        return None
+    return parts[0] if len(parts) == 1 else masks.and_masks(*parts)
+
+
+def _allowed(q: Tensor, k: Tensor, causal: bool, alignment: str, key_padding_mask: Optional[Tensor], mask_mod: Optional[Callable]) -> Optional[Tensor]:
+    """The dense bool mask (B|1, H|1, Nq, Nk), True = attend, or None when nothing is masked."""
+    b, h, nq = q.shape[:3]
+    nk = k.shape[2]
+    pattern = _pattern(nq, nk, causal, alignment, mask_mod)
+    allowed = None
+    if pattern is not None:
+        allowed = masks.dense_mask(pattern, nq, nk, batch=b, heads=h, device=q.device)
+    if key_padding_mask is not None:
+        keep = ~key_padding_mask.view(b, 1, 1, nk)
+        allowed = keep if allowed is None else allowed & keep
+    return allowed
+
+
+def _index_grids(q: Tensor, nk: int) -> tuple[Tensor, ...]:
+    b, h, nq = q.shape[:3]
+    dev = q.device
+    return (
+        torch.arange(b, device=dev).view(b, 1, 1, 1),
+        torch.arange(h, device=dev).view(1, h, 1, 1),
+        torch.arange(nq, device=dev).view(1, 1, nq, 1),
+        torch.arange(nk, device=dev).view(1, 1, 1, nk),
+    )
+
+
+def _result(out: Tensor, lse: Tensor, return_lse: bool) -> Any:
+    return (out, lse) if return_lse else out
+
+
+# --------------------------------------------------------------------------------------------
+# reference: the spec
+# --------------------------------------------------------------------------------------------
+def _reference(q, k, v, *, causal, causal_alignment, key_padding_mask, bias, mask_mod, score_mod, scale, return_lse):
+    """Materialized scores in float32 (float64 for float64 inputs): the obviously-right spec."""
+    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    group = q.shape[1] // k.shape[1]
+    kk = k.to(cdt).repeat_interleave(group, dim=1)
+    vv = v.to(cdt).repeat_interleave(group, dim=1)
+    s = torch.matmul(q.to(cdt), kk.transpose(-1, -2)) * _scale(q, scale)
+    if bias is not None:
+        s = s + bias.to(cdt)
+    if score_mod is not None:
+        s = score_mod(s, *_index_grids(q, k.shape[2]))
+    allowed = _allowed(q, k, causal, causal_alignment, key_padding_mask, mask_mod)
+    if allowed is not None:
+        s = s.masked_fill(~allowed, float("-inf"))
+    p, lse = stable_softmax_lse(s)
+    return _result(torch.matmul(p, vv).to(q.dtype), lse, return_lse)
+
+
+# --------------------------------------------------------------------------------------------
+# sdpa
+# --------------------------------------------------------------------------------------------
+def _sdpa_accepts(p: Problem, params: dict) -> Optional[str]:
+    if params["return_lse"]:
+        return "cannot return the LSE (use tiled, split_kv or flex)"
+    if params["mask_mod"] is not None or params["score_mod"] is not None:
+        return "takes no mask_mod/score_mod (tiled and flex do, without an Nq x Nk mask)"
+    return None
+
+
+def _sdpa(q, k, v, *, causal, causal_alignment, key_padding_mask, bias, mask_mod, score_mod, scale, return_lse):
+    """torch.nn.functional.scaled_dot_product_attention; masks and bias folded into attn_mask."""
+    nq, nk = q.shape[2], k.shape[2]
+    gqa = q.shape[1] != k.shape[1]
+    top_left = causal_alignment == "top_left" or nq == nk
+    if bias is None and key_padding_mask is None and (not causal or top_left):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa)
+    allowed = _allowed(q, k, causal, causal_alignment, key_padding_mask, None)
+    empty = None
+    if allowed is not None:
+        # Rows with no visible key: let them see everything (finite on every SDPA kernel), then
+        # zero their output; their gradient is then exactly zero too.
+        empty = ~allowed.any(-1, keepdim=True)
+        allowed = allowed | empty
+    if bias is not None:
+        mask = bias.to(q.dtype)
+        if allowed is not None:
+            mask = mask.masked_fill(~allowed, float("-inf"))
+    else:
+        mask = allowed
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    return out if empty is None else out.masked_fill(empty, 0.0)
+
+
+# --------------------------------------------------------------------------------------------
+# tiled (FlashAttention-2 in PyTorch)
+# --------------------------------------------------------------------------------------------
+TILE_Q = 128
+TILE_K = 128
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_plan(pattern: Any, nq: int, nk: int, bq: int, bk: int) -> BlockPlan:
+    return masks.block_plan(pattern, nq, nk, block_q=bq, block_k=bk)
+
+
+def _plan(pattern: Optional[Callable], q: Tensor, k: Tensor) -> BlockPlan:
+    nq, nk = q.shape[2], k.shape[2]
+    bq, bk = _fit_block(TILE_Q, nq), _fit_block(TILE_K, nk)
+    if pattern is None or getattr(pattern, "cacheable", False):
+        return _cached_plan(pattern, nq, nk, bq, bk)
+    # a user predicate may read tensors that change between calls: never cache its plan
+    return masks.block_plan(pattern, nq, nk, block_q=bq, block_k=bk, batch=q.shape[0], heads=q.shape[1])
+
+
+def _tiled(q, k, v, *, causal, causal_alignment, key_padding_mask, bias, mask_mod, score_mod, scale, return_lse):
+    """FlashAttention-2 tiles with online softmax; skips tiles outside the causal/mask_mod pattern."""
+    pattern = _pattern(q.shape[2], k.shape[2], causal, causal_alignment, mask_mod)
+    out, lse = tiled_attention(
+        q,
+        k,
+        v,
+        plan=_plan(pattern, q, k),
+        scale=_scale(q, scale),
+        mask_mod=pattern,
+        score_mod=score_mod,
+        bias=bias,
+        key_padding_mask=key_padding_mask,
+    )
+    return _result(out, lse, return_lse)
+
+
+# --------------------------------------------------------------------------------------------
+# split-KV decode (Lean Attention)
+# --------------------------------------------------------------------------------------------
+SPLIT_KV_MAX_QUERIES = 16
+SPLIT_KV_MIN_KEYS = 4096
+
+
+def _split_kv_accepts(p: Problem, params: dict) -> Optional[str]:
+    if p.kv_len < SPLIT_KV_MIN_KEYS:
+        return f"for long contexts: at least {SPLIT_KV_MIN_KEYS} keys, got {p.kv_len}"
+    return None
+
+
+def _split_kv(q, k, v, *, causal, causal_alignment, key_padding_mask, bias, mask_mod, score_mod, scale, return_lse):
+    """Few queries over many keys: chunks of 2048 keys attended in parallel, merged by LSE."""
+    allowed = _allowed(q, k, causal, causal_alignment, key_padding_mask, mask_mod)
+    out, lse = split_kv_attention(q, k, v, scale=_scale(q, scale), allowed=allowed, bias=bias, score_mod=score_mod)
+    return _result(out, lse, return_lse)
+
+
+# --------------------------------------------------------------------------------------------
+# flex (FlexAttention)
+# --------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=1)
+def _compiled_flex() -> Callable:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _flex_accepts(p: Problem, params: dict) -> Optional[str]:
+    if p.device_type == "cpu":
+        if p.requires_grad:
+            return "forward only on CPU (FlexAttention has no CPU backward): use tiled for training"
+        if params["return_lse"]:
+            return "cannot return the LSE on CPU (FlexAttention under compile on CPU)"
+    if p.q_len < 1 or p.kv_len < 1:
+        return "needs at least one query and one key"
+    return None
+
+
+def _flex(q, k, v, *, causal, causal_alignment, key_padding_mask, bias, mask_mod, score_mod, scale, return_lse):
+    """torch.compile'd FlexAttention with the pattern as a BlockMask (the first call per shape compiles)."""
+    b, h, nq = q.shape[:3]
+    nk = k.shape[2]
+    pattern = _pattern(nq, nk, causal, causal_alignment, mask_mod)
+    if key_padding_mask is not None:
+        pad = key_padding_mask
+
+        def keep_key(bi, hi, qi, ki):
+            return ~pad[bi, ki]
+
+        pattern = keep_key if pattern is None else masks.and_masks(pattern, keep_key)
+    block_mask = None
+    if pattern is not None:
+        block_mask = masks.flex_block_mask(pattern, nq, nk, batch=b, heads=h, device=q.device)
+    mod = score_mod
+    if bias is not None:
+        full_bias = bias.to(q.dtype).expand(b, h, nq, nk)
+
+        def mod(score, bi, hi, qi, ki):
+            s = score + full_bias[bi, hi, qi, ki]
+            return s if score_mod is None else score_mod(s, bi, hi, qi, ki)
+
+    result = _compiled_flex()(
+        q, k, v, score_mod=mod, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1], return_lse=return_lse
+    )
+    if return_lse:
+        out, lse = result
+        return out, lse.float()
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# decoding: a KV cache
+# --------------------------------------------------------------------------------------------
+@dataclass
+class KVState:
+    """The decoding state of softmax attention: a growing key/value cache."""
+
+    k: Optional[Tensor] = None  # (B, Hkv, capacity, D)
+    v: Optional[Tensor] = None
+    length: int = 0
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store the new keys/values (capacity doubles when full) and return views of the cache."""
+        n = self.length + k.shape[2]
+        if self.k is None or n > self.k.shape[2]:
+            cap = max(n, 2 * (0 if self.k is None else self.k.shape[2]), 16)
+            new_k = k.new_empty(k.shape[0], k.shape[1], cap, k.shape[3])
+            new_v = v.new_empty(v.shape[0], v.shape[1], cap, v.shape[3])
+            if self.k is not None and self.length:
+                new_k[:, :, : self.length] = self.k[:, :, : self.length]
+                new_v[:, :, : self.length] = self.v[:, :, : self.length]
+            self.k, self.v = new_k, new_v
+        self.k[:, :, self.length : n] = k
+        self.v[:, :, self.length : n] = v
+        self.length = n
+        return self.k[:, :, :n], self.v[:, :, :n]
+
+
+class _SoftmaxDecoder:
+    """Incremental decoding: append to the cache, attend causally (bottom-right) over it."""
+
+    def init_state(self, problem: Problem, **params: Any) -> KVState:
+        return KVState()
+
+    def step(self, q: Tensor, k: Tensor, v: Tensor, state: KVState, **params: Any) -> tuple[Any, KVState]:
+        for name in ("key_padding_mask", "bias", "mask_mod"):
+            if params.get(name) is not None:
+                raise ParameterError(f"softmax: {name}: not supported while decoding (pass None)", argument=name)
+        keys, values = state.append(k, v)
+        out = SOFTMAX(
+            q, keys, values, causal=True, scale=params.get("scale"), score_mod=params.get("score_mod"), return_lse=params.get("return_lse", False)
+        )
+        return out, state
+
+
+# --------------------------------------------------------------------------------------------
+# registration
+# --------------------------------------------------------------------------------------------
+SOFTMAX = register(
+    Mechanism(
+        name="softmax",
+        family="dense",
+        catalog=("D1", "D2", "D3", "L9"),
+        paper="Attention Is All You Need; FlashAttention-2 (Dao, 2023); Lean Attention (Sanovar et al., 2024)",
+        formula="out_i = sum_j softmax_j(mask(score_mod(scale * q_i . k_j + bias_ij))) v_j",
+        cost="O(Nq * Nk * D) time; O(Nq * Nk) memory (reference, sdpa with a mask), O(N) (tiled, sdpa flash)",
+        summary="exact softmax attention: causal (both alignments), key padding, bias, GQA/MQA, mask_mod/score_mod, LSE",
+        patterns=frozenset(PATTERNS),
+        params=SOFTMAX_PARAMS,
+        gqa=True,
+        decoder=_SoftmaxDecoder(),
+    )
+)
+SOFTMAX.add_backend(Backend("reference", _reference, doc="materialized scores in float32/float64: the spec", priority=-100))
+SOFTMAX.implementation("sdpa", accepts=_sdpa_accepts, priority=50)(_sdpa)
+SOFTMAX.implementation(
+    "split_kv",
+    accepts=_split_kv_accepts,
+    max_q_len=SPLIT_KV_MAX_QUERIES,
+    priority=60,
+)(_split_kv)
+SOFTMAX.implementation("tiled", priority=20)(_tiled)
+SOFTMAX.implementation(
+    "flex",
+    accepts=_flex_accepts,
+    dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
+    priority=10,
+    device_priority={"cuda": 40},
+    compiles=True,
+)(_flex)
+
+
+def softmax_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = False,
+    causal_alignment: str = "bottom_right",
+    key_padding_mask: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    mask_mod: Optional[Callable] = None,
+    score_mod: Optional[Callable] = None,
+    scale: Optional[float] = None,
+    return_lse: bool = False,
+    backend: Optional[str] = None,
+) -> Any:
+    """Exact softmax attention (catalog D1), dispatched to the best backend for the inputs.
+
+    ``out_i = sum_j softmax_j(s_ij) v_j`` with ``s_ij = score_mod(scale * q_i . k_j + bias_ij)``
+    and -inf where the pattern hides key j from query i (``causal``, ``key_padding_mask``,
+    ``mask_mod``).
+
+    Args:
+        q: (B, Hq, Nq, D). k: (B, Hkv, Nk, D), Hq a multiple of Hkv (GQA/MQA). v: (B, Hkv, Nk, Dv).
+        causal: hide keys after the query. When Nq != Nk, ``causal_alignment`` says where the
+            queries sit: ``"bottom_right"`` (default; query i sees keys j <= i + Nk - Nq, the
+            last query sees all, as in FlashAttention and decoding) or ``"top_left"`` (j <= i).
+        key_padding_mask: (B, Nk) bool, True marks a key to ignore.
+        bias: additive, broadcastable to (B, Hq, Nq, Nk); differentiable.
+        mask_mod: ``(b, h, q_idx, kv_idx) -> bool`` (True = attend); see :mod:`attnzoo.masks`.
+        score_mod: ``(score, b, h, q_idx, kv_idx) -> score``, e.g. ``masks.softcap(30.0)``.
+        scale: defaults to ``D ** -0.5``.
+        return_lse: also return ``lse`` (B, Hq, Nq) in float32: -inf for a row with no key.
+        backend: force ``reference``, ``sdpa``, ``tiled``, ``split_kv`` or ``flex``.
+
+    Returns:
+        ``out`` (B, Hq, Nq, Dv), or ``(out, lse)``. A row that sees no key outputs zeros.
+
+    Cost: O(Nq * Nk * D) time; memory O(N) on ``tiled``/``split_kv``/SDPA's flash kernel.
+    Paper: FlashAttention-2 (Dao, 2023) for ``tiled``; Lean Attention for ``split_kv``.
+
+    Example::
+
+        >>> q = k = v = torch.randn(2, 8, 1024, 64)
+        >>> out = softmax_attention(q, k, v, causal=True)
+        >>> out, lse = softmax_attention(q, k, v, return_lse=True)  # picks tiled
+    """
+    return SOFTMAX(
+        q,
+        k,
+        v,
+        backend=backend,
+        causal=causal,
+        causal_alignment=causal_alignment,
+        key_padding_mask=key_padding_mask,
+        bias=bias,
+        mask_mod=mask_mod,
+        score_mod=score_mod,
+        scale=scale,
+        return_lse=return_lse,
+    )
+
+
+SOFTMAX.function = softmax_attention

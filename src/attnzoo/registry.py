@@ -1,0 +1,414 @@
+"""The registry: mechanisms and backends with their capabilities declared as data.
+
+A :class:`Mechanism` is what the user names (``"softmax"``, ``"neighborhood"``): its paper,
+formula, cost, the CAB patterns it supports, its parameters (each with a validator) and its
+backends. A :class:`Backend` is one implementation of it (``reference``, ``sdpa``, ``tiled``...)
+with the devices, dtypes, autograd support and limits it declares, plus an optional predicate on
+the actual inputs. Dispatch validates the inputs once, then takes the highest-priority backend
+that accepts them; when none does, :class:`~attnzoo.errors.NoBackendError` lists each backend
+with the reason it declined.
+
+Because every mechanism is here, the conformance suite, the benchmark and the docs table
+iterate the registry and cover each new mechanism without extra code.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
+
+import torch
+
+from ._validate import FLOAT_DTYPES, Problem, check_finite_inputs, describe
+from .errors import NoBackendError, ParameterError, UnknownMechanismError
+
+__all__ = [
+    "PATTERNS",
+    "Param",
+    "Backend",
+    "Decoder",
+    "Mechanism",
+    "register",
+    "get",
+    "list_mechanisms",
+    "set_checks",
+    "Problem",
+]
+
+#: CAB's four attention patterns (Comprehensive Attention Benchmark).
+PATTERNS = ("noncausal_self", "causal_self", "noncausal_cross", "causal_cross")
+ALL_DEVICES = frozenset({"cpu", "cuda"})
+
+
+# --------------------------------------------------------------------------------------------
+# parameters
+# --------------------------------------------------------------------------------------------
+Check = Callable[[Any, Problem], "str | None"]
+
+
+@dataclass(frozen=True)
+class Param:
+    """One keyword parameter of a mechanism.
+
+    ``check(value, problem)`` returns ``None`` when the value is fine, else what was expected
+    (``"a bool"``); the registry turns it into a :class:`ParameterError` naming the parameter.
+    ``invalid`` lists values the conformance suite feeds to prove the check refuses them.
+    """
+
+    name: str
+    default: Any
+    doc: str
+    check: Check | None = None
+    invalid: tuple[Any, ...] = ()
+    type_name: str = ""
+
+    def validate(self, value: Any, problem: Problem, mechanism: str) -> None:
+        if self.check is None:
+            return
+        expected = self.check(value, problem)
+        if expected is not None:
+            shown = _short_repr(value)
+            raise ParameterError(f"{mechanism}: {self.name}: expected {expected}, got {shown}", argument=self.name)
+
+
+def _short_repr(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)} on {value.device}"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def flag(name: str, default: bool, doc: str) -> Param:
+    """A boolean parameter."""
+    return Param(name, default, doc, lambda v, p: None if isinstance(v, bool) else "a bool", ("yes", 1), "bool")
+
+
+def choice(name: str, options: Sequence[str], default: str, doc: str) -> Param:
+    """A parameter taking one of a few strings."""
+    opts = tuple(options)
+    return Param(
+        name,
+        default,
+        doc,
+        lambda v, p: None if v in opts else "one of " + ", ".join(repr(o) for o in opts),
+        ("__not_an_option__",),
+        " | ".join(repr(o) for o in opts),
+    )
+
+
+def positive_number(name: str, doc: str, *, optional: bool = True) -> Param:
+    """A finite positive float (``None`` allowed when optional: the mechanism's default)."""
+
+    def check(v: Any, p: Problem) -> str | None:
+        if v is None and optional:
+            return None
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 < float(v) < float("inf")):
+            return "a finite positive number" + (" or None" if optional else "")
+        return None
+
+    return Param(name, None, doc, check, (0.0, -1.0, float("nan"), "1"), "float | None" if optional else "float")
+
+
+# --------------------------------------------------------------------------------------------
+# backends
+# --------------------------------------------------------------------------------------------
+Predicate = Callable[[Problem, Mapping[str, Any]], "str | None"]
+
+
+@dataclass
+class Backend:
+    """One implementation of a mechanism, with what it can do declared as data.
+
+    ``fn(q, k, v, **params)`` receives every parameter of the mechanism, defaults filled in.
+    ``accepts(problem, params)`` returns ``None`` or the reason it declines these inputs.
+    Higher ``priority`` wins; ``device_priority`` overrides it per device type.
+    """
+
+    name: str
+    fn: Callable[..., Any]
+    doc: str = ""
+    devices: frozenset[str] = ALL_DEVICES
+    dtypes: frozenset[torch.dtype] = frozenset(FLOAT_DTYPES)
+    autograd: bool = True
+    max_head_dim: int | None = None
+    max_q_len: int | None = None
+    accepts: Predicate | None = None
+    priority: int = 0
+    device_priority: Mapping[str, int] = field(default_factory=dict)
+    compiles: bool = False  # first call per shape pays a torch.compile; tests use fixed shapes
+
+    def rank(self, problem: Problem) -> int:
+        return self.device_priority.get(problem.device_type, self.priority)
+
+    def decline_reason(self, problem: Problem, params: Mapping[str, Any]) -> str | None:
+        """``None`` when this backend takes the inputs, else one line saying what to change."""
+        if problem.device_type not in self.devices:
+            return f"runs on {'/'.join(sorted(self.devices))}, not {problem.device_type}"
+        if problem.dtype not in self.dtypes:
+            names = ", ".join(sorted(str(d).replace("torch.", "") for d in self.dtypes))
+            return f"takes {names}, not {str(problem.dtype).replace('torch.', '')}"
+        if problem.requires_grad and not self.autograd:
+            return "forward only: call under torch.no_grad() or inputs without requires_grad"
+        if self.max_head_dim is not None and max(problem.head_dim, problem.value_dim) > self.max_head_dim:
+            return f"head dim at most {self.max_head_dim}, got {max(problem.head_dim, problem.value_dim)}"
+        if self.max_q_len is not None and problem.q_len > self.max_q_len:
+            return f"at most {self.max_q_len} queries, got {problem.q_len}"
+        if self.accepts is not None:
+            return self.accepts(problem, params)
+        return None
+
+    def capabilities(self) -> dict[str, str]:
+        """What the backend declares, as text (for ``attnzoo info`` and the docs)."""
+        return {
+            "devices": ", ".join(sorted(self.devices)),
+            "dtypes": ", ".join(str(d).replace("torch.", "") for d in FLOAT_DTYPES if d in self.dtypes),
+            "autograd": "yes" if self.autograd else "no",
+            "limits": ", ".join(
+                s
+                for s in (
+                    f"head dim <= {self.max_head_dim}" if self.max_head_dim else "",
+                    f"Nq <= {self.max_q_len}" if self.max_q_len else "",
+                )
+                if s
+            )
+            or "-",
+            "priority": str(self.priority)
+            + "".join(f", {d}: {p}" for d, p in sorted(self.device_priority.items())),
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# decoding
+# --------------------------------------------------------------------------------------------
+class Decoder(Protocol):
+    """Incremental decoding of a causal mechanism.
+
+    ``init_state(problem, **params)`` makes an empty state for inputs shaped like ``problem``;
+    ``step(q_t, k_t, v_t, state, **params)`` appends ``T >= 1`` new tokens and returns their
+    outputs (causal, bottom-right aligned against everything seen) and the new state. Feeding
+    a sequence through ``step`` in any split equals the full causal forward.
+    """
+
+    def init_state(self, problem: Problem, **params: Any) -> Any: ...
+
+    def step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: Any, **params: Any) -> tuple[Any, Any]: ...
+
+
+# --------------------------------------------------------------------------------------------
+# mechanisms
+# --------------------------------------------------------------------------------------------
+@dataclass
+class _Checks:
+    finite: bool = True
+
+
+_CHECKS = _Checks()
+
+
+def set_checks(*, finite: bool | None = None) -> None:
+    """Turn optional input checks on or off globally.
+
+    ``finite`` (default on): when an output holds NaN/inf, find the input that carried it and
+    raise :class:`~attnzoo.errors.NonFiniteError` naming it. It costs one pass over the output
+    (and a host sync on CUDA); turn it off in tight training loops once inputs are trusted.
+    """
+    if finite is not None:
+        _CHECKS.finite = bool(finite)
+
+
+@dataclass
+class Mechanism:
+    """A registered attention mechanism. Calling it dispatches to a backend.
+
+    Fields are data the suite, the benchmark and the docs read: ``patterns`` (a subset of
+    :data:`PATTERNS`), ``spatial_dims`` (how many spatial axes q/k/v may have), ``params``,
+    ``decoder`` (incremental decoding, or ``None``), ``exact`` (False for approximations, whose
+    error the benchmark measures).
+    """
+
+    name: str
+    family: str
+    catalog: tuple[str, ...]
+    paper: str
+    formula: str
+    cost: str
+    summary: str
+    patterns: frozenset[str]
+    params: tuple[Param, ...] = ()
+    spatial_dims: tuple[int, ...] = (1,)
+    gqa: bool = False
+    exact: bool = True
+    decoder: Decoder | None = None
+    backends: dict[str, Backend] = field(default_factory=dict)
+    function: Callable[..., Any] | None = None  # the public functional form, for its docstring
+
+    def __post_init__(self) -> None:
+        self.patterns = frozenset(self.patterns)
+        unknown = self.patterns - set(PATTERNS)
+        if unknown:
+            raise ValueError(f"{self.name}: unknown patterns {sorted(unknown)}; choose from {PATTERNS}")
+        self._params = {p.name: p for p in self.params}
+
+    # ---- registration of backends ------------------------------------------------------
+    def add_backend(self, backend: Backend) -> Backend:
+        if backend.name in self.backends:
+            raise ValueError(f"{self.name}: backend {backend.name!r} registered twice")
+        self.backends[backend.name] = backend
+        return backend
+
+    def implementation(self, name: str, **capabilities: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """Decorator registering ``fn`` as backend ``name`` (keywords: :class:`Backend` fields)."""
+
+        def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+            doc = capabilities.pop("doc", None) or inspect.getdoc(fn) or ""
+            self.add_backend(Backend(name=name, fn=fn, doc=doc.split("\n\n")[0], **capabilities))
+            return fn
+
+        return wrap
+
+    @property
+    def reference(self) -> Backend:
+        return self.backends["reference"]
+
+    @property
+    def causal(self) -> bool:
+        return bool(self.patterns & {"causal_self", "causal_cross"})
+
+    # ---- validation and dispatch -------------------------------------------------------
+    def describe(self, q: Any, k: Any, v: Any) -> Problem:
+        cross = bool(self.patterns & {"noncausal_cross", "causal_cross"})
+        return describe(q, k, v, mechanism=self.name, spatial_dims=self.spatial_dims, allow_gqa=self.gqa, allow_cross=cross)
+
+    def bind(self, problem: Problem, params: Mapping[str, Any]) -> dict[str, Any]:
+        """Fill defaults and validate every parameter; unknown names are an error."""
+        unknown = [n for n in params if n not in self._params]
+        if unknown:
+            accepted = ", ".join(self._params) or "none"
+            raise ParameterError(
+                f"{self.name}: unknown parameter {unknown[0]!r}; it accepts: {accepted}", argument=unknown[0]
+            )
+        bound = {}
+        for p in self.params:
+            value = params.get(p.name, p.default)
+            p.validate(value, problem, self.name)
+            bound[p.name] = value
+        return bound
+
+    def select(self, problem: Problem, params: Mapping[str, Any], backend: str | None = None) -> Backend:
+        """The backend dispatch would use; ``backend`` forces one (and explains a refusal)."""
+        if backend is not None:
+            if backend not in self.backends:
+                raise UnknownMechanismError(
+                    f"{self.name}: no backend {backend!r}; it has: {', '.join(self.backends)}"
+                )
+            chosen = self.backends[backend]
+            reason = chosen.decline_reason(problem, params)
+            if reason is not None:
+                raise NoBackendError(f"{self.name}: backend {backend!r} declines these inputs: {reason}")
+            return chosen
+        reasons = []
+        for b in sorted(self.backends.values(), key=lambda b: -b.rank(problem)):
+            reason = b.decline_reason(problem, params)
+            if reason is None:
+                return b
+            reasons.append(f"  {b.name}: {reason}")
+        raise NoBackendError(f"{self.name}: no backend accepts these inputs:\n" + "\n".join(reasons))
+
+    def explain(self, q: Any, k: Any, v: Any, **params: Any) -> list[tuple[str, str | None]]:
+        """For each backend in dispatch order, ``(name, reason it declines or None)``."""
+        problem = self.describe(q, k, v)
+        bound = self.bind(problem, params)
+        order = sorted(self.backends.values(), key=lambda b: -b.rank(problem))
+        return [(b.name, b.decline_reason(problem, bound)) for b in order]
+
+    def __call__(self, q: Any, k: Any, v: Any, *, backend: str | None = None, **params: Any) -> Any:
+        problem = self.describe(q, k, v)
+        bound = self.bind(problem, params)
+        chosen = self.select(problem, bound, backend)
+        result = chosen.fn(q, k, v, **bound)
+        if _CHECKS.finite:
+            self._check_output(result, q, k, v, bound)
+        return result
+
+    def _check_output(self, result: Any, q: Any, k: Any, v: Any, bound: Mapping[str, Any]) -> None:
+        # Check the (small) output rather than every input: cheap when all is well, and a NaN
+        # that a mask hid from the output is harmless.
+        out = result[0] if isinstance(result, tuple) else result
+        if isinstance(out, torch.Tensor) and not bool(torch.isfinite(out).all()):
+            tensors = {"q": q, "k": k, "v": v}
+            tensors.update({n: t for n, t in bound.items() if isinstance(t, torch.Tensor)})
+            check_finite_inputs(self.name, tensors)
+
+    # ---- decoding ----------------------------------------------------------------------
+    def init_state(self, q: Any, k: Any, v: Any, **params: Any) -> Any:
+        """An empty decoding state for inputs shaped like q, k, v (their lengths are ignored)."""
+        if self.decoder is None:
+            raise ParameterError(f"{self.name}: does not support incremental decoding", argument="mechanism")
+        problem = self.describe(q, k, v)
+        return self.decoder.init_state(problem, **self.bind(problem, params))
+
+    def step(self, q: Any, k: Any, v: Any, state: Any, **params: Any) -> tuple[Any, Any]:
+        """Append the tokens k, v to ``state`` and attend q to everything seen (causal)."""
+        if self.decoder is None:
+            raise ParameterError(f"{self.name}: does not support incremental decoding", argument="mechanism")
+        problem = self.describe(q, k, v)
+        return self.decoder.step(q, k, v, state, **self.bind(problem, params))
+
+    # ---- documentation -----------------------------------------------------------------
+    def info(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "family": self.family,
+            "catalog": ", ".join(self.catalog),
+            "summary": self.summary,
+            "paper": self.paper,
+            "formula": self.formula,
+            "cost": self.cost,
+            "patterns": ", ".join(p for p in PATTERNS if p in self.patterns),
+            "exact": self.exact,
+            "decoding": self.decoder is not None,
+            "params": [(p.name, p.type_name, repr(p.default), p.doc) for p in self.params],
+            "backends": {name: (b.doc, b.capabilities()) for name, b in self.backends.items()},
+        }
+
+
+_REGISTRY: dict[str, Mechanism] = {}
+
+
+def register(mechanism: Mechanism) -> Mechanism:
+    """Add a mechanism to the registry (its name must be new)."""
+    if mechanism.name in _REGISTRY:
+        raise ValueError(f"mechanism {mechanism.name!r} is registered twice")
+    _REGISTRY[mechanism.name] = mechanism
+    return mechanism
+
+
+def _load_families() -> None:
+    # The families register themselves on import; importing the package does it, but a user
+    # of the registry alone (tests, tools) should see every mechanism too.
+    from . import functional  # noqa: F401
+
+
+def get(name: str) -> Mechanism:
+    """The mechanism registered as ``name``."""
+    _load_families()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        known = ", ".join(sorted(_REGISTRY))
+        raise UnknownMechanismError(f"no mechanism {name!r}; registered: {known}", argument="mechanism") from None
+
+
+def list_mechanisms(family: str | None = None) -> list[Mechanism]:
+    """Every registered mechanism (of one family if given), sorted by family then name."""
+    _load_families()
+    mechs: Iterable[Mechanism] = _REGISTRY.values()
+    if family is not None:
+        families = {m.family for m in _REGISTRY.values()}
+        if family not in families:
+            raise UnknownMechanismError(
+                f"no family {family!r}; registered: {', '.join(sorted(families))}", argument="family"
+            )
+        mechs = [m for m in mechs if m.family == family]
+    return sorted(mechs, key=lambda m: (m.family, m.name))
