@@ -15,6 +15,7 @@ iterate the registry and cover each new mechanism without extra code.
 from __future__ import annotations
 
 import inspect
+import random
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
 
@@ -121,8 +122,11 @@ class Backend:
     """One implementation of a mechanism, with what it can do declared as data.
 
     ``fn(q, k, v, **params)`` receives every parameter of the mechanism, defaults filled in.
-    ``accepts(problem, params)`` returns ``None`` or the reason it declines these inputs.
-    Higher ``priority`` wins; ``device_priority`` overrides it per device type.
+    ``accepts(problem, params)`` returns ``None`` or the reason it cannot take these inputs
+    (a capability: forcing the backend is refused too). ``prefers(problem, params)`` returns
+    ``None`` or the reason dispatch should not pick it on its own (a preference: the backend is
+    correct there, just not the best, and ``backend=`` still forces it). Higher ``priority``
+    wins; ``device_priority`` overrides it per device type.
     """
 
     name: str
@@ -134,9 +138,13 @@ class Backend:
     max_head_dim: int | None = None
     max_q_len: int | None = None
     accepts: Predicate | None = None
+    prefers: Predicate | None = None
     priority: int = 0
     device_priority: Mapping[str, int] = field(default_factory=dict)
     compiles: bool = False  # first call per shape pays a torch.compile; tests use fixed shapes
+
+    def __repr__(self) -> str:
+        return f"Backend({self.name!r})"
 
     def rank(self, problem: Problem) -> int:
         return self.device_priority.get(problem.device_type, self.priority)
@@ -157,6 +165,15 @@ class Backend:
         if self.accepts is not None:
             return self.accepts(problem, params)
         return None
+
+    def skip_reason(self, problem: Problem, params: Mapping[str, Any]) -> str | None:
+        """Why automatic dispatch passes this backend over (a refusal or a preference), or None."""
+        reason = self.decline_reason(problem, params)
+        if reason is None and self.prefers is not None:
+            reason = self.prefers(problem, params)
+            if reason is not None:
+                reason = "not preferred: " + reason
+        return reason
 
     def capabilities(self) -> dict[str, str]:
         """What the backend declares, as text (for ``attnzoo info`` and the docs)."""
@@ -224,7 +241,9 @@ class Mechanism:
     Fields are data the suite, the benchmark and the docs read: ``patterns`` (a subset of
     :data:`PATTERNS`), ``spatial_dims`` (how many spatial axes q/k/v may have), ``params``,
     ``decoder`` (incremental decoding, or ``None``), ``exact`` (False for approximations, whose
-    error the benchmark measures).
+    error the benchmark measures). ``sample_params(problem, pattern, rng)`` returns valid
+    parameters for one of :data:`PATTERNS` (randomly exercising the mechanism's options): the
+    conformance suite and the benchmark call it; without it they pass ``causal`` alone.
     """
 
     name: str
@@ -240,6 +259,7 @@ class Mechanism:
     gqa: bool = False
     exact: bool = True
     decoder: Decoder | None = None
+    sample_params: Callable[[Problem, str, random.Random], dict[str, Any]] | None = None
     backends: dict[str, Backend] = field(default_factory=dict)
     function: Callable[..., Any] | None = None  # the public functional form, for its docstring
 
@@ -250,12 +270,23 @@ class Mechanism:
             raise ValueError(f"{self.name}: unknown patterns {sorted(unknown)}; choose from {PATTERNS}")
         self._params = {p.name: p for p in self.params}
 
+    def __repr__(self) -> str:
+        return f"Mechanism({self.name!r})"
+
     # ---- registration of backends ------------------------------------------------------
     def add_backend(self, backend: Backend) -> Backend:
         if backend.name in self.backends:
             raise ValueError(f"{self.name}: backend {backend.name!r} registered twice")
         self.backends[backend.name] = backend
         return backend
+
+    def example_params(self, problem: Problem, pattern: str, rng: random.Random | None = None) -> dict[str, Any]:
+        """Valid parameters for ``pattern`` on inputs shaped like ``problem`` (see ``sample_params``)."""
+        if pattern not in self.patterns:
+            raise ParameterError(f"{self.name}: does not support the {pattern} pattern", argument="pattern")
+        if self.sample_params is not None:
+            return self.sample_params(problem, pattern, rng or random.Random(0))
+        return {"causal": pattern.startswith("causal")} if "causal" in self._params else {}
 
     def implementation(self, name: str, **capabilities: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Decorator registering ``fn`` as backend ``name`` (keywords: :class:`Backend` fields)."""
@@ -309,7 +340,7 @@ class Mechanism:
             return chosen
         reasons = []
         for b in sorted(self.backends.values(), key=lambda b: -b.rank(problem)):
-            reason = b.decline_reason(problem, params)
+            reason = b.skip_reason(problem, params)
             if reason is None:
                 return b
             reasons.append(f"  {b.name}: {reason}")
@@ -320,7 +351,7 @@ class Mechanism:
         problem = self.describe(q, k, v)
         bound = self.bind(problem, params)
         order = sorted(self.backends.values(), key=lambda b: -b.rank(problem))
-        return [(b.name, b.decline_reason(problem, bound)) for b in order]
+        return [(b.name, b.skip_reason(problem, bound)) for b in order]
 
     def __call__(self, q: Any, k: Any, v: Any, *, backend: str | None = None, **params: Any) -> Any:
         problem = self.describe(q, k, v)

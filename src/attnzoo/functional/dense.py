@@ -21,6 +21,7 @@ LSE -inf, never NaN.
 from __future__ import annotations
 
 import functools
+import random
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -259,14 +260,16 @@ SPLIT_KV_MAX_QUERIES = 16
 SPLIT_KV_MIN_KEYS = 4096
 
 
-def _split_kv_accepts(p: Problem, params: dict) -> Optional[str]:
+def _split_kv_prefers(p: Problem, params: dict) -> Optional[str]:
+    if p.q_len > SPLIT_KV_MAX_QUERIES:
+        return f"meant for decoding: at most {SPLIT_KV_MAX_QUERIES} queries, got {p.q_len}"
     if p.kv_len < SPLIT_KV_MIN_KEYS:
-        return f"for long contexts: at least {SPLIT_KV_MIN_KEYS} keys, got {p.kv_len}"
+        return f"meant for long contexts: at least {SPLIT_KV_MIN_KEYS} keys, got {p.kv_len}"
     return None
 
 
 def _split_kv(q, k, v, *, causal, causal_alignment, key_padding_mask, bias, mask_mod, score_mod, scale, return_lse):
-    """Few queries over many keys: chunks of 2048 keys attended in parallel, merged by LSE."""
+    """Few queries over many keys: up to 32 key chunks attended in parallel, merged by their LSE."""
     allowed = _allowed(q, k, causal, causal_alignment, key_padding_mask, mask_mod)
     out, lse = split_kv_attention(q, k, v, scale=_scale(q, scale), allowed=allowed, bias=bias, score_mod=score_mod)
     return _result(out, lse, return_lse)
@@ -371,6 +374,42 @@ class _SoftmaxDecoder:
 
 
 # --------------------------------------------------------------------------------------------
+# parameters for the conformance suite and the benchmark
+# --------------------------------------------------------------------------------------------
+def _sample_params(p: Problem, pattern: str, rng: random.Random) -> dict[str, Any]:
+    """Valid parameters for ``pattern``, each option switched on at random (for the test suite)."""
+    gen = torch.Generator().manual_seed(rng.randrange(2**31))
+    params: dict[str, Any] = {"causal": pattern.startswith("causal")}
+    if rng.random() < 0.3:
+        params["causal_alignment"] = "top_left"
+    if rng.random() < 0.3:
+        pad = torch.rand(p.batch, p.kv_len, generator=gen) < rng.choice((0.2, 0.6))
+        if rng.random() < 0.3:
+            pad[0] = True  # a batch entry with every key ignored: zeros, not NaN
+        params["key_padding_mask"] = pad.to(p.device)
+    if rng.random() < 0.3:
+        shape = rng.choice(
+            ((p.batch, p.q_heads, p.q_len, p.kv_len), (p.q_heads, p.q_len, p.kv_len), (p.batch, 1, 1, p.kv_len), (p.q_len, p.kv_len))
+        )
+        params["bias"] = torch.randn(shape, generator=gen).to(device=p.device, dtype=p.dtype)
+    if rng.random() < 0.25:
+        params["mask_mod"] = rng.choice(
+            (
+                masks.sliding_window(rng.randrange(0, 9), rng.randrange(0, 9)),
+                masks.prefix_lm(rng.randrange(0, 5)),
+                lambda b, h, qi, ki: (qi + ki + h) % 3 != 0,  # a scattered pattern, batch/head dependent
+            )
+        )
+    if rng.random() < 0.25:
+        params["score_mod"] = rng.choice((masks.softcap(rng.choice((1.0, 5.0))), masks.alibi(p.q_heads)))
+    if rng.random() < 0.3:
+        params["return_lse"] = True
+    if rng.random() < 0.2:
+        params["scale"] = rng.choice((0.05, 0.5, 1.0))
+    return params
+
+
+# --------------------------------------------------------------------------------------------
 # registration
 # --------------------------------------------------------------------------------------------
 SOFTMAX = register(
@@ -386,14 +425,14 @@ SOFTMAX = register(
         params=SOFTMAX_PARAMS,
         gqa=True,
         decoder=_SoftmaxDecoder(),
+        sample_params=_sample_params,
     )
 )
 SOFTMAX.add_backend(Backend("reference", _reference, doc="materialized scores in float32/float64: the spec", priority=-100))
 SOFTMAX.implementation("sdpa", accepts=_sdpa_accepts, priority=50)(_sdpa)
 SOFTMAX.implementation(
     "split_kv",
-    accepts=_split_kv_accepts,
-    max_q_len=SPLIT_KV_MAX_QUERIES,
+    prefers=_split_kv_prefers,
     priority=60,
 )(_split_kv)
 SOFTMAX.implementation("tiled", priority=20)(_tiled)

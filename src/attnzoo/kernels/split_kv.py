@@ -72,7 +72,8 @@ def split_kv_attention(
     *,
     scale: float,
     num_splits: Optional[int] = None,
-    split_size: int = 2048,
+    max_splits: int = 32,
+    min_split: int = 16,
     allowed: Optional[Tensor] = None,
     bias: Optional[Tensor] = None,
     score_mod: Optional[Callable] = None,
@@ -82,12 +83,14 @@ def split_kv_attention(
     ``q`` (B, Hq, Nq, D), ``k``/``v`` (B, Hkv, Nk, D|Dv); ``allowed`` a bool mask broadcastable
     to (B, Hq, Nq, Nk) (True = attend), ``bias`` an additive bias broadcastable to the same,
     ``score_mod`` a FlexAttention-style score modification. Returns ``(out, lse)``.
-    The chunks are computed as one batched matmul (the parallel split), then merged.
+    The context is cut into ``num_splits`` chunks (default: up to ``max_splits``, none shorter than
+    ``min_split`` keys), computed as one batched matmul (the parallel split), then merged.
     """
     b, hq, nq, d = q.shape
     hkv, nk, dv = k.shape[1], k.shape[2], v.shape[-1]
     g = hq // hkv
-    splits = num_splits or max(1, -(-nk // split_size))
+    # as many chunks as useful for parallelism, none shorter than ``min_split`` keys
+    splits = num_splits or max(1, min(max_splits, nk // min_split))
     chunk = -(-nk // splits)
     pad = splits * chunk - nk
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32

@@ -1,0 +1,219 @@
+"""The efficiency benchmark: forward time of every registered mechanism x backend.
+
+For each sequence length N, random q, k, v of shape (B, H, N, D) are attended under
+``torch.inference_mode`` by every backend of every mechanism (forced with ``backend=``), and
+the median time is compared with the ``sdpa`` backend of ``softmax`` at the same N (the
+``ratio`` column). A backend that cannot take the inputs is not timed; its row carries the
+reason (the backend's own ``decline_reason``, or the benchmark's: compiled backends unless
+asked for, the O(N^2)-memory reference on long inputs).
+
+The runner returns rows and never prints; ``attnzoo bench`` renders them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Optional
+
+import torch
+
+from ..errors import AttnZooError
+from ..registry import Backend, Mechanism, get, list_mechanisms
+from .timing import Timing, time_call
+
+__all__ = ["BASELINE", "EfficiencyConfig", "Case", "Row", "plan_cases", "run_efficiency"]
+
+#: The mechanism and backend every row is compared with.
+BASELINE = ("softmax", "sdpa")
+
+DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+@dataclass(frozen=True)
+class EfficiencyConfig:
+    """What to time: shapes, dtype, device, which mechanisms, and how long per case."""
+
+    lengths: tuple[int, ...] = (256, 1024, 4096)
+    batch: int = 1
+    heads: int = 8
+    head_dim: int = 64
+    dtype: torch.dtype = torch.float32
+    device: str = "cpu"
+    causal: bool = False
+    mechanisms: Optional[tuple[str, ...]] = None  # None: every registered mechanism
+    budget_s: float = 0.5
+    max_repeats: int = 50
+    include_compiled: bool = False
+    reference_max_len: int = 4096
+
+    @property
+    def pattern(self) -> str:
+        """The CAB pattern timed: self-attention, causal or not."""
+        return "causal_self" if self.causal else "noncausal_self"
+
+
+@dataclass(frozen=True)
+class Case:
+    """One mechanism x backend x length; ``skip`` is set when it is known in advance not to run."""
+
+    mechanism: str
+    backend: str
+    length: int
+    skip: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class Row:
+    """The outcome of one case: a timing and its ratio to the baseline, or why it was skipped."""
+
+    mechanism: str
+    backend: str
+    length: int
+    timing: Optional[Timing] = None
+    ratio: Optional[float] = None
+    note: str = ""
+
+    @property
+    def skipped(self) -> bool:
+        return self.timing is None
+
+
+# --------------------------------------------------------------------------------------------
+# which cases
+# --------------------------------------------------------------------------------------------
+def _selected_mechanisms(config: EfficiencyConfig) -> list[Mechanism]:
+    if config.mechanisms is None:
+        return list_mechanisms()
+    return [get(name) for name in config.mechanisms]
+
+
+def _static_skip(mech: Mechanism, backend: Backend, length: int, config: EfficiencyConfig) -> Optional[str]:
+    """A reason known before any tensor exists, or None."""
+    if config.pattern not in mech.patterns:
+        return f"no {config.pattern} pattern"
+    if backend.compiles and not config.include_compiled:
+        return "torch.compile per shape (~20 s each on CPU): pass --include-compiled"
+    if backend.name == "reference" and length > config.reference_max_len:
+        return f"reference materializes N x N scores: only up to N={config.reference_max_len}"
+    return None
+
+
+def plan_cases(config: EfficiencyConfig) -> list[Case]:
+    """Every mechanism x backend x length, ordered by length, then mechanism, then backend."""
+    mechs = _selected_mechanisms(config)
+    return [
+        Case(m.name, b.name, n, _static_skip(m, b, n, config))
+        for n in config.lengths
+        for m in mechs
+        for b in m.backends.values()
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# running them
+# --------------------------------------------------------------------------------------------
+def _inputs(config: EfficiencyConfig, length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(length)
+    shape = (config.batch, config.heads, length, config.head_dim)
+    q, k, v = (torch.randn(shape, generator=gen, dtype=torch.float32) for _ in range(3))
+    return tuple(t.to(device=config.device, dtype=config.dtype) for t in (q, k, v))  # type: ignore[return-value]
+
+
+def _params(mech: Mechanism, config: EfficiencyConfig) -> dict[str, Any]:
+    """The plain parameters of the pattern: ``causal`` when the mechanism has that switch."""
+    if any(p.name == "causal" for p in mech.params):
+        return {"causal": config.causal}
+    return {}
+
+
+def _dispatch_note(mech: Mechanism, backend: Backend, problem: Any, bound: Mapping[str, Any]) -> str:
+    """'dispatch default' for the backend automatic dispatch picks, else why it passes it over."""
+    try:
+        if mech.select(problem, bound).name == backend.name:
+            return "dispatch default"
+    except AttnZooError:
+        return ""
+    skip_reason = getattr(backend, "skip_reason", None)
+    reason = skip_reason(problem, bound) if skip_reason is not None else None
+    return reason or ""
+
+
+def _time_case(
+    mech: Mechanism, backend: Backend, qkv: tuple[torch.Tensor, ...], config: EfficiencyConfig
+) -> tuple[Optional[Timing], str]:
+    """Time one backend on the inputs: ``(timing, note)`` or ``(None, why it did not run)``."""
+    q, k, v = qkv
+    params = _params(mech, config)
+    try:
+        problem = mech.describe(q, k, v)
+        bound = mech.bind(problem, params)
+    except AttnZooError as err:
+        return None, f"inputs refused: {err}"
+    reason = backend.decline_reason(problem, bound)
+    if reason is not None:
+        return None, f"declines: {reason}"
+    note = _dispatch_note(mech, backend, problem, bound)
+
+    def call() -> Any:
+        return mech(q, k, v, backend=backend.name, **params)
+
+    try:
+        with torch.inference_mode():
+            timing = time_call(call, budget_s=config.budget_s, max_repeats=config.max_repeats, device=config.device)
+    except Exception as err:  # noqa: BLE001 - one failing backend must not end the benchmark
+        return None, f"error: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    return timing, note
+
+
+def _baseline(qkv: tuple[torch.Tensor, ...], config: EfficiencyConfig) -> tuple[Optional[Timing], str]:
+    mech_name, backend_name = BASELINE
+    mech = get(mech_name)
+    return _time_case(mech, mech.backends[backend_name], qkv, config)
+
+
+def run_efficiency(
+    config: EfficiencyConfig,
+    on_case: Optional[Callable[[Case], None]] = None,
+    on_start: Optional[Callable[[Case], None]] = None,
+) -> list[Row]:
+    """Run every case of :func:`plan_cases`; ``on_start``/``on_case`` are called before/after each.
+
+    The baseline is timed once per length, first, and reused as its own row (ratio 1).
+    """
+    cases = plan_cases(config)
+    rows: list[Row] = []
+    for length in config.lengths:
+        qkv = _inputs(config, length)
+        base = _baseline(qkv, config)
+        for case in (c for c in cases if c.length == length):
+            if on_start is not None:
+                on_start(case)
+            rows.append(_run_case(case, qkv, base, config))
+            if on_case is not None:
+                on_case(case)
+        del qkv
+    return rows
+
+
+def _run_case(
+    case: Case, qkv: tuple[torch.Tensor, ...], base: tuple[Optional[Timing], str], config: EfficiencyConfig
+) -> Row:
+    if case.skip is not None:
+        return Row(case.mechanism, case.backend, case.length, note=case.skip)
+    if (case.mechanism, case.backend) == BASELINE:
+        timing, note = base
+    else:
+        mech = get(case.mechanism)
+        timing, note = _time_case(mech, mech.backends[case.backend], qkv, config)
+    return Row(case.mechanism, case.backend, case.length, timing, _ratio(timing, base[0]), note)
+
+
+def _ratio(timing: Optional[Timing], base: Optional[Timing]) -> Optional[float]:
+    if timing is None or base is None or base.median_ms <= 0:
+        return None
+    return timing.median_ms / base.median_ms

@@ -1,0 +1,19 @@
+"""Test settings shared by the suite.
+
+Hypothesis profiles: ``ci`` (default: derandomized, so every run checks the same examples and
+CI cannot flake) and ``thorough`` (random, many examples), chosen with the environment
+variable ``HYPOTHESIS_PROFILE=thorough``.
+"""
+
+import os
+
+from hypothesis import HealthCheck, settings
+
+_COMMON = dict(
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large],
+    print_blob=True,
+)
+settings.register_profile("ci", max_examples=12, derandomize=True, **_COMMON)
+settings.register_profile("thorough", max_examples=200, **_COMMON)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

@@ -1,0 +1,207 @@
+"""The attnzoo command line: list, info, bench (tiny shapes), error exit codes."""
+
+from __future__ import annotations
+
+import io
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from rich.console import Console
+
+import attnzoo
+from attnzoo.bench.efficiency import BASELINE, EfficiencyConfig, plan_cases, run_efficiency
+from attnzoo.cli import catalog_ids_covered, main, mechanism_table_markdown, pattern_marks
+
+TINY_BENCH = ["bench", "--lengths", "16", "32", "--budget", "0.01", "--max-repeats", "3", "--device", "cpu"]
+
+
+def run_cli(*argv: str, width: int = 200) -> tuple[int, str]:
+    """Exit status and everything printed (output and errors) by ``attnzoo *argv``."""
+    buffer = io.StringIO()
+    status = main(list(argv), console=Console(file=buffer, width=width, color_system=None))
+    return status, buffer.getvalue()
+
+
+def all_mechanisms():
+    return attnzoo.list_mechanisms()
+
+
+# --------------------------------------------------------------------------------------------
+# list
+# --------------------------------------------------------------------------------------------
+def test_list_table_shows_every_mechanism_and_the_coverage_line():
+    status, out = run_cli("list")
+    assert status == 0
+    for mech in all_mechanisms():
+        assert mech.name in out
+        assert pattern_marks(mech) in out
+        for backend in mech.backends:
+            assert backend in out
+    ids = catalog_ids_covered(all_mechanisms())
+    assert out.rstrip().splitlines()[-1] == f"catalog ids covered: {' '.join(ids)} ({len(ids)})"
+
+
+def test_list_narrow_terminal_keeps_summaries():
+    status, out = run_cli("list", width=80)
+    assert status == 0
+    assert max(len(line) for line in out.splitlines()) <= 80
+    flat = re.sub(r"[\s│]+", " ", out)
+    for mech in all_mechanisms():
+        assert mech.summary.split()[0] in flat
+
+
+def test_list_markdown_is_the_rendered_table_one_row_per_mechanism():
+    status, out = run_cli("list", "--markdown")
+    assert status == 0
+    assert out == mechanism_table_markdown()
+    assert "\x1b[" not in out  # plain text, no terminal codes
+    lines = out.splitlines()
+    assert lines[0] == "| name | family | catalog | patterns | backends | exact | decoding | summary |"
+    assert lines[1] == "|---|---|---|---|---|---|---|---|"
+    rows = [line for line in lines[2:] if line.startswith("| `")]
+    assert [row.split(" | ")[0] for row in rows] == [f"| `{m.name}`" for m in all_mechanisms()]
+    softmax = next(row for row in rows if row.startswith("| `softmax`"))
+    assert "| dense | D1 D2 D3 L9 | ns cs nc cc |" in softmax
+    assert lines[-1].startswith("catalog ids covered: ") and "D1" in lines[-1]
+
+
+def test_markdown_escapes_pipes_and_pattern_marks_show_gaps():
+    mech = attnzoo.get("softmax")
+    assert pattern_marks(mech) == "ns cs nc cc"
+    causal_only = type(mech)(
+        name="toy|pipe", family="toy", catalog=("Z9", "Z10"), paper="-", formula="-", cost="-",
+        summary="a | b", patterns=frozenset({"causal_self"}),
+    )
+    assert pattern_marks(causal_only) == "-- cs -- --"
+    table = mechanism_table_markdown([causal_only])
+    assert "| `toy\\|pipe` |" in table and "| a \\| b |" in table
+    assert table.rstrip().endswith("catalog ids covered: Z9 Z10 (2)")  # numeric, not string, order
+
+
+def test_list_write_readme_replaces_only_the_marked_block(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# title\n\n<!-- mechanisms:start -->\nold table\n<!-- mechanisms:end -->\n\nrest\n")
+    status, out = run_cli("list", "--write-readme", str(readme))
+    assert status == 0 and str(readme) in out
+    expected = "# title\n\n<!-- mechanisms:start -->\n" + mechanism_table_markdown() + "<!-- mechanisms:end -->\n\nrest\n"
+    assert readme.read_text() == expected
+
+
+def test_list_family_filter_and_unknown_family():
+    status, out = run_cli("list", "--family", "dense", "--markdown")
+    assert status == 0 and "`softmax`" in out
+    status, out = run_cli("list", "--family", "no-such-family")
+    assert status == 2
+    assert "no family 'no-such-family'" in out and "dense" in out
+
+
+# --------------------------------------------------------------------------------------------
+# info
+# --------------------------------------------------------------------------------------------
+def test_info_softmax_shows_formula_paper_every_param_and_backend():
+    mech = attnzoo.get("softmax")
+    status, out = run_cli("info", "softmax")
+    assert status == 0
+    for text in (mech.formula, mech.cost, "FlashAttention-2", "noncausal_self, causal_self"):
+        assert text in out
+    for param in mech.params:
+        assert re.search(rf"│ {param.name} +│", out), param.name
+        assert param.doc.split()[0] in out
+    for name, backend in mech.backends.items():
+        assert re.search(rf"│ {name} +│", out), name
+        assert backend.doc.split("\n")[0][:40] in out
+    assert "priority: 10, cuda: 40" in out  # flex's per-device priority
+    assert "compiles: yes" in out and "compiles: no" in out
+
+
+def test_info_unknown_exits_2_and_names_the_registered_mechanisms():
+    status, out = run_cli("info", "no_such_mechanism")
+    assert status == 2
+    assert "no mechanism 'no_such_mechanism'" in out
+    for mech in all_mechanisms():
+        assert mech.name in out
+
+
+def test_python_dash_m_runs_the_cli_without_traceback_on_errors():
+    result = subprocess.run(
+        [sys.executable, "-m", "attnzoo", "info", "no_such_mechanism"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    assert "registered: " in result.stderr and "softmax" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+# --------------------------------------------------------------------------------------------
+# bench
+# --------------------------------------------------------------------------------------------
+def test_bench_rows_cover_every_mechanism_backend_and_length():
+    config = EfficiencyConfig(lengths=(16, 32), budget_s=0.01, max_repeats=3)
+    rows = run_efficiency(config)
+    expected = {(m.name, b, n) for n in (16, 32) for m in all_mechanisms() for b in m.backends}
+    assert {(r.mechanism, r.backend, r.length) for r in rows} == expected
+    assert len(rows) == len(expected)
+    for row in rows:
+        if row.skipped:
+            assert row.note, f"{row} skipped without a reason"
+            assert row.ratio is None
+        else:
+            assert row.timing.median_ms > 0 and row.timing.repeats >= 1
+            assert row.ratio is not None and row.ratio > 0
+    baseline = [r for r in rows if (r.mechanism, r.backend) == BASELINE]
+    assert [r.ratio for r in baseline] == [1.0, 1.0]
+    flex = [r for r in rows if (r.mechanism, r.backend) == ("softmax", "flex")]
+    assert all(r.skipped and "--include-compiled" in r.note for r in flex)
+
+
+def test_bench_skips_reference_above_4096_and_reports_declines():
+    cases = plan_cases(EfficiencyConfig(lengths=(8192,), mechanisms=("softmax",)))
+    reference = next(c for c in cases if c.backend == "reference")
+    assert reference.skip is not None and "4096" in reference.skip
+    sdpa = next(c for c in cases if c.backend == "sdpa")
+    assert sdpa.skip is None
+    # flex takes no float64: with compiled backends included it is skipped for that reason
+    config = EfficiencyConfig(
+        lengths=(16,), dtype=torch.float64, mechanisms=("softmax",), include_compiled=True, budget_s=0.01, max_repeats=2
+    )
+    flex = next(r for r in run_efficiency(config) if r.backend == "flex")
+    assert flex.skipped and flex.note.startswith("declines: ") and "float64" in flex.note
+
+
+def test_bench_causal_skips_mechanisms_without_the_pattern():
+    config = EfficiencyConfig(causal=True)
+    for case in plan_cases(config):
+        mech = attnzoo.get(case.mechanism)
+        if "causal_self" not in mech.patterns:
+            assert case.skip == "no causal_self pattern"
+
+
+def test_bench_cli_prints_machine_and_a_row_per_case():
+    status, out = run_cli(*TINY_BENCH)
+    assert status == 0
+    assert out.startswith("machine: ") and f"torch {torch.__version__}" in out and "attnzoo " in out
+    table_rows = [line for line in out.splitlines() if re.match(r"│ +(16|32) │", line)]
+    n_cases = 2 * sum(len(m.backends) for m in all_mechanisms())
+    assert len(table_rows) == n_cases
+    for line in table_rows:
+        cells = [c.strip() for c in line.strip("│").split("│")]
+        ratio, note = cells[5], cells[7]
+        assert re.fullmatch(r"\d+\.\d\dx", ratio) or (ratio == "-" and note), line
+    assert re.search(r"\d+ timed, \d+ skipped, in [\d.]+ s", out)
+
+
+def test_bench_cli_unknown_mechanism_exits_2_before_timing():
+    status, out = run_cli("bench", "--mechanisms", "no_such_mechanism", "--lengths", "16")
+    assert status == 2
+    assert "no mechanism 'no_such_mechanism'" in out and "machine:" not in out
+
+
+@pytest.mark.parametrize(
+    "bad", [["--lengths", "0"], ["--budget", "-1"], ["--dtype", "int8"], ["--device", "xyz"], ["--device", "meta"]]
+)
+def test_bench_cli_rejects_bad_options(bad):
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", *bad], console=Console(file=io.StringIO()))
+    assert exc.value.code == 2

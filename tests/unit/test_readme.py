@@ -1,0 +1,88 @@
+"""README.md stays true: its mechanism table, its two set-up commands, its quickstart, and CI."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from attnzoo.cli import mechanism_table_markdown, readme_table, with_readme_table
+
+ROOT = Path(__file__).resolve().parents[2]
+README = ROOT / "README.md"
+FENCE = re.compile(r"^```(\w*)\n(.*?)^```$", re.S | re.M)
+
+
+@pytest.fixture(scope="module")
+def readme() -> str:
+    return README.read_text()
+
+
+def section(text: str, title: str) -> str:
+    """The body of the ``## title`` section."""
+    match = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## |\Z)", text, re.S | re.M)
+    assert match, f"README has no '## {title}' section"
+    return match.group(1)
+
+
+def block_after(text: str, marker: str) -> str:
+    """The body of the fenced ```bash block on the line after ``marker``."""
+    match = re.search(rf"^{re.escape(marker)}\n```bash\n(.*?)^```$", text, re.S | re.M)
+    assert match, f"README: no ```bash block directly after {marker}"
+    return match.group(1)
+
+
+def test_mechanism_table_is_the_output_of_attnzoo_list_markdown(readme):
+    assert readme_table(readme) == mechanism_table_markdown(), (
+        "README mechanism table is stale: run `attnzoo list --write-readme` (or paste `attnzoo list --markdown`)"
+    )
+
+
+def test_write_readme_round_trips(readme):
+    table = mechanism_table_markdown()
+    assert with_readme_table(readme, table) == readme
+    changed = with_readme_table(readme, "| x |\n")
+    assert readme_table(changed) == "| x |\n"
+    assert changed.replace("| x |\n", table) == readme
+
+
+def test_setup_has_exactly_two_single_line_bash_commands(readme):
+    blocks = FENCE.findall(section(readme, "Set-up"))
+    assert [lang for lang, _ in blocks] == ["bash", "bash"]
+    for _, body in blocks:
+        assert body.count("\n") == 1 and body.strip(), f"not a single line: {body!r}"
+    main, test = block_after(readme, "<!-- main-command -->"), block_after(readme, "<!-- test-command -->")
+    assert [body for _, body in blocks] == [main, test]
+    venv = "python3 -m venv .venv && . .venv/bin/activate && pip install torch==2.13.0 && "
+    assert main == venv + "pip install -e . && attnzoo bench\n"
+    assert test == venv + 'pip install -e ".[test]" && python -m pytest\n'
+
+
+def test_ci_runs_the_readme_test_command_verbatim(readme):
+    script = ROOT / ".ci" / "run"
+    assert script.stat().st_mode & 0o111, ".ci/run must be executable"
+    printed = subprocess.run(
+        ["bash", str(script), "--print-command"], capture_output=True, text=True, check=True, timeout=30
+    ).stdout
+    assert printed == block_after(readme, "<!-- test-command -->")
+
+
+def test_ci_refuses_unknown_options():
+    result = subprocess.run(["bash", str(ROOT / ".ci" / "run"), "--bogus"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and "usage" in result.stderr
+
+
+def test_quickstart_runs(readme):
+    blocks = [body for lang, body in FENCE.findall(section(readme, "Quickstart")) if lang == "python"]
+    assert len(blocks) == 1
+    code = blocks[0]
+    assert len(code.strip().splitlines()) <= 14, "keep the quickstart short"
+    namespace: dict = {"print": lambda *args, **kwargs: None}
+    exec(compile(code, "README.md:quickstart", "exec"), namespace)
+    attnzoo, torch = namespace["attnzoo"], namespace["torch"]
+    q, k, v = namespace["q"], namespace["k"], namespace["v"]
+    full = attnzoo.softmax_attention(q, k, v)
+    torch.testing.assert_close(namespace["merged"], full, rtol=1e-5, atol=1e-5)
+    assert namespace["out"].shape == q.shape and namespace["lse"].shape == q.shape[:3]
