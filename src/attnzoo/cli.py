@@ -216,7 +216,9 @@ def _backend_details(backend) -> Text:
 
 
 def _backends_table(mech: Mechanism) -> Table:
-    table = Table(title="backends, by priority (dispatch takes the first that accepts the inputs)", title_justify="left")
+    table = Table(
+        title="backends, by priority (dispatch takes the first that accepts the inputs)", title_justify="left"
+    )
     table.add_column("backend", no_wrap=True, style="bold")
     table.add_column("what it is, and what it declares", overflow="fold")
     for backend in sorted(mech.backends.values(), key=lambda b: -b.priority):
@@ -254,7 +256,9 @@ def _busy_machine_warning(m: dict[str, str]) -> Optional[Text]:
         return None
     if load < 0.5 * cores:
         return None
-    return Text(f"note: load average {load:.2f} on {cores} cores: other work is running, timings will be noisy", "yellow")
+    return Text(
+        f"note: load average {load:.2f} on {cores} cores: other work is running, timings will be noisy", "yellow"
+    )
 
 
 def _bench_title(config: EfficiencyConfig) -> str:
@@ -316,7 +320,13 @@ def _config_from_args(args: argparse.Namespace) -> EfficiencyConfig:
 
 def _run_with_progress(config: EfficiencyConfig, console: Console) -> list[Row]:
     total = len(plan_cases(config))
-    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    columns = (
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
     with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task("timing", total=total)
 
@@ -387,7 +397,9 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
     bench.add_argument("--heads", type=_positive_int, default=8, help="heads H (default 8)")
     bench.add_argument("--head-dim", type=_positive_int, default=64, help="head dim D (default 64)")
     bench.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="default float32")
-    bench.add_argument("--device", type=_available_device, default=_default_device(), help="cpu or cuda (default: cuda when available)")
+    bench.add_argument(
+        "--device", type=_available_device, default=_default_device(), help="cpu or cuda (default: cuda when available)"
+    )
     bench.add_argument("--mechanisms", nargs="+", metavar="NAME", help="only these mechanisms (default: all)")
     bench.add_argument("--budget", type=_positive_float, default=0.5, help="seconds of timed repeats per case")
     bench.add_argument("--max-repeats", type=_positive_int, default=50, help="repeat cap per case (default 50)")

@@ -72,8 +72,14 @@ def test_markdown_escapes_pipes_and_pattern_marks_show_gaps():
     mech = attnzoo.get("softmax")
     assert pattern_marks(mech) == "ns cs nc cc"
     causal_only = type(mech)(
-        name="toy|pipe", family="toy", catalog=("Z9", "Z10"), paper="-", formula="-", cost="-",
-        summary="a | b", patterns=frozenset({"causal_self"}),
+        name="toy|pipe",
+        family="toy",
+        catalog=("Z9", "Z10"),
+        paper="-",
+        formula="-",
+        cost="-",
+        summary="a | b",
+        patterns=frozenset({"causal_self"}),
     )
     assert pattern_marks(causal_only) == "-- cs -- --"
     table = mechanism_table_markdown([causal_only])
@@ -86,7 +92,9 @@ def test_list_write_readme_replaces_only_the_marked_block(tmp_path):
     readme.write_text("# title\n\n<!-- mechanisms:start -->\nold table\n<!-- mechanisms:end -->\n\nrest\n")
     status, out = run_cli("list", "--write-readme", str(readme))
     assert status == 0 and str(readme) in out
-    expected = "# title\n\n<!-- mechanisms:start -->\n" + mechanism_table_markdown() + "<!-- mechanisms:end -->\n\nrest\n"
+    expected = (
+        "# title\n\n<!-- mechanisms:start -->\n" + mechanism_table_markdown() + "<!-- mechanisms:end -->\n\nrest\n"
+    )
     assert readme.read_text() == expected
 
 

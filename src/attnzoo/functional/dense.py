@@ -285,8 +285,15 @@ def _compiled_flex() -> Callable:
     return torch.compile(flex_attention, dynamic=False)
 
 
+FLEX_CPU_MIN_HEAD_DIM = 32
+
+
 def _flex_accepts(p: Problem, params: dict) -> Optional[str]:
     if p.device_type == "cpu":
+        if min(p.head_dim, p.value_dim) < FLEX_CPU_MIN_HEAD_DIM:
+            # torch 2.13's compiled CPU FlexAttention returned wrong values (even NaN) for head
+            # dims 8 and 16 in our sweeps, depending on what was compiled before; 32+ was exact.
+            return f"head dim >= {FLEX_CPU_MIN_HEAD_DIM} on CPU (smaller ones gave wrong results in torch's CPU kernel)"
         if p.requires_grad:
             return "forward only on CPU (FlexAttention has no CPU backward): use tiled for training"
         if params["return_lse"]:

@@ -387,7 +387,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], spec: _Spe
     empty = l == 0  # rows whose keys are all masked: output 0, lse -inf
     out = acc / torch.where(empty, 1.0, l).unsqueeze(-1)
     lse = torch.where(empty, float("-inf"), m + torch.log(torch.where(empty, 1.0, l)))
-    return _untile(out, plan.q_len).to(q.dtype), _untile(lse, plan.q_len)
+    return _untile(out, plan.q_len), _untile(lse, plan.q_len)  # out in the compute dtype
 
 
 def _pv(p: Tensor, v: Tensor, const_kv: bool) -> Tensor:
@@ -468,10 +468,12 @@ class _TiledAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], spec: _Spec) -> tuple[Tensor, Tensor]:
         out, lse = _forward(q, k, v, bias, spec)
+        # The backward's rowsum(dO * O) cancels against dP, so it takes O before rounding to a
+        # low-precision dtype (FA2 uses the rounded O; this costs Nq * Dv floats and is exact).
         ctx.save_for_backward(q, k, v, bias, out, lse)
         ctx.spec = spec
         ctx.mark_non_differentiable(lse)
-        return out, lse
+        return out.to(q.dtype), lse
 
     @staticmethod
     @torch.autograd.function.once_differentiable
