@@ -158,6 +158,9 @@ def _cmd_list(args: argparse.Namespace, console: Console) -> int:
     mechs = list_mechanisms(args.family)
     if args.write_readme:
         path = Path(args.write_readme)
+        if not path.is_file():
+            console.print(Text(f"attnzoo: --write-readme: no file {path}", style="red"))
+            return EXIT_USAGE
         path.write_text(with_readme_table(path.read_text(), mechanism_table_markdown(list_mechanisms())))
         console.print(Text(f"wrote the mechanism table of {len(list_mechanisms())} mechanisms into {path}"))
         return 0
@@ -343,6 +346,17 @@ def _cmd_bench(args: argparse.Namespace, console: Console) -> int:
     config = _config_from_args(args)
     for name in config.mechanisms or ():
         get(name)  # an unknown name fails before any timing
+    threads = torch.get_num_threads()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:
+        _print_bench(config, console)
+    finally:
+        torch.set_num_threads(threads)  # main() may run inside a longer-lived process
+    return 0
+
+
+def _print_bench(config: EfficiencyConfig, console: Console) -> None:
     machine = machine_info(config.device)
     console.print(_machine_text(machine))
     warning = _busy_machine_warning(machine)
@@ -353,7 +367,6 @@ def _cmd_bench(args: argparse.Namespace, console: Console) -> int:
     console.print(bench_table(rows, config))
     timed = sum(not r.skipped for r in rows)
     console.print(Text(f"{timed} timed, {len(rows) - timed} skipped, in {time.perf_counter() - start:.1f} s"))
-    return 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -403,6 +416,7 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
     bench.add_argument("--mechanisms", nargs="+", metavar="NAME", help="only these mechanisms (default: all)")
     bench.add_argument("--budget", type=_positive_float, default=0.5, help="seconds of timed repeats per case")
     bench.add_argument("--max-repeats", type=_positive_int, default=50, help="repeat cap per case (default 50)")
+    bench.add_argument("--threads", type=_positive_int, help="torch intra-op threads (default: torch's choice)")
     bench.add_argument("--causal", action="store_true", help="causal self-attention instead of noncausal")
     bench.add_argument(
         "--include-compiled", action="store_true", help="also time torch.compile'd backends (~20 s per shape on CPU)"

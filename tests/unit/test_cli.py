@@ -200,6 +200,14 @@ def test_bench_cli_prints_machine_and_a_row_per_case():
     assert re.search(r"\d+ timed, \d+ skipped, in [\d.]+ s", out)
 
 
+def test_bench_cli_threads_option_applies_during_the_run_only():
+    before = torch.get_num_threads()
+    status, out = run_cli(*TINY_BENCH, "--threads", "1", "--mechanisms", "softmax")
+    assert status == 0
+    assert "(1 threads)" in out
+    assert torch.get_num_threads() == before
+
+
 def test_bench_cli_unknown_mechanism_exits_2_before_timing():
     status, out = run_cli("bench", "--mechanisms", "no_such_mechanism", "--lengths", "16")
     assert status == 2

@@ -1,0 +1,148 @@
+"""Registry and dispatch on a mechanism made up for the test (not registered globally)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attnzoo
+from attnzoo.errors import NoBackendError, ParameterError
+from attnzoo.registry import PATTERNS, Backend, Mechanism, flag, register
+
+
+def _fake(tag):
+    def fn(q, k, v, **params):
+        return torch.full_like(q, float(tag))
+
+    return fn
+
+
+def make_mechanism() -> Mechanism:
+    mech = Mechanism(
+        name="fake",
+        family="test",
+        catalog=(),
+        paper="-",
+        formula="-",
+        cost="-",
+        summary="-",
+        patterns=frozenset({"noncausal_self"}),
+        params=(flag("causal", False, "-"),),
+    )
+    mech.add_backend(Backend("reference", _fake(0), priority=-100))
+    mech.add_backend(Backend("fast_cpu_fp32", _fake(1), devices=frozenset({"cpu"}), dtypes=frozenset({torch.float32}), priority=10))
+    mech.add_backend(Backend("no_grad", _fake(2), autograd=False, priority=5))
+    mech.add_backend(
+        Backend("only_causal", _fake(3), accepts=lambda p, params: None if params["causal"] else "needs causal=True", priority=20)
+    )
+    mech.add_backend(Backend("short_only", _fake(4), prefers=lambda p, params: None if p.q_len <= 4 else "meant for N <= 4", priority=30))
+    return mech
+
+
+def tag_of(out):
+    return int(out.flatten()[0])
+
+
+def test_dispatch_takes_the_best_backend_that_accepts():
+    mech = make_mechanism()
+    x = torch.randn(1, 2, 8, 4)
+    assert tag_of(mech(x, x, x)) == 1  # fast_cpu_fp32
+    assert tag_of(mech(x, x, x, causal=True)) == 3  # only_causal outranks it
+    assert tag_of(mech(x[:, :, :3], x[:, :, :3], x[:, :, :3])) == 4  # short_only preferred for N <= 4
+    xd = x.double()
+    assert tag_of(mech(xd, xd, xd)) == 2  # float64: no_grad
+    assert tag_of(mech(xd.requires_grad_(), xd, xd)) == 0  # with grad: only the reference is left
+
+
+def test_forcing_a_backend_and_its_refusal():
+    mech = make_mechanism()
+    x = torch.randn(1, 2, 8, 4)
+    assert tag_of(mech(x, x, x, backend="short_only")) == 4  # a preference does not stop forcing
+    with pytest.raises(NoBackendError, match="only_causal.*needs causal=True"):
+        mech(x, x, x, backend="only_causal")
+    with pytest.raises(NoBackendError, match="takes float32, not float64"):
+        mech(x.double(), x.double(), x.double(), backend="fast_cpu_fp32")
+
+
+def test_no_backend_lists_every_reason():
+    mech = make_mechanism()
+    mech.backends["reference"].accepts = lambda p, params: "refuses everything today"
+    x = torch.randn(1, 2, 8, 4, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(NoBackendError) as info:
+        mech(x, x, x)
+    text = str(info.value)
+    for name in mech.backends:
+        assert f"  {name}: " in text
+    assert "forward only" in text and "refuses everything today" in text
+
+
+def test_explain_and_device_priority():
+    mech = make_mechanism()
+    x = torch.randn(1, 2, 8, 4)
+    reasons = dict(mech.explain(x, x, x))
+    assert reasons["fast_cpu_fp32"] is None and reasons["only_causal"] == "needs causal=True"
+    assert reasons["short_only"].startswith("not preferred")
+    mech.backends["no_grad"].device_priority = {"cpu": 50}
+    assert tag_of(mech(x, x, x)) == 2
+
+
+def test_parameters_are_validated_once_and_unknown_ones_refused():
+    mech = make_mechanism()
+    x = torch.randn(1, 2, 8, 4)
+    with pytest.raises(ParameterError, match="causal: expected a bool"):
+        mech(x, x, x, causal="yes")
+    with pytest.raises(ParameterError, match="it accepts: causal"):
+        mech(x, x, x, window=3)
+    with pytest.raises(ParameterError, match="does not support the causal_self pattern"):
+        mech.example_params(mech.describe(x, x, x), "causal_self")
+
+
+def test_self_only_mechanism_refuses_cross_inputs():
+    mech = make_mechanism()
+    q, k = torch.randn(1, 2, 8, 4), torch.randn(1, 2, 5, 4)
+    with pytest.raises(attnzoo.errors.ShapeError, match="self-attention only"):
+        mech(q, k, k)
+
+
+def test_registration_rules():
+    mech = make_mechanism()
+    with pytest.raises(ValueError, match="registered twice"):
+        mech.add_backend(Backend("reference", _fake(9)))
+    with pytest.raises(ValueError, match="registered twice"):
+        register(attnzoo.get("softmax"))
+    with pytest.raises(ValueError, match="unknown patterns"):
+        Mechanism("bad", "test", (), "-", "-", "-", "-", patterns=frozenset({"diagonal"}))
+
+
+def test_the_registry_covers_the_dense_family():
+    names = {m.name for m in attnzoo.list_mechanisms()}
+    assert "softmax" in names
+    softmax = attnzoo.get("softmax")
+    assert set(softmax.patterns) == set(PATTERNS)
+    assert {"reference", "sdpa", "tiled", "split_kv", "flex"} <= set(softmax.backends)
+    assert [m.name for m in attnzoo.list_mechanisms("dense")] == ["softmax"]
+    info = softmax.info()
+    assert {p[0] for p in info["params"]} == {p.name for p in softmax.params}
+
+
+def test_split_kv_is_picked_for_decoding_shapes():
+    softmax = attnzoo.get("softmax")
+    q, k = torch.randn(1, 8, 1, 64), torch.randn(1, 8, 8192, 64)
+    problem = softmax.describe(q, k, k)
+    assert softmax.select(problem, softmax.bind(problem, {})).name == "split_kv"
+    problem = softmax.describe(k[:, :, :64], k, k)
+    assert softmax.select(problem, softmax.bind(problem, {})).name == "sdpa"
+    problem = softmax.describe(k[:, :, :64], k, k)
+    assert softmax.select(problem, softmax.bind(problem, {"return_lse": True})).name == "tiled"
+
+
+def test_kv_cache_grows_and_keeps_its_contents():
+    softmax = attnzoo.get("softmax")
+    x = torch.randn(1, 2, 50, 8)
+    state = softmax.init_state(x, x, x)
+    for i in range(50):
+        _, state = softmax.step(x[:, :, i : i + 1], x[:, :, i : i + 1], x[:, :, i : i + 1], state)
+    assert state.length == 50 and state.k.shape[2] >= 50
+    assert torch.equal(state.k[:, :, :50], x) and torch.equal(state.v[:, :, :50], x)
+    with pytest.raises(ParameterError, match="key_padding_mask: not supported while decoding"):
+        softmax.step(x[:, :, :1], x[:, :, :1], x[:, :, :1], state, key_padding_mask=torch.zeros(1, 1, dtype=torch.bool))
