@@ -13,7 +13,7 @@ from typing import Any, Optional
 from . import errors, masks
 from .functional import softmax_attention
 from .kernels.split_kv import merge_attention_states
-from .registry import PATTERNS, Backend, Mechanism, Param, get, list_mechanisms, set_checks
+from .registry import PATTERNS, Backend, Mechanism, Param, checks, get, list_mechanisms, set_checks
 
 __version__ = "0.1.0"
 
@@ -23,6 +23,7 @@ __all__ = [
     "list_mechanisms",
     "merge_attention_states",
     "set_checks",
+    "checks",
     "softmax_attention",
     "masks",
     "errors",

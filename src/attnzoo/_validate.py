@@ -60,6 +60,11 @@ def _shape_str(t: torch.Tensor) -> str:
     return "(" + ", ".join(str(s) for s in t.shape) + ")"
 
 
+def _layout(n_spatial: int) -> str:
+    axes = "N" if n_spatial == 1 else ", ".join(f"S{i}" for i in range(n_spatial))
+    return f"(B, H, {axes}, D)"
+
+
 def describe(
     q: Any,
     k: Any,
@@ -78,10 +83,7 @@ def describe(
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{mechanism}: {name}: expected a torch.Tensor, got {type(t).__name__}")
     ranks = sorted(3 + s for s in spatial_dims)
-    layout = " or ".join(
-        "(B, H, " + ("N" if s == 1 and len(spatial_dims) == 1 else ", ".join(f"S{i}" for i in range(s))) + ", D)"
-        for s in sorted(spatial_dims)
-    )
+    layout = " or ".join(_layout(s) for s in sorted(spatial_dims))
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() not in ranks:
             raise ShapeError(

@@ -29,7 +29,7 @@ from rich.text import Text
 from . import __version__
 from .bench.efficiency import BASELINE, DTYPES, Case, EfficiencyConfig, Row, plan_cases, run_efficiency
 from .bench.machine import machine_info
-from .errors import AttnZooError
+from .errors import AttnZooError, ParameterError
 from .registry import PATTERNS, Mechanism, get, list_mechanisms
 
 __all__ = [
@@ -154,16 +154,21 @@ def with_readme_table(readme_text: str, table: str) -> str:
     return f"{head}{README_START}\n{table}{README_END}{tail}"
 
 
+def _write_readme(path: Path, console: Console) -> int:
+    """Replace the mechanism table of the README at ``path`` (between its markers)."""
+    mechs = list_mechanisms()
+    try:
+        path.write_text(with_readme_table(path.read_text(), mechanism_table_markdown(mechs)))
+    except (OSError, ValueError) as err:
+        raise ParameterError(f"--write-readme: {err}", argument="write_readme") from None
+    console.print(Text(f"wrote the table of {len(mechs)} mechanisms into {path}"))
+    return 0
+
+
 def _cmd_list(args: argparse.Namespace, console: Console) -> int:
     mechs = list_mechanisms(args.family)
     if args.write_readme:
-        path = Path(args.write_readme)
-        if not path.is_file():
-            console.print(Text(f"attnzoo: --write-readme: no file {path}", style="red"))
-            return EXIT_USAGE
-        path.write_text(with_readme_table(path.read_text(), mechanism_table_markdown(list_mechanisms())))
-        console.print(Text(f"wrote the mechanism table of {len(list_mechanisms())} mechanisms into {path}"))
-        return 0
+        return _write_readme(Path(args.write_readme), console)
     if args.markdown:
         console.out(mechanism_table_markdown(mechs), end="", highlight=False)
         return 0
@@ -214,7 +219,9 @@ def _backend_details(backend) -> Text:
     text = Text(backend.doc or "-")
     text.append(f"\ndevices: {caps['devices']}; dtypes: {caps['dtypes']}", style="dim")
     text.append(f"\nautograd: {caps['autograd']}; limits: {caps['limits']}", style="dim")
-    text.append(f"; priority: {caps['priority']}; compiles: {'yes' if backend.compiles else 'no'}", style="dim")
+    text.append(f"; priority: {caps['priority']}; compiles: {caps['compiles']}", style="dim")
+    if caps["preference"] != "-":
+        text.append(f"\npreference: {caps['preference']}", style="dim")
     return text
 
 

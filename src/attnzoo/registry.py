@@ -14,10 +14,11 @@ iterate the registry and cover each new mechanism without extra code.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import random
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequence
 
 import torch
 
@@ -34,6 +35,7 @@ __all__ = [
     "get",
     "list_mechanisms",
     "set_checks",
+    "checks",
     "Problem",
 ]
 
@@ -71,6 +73,11 @@ class Param:
         if expected is not None:
             shown = _short_repr(value)
             raise ParameterError(f"{mechanism}: {self.name}: expected {expected}, got {shown}", argument=self.name)
+
+
+def _first_line(doc: str | None) -> str:
+    """The first paragraph of a docstring, on one line."""
+    return " ".join((doc or "").strip().split("\n\n")[0].split())
 
 
 def _short_repr(value: Any) -> str:
@@ -192,6 +199,8 @@ class Backend:
             or "-",
             "priority": str(self.priority)
             + "".join(f", {d}: {p}" for d, p in sorted(self.device_priority.items())),
+            "compiles": "yes (torch.compile on the first call per shape)" if self.compiles else "no",
+            "preference": _first_line(self.prefers.__doc__) if self.prefers is not None else "-",
         }
 
 
@@ -223,15 +232,27 @@ class _Checks:
 _CHECKS = _Checks()
 
 
-def set_checks(*, finite: bool | None = None) -> None:
-    """Turn optional input checks on or off globally.
+def set_checks(*, finite: bool | None = None) -> dict[str, bool]:
+    """Turn optional input checks on or off globally; returns the previous settings.
 
     ``finite`` (default on): when an output holds NaN/inf, find the input that carried it and
     raise :class:`~attnzoo.errors.NonFiniteError` naming it. It costs one pass over the output
     (and a host sync on CUDA); turn it off in tight training loops once inputs are trusted.
     """
+    previous = {"finite": _CHECKS.finite}
     if finite is not None:
         _CHECKS.finite = bool(finite)
+    return previous
+
+
+@contextlib.contextmanager
+def checks(*, finite: bool | None = None) -> Iterator[None]:
+    """``with attnzoo.checks(finite=False): ...`` sets checks for a block, then restores them."""
+    previous = set_checks(finite=finite)
+    try:
+        yield
+    finally:
+        set_checks(**previous)
 
 
 @dataclass
@@ -242,8 +263,8 @@ class Mechanism:
     :data:`PATTERNS`), ``spatial_dims`` (how many spatial axes q/k/v may have), ``params``,
     ``decoder`` (incremental decoding, or ``None``), ``exact`` (False for approximations, whose
     error the benchmark measures). ``sample_params(problem, pattern, rng)`` returns valid
-    parameters for one of :data:`PATTERNS` (randomly exercising the mechanism's options): the
-    conformance suite and the benchmark call it; without it they pass ``causal`` alone.
+    parameters for one of :data:`PATTERNS`: random options when given an ``rng`` (the
+    conformance suite), the plain ones when ``rng`` is None (the benchmark).
     """
 
     name: str
@@ -259,7 +280,7 @@ class Mechanism:
     gqa: bool = False
     exact: bool = True
     decoder: Decoder | None = None
-    sample_params: Callable[[Problem, str, random.Random], dict[str, Any]] | None = None
+    sample_params: Callable[[Problem, str, "random.Random | None"], dict[str, Any]] | None = None
     backends: dict[str, Backend] = field(default_factory=dict)
     function: Callable[..., Any] | None = None  # the public functional form, for its docstring
 
@@ -281,19 +302,28 @@ class Mechanism:
         return backend
 
     def example_params(self, problem: Problem, pattern: str, rng: random.Random | None = None) -> dict[str, Any]:
-        """Valid parameters for ``pattern`` on inputs shaped like ``problem`` (see ``sample_params``)."""
+        """Valid parameters for ``pattern`` on inputs shaped like ``problem``.
+
+        With ``rng`` the mechanism's ``sample_params`` switches options on at random (the test
+        suite); without it the parameters are the plain, repeatable ones of the pattern (the
+        benchmark): ``sample_params(problem, pattern, None)``, or ``causal`` alone.
+        """
         if pattern not in self.patterns:
             raise ParameterError(f"{self.name}: does not support the {pattern} pattern", argument="pattern")
         if self.sample_params is not None:
-            return self.sample_params(problem, pattern, rng or random.Random(0))
+            return self.sample_params(problem, pattern, rng)
         return {"causal": pattern.startswith("causal")} if "causal" in self._params else {}
+
+    def param(self, name: str) -> Param | None:
+        """The declared parameter ``name``, or None."""
+        return self._params.get(name)
 
     def implementation(self, name: str, **capabilities: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Decorator registering ``fn`` as backend ``name`` (keywords: :class:`Backend` fields)."""
 
         def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
             doc = capabilities.pop("doc", None) or inspect.getdoc(fn) or ""
-            self.add_backend(Backend(name=name, fn=fn, doc=doc.split("\n\n")[0], **capabilities))
+            self.add_backend(Backend(name=name, fn=fn, doc=_first_line(doc), **capabilities))
             return fn
 
         return wrap

@@ -18,7 +18,7 @@ from typing import Any, Callable, Mapping, Optional
 import torch
 
 from ..errors import AttnZooError
-from ..registry import Backend, Mechanism, get, list_mechanisms
+from ..registry import Backend, Mechanism, Problem, get, list_mechanisms
 from .timing import Timing, time_call
 
 __all__ = ["BASELINE", "EfficiencyConfig", "Case", "Row", "plan_cases", "run_efficiency"]
@@ -124,23 +124,20 @@ def _inputs(config: EfficiencyConfig, length: int) -> tuple[torch.Tensor, torch.
     return tuple(t.to(device=config.device, dtype=config.dtype) for t in (q, k, v))  # type: ignore[return-value]
 
 
-def _params(mech: Mechanism, config: EfficiencyConfig) -> dict[str, Any]:
-    """The plain parameters of the pattern: ``causal`` when the mechanism has that switch."""
-    if any(p.name == "causal" for p in mech.params):
-        return {"causal": config.causal}
-    return {}
+def _params(mech: Mechanism, problem: Problem, config: EfficiencyConfig) -> dict[str, Any]:
+    """The mechanism's plain, repeatable parameters for the pattern (no random options)."""
+    pattern = ("causal" if config.causal else "noncausal") + ("_cross" if problem.q_len != problem.kv_len else "_self")
+    return mech.example_params(problem, pattern)
 
 
-def _dispatch_note(mech: Mechanism, backend: Backend, problem: Any, bound: Mapping[str, Any]) -> str:
+def _dispatch_note(mech: Mechanism, backend: Backend, problem: Problem, bound: Mapping[str, Any]) -> str:
     """'dispatch default' for the backend automatic dispatch picks, else why it passes it over."""
     try:
         if mech.select(problem, bound).name == backend.name:
             return "dispatch default"
     except AttnZooError:
         return ""
-    skip_reason = getattr(backend, "skip_reason", None)
-    reason = skip_reason(problem, bound) if skip_reason is not None else None
-    return reason or ""
+    return backend.skip_reason(problem, bound) or ""
 
 
 def _time_case(
@@ -148,9 +145,9 @@ def _time_case(
 ) -> tuple[Optional[Timing], str]:
     """Time one backend on the inputs: ``(timing, note)`` or ``(None, why it did not run)``."""
     q, k, v = qkv
-    params = _params(mech, config)
     try:
         problem = mech.describe(q, k, v)
+        params = _params(mech, problem, config)
         bound = mech.bind(problem, params)
     except AttnZooError as err:
         return None, f"inputs refused: {err}"

@@ -261,6 +261,7 @@ SPLIT_KV_MIN_KEYS = 4096
 
 
 def _split_kv_prefers(p: Problem, params: dict) -> Optional[str]:
+    """Dispatch picks it for decoding: at most 16 queries over at least 4096 keys."""
     if p.q_len > SPLIT_KV_MAX_QUERIES:
         return f"meant for decoding: at most {SPLIT_KV_MAX_QUERIES} queries, got {p.q_len}"
     if p.kv_len < SPLIT_KV_MIN_KEYS:
@@ -383,10 +384,12 @@ class _SoftmaxDecoder:
 # --------------------------------------------------------------------------------------------
 # parameters for the conformance suite and the benchmark
 # --------------------------------------------------------------------------------------------
-def _sample_params(p: Problem, pattern: str, rng: random.Random) -> dict[str, Any]:
-    """Valid parameters for ``pattern``, each option switched on at random (for the test suite)."""
-    gen = torch.Generator().manual_seed(rng.randrange(2**31))
+def _sample_params(p: Problem, pattern: str, rng: Optional[random.Random]) -> dict[str, Any]:
+    """Parameters for ``pattern``: plain without ``rng``, else each option on at random (tests)."""
     params: dict[str, Any] = {"causal": pattern.startswith("causal")}
+    if rng is None:
+        return params
+    gen = torch.Generator().manual_seed(rng.randrange(2**31))
     if rng.random() < 0.3:
         params["causal_alignment"] = "top_left"
     if rng.random() < 0.3:

@@ -229,14 +229,12 @@ class _Spec:
     mask_mod: Optional[MaskFn]
     score_mod: Optional[ScoreFn]
     kv_keep: Optional[Tensor]  # (B, 1, 1, n_kv_blocks, 1, block_k) bool, True = key kept
-    bias_shape: Optional[tuple[int, ...]]
 
 
 class _Tiles:
     """Index tensors and operand tiles of one slot (shared by forward and backward)."""
 
-    def __init__(self, spec: _Spec, slot: Slot, batch: int, kv_heads: int, group: int, device: torch.device):
-        plan = spec.plan
+    def __init__(self, plan: BlockPlan, slot: Slot, batch: int, kv_heads: int, group: int, device: torch.device):
         bq, bk = plan.block_q, plan.block_k
         self.slot = slot
         q_first = self._first_rows(slot.q_blocks, bq, device)
@@ -371,7 +369,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], spec: _Spe
     m = qt.new_full(qt.shape[:5], float("-inf"))
     l = qt.new_zeros(qt.shape[:5])
     for slot in plan.slots:
-        t = _Tiles(spec, slot, batch, kv_heads, group, q.device)
+        t = _Tiles(plan, slot, batch, kv_heads, group, q.device)
         q_a = _take(qt, 3, slot.q_blocks)
         s, _ = _scores(spec, t, q_a, _take(kt, 3, slot.kv_blocks), None if bias_t is None else _bias_tile(bias_t, slot))
         acc_a, m_a, l_a = (_take(x, 3, slot.q_blocks) for x in (acc, m, l))
@@ -421,7 +419,7 @@ def _backward(
     dk = torch.zeros(batch, kv_heads, nk, bk, k.shape[-1], dtype=cdt, device=q.device)
     dv = torch.zeros(batch, kv_heads, nk, bk, v.shape[-1], dtype=cdt, device=q.device)
     for slot in plan.slots:
-        t = _Tiles(spec, slot, batch, kv_heads, group, q.device)
+        t = _Tiles(plan, slot, batch, kv_heads, group, q.device)
         q_a = _take(qt, 3, slot.q_blocks)
         k_a = _take(kt, 3, slot.kv_blocks)
         v_a = _take(vt, 3, slot.kv_blocks)
@@ -525,7 +523,6 @@ def tiled_attention(
         mask_mod=mask_mod,
         score_mod=score_mod,
         kv_keep=kv_keep,
-        bias_shape=None if bias is None else tuple(bias.shape),
     )
     return _TiledAttention.apply(q, k, v, bias, spec)
 
