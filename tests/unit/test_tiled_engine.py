@@ -12,6 +12,7 @@ import torch
 
 from attnzoo import masks
 from attnzoo.functional.dense import _reference
+from attnzoo.kernels import tiled
 from attnzoo.kernels.tiled import BlockPlan, tiled_attention
 
 BLOCK = 16
@@ -50,9 +51,12 @@ def slot_kinds(plan):
     return kinds
 
 
+@pytest.mark.parametrize("slot_cap", [16, 2], ids=["cap16", "cap2"])
 @pytest.mark.parametrize("shape", [(1, 2, 2, 100, 100, 8), (2, 4, 2, 77, 90, 16), (1, 3, 1, 33, 129, 12)], ids=lambda s: "B{}-Hq{}-Hkv{}-Nq{}-Nk{}-D{}".format(*s))
 @pytest.mark.parametrize("name", list(PATTERNS))
-def test_engine_matches_reference(name, shape):
+def test_engine_matches_reference(name, shape, slot_cap, monkeypatch):
+    """cap2 cuts every slot into pieces of two query tiles (as long inputs are cut into 16)."""
+    monkeypatch.setattr(tiled, "MAX_Q_TILES_PER_SLOT", slot_cap)
     b, hq, hkv, nq, nk, d = shape
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(b, hq, nq, d, generator=gen, dtype=torch.float64, requires_grad=True)
@@ -88,7 +92,18 @@ def test_causal_plan_skips_tiles_and_masks_only_the_diagonal():
     assert plan.pairs == 8 * 9 // 2  # lower triangle of an 8 x 8 tile grid
     assert all(s.masked == slice(0, 1) for s in plan.slots)  # one partial tile per slot
     window = masks.block_plan(masks.sliding_window(256, 0), 8192, 8192, block_q=128, block_k=128)
-    assert len(window.slots) == 3 and window.density < 0.05
+    assert window.density < 0.05
+    assert len(window.slots) == 3 * 4  # three diagonals, each cut into 64 / 16 query-tile slots
+
+
+@pytest.mark.parametrize("n", [4096, 65536])
+def test_slots_stay_bounded_whatever_n(n):
+    """The largest temporary is one slot's scores: at most 16 query tiles, however long N is."""
+    from attnzoo.kernels.tiled import MAX_Q_TILES_PER_SLOT
+
+    for pattern in (None, masks.causal(0), masks.sliding_window(256, 0)):
+        plan = masks.block_plan(pattern, n, n, block_q=128, block_k=128)
+        assert max(s.n_active for s in plan.slots) <= MAX_Q_TILES_PER_SLOT
 
 
 def test_fully_masked_rows_give_zero_and_minus_inf():
