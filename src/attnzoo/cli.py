@@ -29,6 +29,7 @@ from rich.text import Text
 from . import __version__
 from .bench.efficiency import BASELINE, DTYPES, Case, EfficiencyConfig, Row, plan_cases, run_efficiency
 from .bench.machine import machine_info
+from .bench.overhead import dispatch_overhead
 from .errors import AttnZooError, ParameterError
 from .registry import PATTERNS, Mechanism, get, list_mechanisms
 
@@ -220,6 +221,7 @@ def _backend_details(backend) -> Text:
     text.append(f"\ndevices: {caps['devices']}; dtypes: {caps['dtypes']}", style="dim")
     text.append(f"\nautograd: {caps['autograd']}; limits: {caps['limits']}", style="dim")
     text.append(f"; priority: {caps['priority']}; compiles: {caps['compiles']}", style="dim")
+    text.append(f"\nmemory: {caps['memory']}", style="dim")
     if caps["preference"] != "-":
         text.append(f"\npreference: {caps['preference']}", style="dim")
     return text
@@ -275,7 +277,10 @@ def _bench_title(config: EfficiencyConfig) -> str:
     dtype = str(config.dtype).replace("torch.", "")
     pattern = config.pattern.replace("_", " ")
     shape = f"B={config.batch} H={config.heads} D={config.head_dim} {dtype} on {config.device}"
-    return f"forward time (inference), {pattern} attention, {shape}"
+    if config.queries is not None:
+        shape = f"Nq={config.queries} over N keys, " + shape
+    what = "forward + backward time (train)" if config.mode == "train" else "forward time (inference)"
+    return f"{what}, {pattern} attention, {shape}"
 
 
 def bench_table(rows: Sequence[Row], config: EfficiencyConfig) -> Table:
@@ -325,6 +330,8 @@ def _config_from_args(args: argparse.Namespace) -> EfficiencyConfig:
         budget_s=args.budget,
         max_repeats=args.max_repeats,
         include_compiled=args.include_compiled,
+        mode=args.mode,
+        queries=args.queries,
     )
 
 
@@ -357,10 +364,27 @@ def _cmd_bench(args: argparse.Namespace, console: Console) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     try:
-        _print_bench(config, console)
+        if args.overhead:
+            _print_overhead(args, console)
+        else:
+            _print_bench(config, console)
     finally:
         torch.set_num_threads(threads)  # main() may run inside a longer-lived process
     return 0
+
+
+def _print_overhead(args: argparse.Namespace, console: Console) -> None:
+    console.print(_machine_text(machine_info("cpu")))
+    table = Table(title="dispatch overhead: attnzoo.attention(q, k, v) against F.scaled_dot_product_attention, paired")
+    for col in ("N", "raw SDPA ms", "attnzoo ms", "paired ratio (IQR)", "extra us", "dispatch alone us", "backend"):
+        table.add_column(col, justify="right" if col != "backend" else "left")
+    for length in args.lengths:
+        o = dispatch_overhead(length, batch=args.batch, heads=args.heads, head_dim=args.head_dim)
+        table.add_row(
+            str(o.length), f"{o.raw_ms:.3f}", f"{o.attnzoo_ms:.3f}", f"{o.ratio:.4f} ({o.ratio_q1:.3f}-{o.ratio_q3:.3f})",
+            f"{o.extra_us:.1f}", f"{o.dispatch_us:.1f}", o.backend,
+        )
+    console.print(table)
 
 
 def _print_bench(config: EfficiencyConfig, console: Console) -> None:
@@ -425,6 +449,9 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
     bench.add_argument("--max-repeats", type=_positive_int, default=50, help="repeat cap per case (default 50)")
     bench.add_argument("--threads", type=_positive_int, help="torch intra-op threads (default: torch's choice)")
     bench.add_argument("--causal", action="store_true", help="causal self-attention instead of noncausal")
+    bench.add_argument("--mode", choices=("forward", "train"), default="forward", help="forward (inference) or train (forward + backward)")
+    bench.add_argument("--queries", type=_positive_int, help="fixed number of queries over N keys (decoding shape; cross pattern)")
+    bench.add_argument("--overhead", action="store_true", help="measure dispatch overhead over raw SDPA at each length (paired calls)")
     bench.add_argument(
         "--include-compiled", action="store_true", help="also time torch.compile'd backends (~20 s per shape on CPU)"
     )

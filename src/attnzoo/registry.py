@@ -149,6 +149,7 @@ class Backend:
     priority: int = 0
     device_priority: Mapping[str, int] = field(default_factory=dict)
     compiles: bool = False  # first call per shape pays a torch.compile; tests use fixed shapes
+    materializes_scores: bool = False  # holds an Nq x Nk tensor: O(Nq * Nk) memory
 
     def __repr__(self) -> str:
         return f"Backend({self.name!r})"
@@ -200,6 +201,7 @@ class Backend:
             "priority": str(self.priority)
             + "".join(f", {d}: {p}" for d, p in sorted(self.device_priority.items())),
             "compiles": "yes (torch.compile on the first call per shape)" if self.compiles else "no",
+            "memory": "O(Nq * Nk): materializes the scores" if self.materializes_scores else "O(N)",
             "preference": _first_line(self.prefers.__doc__) if self.prefers is not None else "-",
         }
 
@@ -393,10 +395,15 @@ class Mechanism:
         return result
 
     def _check_output(self, result: Any, q: Any, k: Any, v: Any, bound: Mapping[str, Any]) -> None:
-        # Check the (small) output rather than every input: cheap when all is well, and a NaN
-        # that a mask hid from the output is harmless.
+        # Check the output rather than every input: a NaN a mask hid from the output is
+        # harmless. Its sum is non-finite whenever an entry is (NaN and inf propagate), and costs
+        # a twentieth of isfinite(out).all(), which writes a bool per entry; a sum that merely
+        # overflows costs a scan of the inputs that finds nothing and raises nothing.
         out = result[0] if isinstance(result, tuple) else result
-        if isinstance(out, torch.Tensor) and not bool(torch.isfinite(out).all()):
+        if not isinstance(out, torch.Tensor) or not out.is_floating_point():
+            return
+        acc = torch.float32 if out.dtype in (torch.float16, torch.bfloat16) else out.dtype
+        if not bool(torch.isfinite(out.sum(dtype=acc))):
             tensors = {"q": q, "k": k, "v": v}
             tensors.update({n: t for n, t in bound.items() if isinstance(t, torch.Tensor)})
             check_finite_inputs(self.name, tensors)

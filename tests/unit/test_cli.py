@@ -12,7 +12,7 @@ import torch
 from rich.console import Console
 
 import attnzoo
-from attnzoo.bench.efficiency import BASELINE, EfficiencyConfig, plan_cases, run_efficiency
+from attnzoo.bench.efficiency import AUTO, BASELINE, RAW_TORCH, EfficiencyConfig, plan_cases, run_efficiency
 from attnzoo.cli import catalog_ids_covered, main, mechanism_table_markdown, pattern_marks
 
 TINY_BENCH = ["bench", "--lengths", "16", "32", "--budget", "0.01", "--max-repeats", "3", "--device", "cpu"]
@@ -149,6 +149,7 @@ def test_bench_rows_cover_every_mechanism_backend_and_length():
     config = EfficiencyConfig(lengths=(16, 32), budget_s=0.01, max_repeats=3)
     rows = run_efficiency(config)
     expected = {(m.name, b, n) for n in (16, 32) for m in all_mechanisms() for b in m.backends}
+    expected |= {row for n in (16, 32) for row in ((BASELINE[0], AUTO, n), (*RAW_TORCH, n))}  # the library's own rows
     assert {(r.mechanism, r.backend, r.length) for r in rows} == expected
     assert len(rows) == len(expected)
     for row in rows:
@@ -164,12 +165,17 @@ def test_bench_rows_cover_every_mechanism_backend_and_length():
     assert all(r.skipped and "--include-compiled" in r.note for r in flex)
 
 
-def test_bench_skips_reference_above_4096_and_reports_declines():
+def test_bench_skips_score_materializing_backends_on_long_inputs_and_reports_declines():
     cases = plan_cases(EfficiencyConfig(lengths=(8192,), mechanisms=("softmax",)))
-    reference = next(c for c in cases if c.backend == "reference")
-    assert reference.skip is not None and "4096" in reference.skip
+    for name in ("reference", "split_kv"):  # both hold Nq x Nk scores
+        case = next(c for c in cases if c.backend == name)
+        assert case.skip is not None and "Nq x Nk" in case.skip
     sdpa = next(c for c in cases if c.backend == "sdpa")
     assert sdpa.skip is None
+    # one query over 64k keys is a small score matrix: the decoding shape runs them all
+    decode = plan_cases(EfficiencyConfig(lengths=(65536,), mechanisms=("softmax",), queries=1))
+    assert all(c.skip is None for c in decode if c.backend in ("reference", "split_kv"))
+    assert EfficiencyConfig(queries=1).pattern == "noncausal_cross"
     # flex takes no float64: with compiled backends included it is skipped for that reason
     config = EfficiencyConfig(
         lengths=(16,), dtype=torch.float64, mechanisms=("softmax",), include_compiled=True, budget_s=0.01, max_repeats=2
@@ -181,6 +187,8 @@ def test_bench_skips_reference_above_4096_and_reports_declines():
 def test_bench_causal_skips_mechanisms_without_the_pattern():
     config = EfficiencyConfig(causal=True)
     for case in plan_cases(config):
+        if (case.mechanism, case.backend) == RAW_TORCH:
+            continue
         mech = attnzoo.get(case.mechanism)
         if "causal_self" not in mech.patterns:
             assert case.skip == "no causal_self pattern"
@@ -191,7 +199,7 @@ def test_bench_cli_prints_machine_and_a_row_per_case():
     assert status == 0
     assert out.startswith("machine: ") and f"torch {torch.__version__}" in out and "attnzoo " in out
     table_rows = [line for line in out.splitlines() if re.match(r"│ +(16|32) │", line)]
-    n_cases = 2 * sum(len(m.backends) for m in all_mechanisms())
+    n_cases = 2 * (sum(len(m.backends) for m in all_mechanisms()) + 2)  # + the auto and raw torch rows
     assert len(table_rows) == n_cases
     for line in table_rows:
         cells = [c.strip() for c in line.strip("│").split("│")]

@@ -1,11 +1,15 @@
-"""The efficiency benchmark: forward time of every registered mechanism x backend.
+"""The efficiency benchmark: time of every registered mechanism x backend.
 
-For each sequence length N, random q, k, v of shape (B, H, N, D) are attended under
-``torch.inference_mode`` by every backend of every mechanism (forced with ``backend=``), and
-the median time is compared with the ``sdpa`` backend of ``softmax`` at the same N (the
-``ratio`` column). A backend that cannot take the inputs is not timed; its row carries the
-reason (the backend's own ``decline_reason``, or the benchmark's: compiled backends unless
-asked for, the O(N^2)-memory reference on long inputs).
+For each sequence length N, random q, k, v of shape (B, H, N, D) are attended by every
+backend of every mechanism (forced with ``backend=``), and the median time is compared with
+the ``sdpa`` backend of ``softmax`` at the same N (the ``ratio`` column). ``mode`` is
+``forward`` (under ``torch.inference_mode``) or ``train`` (forward and backward of a fixed
+random projection of the output). With ``queries`` set, Nq is that and N is the number of
+keys (the decoding shape, a cross pattern). A backend that cannot take the inputs is not
+timed; its row carries the reason (the backend's own ``decline_reason``, or the benchmark's:
+compiled backends unless asked for, backends that materialize Nq x Nk scores once that is
+larger than ``max_scores``). Two extra rows per length measure the library itself: ``auto``
+(dispatch picks the backend) and ``torch / F.sdpa`` (the raw PyTorch call, no attnzoo).
 
 The runner returns rows and never prints; ``attnzoo bench`` renders them.
 """
@@ -25,6 +29,9 @@ __all__ = ["BASELINE", "EfficiencyConfig", "Case", "Row", "plan_cases", "run_eff
 
 #: The mechanism and backend every row is compared with.
 BASELINE = ("softmax", "sdpa")
+#: The row of automatic dispatch (no ``backend=``), and the row of raw PyTorch SDPA.
+AUTO = "auto"
+RAW_TORCH = ("torch", "F.sdpa")
 
 DTYPES = {
     "float32": torch.float32,
@@ -49,12 +56,17 @@ class EfficiencyConfig:
     budget_s: float = 0.5
     max_repeats: int = 50
     include_compiled: bool = False
-    reference_max_len: int = 4096
+    max_scores: int = 4096 * 4096  # Nq * Nk above which score-materializing backends are skipped
+    mode: str = "forward"  # or "train": forward + backward
+    queries: Optional[int] = None  # None: Nq = N (self); else Nq fixed, N keys (cross)
 
     @property
     def pattern(self) -> str:
-        """The CAB pattern timed: self-attention, causal or not."""
-        return "causal_self" if self.causal else "noncausal_self"
+        """The CAB pattern timed: causal or not, self or (with ``queries``) cross."""
+        return ("causal" if self.causal else "noncausal") + ("_self" if self.queries is None else "_cross")
+
+    def q_len(self, length: int) -> int:
+        return length if self.queries is None else self.queries
 
 
 @dataclass(frozen=True)
@@ -98,20 +110,23 @@ def _static_skip(mech: Mechanism, backend: Backend, length: int, config: Efficie
         return f"no {config.pattern} pattern"
     if backend.compiles and not config.include_compiled:
         return "torch.compile per shape (~20 s each on CPU): pass --include-compiled"
-    if backend.name == "reference" and length > config.reference_max_len:
-        return f"reference materializes N x N scores: only up to N={config.reference_max_len}"
+    if backend.materializes_scores and config.q_len(length) * length > config.max_scores:
+        return f"materializes Nq x Nk scores: only up to Nq * Nk = {config.max_scores}"
+    if config.mode == "train" and not backend.autograd:
+        return "forward only"
     return None
 
 
 def plan_cases(config: EfficiencyConfig) -> list[Case]:
     """Every mechanism x backend x length, ordered by length, then mechanism, then backend."""
     mechs = _selected_mechanisms(config)
-    return [
-        Case(m.name, b.name, n, _static_skip(m, b, n, config))
-        for n in config.lengths
-        for m in mechs
-        for b in m.backends.values()
-    ]
+    cases = []
+    for n in config.lengths:
+        for m in mechs:
+            cases += [Case(m.name, b.name, n, _static_skip(m, b, n, config)) for b in m.backends.values()]
+            if m.name == BASELINE[0]:
+                cases += [Case(m.name, AUTO, n), Case(*RAW_TORCH, n)]
+    return cases
 
 
 # --------------------------------------------------------------------------------------------
@@ -119,9 +134,33 @@ def plan_cases(config: EfficiencyConfig) -> list[Case]:
 # --------------------------------------------------------------------------------------------
 def _inputs(config: EfficiencyConfig, length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(length)
-    shape = (config.batch, config.heads, length, config.head_dim)
-    q, k, v = (torch.randn(shape, generator=gen, dtype=torch.float32) for _ in range(3))
-    return tuple(t.to(device=config.device, dtype=config.dtype) for t in (q, k, v))  # type: ignore[return-value]
+    kv_shape = (config.batch, config.heads, length, config.head_dim)
+    q_shape = (config.batch, config.heads, config.q_len(length), config.head_dim)
+    q, k, v = (torch.randn(s, generator=gen, dtype=torch.float32) for s in (q_shape, kv_shape, kv_shape))
+    train = config.mode == "train"
+    return tuple(t.to(device=config.device, dtype=config.dtype).requires_grad_(train) for t in (q, k, v))  # type: ignore[return-value]
+
+
+def _runner(forward: Callable[[], Any], config: EfficiencyConfig, qkv: tuple[torch.Tensor, ...]) -> Callable[[], Any]:
+    """What one timed repeat does: the forward, or the forward and the backward."""
+    if config.mode != "train":
+        return forward
+    gen = torch.Generator().manual_seed(1)
+
+    def train_step() -> Any:
+        out = forward()
+        out = out[0] if isinstance(out, tuple) else out
+        grad = torch.randn(out.shape, generator=gen, dtype=torch.float32).to(out)
+        return torch.autograd.grad(out, qkv, grad)
+
+    return train_step
+
+
+def _timed(forward: Callable[[], Any], config: EfficiencyConfig, qkv: tuple[torch.Tensor, ...]) -> Timing:
+    step = _runner(forward, config, qkv)
+    context = torch.enable_grad() if config.mode == "train" else torch.inference_mode()
+    with context:
+        return time_call(step, budget_s=config.budget_s, max_repeats=config.max_repeats, device=config.device)
 
 
 def _params(mech: Mechanism, problem: Problem, config: EfficiencyConfig) -> dict[str, Any]:
@@ -155,16 +194,33 @@ def _time_case(
     if reason is not None:
         return None, f"declines: {reason}"
     note = _dispatch_note(mech, backend, problem, bound)
+    return _guarded(lambda: mech(q, k, v, backend=backend.name, **params), config, qkv, note)
 
-    def call() -> Any:
-        return mech(q, k, v, backend=backend.name, **params)
 
+def _guarded(forward: Callable[[], Any], config: EfficiencyConfig, qkv: tuple[torch.Tensor, ...], note: str) -> tuple[Optional[Timing], str]:
     try:
-        with torch.inference_mode():
-            timing = time_call(call, budget_s=config.budget_s, max_repeats=config.max_repeats, device=config.device)
+        return _timed(forward, config, qkv), note
     except Exception as err:  # noqa: BLE001 - one failing backend must not end the benchmark
         return None, f"error: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-    return timing, note
+
+
+def _time_auto(qkv: tuple[torch.Tensor, ...], config: EfficiencyConfig) -> tuple[Optional[Timing], str]:
+    """``attnzoo.attention`` with no backend: the cost of validation and dispatch included."""
+    mech = get(BASELINE[0])
+    q, k, v = qkv
+    problem = mech.describe(q, k, v)
+    params = _params(mech, problem, config)
+    chosen = mech.select(problem, mech.bind(problem, params)).name
+    return _guarded(lambda: mech(q, k, v, **params), config, qkv, f"dispatch picks {chosen}")
+
+
+def _time_raw_torch(qkv: tuple[torch.Tensor, ...], config: EfficiencyConfig) -> tuple[Optional[Timing], str]:
+    """torch.nn.functional.scaled_dot_product_attention called directly: no attnzoo at all."""
+    q, k, v = qkv
+    causal = config.causal
+    if causal and q.shape[2] != k.shape[2]:
+        return None, "raw SDPA's is_causal is top-left aligned; attnzoo's default is bottom-right"
+    return _guarded(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal), config, qkv, "no attnzoo")
 
 
 def _baseline(qkv: tuple[torch.Tensor, ...], config: EfficiencyConfig) -> tuple[Optional[Timing], str]:
@@ -204,6 +260,10 @@ def _run_case(
         return Row(case.mechanism, case.backend, case.length, note=case.skip)
     if (case.mechanism, case.backend) == BASELINE:
         timing, note = base
+    elif case.backend == AUTO:
+        timing, note = _time_auto(qkv, config)
+    elif (case.mechanism, case.backend) == RAW_TORCH:
+        timing, note = _time_raw_torch(qkv, config)
     else:
         mech = get(case.mechanism)
         timing, note = _time_case(mech, mech.backends[case.backend], qkv, config)

@@ -438,12 +438,15 @@ SOFTMAX = register(
         sample_params=_sample_params,
     )
 )
-SOFTMAX.add_backend(Backend("reference", _reference, doc="materialized scores in float32/float64: the spec", priority=-100))
+SOFTMAX.add_backend(
+    Backend("reference", _reference, doc="materialized scores in float32/float64: the spec", priority=-100, materializes_scores=True)
+)
 SOFTMAX.implementation("sdpa", accepts=_sdpa_accepts, priority=50)(_sdpa)
 SOFTMAX.implementation(
     "split_kv",
     prefers=_split_kv_prefers,
     priority=60,
+    materializes_scores=True,  # Nq x Nk, small for the few queries it is meant for
 )(_split_kv)
 SOFTMAX.implementation("tiled", priority=20)(_tiled)
 SOFTMAX.implementation(
