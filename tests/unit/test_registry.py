@@ -125,11 +125,17 @@ def test_the_registry_covers_the_dense_family():
     assert {p[0] for p in info["params"]} == {p.name for p in softmax.params}
 
 
-def test_split_kv_is_picked_for_decoding_shapes():
+def test_split_kv_is_picked_for_decoding_shapes_where_it_wins():
     softmax = attnzoo.get("softmax")
-    q, k = torch.randn(1, 8, 1, 64), torch.randn(1, 8, 8192, 64)
+    q, k = torch.randn(1, 32, 1, 64), torch.randn(1, 8, 8192, 64)  # GQA decoding
     problem = softmax.describe(q, k, k)
     assert softmax.select(problem, softmax.bind(problem, {})).name == "split_kv"
+    q, k = torch.randn(1, 1, 1, 64), torch.randn(1, 1, 8192, 64)  # one head: SDPA leaves threads idle
+    problem = softmax.describe(q, k, k)
+    assert softmax.select(problem, softmax.bind(problem, {})).name == "split_kv"
+    q, k = torch.randn(1, 64, 1, 64), torch.randn(1, 64, 8192, 64)  # MHA filling the threads: SDPA
+    problem = softmax.describe(q, k, k)
+    assert softmax.select(problem, softmax.bind(problem, {})).name == "sdpa"
     problem = softmax.describe(k[:, :, :64], k, k)
     assert softmax.select(problem, softmax.bind(problem, {})).name == "sdpa"
     problem = softmax.describe(k[:, :, :64], k, k)

@@ -85,42 +85,77 @@ def split_kv_attention(
     ``score_mod`` a FlexAttention-style score modification. Returns ``(out, lse)``.
     The context is cut into ``num_splits`` chunks (default: up to ``max_splits``, none shorter than
     ``min_split`` keys), computed as one batched matmul (the parallel split), then merged.
+    Chunks are views of k and v: nothing is copied for float32/float64 inputs (bf16/fp16 are
+    read into float32 once).
     """
     b, hq, nq, d = q.shape
-    hkv, nk, dv = k.shape[1], k.shape[2], v.shape[-1]
-    g = hq // hkv
+    hkv, nk = k.shape[1], k.shape[2]
     # as many chunks as useful for parallelism, none shorter than ``min_split`` keys
-    splits = num_splits or max(1, min(max_splits, nk // min_split))
-    chunk = -(-nk // splits)
-    pad = splits * chunk - nk
+    splits = max(1, min(num_splits or max_splits, nk // min_split if num_splits is None else nk))
+    chunk = nk // splits
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
-    kp = torch.nn.functional.pad(k.to(cdt), (0, 0, 0, pad)).view(b, hkv, splits, chunk, d)
-    vp = torch.nn.functional.pad(v.to(cdt), (0, 0, 0, pad)).view(b, hkv, splits, chunk, dv)
-    rows = (q.to(cdt) * scale).reshape(b, hkv, 1, g * nq, d)  # the G query heads of a KV head share its chunks
-    s = torch.matmul(rows, kp.transpose(-1, -2))  # (B, Hkv, C, G*Nq, chunk)
-
-    def to_chunks(x: Tensor) -> Tensor:  # (B, Hq, Nq, C*chunk) -> (B, Hkv, C, G*Nq, chunk)
-        x = x.expand(b, hq, nq, splits * chunk).reshape(b, hkv, g, nq, splits, chunk)
-        return x.permute(0, 1, 4, 2, 3, 5).reshape(b, hkv, splits, g * nq, chunk)
-
-    if bias is not None or score_mod is not None:
-        flat = s.view(b, hkv, splits, g, nq, chunk).permute(0, 1, 3, 4, 2, 5).reshape(b, hq, nq, splits * chunk)
-        if bias is not None:
-            flat = flat + torch.nn.functional.pad(bias.to(cdt).expand(*bias.shape[:-1], nk), (0, pad))
-        if score_mod is not None:
-            bi = torch.arange(b, device=q.device).view(b, 1, 1, 1)
-            hi = torch.arange(hq, device=q.device).view(1, hq, 1, 1)
-            qi = torch.arange(nq, device=q.device).view(1, 1, nq, 1)
-            ki = torch.arange(splits * chunk, device=q.device).clamp(max=nk - 1).view(1, 1, 1, -1)
-            flat = score_mod(flat, bi, hi, qi, ki)
-        s = to_chunks(flat)
-    keep = (torch.arange(splits * chunk, device=q.device) < nk).view(splits, 1, chunk)
-    if allowed is not None:
-        keep = keep & to_chunks(torch.nn.functional.pad(allowed.expand(*allowed.shape[:-1], nk), (0, pad)))
-    s = s.masked_fill(~keep, float("-inf"))
-    p, lse_c = stable_softmax_lse(s)  # each chunk on its own: (B, Hkv, C, G*Nq, chunk)
-    o_c = torch.matmul(p, vp)  # (B, Hkv, C, G*Nq, Dv)
+    rows = (q.to(cdt) * scale).reshape(b, hkv, 1, (hq // hkv) * nq, d)  # a KV head's G query heads share its chunks
+    mods = _ScoreMods(q.shape, nk, allowed, bias, score_mod)
+    # Whole chunks are views of k and v (no copy: this kernel is bound by reading them once);
+    # the keys left over, fewer than a chunk, form one more part of the merge.
+    parts = [_chunk_states(rows, k, v, 0, splits, chunk, mods, cdt)]
+    if splits * chunk < nk:
+        parts.append(_chunk_states(rows, k, v, splits * chunk, 1, nk - splits * chunk, mods, cdt))
+    o_c = torch.cat([o for o, _ in parts], dim=2)  # (B, Hkv, C, G*Nq, Dv)
+    lse_c = torch.cat([lse for _, lse in parts], dim=2)
     out, lse = merge_attention_states(o_c.movedim(2, 0), lse_c.movedim(2, 0))
-    out = out.reshape(b, hq, nq, dv)
-    lse = lse.reshape(b, hq, nq)
-    return out.to(q.dtype), lse
+    return out.reshape(b, hq, nq, v.shape[-1]).to(q.dtype), lse.reshape(b, hq, nq)
+
+
+class _ScoreMods:
+    """The bias, mask and score_mod of a call, applied to the scores of one key range."""
+
+    def __init__(self, q_shape: torch.Size, nk: int, allowed: Optional[Tensor], bias: Optional[Tensor], score_mod: Optional[Callable]):
+        self.b, self.hq, self.nq = q_shape[0], q_shape[1], q_shape[2]
+        self.nk, self.allowed, self.bias, self.score_mod = nk, allowed, bias, score_mod
+
+    def active(self) -> bool:
+        return self.allowed is not None or self.bias is not None or self.score_mod is not None
+
+    def apply(self, s: Tensor, first: int) -> Tensor:
+        """``s`` (B, Hq, Nq, L) holds the scores of keys first .. first + L - 1."""
+        length = s.shape[-1]
+
+        def cols(x: Tensor) -> Tensor:
+            return x.expand(*x.shape[:-1], self.nk)[..., first : first + length]
+
+        if self.bias is not None:
+            s = s + cols(self.bias).to(s.dtype)
+        if self.score_mod is not None:
+            dev = s.device
+            s = self.score_mod(
+                s,
+                torch.arange(self.b, device=dev).view(-1, 1, 1, 1),
+                torch.arange(self.hq, device=dev).view(1, -1, 1, 1),
+                torch.arange(self.nq, device=dev).view(1, 1, -1, 1),
+                torch.arange(first, first + length, device=dev).view(1, 1, 1, -1),
+            )
+        if self.allowed is not None:
+            s = s.masked_fill(~cols(self.allowed), float("-inf"))
+        return s
+
+
+def _chunk_states(
+    rows: Tensor, k: Tensor, v: Tensor, first: int, n_chunks: int, chunk: int, mods: _ScoreMods, cdt: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """Per-chunk ``(out, lse)`` of keys first .. first + n_chunks * chunk - 1, chunks side by side.
+
+    ``rows`` (B, Hkv, 1, G*Nq, D); returns (B, Hkv, C, G*Nq, Dv) and (B, Hkv, C, G*Nq).
+    """
+    b, hkv, _, gn, d = rows.shape
+    span = n_chunks * chunk
+    kc = k[:, :, first : first + span].to(cdt).view(b, hkv, n_chunks, chunk, d)
+    vc = v[:, :, first : first + span].to(cdt).view(b, hkv, n_chunks, chunk, v.shape[-1])
+    s = torch.matmul(rows, kc.transpose(-1, -2))  # (B, Hkv, C, G*Nq, chunk)
+    if mods.active():
+        g, nq = gn // mods.nq, mods.nq
+        flat = s.view(b, hkv, n_chunks, g, nq, chunk).permute(0, 1, 3, 4, 2, 5).reshape(b, hkv * g, nq, span)
+        flat = mods.apply(flat, first)
+        s = flat.reshape(b, hkv, g, nq, n_chunks, chunk).permute(0, 1, 4, 2, 3, 5).reshape(b, hkv, n_chunks, gn, chunk)
+    p, lse = stable_softmax_lse(s)  # each chunk on its own
+    return torch.matmul(p, vc), lse

@@ -156,13 +156,17 @@ class BlockPlan:
             slots = cls._query_outer(visit, partial, per_q, n_query_outer)
         return cls(q_len, kv_len, block_q, block_k, tuple(slots), pairs)
 
+    # Both layouts run chunk by chunk of MAX_Q_TILES_PER_SLOT query tiles: one chunk's
+    # accumulator stays in cache while the key/value tiles stream past it.
     @staticmethod
     def _key_outer(visit: Tensor, partial: Tensor, kv_used: Tensor) -> list[Slot]:
         slots = []
-        for kb in kv_used.tolist():
-            q_all = visit[:, kb].nonzero().flatten()
-            for q_idx in q_all.split(MAX_Q_TILES_PER_SLOT):
-                slots.append(Slot(_as_selection(q_idx), kb, _masked_range(partial[q_idx, kb])))
+        for first in range(0, visit.shape[0], MAX_Q_TILES_PER_SLOT):
+            chunk = visit[first : first + MAX_Q_TILES_PER_SLOT]
+            for kb in kv_used.tolist():
+                q_idx = chunk[:, kb].nonzero().flatten() + first
+                if q_idx.numel():
+                    slots.append(Slot(_as_selection(q_idx), kb, _masked_range(partial[q_idx, kb])))
         return slots
 
     @staticmethod
@@ -173,11 +177,13 @@ class BlockPlan:
         keyed = torch.where(visit, torch.arange(n_kv) + 1, torch.zeros((), dtype=torch.long))
         order = keyed.sort(dim=1, descending=True).values - 1
         slots = []
-        for s in range(n_slots):
-            q_all = (per_q > s).nonzero().flatten()
-            for q_idx in q_all.split(MAX_Q_TILES_PER_SLOT):
-                kv_idx = order[q_idx, s]
-                slots.append(Slot(_as_selection(q_idx), _kv_selection(kv_idx), _masked_range(partial[q_idx, kv_idx])))
+        for first in range(0, visit.shape[0], MAX_Q_TILES_PER_SLOT):
+            counts = per_q[first : first + MAX_Q_TILES_PER_SLOT]
+            for s in range(n_slots):
+                q_idx = (counts > s).nonzero().flatten() + first
+                if q_idx.numel():
+                    kv_idx = order[q_idx, s]
+                    slots.append(Slot(_as_selection(q_idx), _kv_selection(kv_idx), _masked_range(partial[q_idx, kv_idx])))
         return slots
 
 
