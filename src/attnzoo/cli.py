@@ -276,7 +276,8 @@ def _busy_machine_warning(m: dict[str, str]) -> Optional[Text]:
 def _bench_title(config: EfficiencyConfig) -> str:
     dtype = str(config.dtype).replace("torch.", "")
     pattern = config.pattern.replace("_", " ")
-    shape = f"B={config.batch} H={config.heads} D={config.head_dim} {dtype} on {config.device}"
+    heads = f"H={config.heads}" if config.kv_heads in (None, config.heads) else f"Hq={config.heads} Hkv={config.kv_heads}"
+    shape = f"B={config.batch} {heads} D={config.head_dim} {dtype} on {config.device}"
     if config.queries is not None:
         shape = f"Nq={config.queries} over N keys, " + shape
     what = "forward + backward time (train)" if config.mode == "train" else "forward time (inference)"
@@ -322,6 +323,7 @@ def _config_from_args(args: argparse.Namespace) -> EfficiencyConfig:
         lengths=tuple(args.lengths),
         batch=args.batch,
         heads=args.heads,
+        kv_heads=args.kv_heads,
         head_dim=args.head_dim,
         dtype=DTYPES[args.dtype],
         device=args.device,
@@ -439,6 +441,7 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
     bench.add_argument("--lengths", type=_positive_int, nargs="+", default=[256, 1024, 4096], help="sequence lengths N")
     bench.add_argument("--batch", type=_positive_int, default=1, help="batch size B (default 1)")
     bench.add_argument("--heads", type=_positive_int, default=8, help="heads H (default 8)")
+    bench.add_argument("--kv-heads", type=_positive_int, help="key/value heads (default: --heads; fewer: GQA/MQA)")
     bench.add_argument("--head-dim", type=_positive_int, default=64, help="head dim D (default 64)")
     bench.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="default float32")
     bench.add_argument(

@@ -48,6 +48,7 @@ class EfficiencyConfig:
     lengths: tuple[int, ...] = (256, 1024, 4096)
     batch: int = 1
     heads: int = 8
+    kv_heads: Optional[int] = None  # None: as many as query heads; fewer: GQA/MQA
     head_dim: int = 64
     dtype: torch.dtype = torch.float32
     device: str = "cpu"
@@ -134,7 +135,7 @@ def plan_cases(config: EfficiencyConfig) -> list[Case]:
 # --------------------------------------------------------------------------------------------
 def _inputs(config: EfficiencyConfig, length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(length)
-    kv_shape = (config.batch, config.heads, length, config.head_dim)
+    kv_shape = (config.batch, config.kv_heads or config.heads, length, config.head_dim)
     q_shape = (config.batch, config.heads, config.q_len(length), config.head_dim)
     q, k, v = (torch.randn(s, generator=gen, dtype=torch.float32) for s in (q_shape, kv_shape, kv_shape))
     train = config.mode == "train"
@@ -220,7 +221,10 @@ def _time_raw_torch(qkv: tuple[torch.Tensor, ...], config: EfficiencyConfig) -> 
     causal = config.causal
     if causal and q.shape[2] != k.shape[2]:
         return None, "raw SDPA's is_causal is top-left aligned; attnzoo's default is bottom-right"
-    return _guarded(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal), config, qkv, "no attnzoo")
+    gqa = q.shape[1] != k.shape[1]
+    return _guarded(
+        lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa), config, qkv, "no attnzoo"
+    )
 
 
 def _baseline(qkv: tuple[torch.Tensor, ...], config: EfficiencyConfig) -> tuple[Optional[Timing], str]:
