@@ -15,6 +15,7 @@ iterate the registry and cover each new mechanism without extra code.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import random
 from dataclasses import dataclass, field
@@ -380,14 +381,22 @@ class Mechanism:
 
     def explain(self, q: Any, k: Any, v: Any, **params: Any) -> list[tuple[str, str | None]]:
         """For each backend in dispatch order, ``(name, reason it declines or None)``."""
-        problem = self.describe(q, k, v)
-        bound = self.bind(problem, params)
+        problem, bound = self.prepare(q, k, v, params)
         order = sorted(self.backends.values(), key=lambda b: -b.rank(problem))
         return [(b.name, b.skip_reason(problem, bound)) for b in order]
 
-    def __call__(self, q: Any, k: Any, v: Any, *, backend: str | None = None, **params: Any) -> Any:
+    def prepare(self, q: Any, k: Any, v: Any, params: Mapping[str, Any]) -> tuple[Problem, dict[str, Any]]:
+        """Validate a call: its :class:`Problem` and its bound parameters (defaults filled in)."""
         problem = self.describe(q, k, v)
         bound = self.bind(problem, params)
+        if not problem.requires_grad and torch.is_grad_enabled() and any(
+            isinstance(t, torch.Tensor) and t.requires_grad for t in bound.values()
+        ):
+            problem = dataclasses.replace(problem, requires_grad=True)  # a learnable bias needs autograd too
+        return problem, bound
+
+    def __call__(self, q: Any, k: Any, v: Any, *, backend: str | None = None, **params: Any) -> Any:
+        problem, bound = self.prepare(q, k, v, params)
         chosen = self.select(problem, bound, backend)
         result = chosen.fn(q, k, v, **bound)
         if _CHECKS.finite:

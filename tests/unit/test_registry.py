@@ -64,6 +64,15 @@ def test_forcing_a_backend_and_its_refusal():
         mech(x.double(), x.double(), x.double(), backend="fast_cpu_fp32")
 
 
+def test_a_learnable_parameter_counts_as_needing_grad():
+    mech = make_mechanism()
+    mech.params = mech.params + (attnzoo.registry.Param("weight", None, "-"),)
+    mech._params["weight"] = mech.params[-1]
+    x = torch.randn(1, 2, 8, 4, dtype=torch.float64)
+    assert tag_of(mech(x, x, x, weight=torch.ones(1))) == 2  # float64, no grad: no_grad backend
+    assert tag_of(mech(x, x, x, weight=torch.ones(1, requires_grad=True))) == 0  # the weight wants a gradient
+
+
 def test_no_backend_lists_every_reason():
     mech = make_mechanism()
     mech.backends["reference"].accepts = lambda p, params: "refuses everything today"
@@ -136,6 +145,8 @@ def test_split_kv_is_picked_for_decoding_shapes_where_it_wins():
     q, k = torch.randn(1, 64, 1, 64), torch.randn(1, 64, 8192, 64)  # MHA filling the threads: SDPA
     problem = softmax.describe(q, k, k)
     assert softmax.select(problem, softmax.bind(problem, {})).name == "sdpa"
+    # ... unless SDPA cannot do it: the LSE of a decoding step goes to split_kv, not tiled
+    assert softmax.select(problem, softmax.bind(problem, {"return_lse": True})).name == "split_kv"
     problem = softmax.describe(k[:, :, :64], k, k)
     assert softmax.select(problem, softmax.bind(problem, {})).name == "sdpa"
     problem = softmax.describe(k[:, :, :64], k, k)
@@ -152,3 +163,26 @@ def test_kv_cache_grows_and_keeps_its_contents():
     assert torch.equal(state.k[:, :, :50], x) and torch.equal(state.v[:, :, :50], x)
     with pytest.raises(ParameterError, match="key_padding_mask: not supported while decoding"):
         softmax.step(x[:, :, :1], x[:, :, :1], x[:, :, :1], state, key_padding_mask=torch.zeros(1, 1, dtype=torch.bool))
+
+
+def test_a_score_mod_with_learnable_captures_is_not_sent_to_tiled():
+    """tiled differentiates score_mod in the score only; a learnable capture needs the reference."""
+    softmax = attnzoo.get("softmax")
+    slopes = torch.tensor([0.5, 0.25], requires_grad=True)
+
+    def learned_alibi(score, b, h, qi, ki):
+        return score - slopes[h] * (qi - ki).abs()
+
+    q = torch.randn(1, 2, 20, 8, requires_grad=True)
+    problem = softmax.describe(q, q, q)
+    bound = softmax.bind(problem, {"score_mod": learned_alibi})
+    assert softmax.select(problem, bound).name == "reference"
+    with pytest.raises(NoBackendError, match="captures tensors that require grad .slopes."):
+        softmax(q, q, q, score_mod=learned_alibi, backend="tiled")
+    out = softmax(q, q, q, score_mod=learned_alibi)
+    out.sum().backward()
+    assert slopes.grad is not None and slopes.grad.abs().sum() > 0
+    x = q.detach()  # only the capture needs a gradient: still not tiled, nor CPU flex
+    assert [n for n, reason in softmax.explain(x, x, x, score_mod=learned_alibi) if reason is None] == ["reference"]
+    with torch.no_grad():  # no gradient wanted: tiled is fine
+        assert softmax.select(softmax.describe(q, q, q), bound).name == "tiled"

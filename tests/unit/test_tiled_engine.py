@@ -73,7 +73,7 @@ def test_engine_matches_reference(name, shape, slot_cap, monkeypatch):
     got = torch.autograd.grad((out * w).sum(), (q, k, v, bias))
     want = torch.autograd.grad((ref * w).sum(), (q, k, v, bias))
     for n, g1, g2 in zip("qkvb", got, want):
-        torch.testing.assert_close(g1, g2, msg=lambda m: f"d{n}: {m}")
+        torch.testing.assert_close(g1, g2, msg=lambda m, n=n: f"d{n}: {m}")
 
 
 def test_patterns_reach_every_slot_kind():

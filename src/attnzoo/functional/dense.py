@@ -236,6 +236,34 @@ def _plan(pattern: Optional[Callable], q: Tensor, k: Tensor) -> BlockPlan:
     return masks.block_plan(pattern, nq, nk, block_q=bq, block_k=bk, batch=q.shape[0], heads=q.shape[1])
 
 
+def _captured_grad_tensors(fn: Any) -> list[str]:
+    """Names of tensors requiring grad that ``fn`` captures (closure cells, attributes, partial args)."""
+    found = []
+    cells = getattr(fn, "__closure__", None) or ()
+    names = getattr(getattr(fn, "__code__", None), "co_freevars", ())
+    for name, cell in zip(names, cells):
+        try:
+            value = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        if isinstance(value, Tensor) and value.requires_grad:
+            found.append(name)
+    for name, value in list(getattr(fn, "__dict__", {}).items()) + list(enumerate(getattr(fn, "args", ()))):
+        if isinstance(value, Tensor) and value.requires_grad:
+            found.append(str(name))
+    return found
+
+
+def _tiled_accepts(p: Problem, params: dict) -> Optional[str]:
+    score_mod = params["score_mod"]
+    if score_mod is not None and torch.is_grad_enabled():
+        captured = _captured_grad_tensors(score_mod)
+        if captured:
+            # its backward differentiates score_mod in the score only: these would get no gradient
+            return f"score_mod captures tensors that require grad ({', '.join(captured)}): use the reference backend"
+    return None
+
+
 def _tiled(q, k, v, *, causal, causal_alignment, key_padding_mask, bias, mask_mod, score_mod, scale, return_lse):
     """FlashAttention-2 tiles with online softmax; skips tiles outside the causal/mask_mod pattern."""
     pattern = _pattern(q.shape[2], k.shape[2], causal, causal_alignment, mask_mod)
@@ -261,7 +289,7 @@ SPLIT_KV_MIN_KEYS = 4096
 
 
 def _split_kv_prefers(p: Problem, params: dict) -> Optional[str]:
-    """For decoding (<= 16 queries over >= 4096 keys) with GQA, or fewer (batch x KV heads) than threads."""
+    """For decoding (<= 16 queries over >= 4096 keys) with GQA, fewer (batch x KV heads) than threads, or what SDPA cannot do."""
     if p.q_len > SPLIT_KV_MAX_QUERIES:
         return f"meant for decoding: at most {SPLIT_KV_MAX_QUERIES} queries, got {p.q_len}"
     if p.kv_len < SPLIT_KV_MIN_KEYS:
@@ -269,7 +297,8 @@ def _split_kv_prefers(p: Problem, params: dict) -> Optional[str]:
     # Measured on CPU (1 query, 64k keys): 2.2x faster than SDPA with 32 query heads on 8 KV
     # heads (the group's queries share one read of K and V), 1.2x with B x H = 1 (SDPA leaves
     # threads idle), but 5-19% slower with B x H >= threads and no GQA.
-    if p.group_size == 1 and p.batch * p.kv_heads >= torch.get_num_threads():
+    sdpa_declines = _sdpa_accepts(p, params) is not None  # LSE, mask_mod, score_mod: tiled is far slower here
+    if p.group_size == 1 and p.batch * p.kv_heads >= torch.get_num_threads() and not sdpa_declines:
         return "SDPA is faster without GQA when batch x heads fills the threads"
     return None
 
@@ -300,7 +329,8 @@ def _flex_accepts(p: Problem, params: dict) -> Optional[str]:
             # torch 2.13's compiled CPU FlexAttention returned wrong values (even NaN) for head
             # dims 8 and 16 in our sweeps, depending on what was compiled before; 32+ was exact.
             return f"head dim >= {FLEX_CPU_MIN_HEAD_DIM} on CPU (smaller ones gave wrong results in torch's CPU kernel)"
-        if p.requires_grad:
+        score_mod = params["score_mod"]
+        if p.requires_grad or (score_mod is not None and torch.is_grad_enabled() and _captured_grad_tensors(score_mod)):
             return "forward only on CPU (FlexAttention has no CPU backward): use tiled for training"
         if params["return_lse"]:
             return "cannot return the LSE on CPU (FlexAttention under compile on CPU)"
@@ -453,7 +483,7 @@ SOFTMAX.implementation(
     priority=60,
     materializes_scores=True,  # Nq x Nk, small for the few queries it is meant for
 )(_split_kv)
-SOFTMAX.implementation("tiled", priority=20)(_tiled)
+SOFTMAX.implementation("tiled", accepts=_tiled_accepts, priority=20)(_tiled)
 SOFTMAX.implementation(
     "flex",
     accepts=_flex_accepts,

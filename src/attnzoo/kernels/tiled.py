@@ -381,24 +381,24 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], spec: _Spe
     bias_t = None if bias is None else _bias_tiles(bias, q_heads, kv_heads, plan, cdt)
     acc = qt.new_zeros(*qt.shape[:5], v.shape[-1])
     m = qt.new_full(qt.shape[:5], float("-inf"))
-    l = qt.new_zeros(qt.shape[:5])
+    rowsum = qt.new_zeros(qt.shape[:5])
     for slot in plan.slots:
         t = _Tiles(plan, slot, batch, kv_heads, group, q.device)
         q_a = _take(qt, 3, slot.q_blocks)
         s, _ = _scores(spec, t, q_a, _take(kt, 3, slot.kv_blocks), None if bias_t is None else _bias_tile(bias_t, slot))
-        acc_a, m_a, l_a = (_take(x, 3, slot.q_blocks) for x in (acc, m, l))
+        acc_a, m_a, rowsum_a = (_take(x, 3, slot.q_blocks) for x in (acc, m, rowsum))
         m_new = torch.maximum(m_a, s.amax(-1))
         m_safe = m_new.masked_fill(m_new == float("-inf"), 0.0)  # rows with nothing seen yet
         p = s.sub_(m_safe.unsqueeze(-1)).exp_()
         alpha = (m_a - m_safe).exp_()
-        l_a.mul_(alpha).add_(p.sum(-1))
+        rowsum_a.mul_(alpha).add_(p.sum(-1))
         acc_a.mul_(alpha.unsqueeze(-1)).add_(_pv(p, _take(vt, 3, slot.kv_blocks), t.const_kv))
         m_a.copy_(m_new)
-        for full, part in ((acc, acc_a), (m, m_a), (l, l_a)):
+        for full, part in ((acc, acc_a), (m, m_a), (rowsum, rowsum_a)):
             _put(full, 3, slot.q_blocks, part)
-    empty = l == 0  # rows whose keys are all masked: output 0, lse -inf
-    out = acc / torch.where(empty, 1.0, l).unsqueeze(-1)
-    lse = torch.where(empty, float("-inf"), m + torch.log(torch.where(empty, 1.0, l)))
+    empty = rowsum == 0  # rows whose keys are all masked: output 0, lse -inf
+    out = acc / torch.where(empty, 1.0, rowsum).unsqueeze(-1)
+    lse = torch.where(empty, float("-inf"), m + torch.log(torch.where(empty, 1.0, rowsum)))
     return _untile(out, plan.q_len), _untile(lse, plan.q_len)  # out in the compute dtype
 
 

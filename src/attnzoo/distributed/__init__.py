@@ -1,1 +1,0 @@
-"""Placeholder: filled by later issues (see DESIGN.md)."""
