@@ -31,8 +31,10 @@ from torch import Tensor
 
 from .. import masks
 from ..errors import ParameterError
-from ..kernels.split_kv import split_kv_attention, stable_softmax_lse
-from ..kernels.tiled import BlockPlan, _fit_block, tiled_attention
+from ..kernels.flex import cpu_decline_reason, flex_forward
+from ..kernels.reference import materialized_attention
+from ..kernels.split_kv import split_kv_attention
+from ..kernels.tiled import BlockPlan, _fit_block, score_mod_grad_captures, tiled_attention
 from ..registry import PATTERNS, Backend, Mechanism, Param, Problem, choice, flag, positive_number, register
 
 __all__ = ["softmax_attention", "SOFTMAX"]
@@ -144,17 +146,6 @@ def _allowed(q: Tensor, k: Tensor, causal: bool, alignment: str, key_padding_mas
     return allowed
 
 
-def _index_grids(q: Tensor, nk: int) -> tuple[Tensor, ...]:
-    b, h, nq = q.shape[:3]
-    dev = q.device
-    return (
-        torch.arange(b, device=dev).view(b, 1, 1, 1),
-        torch.arange(h, device=dev).view(1, h, 1, 1),
-        torch.arange(nq, device=dev).view(1, 1, nq, 1),
-        torch.arange(nk, device=dev).view(1, 1, 1, nk),
-    )
-
-
 def _result(out: Tensor, lse: Tensor, return_lse: bool) -> Any:
     return (out, lse) if return_lse else out
 
@@ -164,20 +155,9 @@ def _result(out: Tensor, lse: Tensor, return_lse: bool) -> Any:
 # --------------------------------------------------------------------------------------------
 def _reference(q, k, v, *, causal, causal_alignment, key_padding_mask, bias, mask_mod, score_mod, scale, return_lse):
     """Materialized scores in float32 (float64 for float64 inputs): the obviously-right spec."""
-    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
-    group = q.shape[1] // k.shape[1]
-    kk = k.to(cdt).repeat_interleave(group, dim=1)
-    vv = v.to(cdt).repeat_interleave(group, dim=1)
-    s = torch.matmul(q.to(cdt), kk.transpose(-1, -2)) * _scale(q, scale)
-    if bias is not None:
-        s = s + bias.to(cdt)
-    if score_mod is not None:
-        s = score_mod(s, *_index_grids(q, k.shape[2]))
     allowed = _allowed(q, k, causal, causal_alignment, key_padding_mask, mask_mod)
-    if allowed is not None:
-        s = s.masked_fill(~allowed, float("-inf"))
-    p, lse = stable_softmax_lse(s)
-    return _result(torch.matmul(p, vv).to(q.dtype), lse, return_lse)
+    out, lse = materialized_attention(q, k, v, scale=_scale(q, scale), allowed=allowed, bias=bias, score_mod=score_mod)
+    return _result(out, lse, return_lse)
 
 
 # --------------------------------------------------------------------------------------------
@@ -236,28 +216,10 @@ def _plan(pattern: Optional[Callable], q: Tensor, k: Tensor) -> BlockPlan:
     return masks.block_plan(pattern, nq, nk, block_q=bq, block_k=bk, batch=q.shape[0], heads=q.shape[1])
 
 
-def _captured_grad_tensors(fn: Any) -> list[str]:
-    """Names of tensors requiring grad that ``fn`` captures (closure cells, attributes, partial args)."""
-    found = []
-    cells = getattr(fn, "__closure__", None) or ()
-    names = getattr(getattr(fn, "__code__", None), "co_freevars", ())
-    for name, cell in zip(names, cells):
-        try:
-            value = cell.cell_contents
-        except ValueError:  # an empty cell
-            continue
-        if isinstance(value, Tensor) and value.requires_grad:
-            found.append(name)
-    for name, value in list(getattr(fn, "__dict__", {}).items()) + list(enumerate(getattr(fn, "args", ()))):
-        if isinstance(value, Tensor) and value.requires_grad:
-            found.append(str(name))
-    return found
-
-
 def _tiled_accepts(p: Problem, params: dict) -> Optional[str]:
     score_mod = params["score_mod"]
     if score_mod is not None and torch.is_grad_enabled():
-        captured = _captured_grad_tensors(score_mod)
+        captured = score_mod_grad_captures(score_mod)
         if captured:
             # its backward differentiates score_mod in the score only: these would get no gradient
             return f"score_mod captures tensors that require grad ({', '.join(captured)}): use the reference backend"
@@ -313,30 +275,8 @@ def _split_kv(q, k, v, *, causal, causal_alignment, key_padding_mask, bias, mask
 # --------------------------------------------------------------------------------------------
 # flex (FlexAttention)
 # --------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=1)
-def _compiled_flex() -> Callable:
-    from torch.nn.attention.flex_attention import flex_attention
-
-    return torch.compile(flex_attention, dynamic=False)
-
-
-FLEX_CPU_MIN_HEAD_DIM = 32
-
-
 def _flex_accepts(p: Problem, params: dict) -> Optional[str]:
-    if p.device_type == "cpu":
-        if min(p.head_dim, p.value_dim) < FLEX_CPU_MIN_HEAD_DIM:
-            # torch 2.13's compiled CPU FlexAttention returned wrong values (even NaN) for head
-            # dims 8 and 16 in our sweeps, depending on what was compiled before; 32+ was exact.
-            return f"head dim >= {FLEX_CPU_MIN_HEAD_DIM} on CPU (smaller ones gave wrong results in torch's CPU kernel)"
-        score_mod = params["score_mod"]
-        if p.requires_grad or (score_mod is not None and torch.is_grad_enabled() and _captured_grad_tensors(score_mod)):
-            return "forward only on CPU (FlexAttention has no CPU backward): use tiled for training"
-        if params["return_lse"]:
-            return "cannot return the LSE on CPU (FlexAttention under compile on CPU)"
-    if p.q_len < 1 or p.kv_len < 1:
-        return "needs at least one query and one key"
-    return None
+    return cpu_decline_reason(p, score_mod=params["score_mod"], return_lse=params["return_lse"])
 
 
 def _flex(q, k, v, *, causal, causal_alignment, key_padding_mask, bias, mask_mod, score_mod, scale, return_lse):
@@ -351,24 +291,8 @@ def _flex(q, k, v, *, causal, causal_alignment, key_padding_mask, bias, mask_mod
             return ~pad[bi, ki]
 
         pattern = keep_key if pattern is None else masks.and_masks(pattern, keep_key)
-    block_mask = None
-    if pattern is not None:
-        block_mask = masks.flex_block_mask(pattern, nq, nk, batch=b, heads=h, device=q.device)
-    mod = score_mod
-    if bias is not None:
-        full_bias = bias.to(q.dtype).expand(b, h, nq, nk)
-
-        def mod(score, bi, hi, qi, ki):
-            s = score + full_bias[bi, hi, qi, ki]
-            return s if score_mod is None else score_mod(s, bi, hi, qi, ki)
-
-    result = _compiled_flex()(
-        q, k, v, score_mod=mod, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1], return_lse=return_lse
-    )
-    if return_lse:
-        out, lse = result
-        return out, lse.float()
-    return result
+    block_mask = None if pattern is None else masks.flex_block_mask(pattern, nq, nk, batch=b, heads=h, device=q.device)
+    return flex_forward(q, k, v, block_mask=block_mask, scale=scale, score_mod=score_mod, bias=bias, return_lse=return_lse)
 
 
 # --------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import Tensor
 
-__all__ = ["Slot", "BlockPlan", "tiled_attention", "MaskFn", "ScoreFn"]
+__all__ = ["Slot", "BlockPlan", "tiled_attention", "MaskFn", "ScoreFn", "score_mod_grad_captures"]
 
 #: ``mask_mod(b, h, q_idx, kv_idx) -> bool tensor``: True where the query may attend the key.
 MaskFn = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
@@ -474,6 +474,28 @@ def _kv_grad(dst: Tensor, slot: Slot, p: Tensor, rows: Tensor, const_kv: bool) -
         return
     grad = torch.matmul(p.transpose(-1, -2), rows).sum(2)  # (B, Hkv, nA, bk, D)
     _accumulate(dst, 2, slot.kv_blocks, grad)
+
+
+def score_mod_grad_captures(fn: Any) -> list[str]:
+    """Names of tensors requiring grad that ``fn`` captures (closure cells, attributes, partial args).
+
+    The engine differentiates a score_mod in the score only; a caller holding such captures
+    must use a backend that differentiates everything (the reference).
+    """
+    found = []
+    cells = getattr(fn, "__closure__", None) or ()
+    names = getattr(getattr(fn, "__code__", None), "co_freevars", ())
+    for name, cell in zip(names, cells):
+        try:
+            value = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        if isinstance(value, Tensor) and value.requires_grad:
+            found.append(name)
+    for name, value in list(getattr(fn, "__dict__", {}).items()) + list(enumerate(getattr(fn, "args", ()))):
+        if isinstance(value, Tensor) and value.requires_grad:
+            found.append(str(name))
+    return found
 
 
 class _TiledAttention(torch.autograd.Function):

@@ -1,0 +1,74 @@
+"""FlexAttention (torch.nn.attention.flex_attention) as a backend engine.
+
+The pattern arrives as a ``BlockMask`` (``attnzoo.masks.flex_block_mask``) and the score
+modification as a ``score_mod``; an additive bias becomes part of the ``score_mod``. The function
+is compiled once per shape (on CPU about 5-20 s cold). What it cannot do on CPU is declared in
+:func:`cpu_decline_reason`, so dispatch never sends it there.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor
+
+from .tiled import score_mod_grad_captures
+
+__all__ = ["FLEX_CPU_MIN_HEAD_DIM", "flex_forward", "cpu_decline_reason"]
+
+#: torch 2.13's compiled CPU FlexAttention returned wrong values (even NaN) for head dims 8 and
+#: 16 in our sweeps, depending on what had been compiled before in the process; 32+ was exact.
+FLEX_CPU_MIN_HEAD_DIM = 32
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled() -> Callable:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def cpu_decline_reason(problem: Any, *, score_mod: Optional[Callable], return_lse: bool) -> Optional[str]:
+    """Why compiled FlexAttention cannot take this call on CPU (``problem``: an attnzoo Problem)."""
+    if problem.device_type != "cpu":
+        return None
+    if min(problem.head_dim, problem.value_dim) < FLEX_CPU_MIN_HEAD_DIM:
+        return f"head dim >= {FLEX_CPU_MIN_HEAD_DIM} on CPU (smaller ones gave wrong results in torch's CPU kernel)"
+    if problem.requires_grad or (score_mod is not None and torch.is_grad_enabled() and score_mod_grad_captures(score_mod)):
+        return "forward only on CPU (FlexAttention has no CPU backward): use tiled for training"
+    if return_lse:
+        return "cannot return the LSE on CPU (FlexAttention under compile on CPU)"
+    return None
+
+
+def flex_forward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    block_mask: Any,
+    scale: Optional[float],
+    score_mod: Optional[Callable] = None,
+    bias: Optional[Tensor] = None,
+    return_lse: bool = False,
+) -> Any:
+    """Compiled FlexAttention; returns ``out`` or ``(out, lse)`` with lse in float32."""
+    b, h, nq = q.shape[:3]
+    nk = k.shape[2]
+    mod = score_mod
+    if bias is not None:
+        full_bias = bias.to(q.dtype).expand(b, h, nq, nk)
+
+        def mod(score, bi, hi, qi, ki):
+            s = score + full_bias[bi, hi, qi, ki]
+            return s if score_mod is None else score_mod(s, bi, hi, qi, ki)
+
+    result = _compiled()(
+        q, k, v, score_mod=mod, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1], return_lse=return_lse
+    )
+    if return_lse:
+        out, lse = result
+        return out, lse.float()
+    return result

@@ -1,0 +1,56 @@
+"""Materialized attention: the obviously-right spec every family's ``reference`` backend uses.
+
+    s = score_mod(scale * q k^T + bias), masked to -inf where ``allowed`` is False,
+    out = softmax(s) v,  lse = logsumexp(s)
+
+computed in float32 (float64 for float64 inputs) with the ``Nq x Nk`` scores in memory. GQA is
+expanded by repeating key/value heads. Rows with no allowed key give 0 and -inf, never NaN.
+Cost: O(Nq * Nk * D) time, O(Nq * Nk) memory.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from .split_kv import stable_softmax_lse
+
+__all__ = ["index_grids", "materialized_attention"]
+
+
+def index_grids(batch: int, heads: int, q_len: int, kv_len: int, device: torch.device) -> tuple[Tensor, ...]:
+    """Broadcastable (b, h, q_idx, kv_idx) index tensors of shape (B,1,1,1) ... (1,1,1,Nk)."""
+    return (
+        torch.arange(batch, device=device).view(batch, 1, 1, 1),
+        torch.arange(heads, device=device).view(1, heads, 1, 1),
+        torch.arange(q_len, device=device).view(1, 1, q_len, 1),
+        torch.arange(kv_len, device=device).view(1, 1, 1, kv_len),
+    )
+
+
+def materialized_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    scale: float,
+    allowed: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    score_mod: Optional[Callable] = None,
+) -> tuple[Tensor, Tensor]:
+    """``(out, lse)`` of masked softmax attention; ``allowed`` broadcastable to (B, Hq, Nq, Nk)."""
+    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    group = q.shape[1] // k.shape[1]
+    kk = k.to(cdt).repeat_interleave(group, dim=1)
+    vv = v.to(cdt).repeat_interleave(group, dim=1)
+    s = torch.matmul(q.to(cdt), kk.transpose(-1, -2)) * scale
+    if bias is not None:
+        s = s + bias.to(cdt)
+    if score_mod is not None:
+        s = score_mod(s, *index_grids(q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.device))
+    if allowed is not None:
+        s = s.masked_fill(~allowed, float("-inf"))
+    p, lse = stable_softmax_lse(s)
+    return torch.matmul(p, vv).to(q.dtype), lse
