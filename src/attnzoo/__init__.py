@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from . import errors, masks
-from .functional import softmax_attention
+from .functional import sliding_window_attention, softmax_attention
 from .kernels.split_kv import merge_attention_states
 from .registry import PATTERNS, Backend, Mechanism, Param, checks, get, list_mechanisms, set_checks
 
@@ -25,6 +25,7 @@ __all__ = [
     "set_checks",
     "checks",
     "softmax_attention",
+    "sliding_window_attention",
     "masks",
     "errors",
     "Mechanism",

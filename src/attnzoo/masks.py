@@ -37,6 +37,7 @@ __all__ = [
     "causal",
     "sliding_window",
     "prefix_lm",
+    "sinks",
     "document",
     "and_masks",
     "or_masks",
@@ -194,6 +195,13 @@ class _Prefix(MaskMod):
         visit = (kf < self.length)[None, :].expand(len(qf), -1)
         full = (kl < self.length)[None, :].expand(len(qf), -1)
         return visit.clone(), full.clone()
+
+
+def sinks(count: int) -> MaskMod:
+    """Attention sinks (StreamingLLM): every query sees the first ``count`` keys."""
+    if not isinstance(count, int) or count < 0:
+        raise ValueError(f"sinks: count: expected a non-negative int, got {count!r}")
+    return _Prefix(count)
 
 
 def document(segment_ids: Tensor, kv_segment_ids: Optional[Tensor] = None) -> MaskMod:

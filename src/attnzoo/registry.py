@@ -267,7 +267,8 @@ class Mechanism:
     ``decoder`` (incremental decoding, or ``None``), ``exact`` (False for approximations, whose
     error the benchmark measures). ``sample_params(problem, pattern, rng)`` returns valid
     parameters for one of :data:`PATTERNS`: random options when given an ``rng`` (the
-    conformance suite), the plain ones when ``rng`` is None (the benchmark).
+    conformance suite), the plain ones when ``rng`` is None (the benchmark). ``check_params``
+    checks what one parameter alone cannot (``(name, message)`` of a conflict, or None).
     """
 
     name: str
@@ -284,6 +285,7 @@ class Mechanism:
     exact: bool = True
     decoder: Decoder | None = None
     sample_params: Callable[[Problem, str, "random.Random | None"], dict[str, Any]] | None = None
+    check_params: Callable[[dict[str, Any], Problem], "tuple[str, str] | None"] | None = None  # across params
     backends: dict[str, Backend] = field(default_factory=dict)
     function: Callable[..., Any] | None = None  # the public functional form, for its docstring
 
@@ -357,6 +359,11 @@ class Mechanism:
             value = params.get(p.name, p.default)
             p.validate(value, problem, self.name)
             bound[p.name] = value
+        if self.check_params is not None:
+            conflict = self.check_params(bound, problem)
+            if conflict is not None:
+                name, message = conflict
+                raise ParameterError(f"{self.name}: {name}: {message}", argument=name)
         return bound
 
     def select(self, problem: Problem, params: Mapping[str, Any], backend: str | None = None) -> Backend:

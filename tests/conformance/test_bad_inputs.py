@@ -34,6 +34,11 @@ def _inputs(mech, *, b=2, hq=4, hkv=2, n=9, nk=None, d=16, dv=16, dtype=torch.fl
     return (torch.randn(b, hq, *sq, d, dtype=dtype), torch.randn(b, hkv, *sk, d, dtype=dtype), torch.randn(b, hkv, *sk, dv, dtype=dtype))
 
 
+def _plain(mech, q, k, v):
+    """The mechanism's plain parameters (a required one, like a window, filled in)."""
+    return mech.example_params(mech.describe(q, k, v), "noncausal_self")
+
+
 def _raises(exc, argument, fn, *args, **kwargs):
     with pytest.raises(exc) as info:
         fn(*args, **kwargs)
@@ -92,7 +97,7 @@ def test_finite_check_can_be_turned_off(mech):
     q.view(-1)[0] = float("nan")
     attnzoo.set_checks(finite=False)
     try:
-        out = mech(q, k, v)
+        out = mech(q, k, v, **_plain(mech, q, k, v))
         out = out[0] if isinstance(out, tuple) else out
         assert torch.isnan(out).any()
     finally:
@@ -119,19 +124,22 @@ def _invalid_cases():
 @pytest.mark.parametrize("mech, name, bad", _invalid_cases())
 def test_invalid_parameter_values(mech, name, bad):
     q, k, v = _inputs(mech)
-    _raises(ParameterError, name, mech, q, k, v, **{name: bad})
+    params = _plain(mech, q, k, v)
+    params[name] = bad
+    _raises(ParameterError, name, mech, q, k, v, **params)
 
 
 @pytest.mark.parametrize("mech", MECHS)
 def test_backend_refusals_say_why(mech):
     q, k, v = _inputs(mech)
+    params = _plain(mech, q, k, v)
     with pytest.raises(UnknownMechanismError, match="it has"):
-        mech(q, k, v, backend="no_such_backend")
+        mech(q, k, v, backend="no_such_backend", **params)
     # a backend restricted to some dtypes refuses the others, naming the ones it takes
     narrow = [b for b in mech.backends.values() if torch.float64 not in b.dtypes]
     for b in narrow:
         with pytest.raises(NoBackendError, match=b.name):
-            mech(q.double(), k.double(), v.double(), backend=b.name)
+            mech(q.double(), k.double(), v.double(), backend=b.name, **params)
 
 
 def test_unknown_mechanism_lists_the_registered_ones():

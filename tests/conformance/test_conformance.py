@@ -188,15 +188,16 @@ def test_incremental_decoding_matches_full_forward(mech, data, splits):
     shape = data.draw(shapes(mech, "causal_self", max_len=40))
     case = make_case(mech, "causal_self", shape, torch.float32, "cpu")
     n = case.q.shape[2]
+    params = mech.example_params(mech.describe(case.q, case.k, case.v), "causal_self")  # the plain ones
     with torch.no_grad():
-        full = mech(case.q, case.k, case.v, causal=True)
-        state = mech.init_state(case.q, case.k, case.v)
+        full = mech(case.q, case.k, case.v, **params)
+        state = mech.init_state(case.q, case.k, case.v, **params)
         outs, start = [], 0
         for size in splits + [n]:  # the last chunk takes whatever is left
             stop = min(n, start + size)
             if stop == start:
                 break
-            out, state = mech.step(case.q[:, :, start:stop], case.k[:, :, start:stop], case.v[:, :, start:stop], state)
+            out, state = mech.step(case.q[:, :, start:stop], case.k[:, :, start:stop], case.v[:, :, start:stop], state, **params)
             outs.append(split_result(out)[0])
             start = stop
     torch.testing.assert_close(torch.cat(outs, dim=2), full, atol=2e-5, rtol=2e-4)
