@@ -123,9 +123,16 @@ def mechanism_table(mechs: Sequence[Mechanism], width: int = WIDE_CONSOLE) -> Ta
     wide = width >= WIDE_CONSOLE
     columns = LIST_COLUMNS if wide else LIST_COLUMNS[:-1]
     table = Table(title=f"attnzoo {__version__}: registered mechanisms", caption=PATTERN_LEGEND)
+    longest_name = max((len(m.name) for m in mechs), default=4)
     for col in columns:
         grows = col == ("summary" if wide else "name")
-        table.add_column(col, no_wrap=not grows and col != "catalog", overflow="fold", ratio=1 if grows else None)
+        table.add_column(
+            col,
+            no_wrap=not grows and col != "catalog",
+            overflow="fold",
+            ratio=1 if grows else None,
+            min_width=longest_name if col == "name" else None,  # a name never breaks
+        )
     for mech in mechs:
         cells = [Text(c) for c in _mechanism_cells(mech)]
         cells[4] = Text("\n".join(mech.backends))  # one backend a line keeps the column narrow

@@ -15,6 +15,7 @@ import torch
 from hypothesis import strategies as st
 
 import attnzoo
+from attnzoo.errors import ParameterError
 from attnzoo.registry import Backend, Mechanism
 
 DEVICES = ["cpu", "cuda"]
@@ -129,7 +130,10 @@ def fit_params(backend: Backend, mech: Mechanism, case: Case) -> str | None:
         if reason is None:
             break
         trial = {n: v for n, v in case.params.items() if n != name}
-        trial_reason = backend.decline_reason(problem, mech.bind(problem, trial))
+        try:
+            trial_reason = backend.decline_reason(problem, mech.bind(problem, trial))
+        except ParameterError:  # a required parameter (a window, a kernel size) stays
+            continue
         if trial_reason is None or trial_reason != reason:
             case.params = trial
             reason = trial_reason
