@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from . import errors, masks
-from .functional import neighborhood_attention, sliding_window_attention, softmax_attention
+from .functional import axial_attention, neighborhood_attention, sliding_window_attention, softmax_attention
 from .kernels.split_kv import merge_attention_states
 from .registry import PATTERNS, Backend, Mechanism, Param, checks, get, list_mechanisms, set_checks
 
@@ -27,6 +27,7 @@ __all__ = [
     "softmax_attention",
     "sliding_window_attention",
     "neighborhood_attention",
+    "axial_attention",
     "masks",
     "errors",
     "Mechanism",

@@ -1,0 +1,47 @@
+"""axial (L5): checked against attention run line by line in a loop."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import attnzoo
+from attnzoo.errors import ParameterError
+
+AXIAL = attnzoo.get("axial")
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_rows_and_columns_equal_per_line_attention(causal):
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5, 7, 8, generator=gen, dtype=torch.float64) for _ in range(3))
+    rows = attnzoo.axial_attention(q, k, v, axis=1, causal=causal)
+    cols = attnzoo.axial_attention(q, k, v, axis=0, causal=causal)
+    for r in range(5):  # a row: fixed first coordinate, attention along the second
+        want = F.scaled_dot_product_attention(q[:, :, r], k[:, :, r], v[:, :, r], is_causal=causal)
+        torch.testing.assert_close(rows[:, :, r], want)
+    for c in range(7):
+        want = F.scaled_dot_product_attention(q[:, :, :, c], k[:, :, :, c], v[:, :, :, c], is_causal=causal)
+        torch.testing.assert_close(cols[:, :, :, c], want)
+
+
+def test_one_axis_is_full_attention_and_negative_axes_count_from_the_end():
+    x = torch.randn(1, 2, 30, 16)
+    torch.testing.assert_close(attnzoo.axial_attention(x, x, x, axis=0), attnzoo.softmax_attention(x, x, x))
+    y = torch.randn(1, 2, 4, 5, 6, 16)
+    torch.testing.assert_close(attnzoo.axial_attention(y, y, y, axis=-1), attnzoo.axial_attention(y, y, y, axis=2))
+
+
+def test_dispatch_uses_sdpa_lines_and_tiled_for_the_lse():
+    x = torch.randn(1, 2, 6, 6, 16)
+    assert [n for n, why in AXIAL.explain(x, x, x, axis=0) if why is None][0] == "sdpa"
+    assert [n for n, why in AXIAL.explain(x, x, x, axis=0, return_lse=True) if why is None][0] == "tiled"
+    out, lse = attnzoo.axial_attention(x, x, x, axis=0, return_lse=True)
+    assert lse.shape == (1, 2, 6, 6)
+
+
+def test_bad_axis():
+    x = torch.randn(1, 2, 6, 6, 16)
+    with pytest.raises(ParameterError, match=r"axis: expected a spatial axis index in \[-2, 2\)"):
+        attnzoo.axial_attention(x, x, x, axis=2)
