@@ -29,7 +29,7 @@ from ..kernels.reference import materialized_attention
 from ..kernels.tiled import BlockPlan, _fit_block, tiled_attention
 from ..registry import PATTERNS, Backend, Mechanism, Param, Problem, choice, flag, positive_number, register
 
-__all__ = ["sliding_window_attention", "SLIDING_WINDOW", "neighborhood_attention", "NEIGHBORHOOD", "NeighborhoodMask", "axial_attention", "AXIAL", "AxialMask", "window_attention", "WINDOW", "WindowMask"]
+__all__ = ["sliding_window_attention", "SLIDING_WINDOW", "neighborhood_attention", "NEIGHBORHOOD", "NeighborhoodMask", "axial_attention", "AXIAL", "AxialMask", "window_attention", "WINDOW", "WindowMask", "grid_attention", "GRID", "GridMask"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -780,38 +780,61 @@ def _win_reference(q, k, v, *, window_size, shift_size, scale, return_lse):
     return _unflat(_result(out, lse, return_lse), q, v, return_lse)
 
 
+def _pad_to(x: Tensor, padded: list[int]) -> Tensor:
+    """Zero-pad the spatial axes of (B, H, *S, D) at their ends to ``padded``."""
+    pads = []
+    for size, target in zip(reversed(x.shape[2:-1]), reversed(padded)):
+        pads += [0, target - size]
+    return torch.nn.functional.pad(x, [0, 0] + pads)
+
+
+def _split_groups(x: Tensor, splits: list[tuple[int, int]], group_is_inner: bool) -> Tensor:
+    """(B, H, *P, D), each axis split as (outer, inner) -> (B * n_groups, H, group size, D).
+
+    Windows (Swin) group by the outer factor (the window index), grids (MaxViT) by the inner
+    one (the offset within a stride); the other factor indexes the members of a group.
+    """
+    b, h, d = x.shape[0], x.shape[1], x.shape[-1]
+    n = len(splits)
+    x = x.reshape(b, h, *[f for pair in splits for f in pair], d)
+    outer, inner = [2 + 2 * i for i in range(n)], [3 + 2 * i for i in range(n)]
+    groups, members = (inner, outer) if group_is_inner else (outer, inner)
+    x = x.permute(0, *groups, 1, *members, x.dim() - 1)
+    return x.reshape(-1, h, math.prod(x.shape[2 + n : 2 + 2 * n]), d)
+
+
+def _merge_groups(x: Tensor, splits: list[tuple[int, int]], group_is_inner: bool, batch: int) -> Tensor:
+    """The inverse of :func:`_split_groups`: back to (B, H, *P, D)."""
+    n = len(splits)
+    h, d = x.shape[1], x.shape[-1]
+    group_sizes = [pair[1] if group_is_inner else pair[0] for pair in splits]
+    member_sizes = [pair[0] if group_is_inner else pair[1] for pair in splits]
+    x = x.reshape(batch, *group_sizes, h, *member_sizes, d)
+    order = [0, n + 1]
+    for i in range(n):
+        member, group = n + 2 + i, 1 + i
+        order += [member, group] if group_is_inner else [group, member]
+    return x.permute(*order, x.dim() - 1).reshape(batch, h, *[o * i for o, i in splits], d)
+
+
+def _window_splits(shape: tuple[int, ...], window: tuple[int, ...]) -> list[tuple[int, int]]:
+    return [(-(-size // w), w) for size, w in zip(shape, window)]
+
+
 def _to_windows(x: Tensor, pattern: WindowMask) -> Tensor:
     """(B, H, *S, D) -> (B * n_windows, H, prod(window), D): pad, roll by -shift, partition (Swin)."""
-    n = len(pattern.shape)
-    pads = []
-    for size, w in zip(reversed(pattern.shape), reversed(pattern.window)):
-        pads += [0, -(-size // w) * w - size]
-    x = torch.nn.functional.pad(x, [0, 0] + pads)
+    splits = _window_splits(pattern.shape, pattern.window)
+    x = _pad_to(x, [o * i for o, i in splits])
     if any(pattern.shift):
-        x = torch.roll(x, shifts=[-s for s in pattern.shift], dims=list(range(2, 2 + n)))
-    b, h = x.shape[:2]
-    split = []
-    for size, w in zip(x.shape[2:-1], pattern.window):
-        split += [size // w, w]
-    x = x.reshape(b, h, *split, x.shape[-1])
-    counts = [2 + 2 * i for i in range(n)]  # the n_windows axes
-    inner = [3 + 2 * i for i in range(n)]  # the within-window axes
-    x = x.permute(0, *counts, 1, *inner, x.dim() - 1)
-    return x.reshape(-1, h, math.prod(pattern.window), x.shape[-1])
+        x = torch.roll(x, shifts=[-s for s in pattern.shift], dims=list(range(2, 2 + len(splits))))
+    return _split_groups(x, splits, group_is_inner=False)
 
 
 def _from_windows(x: Tensor, pattern: WindowMask, batch: int) -> Tensor:
-    n = len(pattern.shape)
-    padded = [-(-size // w) * w for size, w in zip(pattern.shape, pattern.window)]
-    counts = [p // w for p, w in zip(padded, pattern.window)]
-    h, d = x.shape[1], x.shape[-1]
-    x = x.reshape(batch, *counts, h, *pattern.window, d)
-    order = [0, n + 1]
-    for i in range(n):
-        order += [1 + i, n + 2 + i]
-    x = x.permute(*order, x.dim() - 1).reshape(batch, h, *padded, d)
+    splits = _window_splits(pattern.shape, pattern.window)
+    x = _merge_groups(x, splits, False, batch)
     if any(pattern.shift):
-        x = torch.roll(x, shifts=list(pattern.shift), dims=list(range(2, 2 + n)))
+        x = torch.roll(x, shifts=list(pattern.shift), dims=list(range(2, 2 + len(splits))))
     return x[(slice(None), slice(None)) + tuple(slice(0, size) for size in pattern.shape)]
 
 
@@ -838,6 +861,7 @@ def _window_keys(pattern: WindowMask, device: torch.device) -> Tensor:
 
 
 def _win_sdpa_accepts(p: Problem, params: dict) -> Optional[str]:
+    """SDPA over windows or groups gives no LSE."""
     return "cannot return the LSE (use tiled)" if params["return_lse"] else None
 
 
@@ -935,3 +959,172 @@ def window_attention(
 
 
 WINDOW.function = window_attention
+
+
+# ============================================================================================
+# grid (L4): MaxViT's grid (dilated global) attention
+# ============================================================================================
+@dataclass(frozen=True)
+class GridMask(masks.MaskMod):
+    """MaxViT's grid attention over flattened N-D tokens as a mask predicate.
+
+    Per axis of size L with grid g, the axis is padded to a multiple of g and cut into g strips
+    of ``stride = ceil(L / g)``; a group holds the g tokens (one per strip) at the same offset
+    ``c % stride``, spaced ``stride`` apart. Tokens attend the members of their group (on every
+    axis); padding is never a key.
+    """
+
+    shape: tuple[int, ...]
+    grid: tuple[int, ...]
+    cacheable = True
+
+    def __call__(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        ok = None
+        stride_flat = 1
+        for axis in reversed(range(len(self.shape))):
+            size, g = self.shape[axis], self.grid[axis]
+            stride = -(-size // g)
+            cq, ck = (q_idx // stride_flat) % size, (kv_idx // stride_flat) % size
+            stride_flat *= size
+            here = (cq % stride) == (ck % stride)
+            ok = here if ok is None else ok & here
+        return ok
+
+
+def _grid_splits(shape: tuple[int, ...], grid: tuple[int, ...]) -> list[tuple[int, int]]:
+    return [(g, -(-size // g)) for size, g in zip(shape, grid)]
+
+
+def _check_grid_size(value: Any, p: Problem) -> Optional[str]:
+    n = len(p.q_shape)
+    sizes = _per_axis(value, n, int)
+    if sizes is None or any(g < 1 for g in sizes):
+        return f"a positive int or a tuple of {n} (one per spatial axis)"
+    if any(g > size for g, size in zip(sizes, p.q_shape)):
+        return f"at most the axis size on each axis {tuple(p.q_shape)} (a group takes one token per strip)"
+    return None
+
+
+def _check_self(bound: dict[str, Any], p: Problem) -> Optional[tuple[str, str]]:
+    if p.q_shape != p.kv_shape:
+        return "k", f"grid attention is self-attention: k must have q's spatial sizes {p.q_shape}, got {p.kv_shape}"
+    return None
+
+
+GRID_PARAMS = (
+    Param("grid_size", None, "tokens per group along each axis (MaxViT's G), spaced size // G apart", _check_grid_size, (None, 0, "7", 10**6), "int | tuple"),
+    positive_number("scale", "multiplies q.k; default head_dim ** -0.5"),
+    flag("return_lse", False, "also return the log-sum-exp of each query, (B, H, *spatial)"),
+)
+
+
+def _grid_mask(q: Tensor, grid_size: Any) -> GridMask:
+    shape = tuple(q.shape[2:-1])
+    return GridMask(shape, _per_axis(grid_size, len(shape), int))
+
+
+def _grid_reference(q, k, v, *, grid_size, scale, return_lse):
+    """The groups as a dense mask over materialized scores of the flattened tokens: the spec."""
+    pattern = _grid_mask(q, grid_size)
+    n = math.prod(pattern.shape)
+    allowed = masks.dense_mask(pattern, n, n, device=q.device)
+    out, lse = materialized_attention(_flat(q), _flat(k), _flat(v), scale=_scale(q, scale), allowed=allowed)
+    return _unflat(_result(out, lse, return_lse), q, v, return_lse)
+
+
+def _grid_sdpa(q, k, v, *, grid_size, scale, return_lse):
+    """MaxViT's grid partition (timm's grid_partition): pad, group by offset, one SDPA over the groups."""
+    pattern = _grid_mask(q, grid_size)
+    splits = _grid_splits(pattern.shape, pattern.grid)
+    padded = [g * s for g, s in splits]
+    qg, kg, vg = (_split_groups(_pad_to(x, padded), splits, group_is_inner=True) for x in (q, k, v))
+    mask = None
+    if padded != list(pattern.shape):  # padding: a key mask per group, a padded query sees itself
+        real = _pad_to(torch.ones(1, 1, *pattern.shape, 1, device=q.device), padded)
+        real_g = _split_groups(real, splits, group_is_inner=True)[:, 0, :, 0] > 0.5  # (groups, members)
+        keys = real_g[:, None, :] | torch.diag_embed(~real_g)
+        mask = keys.repeat(q.shape[0], 1, 1).unsqueeze(1)
+    out = torch.nn.functional.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    out = _merge_groups(out, splits, True, q.shape[0])
+    return out[(slice(None), slice(None)) + tuple(slice(0, size) for size in pattern.shape)]
+
+
+def _grid_tiled(q, k, v, *, grid_size, scale, return_lse):
+    """The tiled FA2 engine over the flattened tokens with the groups as the pattern (gives the LSE)."""
+    pattern = _grid_mask(q, grid_size)
+    qf, kf, vf = _flat(q), _flat(k), _flat(v)
+    out, lse = tiled_attention(qf, kf, vf, plan=_plan(pattern, qf.shape[2], kf.shape[2]), scale=_scale(q, scale), mask_mod=pattern)
+    return _unflat(_result(out, lse, return_lse), q, v, return_lse)
+
+
+def _grid_sample_params(p: Problem, pattern: str, rng: Optional[random.Random]) -> dict[str, Any]:
+    if rng is None:  # plain: MaxViT's 7 (or the axis)
+        return {"grid_size": tuple(min(7, s) for s in p.q_shape)}
+    params: dict[str, Any] = {"grid_size": tuple(rng.randrange(1, s + 1) for s in p.q_shape)}
+    if rng.random() < 0.3:
+        params["return_lse"] = True
+    return params
+
+
+GRID = register(
+    Mechanism(
+        name="grid",
+        family="local",
+        catalog=("L4",),
+        paper="MaxViT: Multi-Axis Vision Transformer (Tu et al., 2022), Sec. 3.1 (grid attention)",
+        formula="out_x = sum_{y: y = x mod stride on every axis} softmax_y(scale q_x.k_y) v_y, stride = ceil(size / grid)",
+        cost="O(N * prod(grid_size) * D) time; O(N * prod(grid_size)) memory (sdpa over groups)",
+        summary="MaxViT grid (dilated global) attention over 1-3 axes; sizes padded, padding masked",
+        patterns=frozenset({"noncausal_self"}),
+        params=GRID_PARAMS,
+        spatial_dims=(1, 2, 3),
+        gqa=True,
+        sample_params=_grid_sample_params,
+        check_params=_check_self,
+    )
+)
+GRID.add_backend(
+    Backend("reference", _grid_reference, doc="the groups as a dense mask over materialized scores: the spec", priority=-100, materializes_scores=True)
+)
+GRID.implementation("sdpa", accepts=_win_sdpa_accepts, priority=50)(_grid_sdpa)
+GRID.implementation("tiled", priority=20)(_grid_tiled)
+
+
+def grid_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    grid_size: Any,
+    scale: Optional[float] = None,
+    return_lse: bool = False,
+    backend: Optional[str] = None,
+) -> Any:
+    """MaxViT grid attention (catalog L4): sparse global attention over a dilated grid.
+
+    Each axis (size L) is cut into ``grid_size`` strips of ``stride = ceil(L / grid_size)``
+    tokens (padded at the end when L is not a multiple); a group holds the tokens at the same
+    offset in every strip, i.e. ``grid_size`` tokens per axis spaced ``stride`` apart, and each
+    token attends its group::
+
+        out_x = sum_{y : y_a = x_a (mod stride_a) for every axis a} softmax_y(scale * q_x . k_y) v_y
+
+    MaxViT alternates this with window attention (``window_attention``, its block attention).
+
+    Args:
+        q, k, v: (B, H, *spatial, D), 1-3 spatial axes, k/v may have fewer heads (GQA).
+        grid_size: int or one per axis (MaxViT uses 7), at most the axis size.
+        scale: defaults to ``D ** -0.5``. return_lse: also return lse (B, H, *spatial).
+        backend: ``sdpa`` (timm's grid partition + one SDPA), ``tiled`` (LSE) or ``reference``.
+
+    Cost: O(N * prod(grid_size) * D). Paper: MaxViT, Sec. 3.1.
+
+    Example::
+
+        >>> x = torch.randn(2, 4, 56, 56, 32)
+        >>> out = grid_attention(x, x, x, grid_size=7)  # 7x7 tokens per group, 8 apart
+    """
+    return GRID(q, k, v, backend=backend, grid_size=grid_size, scale=scale, return_lse=return_lse)
+
+
+GRID.function = grid_attention
