@@ -31,7 +31,7 @@ from torch import Tensor
 
 from .. import masks
 from ..errors import ParameterError
-from ..kernels.flex import cpu_decline_reason, flex_forward
+from ..kernels.flex import FLEX_CAPABILITIES, cpu_decline_reason, flex_forward
 from ..kernels.reference import materialized_attention
 from ..kernels.split_kv import split_kv_attention
 from ..kernels.tiled import BlockPlan, _fit_block, score_mod_grad_captures, tiled_attention
@@ -408,14 +408,7 @@ SOFTMAX.implementation(
     materializes_scores=True,  # Nq x Nk, small for the few queries it is meant for
 )(_split_kv)
 SOFTMAX.implementation("tiled", accepts=_tiled_accepts, priority=20)(_tiled)
-SOFTMAX.implementation(
-    "flex",
-    accepts=_flex_accepts,
-    dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
-    priority=10,
-    device_priority={"cuda": 40},
-    compiles=True,
-)(_flex)
+SOFTMAX.implementation("flex", accepts=_flex_accepts, **FLEX_CAPABILITIES)(_flex)
 
 
 def softmax_attention(

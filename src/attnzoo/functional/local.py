@@ -17,14 +17,14 @@ import functools
 import math
 import random
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
 
 from .. import masks
 from ..errors import ParameterError
-from ..kernels.flex import cpu_decline_reason, flex_forward
+from ..kernels.flex import FLEX_CAPABILITIES, cpu_decline_reason, flex_forward
 from ..kernels.reference import materialized_attention
 from ..kernels.tiled import BlockPlan, _fit_block, tiled_attention
 from ..registry import PATTERNS, Backend, Mechanism, Param, Problem, choice, flag, positive_number, register
@@ -108,17 +108,67 @@ def _result(out: Tensor, lse: Tensor, return_lse: bool) -> Any:
     return (out, lse) if return_lse else out
 
 
+def _flat(x: Tensor) -> Tensor:
+    """(B, H, *spatial, D) -> (B, H, N, D): the tokens in row-major order."""
+    return x.reshape(x.shape[0], x.shape[1], -1, x.shape[-1])
+
+
+def _unflat(out: Any, q: Tensor, v: Tensor, return_lse: bool) -> Any:
+    spatial = tuple(q.shape[2:-1])
+    if return_lse:
+        o, lse = out
+        return o.reshape(*q.shape[:2], *spatial, v.shape[-1]), lse.reshape(*q.shape[:2], *spatial)
+    return out.reshape(*q.shape[:2], *spatial, v.shape[-1])
+
+
+def _no_lse(p: Problem, params: dict) -> Optional[str]:
+    """SDPA over lines, windows or groups gives no LSE."""
+    return "cannot return the LSE (use tiled)" if params["return_lse"] else None
+
+
+PatternOf = Callable[..., masks.MaskMod]  # (q, k, **the mechanism's pattern parameters) -> predicate
+
+
+def _add_pattern_backends(mech: Mechanism, pattern_of: PatternOf, *, flex: bool = False) -> None:
+    """Register the backends every fixed-pattern mechanism shares, over its flattened tokens.
+
+    ``reference``: the pattern as a dense mask over materialized scores (the spec); ``tiled``:
+    the FA2 engine over the tiles the pattern touches (gives the LSE); ``flex``: compiled
+    FlexAttention with the pattern as a BlockMask. Backends receive ``scale``, ``return_lse``
+    and the pattern's parameters, which go to ``pattern_of``.
+    """
+
+    def reference(q: Tensor, k: Tensor, v: Tensor, *, scale: Any, return_lse: bool, **params: Any) -> Any:
+        pattern = pattern_of(q, k, **params)
+        nq, nk = math.prod(q.shape[2:-1]), math.prod(k.shape[2:-1])
+        allowed = masks.dense_mask(pattern, nq, nk, device=q.device)
+        out, lse = materialized_attention(_flat(q), _flat(k), _flat(v), scale=_scale(q, scale), allowed=allowed)
+        return _unflat(_result(out, lse, return_lse), q, v, return_lse)
+
+    def tiled(q: Tensor, k: Tensor, v: Tensor, *, scale: Any, return_lse: bool, **params: Any) -> Any:
+        pattern = pattern_of(q, k, **params)
+        qf, kf, vf = _flat(q), _flat(k), _flat(v)
+        plan = _plan(pattern, qf.shape[2], kf.shape[2])
+        out, lse = tiled_attention(qf, kf, vf, plan=plan, scale=_scale(q, scale), mask_mod=pattern)
+        return _unflat(_result(out, lse, return_lse), q, v, return_lse)
+
+    def flex_backend(q: Tensor, k: Tensor, v: Tensor, *, scale: Any, return_lse: bool, **params: Any) -> Any:
+        pattern = pattern_of(q, k, **params)
+        qf, kf, vf = _flat(q), _flat(k), _flat(v)
+        block_mask = masks.flex_block_mask(pattern, qf.shape[2], kf.shape[2], device=q.device)
+        return _unflat(flex_forward(qf, kf, vf, block_mask=block_mask, scale=scale, return_lse=return_lse), q, v, return_lse)
+
+    mech.add_backend(
+        Backend("reference", reference, doc="the pattern as a dense mask over materialized scores: the spec", priority=-100, materializes_scores=True)
+    )
+    mech.add_backend(Backend("tiled", tiled, doc="the tiled FA2 engine over the key tiles the pattern touches (gives the LSE)", priority=20))
+    if flex:
+        mech.add_backend(Backend("flex", flex_backend, doc="compiled FlexAttention with the pattern as a BlockMask", accepts=_flex_accepts, **FLEX_CAPABILITIES))
+
+
 # --------------------------------------------------------------------------------------------
 # backends
 # --------------------------------------------------------------------------------------------
-def _reference(q, k, v, *, window, causal, sinks, causal_alignment, scale, return_lse):
-    """The pattern as a dense mask over materialized scores: the spec."""
-    pattern = _pattern(q.shape[2], k.shape[2], window, causal, sinks, causal_alignment)
-    allowed = masks.dense_mask(pattern, q.shape[2], k.shape[2], device=q.device)
-    out, lse = materialized_attention(q, k, v, scale=_scale(q, scale), allowed=allowed)
-    return _result(out, lse, return_lse)
-
-
 TILE = 128
 
 
@@ -127,23 +177,13 @@ def _plan(pattern: masks.MaskMod, nq: int, nk: int) -> BlockPlan:
     return masks.block_plan(pattern, nq, nk, block_q=_fit_block(TILE, nq), block_k=_fit_block(TILE, nk))
 
 
-def _tiled(q, k, v, *, window, causal, sinks, causal_alignment, scale, return_lse):
-    """The tiled FA2 engine over the window's key tiles only (plus the sink tile)."""
-    pattern = _pattern(q.shape[2], k.shape[2], window, causal, sinks, causal_alignment)
-    plan = _plan(pattern, q.shape[2], k.shape[2])
-    out, lse = tiled_attention(q, k, v, plan=plan, scale=_scale(q, scale), mask_mod=pattern)
-    return _result(out, lse, return_lse)
-
-
-def _flex(q, k, v, *, window, causal, sinks, causal_alignment, scale, return_lse):
-    """Compiled FlexAttention with the window as a BlockMask."""
-    pattern = _pattern(q.shape[2], k.shape[2], window, causal, sinks, causal_alignment)
-    block_mask = masks.flex_block_mask(pattern, q.shape[2], k.shape[2], device=q.device)
-    return flex_forward(q, k, v, block_mask=block_mask, scale=scale, return_lse=return_lse)
-
-
 def _flex_accepts(p: Problem, params: dict) -> Optional[str]:
+    """What compiled FlexAttention cannot do on this device (CPU: small head dims, grad, LSE)."""
     return cpu_decline_reason(p, score_mod=None, return_lse=params["return_lse"])
+
+
+def _sliding_pattern(q: Tensor, k: Tensor, *, window: Any, causal: bool, sinks: int, causal_alignment: str) -> masks.MaskMod:
+    return _pattern(q.shape[2], k.shape[2], window, causal, sinks, causal_alignment)
 
 
 # --------------------------------------------------------------------------------------------
@@ -228,18 +268,7 @@ SLIDING_WINDOW = register(
         check_params=_check_combination,
     )
 )
-SLIDING_WINDOW.add_backend(
-    Backend("reference", _reference, doc="the pattern as a dense mask over materialized scores: the spec", priority=-100, materializes_scores=True)
-)
-SLIDING_WINDOW.implementation("tiled", priority=20)(_tiled)
-SLIDING_WINDOW.implementation(
-    "flex",
-    accepts=_flex_accepts,
-    dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
-    priority=10,
-    device_priority={"cuda": 40},
-    compiles=True,
-)(_flex)
+_add_pattern_backends(SLIDING_WINDOW, _sliding_pattern, flex=True)
 
 
 def sliding_window_attention(
@@ -389,48 +418,10 @@ NEIGHBORHOOD_PARAMS = (
 )
 
 
-def _neighborhood_mask(q: Tensor, kernel_size: Any, dilation: Any, causal: Any) -> NeighborhoodMask:
+def _neighborhood_mask(q: Tensor, k: Tensor, *, kernel_size: Any, dilation: Any, causal: Any) -> NeighborhoodMask:
     shape = tuple(q.shape[2:-1])
     n = len(shape)
     return NeighborhoodMask(shape, _per_axis(kernel_size, n, int), _per_axis(dilation, n, int), _per_axis(causal, n, bool))
-
-
-def _flat(x: Tensor) -> Tensor:
-    return x.reshape(x.shape[0], x.shape[1], -1, x.shape[-1])
-
-
-def _unflat(out: Any, q: Tensor, v: Tensor, return_lse: bool) -> Any:
-    spatial = tuple(q.shape[2:-1])
-    if return_lse:
-        o, lse = out
-        return o.reshape(*q.shape[:2], *spatial, v.shape[-1]), lse.reshape(*q.shape[:2], *spatial)
-    return out.reshape(*q.shape[:2], *spatial, v.shape[-1])
-
-
-def _nbr_reference(q, k, v, *, kernel_size, dilation, causal, scale, return_lse):
-    """The neighborhoods as a dense mask over materialized scores of the flattened tokens: the spec."""
-    pattern = _neighborhood_mask(q, kernel_size, dilation, causal)
-    n = math.prod(pattern.shape)
-    allowed = masks.dense_mask(pattern, n, n, device=q.device)
-    out, lse = materialized_attention(_flat(q), _flat(k), _flat(v), scale=_scale(q, scale), allowed=allowed)
-    return _unflat(_result(out, lse, return_lse), q, v, return_lse)
-
-
-def _nbr_tiled(q, k, v, *, kernel_size, dilation, causal, scale, return_lse):
-    """The tiled FA2 engine over the tiles of flattened tokens that the neighborhoods touch."""
-    pattern = _neighborhood_mask(q, kernel_size, dilation, causal)
-    qf, kf, vf = _flat(q), _flat(k), _flat(v)
-    plan = _plan(pattern, qf.shape[2], kf.shape[2])
-    out, lse = tiled_attention(qf, kf, vf, plan=plan, scale=_scale(q, scale), mask_mod=pattern)
-    return _unflat(_result(out, lse, return_lse), q, v, return_lse)
-
-
-def _nbr_flex(q, k, v, *, kernel_size, dilation, causal, scale, return_lse):
-    """Compiled FlexAttention over the flattened tokens with the neighborhoods as a BlockMask."""
-    pattern = _neighborhood_mask(q, kernel_size, dilation, causal)
-    qf, kf, vf = _flat(q), _flat(k), _flat(v)
-    block_mask = masks.flex_block_mask(pattern, qf.shape[2], kf.shape[2], device=q.device)
-    return _unflat(flex_forward(qf, kf, vf, block_mask=block_mask, scale=scale, return_lse=return_lse), q, v, return_lse)
 
 
 def _nbr_sample_params(p: Problem, pattern: str, rng: Optional[random.Random]) -> dict[str, Any]:
@@ -470,18 +461,7 @@ NEIGHBORHOOD = register(
         check_params=_check_neighborhood,
     )
 )
-NEIGHBORHOOD.add_backend(
-    Backend("reference", _nbr_reference, doc="the neighborhoods as a dense mask over materialized scores: the spec", priority=-100, materializes_scores=True)
-)
-NEIGHBORHOOD.implementation("tiled", priority=20)(_nbr_tiled)
-NEIGHBORHOOD.implementation(
-    "flex",
-    accepts=_flex_accepts,
-    dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
-    priority=10,
-    device_priority={"cuda": 40},
-    compiles=True,
-)(_nbr_flex)
+_add_pattern_backends(NEIGHBORHOOD, _neighborhood_mask, flex=True)
 
 
 def neighborhood_attention(
@@ -565,18 +545,9 @@ AXIAL_PARAMS = (
 )
 
 
-def _axial_mask(q: Tensor, axis: int, causal: bool) -> AxialMask:
+def _axial_mask(q: Tensor, k: Tensor, *, axis: int, causal: bool) -> AxialMask:
     shape = tuple(q.shape[2:-1])
     return AxialMask(shape, axis % len(shape), causal)
-
-
-def _axial_reference(q, k, v, *, axis, causal, scale, return_lse):
-    """The lines as a dense mask over materialized scores of the flattened tokens: the spec."""
-    pattern = _axial_mask(q, axis, causal)
-    n = math.prod(pattern.shape)
-    allowed = masks.dense_mask(pattern, n, n, device=q.device)
-    out, lse = materialized_attention(_flat(q), _flat(k), _flat(v), scale=_scale(q, scale), allowed=allowed)
-    return _unflat(_result(out, lse, return_lse), q, v, return_lse)
 
 
 def _lines(x: Tensor, axis: int) -> tuple[Tensor, tuple[int, ...]]:
@@ -594,10 +565,6 @@ def _unlines(out: Tensor, batch: int, other: tuple[int, ...], axis: int) -> Tens
     return lines.movedim(d - 3, 1).movedim(d - 2, 2 + axis)
 
 
-def _axial_sdpa_accepts(p: Problem, params: dict) -> Optional[str]:
-    return "cannot return the LSE (use tiled)" if params["return_lse"] else None
-
-
 def _axial_sdpa(q, k, v, *, axis, causal, scale, return_lse):
     """Each line along the axis becomes one SDPA problem (other axes folded into the batch): exact, O(N * L_axis)."""
     axis = axis % (q.dim() - 3)
@@ -606,14 +573,6 @@ def _axial_sdpa(q, k, v, *, axis, causal, scale, return_lse):
     vl, _ = _lines(v, axis)
     out = torch.nn.functional.scaled_dot_product_attention(ql, kl, vl, is_causal=causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
     return _unlines(out, q.shape[0], other, axis)
-
-
-def _axial_tiled(q, k, v, *, axis, causal, scale, return_lse):
-    """The tiled FA2 engine over the flattened tokens with the lines as the pattern (gives the LSE)."""
-    pattern = _axial_mask(q, axis, causal)
-    qf, kf, vf = _flat(q), _flat(k), _flat(v)
-    out, lse = tiled_attention(qf, kf, vf, plan=_plan(pattern, qf.shape[2], kf.shape[2]), scale=_scale(q, scale), mask_mod=pattern)
-    return _unflat(_result(out, lse, return_lse), q, v, return_lse)
 
 
 def _axial_sample_params(p: Problem, pattern: str, rng: Optional[random.Random]) -> dict[str, Any]:
@@ -647,11 +606,8 @@ AXIAL = register(
         check_params=_check_axial,
     )
 )
-AXIAL.add_backend(
-    Backend("reference", _axial_reference, doc="the lines as a dense mask over materialized scores: the spec", priority=-100, materializes_scores=True)
-)
-AXIAL.implementation("sdpa", accepts=_axial_sdpa_accepts, priority=50)(_axial_sdpa)
-AXIAL.implementation("tiled", priority=20)(_axial_tiled)
+_add_pattern_backends(AXIAL, _axial_mask)
+AXIAL.implementation("sdpa", accepts=_no_lse, priority=50)(_axial_sdpa)
 
 
 def axial_attention(
@@ -765,19 +721,10 @@ WINDOW_PARAMS = (
 )
 
 
-def _window_mask(q: Tensor, window_size: Any, shift_size: Any) -> WindowMask:
+def _window_mask(q: Tensor, k: Tensor, *, window_size: Any, shift_size: Any) -> WindowMask:
     shape = tuple(q.shape[2:-1])
     n = len(shape)
     return WindowMask(shape, _per_axis(window_size, n, int), _per_axis(shift_size, n, int))
-
-
-def _win_reference(q, k, v, *, window_size, shift_size, scale, return_lse):
-    """The windows as a dense mask over materialized scores of the flattened tokens: the spec."""
-    pattern = _window_mask(q, window_size, shift_size)
-    n = math.prod(pattern.shape)
-    allowed = masks.dense_mask(pattern, n, n, device=q.device)
-    out, lse = materialized_attention(_flat(q), _flat(k), _flat(v), scale=_scale(q, scale), allowed=allowed)
-    return _unflat(_result(out, lse, return_lse), q, v, return_lse)
 
 
 def _pad_to(x: Tensor, padded: list[int]) -> Tensor:
@@ -860,14 +807,9 @@ def _window_keys(pattern: WindowMask, device: torch.device) -> Tensor:
     return seen | torch.diag_embed(~real_w)
 
 
-def _win_sdpa_accepts(p: Problem, params: dict) -> Optional[str]:
-    """SDPA over windows or groups gives no LSE."""
-    return "cannot return the LSE (use tiled)" if params["return_lse"] else None
-
-
 def _win_sdpa(q, k, v, *, window_size, shift_size, scale, return_lse):
     """Swin's recipe: pad, roll, partition into windows, one SDPA over all windows with the shift mask."""
-    pattern = _window_mask(q, window_size, shift_size)
+    pattern = _window_mask(q, k, window_size=window_size, shift_size=shift_size)
     qw, kw, vw = (_to_windows(x, pattern) for x in (q, k, v))
     keys = _window_keys(pattern, q.device)  # (nW, W, W)
     mask = keys.repeat(q.shape[0], 1, 1).unsqueeze(1)  # (B * nW, 1, W, W), windows batch-major
@@ -875,14 +817,6 @@ def _win_sdpa(q, k, v, *, window_size, shift_size, scale, return_lse):
         mask = None  # no shift, no padding: plain attention in each window
     out = torch.nn.functional.scaled_dot_product_attention(qw, kw, vw, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
     return _from_windows(out, pattern, q.shape[0])
-
-
-def _win_tiled(q, k, v, *, window_size, shift_size, scale, return_lse):
-    """The tiled FA2 engine over the flattened tokens with the windows as the pattern (gives the LSE)."""
-    pattern = _window_mask(q, window_size, shift_size)
-    qf, kf, vf = _flat(q), _flat(k), _flat(v)
-    out, lse = tiled_attention(qf, kf, vf, plan=_plan(pattern, qf.shape[2], kf.shape[2]), scale=_scale(q, scale), mask_mod=pattern)
-    return _unflat(_result(out, lse, return_lse), q, v, return_lse)
 
 
 def _win_sample_params(p: Problem, pattern: str, rng: Optional[random.Random]) -> dict[str, Any]:
@@ -913,11 +847,8 @@ WINDOW = register(
         check_params=_check_window_shift,
     )
 )
-WINDOW.add_backend(
-    Backend("reference", _win_reference, doc="the windows as a dense mask over materialized scores: the spec", priority=-100, materializes_scores=True)
-)
-WINDOW.implementation("sdpa", accepts=_win_sdpa_accepts, priority=50)(_win_sdpa)
-WINDOW.implementation("tiled", priority=20)(_win_tiled)
+_add_pattern_backends(WINDOW, _window_mask)
+WINDOW.implementation("sdpa", accepts=_no_lse, priority=50)(_win_sdpa)
 
 
 def window_attention(
@@ -1018,23 +949,14 @@ GRID_PARAMS = (
 )
 
 
-def _grid_mask(q: Tensor, grid_size: Any) -> GridMask:
+def _grid_mask(q: Tensor, k: Tensor, *, grid_size: Any) -> GridMask:
     shape = tuple(q.shape[2:-1])
     return GridMask(shape, _per_axis(grid_size, len(shape), int))
 
 
-def _grid_reference(q, k, v, *, grid_size, scale, return_lse):
-    """The groups as a dense mask over materialized scores of the flattened tokens: the spec."""
-    pattern = _grid_mask(q, grid_size)
-    n = math.prod(pattern.shape)
-    allowed = masks.dense_mask(pattern, n, n, device=q.device)
-    out, lse = materialized_attention(_flat(q), _flat(k), _flat(v), scale=_scale(q, scale), allowed=allowed)
-    return _unflat(_result(out, lse, return_lse), q, v, return_lse)
-
-
 def _grid_sdpa(q, k, v, *, grid_size, scale, return_lse):
     """MaxViT's grid partition (timm's grid_partition): pad, group by offset, one SDPA over the groups."""
-    pattern = _grid_mask(q, grid_size)
+    pattern = _grid_mask(q, k, grid_size=grid_size)
     splits = _grid_splits(pattern.shape, pattern.grid)
     padded = [g * s for g, s in splits]
     qg, kg, vg = (_split_groups(_pad_to(x, padded), splits, group_is_inner=True) for x in (q, k, v))
@@ -1047,14 +969,6 @@ def _grid_sdpa(q, k, v, *, grid_size, scale, return_lse):
     out = torch.nn.functional.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
     out = _merge_groups(out, splits, True, q.shape[0])
     return out[(slice(None), slice(None)) + tuple(slice(0, size) for size in pattern.shape)]
-
-
-def _grid_tiled(q, k, v, *, grid_size, scale, return_lse):
-    """The tiled FA2 engine over the flattened tokens with the groups as the pattern (gives the LSE)."""
-    pattern = _grid_mask(q, grid_size)
-    qf, kf, vf = _flat(q), _flat(k), _flat(v)
-    out, lse = tiled_attention(qf, kf, vf, plan=_plan(pattern, qf.shape[2], kf.shape[2]), scale=_scale(q, scale), mask_mod=pattern)
-    return _unflat(_result(out, lse, return_lse), q, v, return_lse)
 
 
 def _grid_sample_params(p: Problem, pattern: str, rng: Optional[random.Random]) -> dict[str, Any]:
@@ -1083,11 +997,8 @@ GRID = register(
         check_params=_check_self,
     )
 )
-GRID.add_backend(
-    Backend("reference", _grid_reference, doc="the groups as a dense mask over materialized scores: the spec", priority=-100, materializes_scores=True)
-)
-GRID.implementation("sdpa", accepts=_win_sdpa_accepts, priority=50)(_grid_sdpa)
-GRID.implementation("tiled", priority=20)(_grid_tiled)
+_add_pattern_backends(GRID, _grid_mask)
+GRID.implementation("sdpa", accepts=_no_lse, priority=50)(_grid_sdpa)
 
 
 def grid_attention(

@@ -16,11 +16,21 @@ from torch import Tensor
 
 from .tiled import score_mod_grad_captures
 
-__all__ = ["FLEX_CPU_MIN_HEAD_DIM", "flex_forward", "cpu_decline_reason"]
+__all__ = ["FLEX_CAPABILITIES", "FLEX_CPU_MIN_HEAD_DIM", "flex_forward", "cpu_decline_reason"]
 
 #: torch 2.13's compiled CPU FlexAttention returned wrong values (even NaN) for head dims 8 and
 #: 16 in our sweeps, depending on what had been compiled before in the process; 32+ was exact.
 FLEX_CPU_MIN_HEAD_DIM = 32
+
+
+#: What a flex backend declares (``Backend(**FLEX_CAPABILITIES)``): no float64, compiled per
+#: shape, below tiled on CPU (forward only there) and above it on CUDA.
+FLEX_CAPABILITIES: dict[str, Any] = dict(
+    dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
+    priority=10,
+    device_priority={"cuda": 40},
+    compiles=True,
+)
 
 
 @functools.lru_cache(maxsize=1)
