@@ -371,4 +371,6 @@ def flex_block_mask(
 
     if not getattr(mask_mod, "batch_head_dependent", True):
         batch = heads = None
+    elif getattr(mask_mod, "head_dependent_only", False):
+        batch = None
     return create_block_mask(mask_mod, batch, heads, q_len, kv_len, device=device, BLOCK_SIZE=block_size)
