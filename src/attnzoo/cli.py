@@ -341,6 +341,7 @@ def _config_from_args(args: argparse.Namespace) -> EfficiencyConfig:
         include_compiled=args.include_compiled,
         mode=args.mode,
         queries=args.queries,
+        max_scores=args.max_scores,
     )
 
 
@@ -461,6 +462,10 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
     bench.add_argument("--causal", action="store_true", help="causal self-attention instead of noncausal")
     bench.add_argument("--mode", choices=("forward", "train"), default="forward", help="forward (inference) or train (forward + backward)")
     bench.add_argument("--queries", type=_positive_int, help="fixed number of queries over N keys (decoding shape; cross pattern)")
+    bench.add_argument(
+        "--max-scores", type=_positive_int, default=2048 * 2048,
+        help="skip backends that materialize Nq x Nk scores (the references) above this many (default 2048^2)",
+    )
     bench.add_argument("--overhead", action="store_true", help="measure dispatch overhead over raw SDPA at each length (paired calls)")
     bench.add_argument(
         "--include-compiled", action="store_true", help="also time torch.compile'd backends (~20 s per shape on CPU)"
