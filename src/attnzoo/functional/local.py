@@ -126,6 +126,13 @@ def _no_lse(p: Problem, params: dict) -> Optional[str]:
     return "cannot return the LSE (use tiled)" if params["return_lse"] else None
 
 
+def _check_self(bound: dict[str, Any], p: Problem) -> Optional[tuple[str, str]]:
+    """Spatial patterns relate a token to its neighbours: q and k must share their grid."""
+    if p.q_shape != p.kv_shape:
+        return "k", f"self-attention over a grid: k must have q's spatial sizes {p.q_shape}, got {p.kv_shape}"
+    return None
+
+
 PatternOf = Callable[..., masks.MaskMod]  # (q, k, **the mechanism's pattern parameters) -> predicate
 
 
@@ -410,9 +417,7 @@ def _check_neighborhood(bound: dict[str, Any], p: Problem) -> Optional[tuple[str
     for axis, (k, d, size) in enumerate(zip(kernel, dilation, p.q_shape)):
         if k * d > size:
             return "dilation", f"kernel_size * dilation must fit the input: axis {axis} has {size} tokens, got {k} * {d}"
-    if p.q_shape != p.kv_shape:
-        return "k", f"neighborhood attention is self-attention: k must have q's spatial sizes {p.q_shape}, got {p.kv_shape}"
-    return None
+    return _check_self(bound, p)
 
 
 NEIGHBORHOOD_PARAMS = (
@@ -589,12 +594,6 @@ def _axial_sample_params(p: Problem, pattern: str, rng: Optional[random.Random])
     return params
 
 
-def _check_axial(bound: dict[str, Any], p: Problem) -> Optional[tuple[str, str]]:
-    if p.q_shape != p.kv_shape:
-        return "k", f"axial attention is self-attention: k must have q's spatial sizes {p.q_shape}, got {p.kv_shape}"
-    return None
-
-
 AXIAL = register(
     Mechanism(
         name="axial",
@@ -609,7 +608,7 @@ AXIAL = register(
         spatial_dims=(1, 2, 3),
         gqa=True,
         sample_params=_axial_sample_params,
-        check_params=_check_axial,
+        check_params=_check_self,
     )
 )
 _add_pattern_backends(AXIAL, _axial_mask)
@@ -714,9 +713,7 @@ def _check_window_shift(bound: dict[str, Any], p: Problem) -> Optional[tuple[str
     for axis, (w, s) in enumerate(zip(window, shift)):
         if s >= w:
             return "shift_size", f"must be smaller than window_size on each axis (Swin uses window_size // 2): axis {axis} has {s} >= {w}"
-    if p.q_shape != p.kv_shape:
-        return "k", f"window attention is self-attention: k must have q's spatial sizes {p.q_shape}, got {p.kv_shape}"
-    return None
+    return _check_self(bound, p)
 
 
 WINDOW_PARAMS = (
@@ -939,12 +936,6 @@ def _check_grid_size(value: Any, p: Problem) -> Optional[str]:
         return f"a positive int or a tuple of {n} (one per spatial axis)"
     if any(g > size for g, size in zip(sizes, p.q_shape)):
         return f"at most the axis size on each axis {tuple(p.q_shape)} (a group takes one token per strip)"
-    return None
-
-
-def _check_self(bound: dict[str, Any], p: Problem) -> Optional[tuple[str, str]]:
-    if p.q_shape != p.kv_shape:
-        return "k", f"grid attention is self-attention: k must have q's spatial sizes {p.q_shape}, got {p.kv_shape}"
     return None
 
 
