@@ -8,7 +8,8 @@ import torch
 import attnzoo
 from attnzoo import masks
 from attnzoo.errors import ParameterError
-from attnzoo.functional.local import _pattern, _plan
+from attnzoo.functional.local._shared import _plan
+from attnzoo.functional.local.sliding_window import _pattern
 
 SW = attnzoo.get("sliding_window")
 

@@ -1,0 +1,231 @@
+"""Heterogeneous per-head sparse patterns (catalog L7): S2-Attention, MoA, LongGen, SinkLoRA."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from ... import masks
+from ...registry import PATTERNS, Mechanism, Param, Problem, choice, flag, positive_number, register
+from ._shared import (
+    _is_extent,
+    _add_pattern_backends,
+)
+
+
+@dataclass(frozen=True)
+class HeadPattern:
+    """One head's keys: the union of the parts given (query position ``i' = i + offset``).
+
+    - ``window=(left, right)``: keys ``i' - left <= j <= i' + right`` (None: unbounded side);
+    - ``sinks=S``: the first S keys;
+    - ``stride=(period, phase)``: every key with ``j % period == phase`` (a strided shard);
+    - ``block=(size, shift)``: keys in the query's block of ``size`` after shifting positions by
+      ``shift`` (``(i' + shift) // size == (j + shift) // size``: LongLoRA/SinkLoRA groups).
+    """
+
+    window: Optional[tuple[Optional[int], Optional[int]]] = None
+    sinks: int = 0
+    stride: Optional[tuple[int, int]] = None
+    block: Optional[tuple[int, int]] = None
+
+    def problem(self) -> Optional[str]:
+        """What is wrong with the spec, or None."""
+        if self.window is None and not self.sinks and self.stride is None and self.block is None:
+            return "at least one of window, sinks, stride, block"
+        if self.window is not None and not (len(self.window) == 2 and all(_is_extent(x) for x in self.window)):
+            return "window as (left, right), each a non-negative int or None"
+        if not (isinstance(self.sinks, int) and self.sinks >= 0):
+            return "sinks as a non-negative int"
+        if self.stride is not None and not (len(self.stride) == 2 and self.stride[0] >= 1 and 0 <= self.stride[1] < self.stride[0]):
+            return "stride as (period >= 1, 0 <= phase < period)"
+        if self.block is not None and not (len(self.block) == 2 and self.block[0] >= 1 and 0 <= self.block[1] < self.block[0]):
+            return "block as (size >= 1, 0 <= shift < size)"
+        return None
+
+    def allows(self, qp: Tensor, kv: Tensor) -> Tensor:
+        parts = []
+        if self.window is not None:
+            left, right = self.window
+            ok = torch.ones_like(kv, dtype=torch.bool) if right is None else kv <= qp + right
+            parts.append(ok if left is None else ok & (kv >= qp - left))
+        if self.sinks:
+            parts.append(kv < self.sinks)
+        if self.stride is not None:
+            parts.append(kv % self.stride[0] == self.stride[1])
+        if self.block is not None:
+            size, shift = self.block
+            parts.append((qp + shift).div(size, rounding_mode="floor") == (kv + shift).div(size, rounding_mode="floor"))
+        out = parts[0]
+        for part in parts[1:]:
+            out = out | part
+        return out
+
+
+@dataclass(frozen=True)
+class PerHeadMask(masks.MaskMod):
+    """Head h uses ``patterns[h]`` (or the single pattern for every head), causal if asked."""
+
+    patterns: tuple[HeadPattern, ...]
+    offset: int
+    causal: bool
+    cacheable = True
+    head_dependent_only = True
+
+    @property
+    def batch_head_dependent(self) -> bool:  # type: ignore[override]
+        return len(self.patterns) > 1
+
+    def __call__(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        qp = q_idx + self.offset
+        result = None
+        for head, pattern in enumerate(self.patterns):
+            ok = pattern.allows(qp, kv_idx)
+            if self.causal:
+                ok = ok & (kv_idx <= qp)
+            result = ok if result is None else torch.where(h == head, ok, result)
+        return result
+
+
+def _as_head_patterns(value: Any) -> Optional[tuple[HeadPattern, ...]]:
+    if not isinstance(value, (list, tuple)) or not value:
+        return None
+    out = []
+    for spec in value:
+        if isinstance(spec, dict):
+            try:
+                spec = HeadPattern(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in spec.items()})
+            except TypeError:
+                return None
+        if not isinstance(spec, HeadPattern):
+            return None
+        out.append(spec)
+    return tuple(out)
+
+
+def _check_head_patterns(value: Any, p: Problem) -> Optional[str]:
+    patterns = _as_head_patterns(value)
+    expected = f"a list of 1 or {p.q_heads} HeadPattern (or dicts of window/sinks/stride/block), one per query head"
+    if patterns is None or len(patterns) not in (1, p.q_heads):
+        return expected
+    for head, pattern in enumerate(patterns):
+        issue = pattern.problem()
+        if issue is not None:
+            return f"{expected}; head {head} needs {issue}"
+    return None
+
+
+PER_HEAD_PARAMS = (
+    Param("head_patterns", None, "per query head: a HeadPattern (window, sinks, stride shard, shifted block), or one for all", _check_head_patterns, (None, [], [{}], [{"window": (-1, 0)}], "window"), "list[HeadPattern]"),
+    flag("causal", False, "no key after the query"),
+    choice("causal_alignment", ("bottom_right", "top_left"), "bottom_right", "when Nq != Nk, where query i sits among the keys: i + Nk - Nq (bottom_right) or i (top_left)"),
+    positive_number("scale", "multiplies q.k; default head_dim ** -0.5"),
+    flag("return_lse", False, "also return the log-sum-exp of each row, (B, H, Nq)"),
+)
+
+
+def _per_head_mask(q: Tensor, k: Tensor, *, head_patterns: Any, causal: bool, causal_alignment: str) -> PerHeadMask:
+    offset = k.shape[2] - q.shape[2] if causal_alignment == "bottom_right" else 0
+    return PerHeadMask(_as_head_patterns(head_patterns), offset, causal)
+
+
+def _per_head_sample_params(p: Problem, pattern: str, rng: Optional[random.Random]) -> dict[str, Any]:
+    causal = pattern.startswith("causal")
+    if rng is None:  # plain: S2-Attention-like, a local window plus a strided shard per head
+        w = max(1, min(128, p.kv_len // 8))
+        heads = [HeadPattern(window=(w, 0 if causal else w), stride=(p.q_heads, h % p.q_heads)) for h in range(p.q_heads)]
+        return {"head_patterns": heads, "causal": causal}
+
+    def one() -> HeadPattern:
+        spec: dict[str, Any] = {}
+        if rng.random() < 0.6:
+            spec["window"] = (rng.choice((None, 0, rng.randrange(0, 20))), rng.choice((None, 0, rng.randrange(0, 20))))
+        if rng.random() < 0.4:
+            spec["sinks"] = rng.randrange(1, 5)
+        if rng.random() < 0.4:
+            period = rng.randrange(1, 6)
+            spec["stride"] = (period, rng.randrange(0, period))
+        if rng.random() < 0.4 or not spec:
+            size = rng.randrange(1, 12)
+            spec["block"] = (size, rng.randrange(0, size))
+        return HeadPattern(**spec)
+
+    count = 1 if rng.random() < 0.2 else p.q_heads
+    params: dict[str, Any] = {"head_patterns": [one() for _ in range(count)], "causal": causal}
+    if rng.random() < 0.3:
+        params["causal_alignment"] = "top_left"
+    if rng.random() < 0.3:
+        params["return_lse"] = True
+    return params
+
+
+PER_HEAD = register(
+    Mechanism(
+        name="per_head_patterns",
+        family="local",
+        catalog=("L7",),
+        paper="S2-Attention (hardware-aware context sharding); MoA (mixture of sparse attention); LongGen; SinkLoRA (SF-Attn)",
+        formula="out_i^h = sum_{j in P_h(i)} softmax_j(scale q_i^h.k_j^h) v_j^h, P_h = window U sinks U stride shard U shifted block",
+        cost="O(N * (visited keys per query) * D) on tiled; the tile plan is the union over heads",
+        summary="a different sparse pattern per head: windows, sinks, strided shards, shifted groups (S2-Attn, MoA, LongGen, SinkLoRA)",
+        patterns=frozenset(PATTERNS),
+        params=PER_HEAD_PARAMS,
+        gqa=True,
+        sample_params=_per_head_sample_params,
+    )
+)
+_add_pattern_backends(PER_HEAD, _per_head_mask, flex=True)
+
+
+def per_head_patterns_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    head_patterns: Any,
+    causal: bool = False,
+    causal_alignment: str = "bottom_right",
+    scale: Optional[float] = None,
+    return_lse: bool = False,
+    backend: Optional[str] = None,
+) -> Any:
+    """Heterogeneous per-head sparse attention (catalog L7): head h attends the keys of ``head_patterns[h]``.
+
+    Each :class:`HeadPattern` is a union of a local ``window``, ``sinks``, a strided shard
+    (``stride=(period, phase)``) and a shifted ``block``; ``causal`` then removes later keys. The
+    papers' patterns, expressed with it:
+
+    - S2-Attention: head h reads shard h of the context plus a local window:
+      ``HeadPattern(window=(w, 0), stride=(H, h % H))``.
+    - MoA: per-head (per-layer) spans: ``HeadPattern(window=(span_h, 0))``.
+    - LongGen: window + attention sinks + strided blocks:
+      ``HeadPattern(window=(w, 0), sinks=4, stride=(period, 0))``.
+    - SinkLoRA's SF-Attn (LongLoRA's shifted groups, plus sinks): half the heads
+      ``HeadPattern(block=(G, 0), sinks=4)``, the other half ``HeadPattern(block=(G, G // 2), sinks=4)``.
+
+    Args:
+        q: (B, Hq, Nq, D); k, v: (B, Hkv, Nk, D|Dv) (GQA allowed).
+        head_patterns: one pattern per query head (or a single one for all), HeadPattern or dict.
+        causal, causal_alignment: as in ``softmax_attention`` (bottom_right by default).
+        scale: defaults to ``D ** -0.5``. return_lse: also return lse (B, Hq, Nq).
+        backend: ``tiled`` (the union of the heads' tiles, per-head element masks), ``flex``
+            or ``reference``.
+
+    Cost: O(N * keys per query * D) plus the tiles the heads' union touches.
+
+    Example::
+
+        >>> H = 8
+        >>> heads = [HeadPattern(window=(128, 0), stride=(H, h)) for h in range(H)]  # S2-Attention
+        >>> out = per_head_patterns_attention(q, k, v, head_patterns=heads, causal=True)
+    """
+    return PER_HEAD(
+        q, k, v, backend=backend, head_patterns=head_patterns, causal=causal, causal_alignment=causal_alignment, scale=scale, return_lse=return_lse
+    )
+
+
+PER_HEAD.function = per_head_patterns_attention

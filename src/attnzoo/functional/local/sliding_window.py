@@ -1,0 +1,224 @@
+"""Sliding-window attention with attention sinks (catalog L2) and its StreamingLLM decoder."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from ... import masks
+from ...errors import ParameterError
+from ...kernels.reference import materialized_attention
+from ...registry import PATTERNS, Mechanism, Param, Problem, choice, flag, positive_number, register
+from ._shared import (
+    _is_extent,
+    _scale,
+    _result,
+    _add_pattern_backends,
+)
+
+
+# --------------------------------------------------------------------------------------------
+# parameters
+# --------------------------------------------------------------------------------------------
+
+
+def _check_window(value: Any, p: Problem) -> Optional[str]:
+    expected = "an int (the same extent both sides) or a (left, right) pair of non-negative ints or None (unbounded)"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return None if value >= 0 else expected
+    if isinstance(value, (tuple, list)) and len(value) == 2 and all(_is_extent(x) for x in value):
+        return None
+    return expected
+
+
+def _check_sinks(value: Any, p: Problem) -> Optional[str]:
+    return None if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else "a non-negative int"
+
+
+def _extents(window: Any, causal: bool) -> tuple[Optional[int], Optional[int]]:
+    """(left, right) from ``window`` (an int means both sides; causal means right = 0)."""
+    if isinstance(window, int):
+        return window, (0 if causal else window)
+    return window[0], window[1]
+
+
+def _check_combination(bound: dict[str, Any], p: Problem) -> Optional[tuple[str, str]]:
+    if bound["causal"] and not isinstance(bound["window"], int) and bound["window"][1] != 0:
+        return "window", f"the right extent must be 0 with causal=True (causal means right = 0), got {tuple(bound['window'])}"
+    return None
+
+
+SLIDING_WINDOW_PARAMS = (
+    Param(
+        "window",
+        None,
+        "(left, right) keys each side of the query (None: unbounded), or an int for both sides",
+        _check_window,
+        (None, (-1, 0), (3,), "256", (1.5, 0)),
+        "int | (int | None, int | None)",
+    ),
+    flag("causal", False, "no key after the query (right extent 0)"),
+    Param("sinks", 0, "the first `sinks` keys are seen by every query (attention sinks)", _check_sinks, (-1, 1.0, "2"), "int"),
+    choice(
+        "causal_alignment",
+        ("bottom_right", "top_left"),
+        "bottom_right",
+        "when Nq != Nk, where query i sits among the keys: i + Nk - Nq (bottom_right) or i (top_left)",
+    ),
+    positive_number("scale", "multiplies q.k; default head_dim ** -0.5"),
+    flag("return_lse", False, "also return the log-sum-exp of each row, (B, H, Nq)"),
+)
+
+
+# --------------------------------------------------------------------------------------------
+# the pattern
+# --------------------------------------------------------------------------------------------
+def _pattern(nq: int, nk: int, window: Any, causal: bool, sinks: int, alignment: str) -> masks.MaskMod:
+    left, right = _extents(window, causal)
+    offset = nk - nq if alignment == "bottom_right" else 0
+    pattern = masks.sliding_window(left, right, offset=offset)
+    if sinks:
+        sink = masks.sinks(sinks)
+        pattern = pattern | (sink & masks.causal(offset) if causal else sink)
+    return pattern
+
+
+def _sliding_pattern(q: Tensor, k: Tensor, *, window: Any, causal: bool, sinks: int, causal_alignment: str) -> masks.MaskMod:
+    return _pattern(q.shape[2], k.shape[2], window, causal, sinks, causal_alignment)
+
+
+# --------------------------------------------------------------------------------------------
+# decoding: a rolling cache of the sinks and the last `left` keys (StreamingLLM)
+# --------------------------------------------------------------------------------------------
+@dataclass
+class RollingKV:
+    """The keys a causal sliding window can still need: the sinks and the last ``left`` keys.
+
+    Memory stays O((sinks + left) * D) however long the stream; ``positions`` are the keys'
+    absolute positions.
+    """
+
+    k: Optional[Tensor] = None
+    v: Optional[Tensor] = None
+    positions: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    seen: int = 0
+
+
+class _SlidingWindowDecoder:
+    def init_state(self, problem: Problem, **params: Any) -> RollingKV:
+        return RollingKV()
+
+    def step(self, q: Tensor, k: Tensor, v: Tensor, state: RollingKV, **params: Any) -> tuple[Any, RollingKV]:
+        left, right = _extents(params["window"], True)
+        if not params["causal"] or right != 0:
+            raise ParameterError("sliding_window: causal: decoding needs causal=True (no key after the query)", argument="causal")
+        sinks, t = params["sinks"], q.shape[2]
+        new_pos = torch.arange(state.seen, state.seen + t)
+        keys = k if state.k is None else torch.cat([state.k, k], dim=2)
+        values = v if state.v is None else torch.cat([state.v, v], dim=2)
+        pos = torch.cat([state.positions, new_pos])
+        q_pos = new_pos[:, None]
+        allowed = pos[None, :] <= q_pos
+        if left is not None:
+            allowed &= (pos[None, :] >= q_pos - left) | (pos[None, :] < sinks)
+        out, lse = materialized_attention(q, keys, values, scale=_scale(q, params["scale"]), allowed=allowed.to(q.device))
+        state.seen += t
+        keep = torch.ones_like(pos, dtype=torch.bool) if left is None else (pos < sinks) | (pos >= state.seen - left)
+        keep_idx = keep.nonzero().flatten().to(keys.device)
+        state.k, state.v, state.positions = keys.index_select(2, keep_idx), values.index_select(2, keep_idx), pos[keep]
+        return _result(out, lse, params["return_lse"]), state
+
+
+# --------------------------------------------------------------------------------------------
+# parameters for the suite and the benchmark
+# --------------------------------------------------------------------------------------------
+def _sample_params(p: Problem, pattern: str, rng: Optional[random.Random]) -> dict[str, Any]:
+    causal = pattern.startswith("causal")
+    if rng is None:  # the plain case: a quarter of the keys (256 at most) each side
+        extent = max(1, min(256, p.kv_len // 4))
+        return {"window": (extent, 0) if causal else (extent, extent), "causal": causal}
+    left = rng.choice((None, 0, 1, rng.randrange(0, 40)))
+    right = 0 if causal else rng.choice((None, 0, rng.randrange(0, 40)))
+    params: dict[str, Any] = {"window": (left, right), "causal": causal}
+    if rng.random() < 0.4:
+        params["sinks"] = rng.randrange(0, 6)
+    if rng.random() < 0.3:
+        params["causal_alignment"] = "top_left"
+    if rng.random() < 0.3:
+        params["return_lse"] = True
+    return params
+
+
+# --------------------------------------------------------------------------------------------
+# registration
+# --------------------------------------------------------------------------------------------
+SLIDING_WINDOW = register(
+    Mechanism(
+        name="sliding_window",
+        family="local",
+        catalog=("L2",),
+        paper="Longformer (Beltagy et al., 2020) local attention; sinks: StreamingLLM (Xiao et al., 2024) via SinkLoRA, LongGen",
+        formula="out_i = sum_{j in W(i)} softmax_j(scale q_i.k_j) v_j, W(i) = {i'-left <= j <= i'+right} U {j < sinks}",
+        cost="O(N * (left + right + sinks) * D) time (tiled, flex); O(Nq * Nk) memory (reference)",
+        summary="1D sliding-window attention, (left, right) extents, causal, attention sinks",
+        patterns=frozenset(PATTERNS),
+        params=SLIDING_WINDOW_PARAMS,
+        gqa=True,
+        decoder=_SlidingWindowDecoder(),
+        sample_params=_sample_params,
+        check_params=_check_combination,
+    )
+)
+_add_pattern_backends(SLIDING_WINDOW, _sliding_pattern, flex=True)
+
+
+def sliding_window_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    window: Any,
+    causal: bool = False,
+    sinks: int = 0,
+    causal_alignment: str = "bottom_right",
+    scale: Optional[float] = None,
+    return_lse: bool = False,
+    backend: Optional[str] = None,
+) -> Any:
+    """Sliding-window attention with optional attention sinks (catalog L2).
+
+    Query i, at key position ``i' = i + Nk - Nq`` (``causal_alignment="bottom_right"``, the
+    default) or ``i' = i`` (``"top_left"``), attends the keys
+    ``W(i) = {j : i' - left <= j <= i' + right} U {j < sinks}`` with softmax weights::
+
+        out_i = sum_{j in W(i)} exp(s_ij) v_j / sum_{j in W(i)} exp(s_ij),   s_ij = scale * q_i . k_j
+
+    Args:
+        q: (B, Hq, Nq, D). k, v: (B, Hkv, Nk, D|Dv), Hq a multiple of Hkv.
+        window: ``(left, right)`` key counts before/after the query (``None``: unbounded on that
+            side), or an int for both sides (with ``causal``, left only).
+        causal: no key after the query (the right extent must then be 0).
+        sinks: every query also sees the first ``sinks`` keys (StreamingLLM); causally if causal.
+        scale: defaults to ``D ** -0.5``. return_lse: also return lse (B, Hq, Nq), float32.
+        backend: force ``reference``, ``tiled`` or ``flex``.
+
+    Cost: O(N * (left + right + 1 + sinks) * D) time and O(N * tile) memory on ``tiled``.
+    Decoding (``init_state``/``step``, causal) keeps only the sinks and the last ``left`` keys.
+    Papers: Longformer (local window); StreamingLLM sinks as used by SinkLoRA and LongGen.
+
+    Example::
+
+        >>> q = k = v = torch.randn(1, 8, 16384, 64)
+        >>> out = sliding_window_attention(q, k, v, window=(256, 0), causal=True, sinks=4)
+    """
+    return SLIDING_WINDOW(
+        q, k, v, backend=backend, window=window, causal=causal, sinks=sinks,
+        causal_alignment=causal_alignment, scale=scale, return_lse=return_lse,
+    )
+
+
+SLIDING_WINDOW.function = sliding_window_attention

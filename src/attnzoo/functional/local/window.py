@@ -1,0 +1,214 @@
+"""Blocked window attention with Swin's shifted windows (catalog L3)."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from ... import masks
+from ...registry import Mechanism, Param, Problem, flag, positive_number, register
+from ._shared import (
+    _no_lse,
+    _check_self,
+    _add_pattern_backends,
+    _per_axis,
+    _check_positive_per_axis,
+    _pad_to,
+    _split_groups,
+    _merge_groups,
+    _window_splits,
+)
+
+
+@dataclass(frozen=True)
+class WindowMask(masks.MaskMod):
+    """Swin's (shifted) window attention over flattened N-D tokens as a mask predicate.
+
+    Per axis (size L, window w, shift s), the axis is padded to ``L_p = ceil(L / w) * w`` and
+    rolled by ``-s``: a token at c sits at ``c' = (c - s) mod L_p``. Two tokens attend each other
+    when they share the window ``c' // w`` and, when shifted, the region of Swin's shift mask
+    (``c'`` in ``[0, L_p - w)``, ``[L_p - w, L_p - s)`` or ``[L_p - s, L_p)``) on every axis.
+    Padding tokens are not keys at all (Swin's code attends its zero padding; the issue asks
+    for it masked).
+    """
+
+    shape: tuple[int, ...]
+    window: tuple[int, ...]
+    shift: tuple[int, ...]
+    cacheable = True
+
+    def __call__(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        ok = None
+        stride = 1
+        for axis in reversed(range(len(self.shape))):
+            size, w, s = self.shape[axis], self.window[axis], self.shift[axis]
+            padded = -(-size // w) * w
+            pq = ((q_idx // stride) % size - s) % padded
+            pk = ((kv_idx // stride) % size - s) % padded
+            stride *= size
+            here = (pq // w) == (pk // w)
+            if s:
+                here = here & (_swin_region(pq, padded, w, s) == _swin_region(pk, padded, w, s))
+            ok = here if ok is None else ok & here
+        return ok
+
+
+def _swin_region(p: Tensor, padded: int, w: int, s: int) -> Tensor:
+    return (p >= padded - w).long() + (p >= padded - s).long()
+
+
+def _check_shift(value: Any, p: Problem) -> Optional[str]:
+    n = len(p.q_shape)
+    sizes = _per_axis(value, n, int)
+    return None if sizes is not None and all(s >= 0 for s in sizes) else f"a non-negative int or a tuple of {n}"
+
+
+def _check_window_shift(bound: dict[str, Any], p: Problem) -> Optional[tuple[str, str]]:
+    n = len(p.q_shape)
+    window, shift = _per_axis(bound["window_size"], n, int), _per_axis(bound["shift_size"], n, int)
+    for axis, (w, s) in enumerate(zip(window, shift)):
+        if s >= w:
+            return "shift_size", f"must be smaller than window_size on each axis (Swin uses window_size // 2): axis {axis} has {s} >= {w}"
+    return _check_self(bound, p)
+
+
+WINDOW_PARAMS = (
+    Param("window_size", None, "window size per axis (int or tuple); inputs are padded to a multiple, padding masked", _check_positive_per_axis, (None, 0, "7", 1.5), "int | tuple"),
+    Param("shift_size", 0, "Swin's cyclic shift per axis (< window_size; Swin uses window_size // 2)", _check_shift, (-1, "3", 0.5), "int | tuple"),
+    positive_number("scale", "multiplies q.k; default head_dim ** -0.5"),
+    flag("return_lse", False, "also return the log-sum-exp of each query, (B, H, *spatial)"),
+)
+
+
+def _window_mask(q: Tensor, k: Tensor, *, window_size: Any, shift_size: Any) -> WindowMask:
+    shape = tuple(q.shape[2:-1])
+    n = len(shape)
+    return WindowMask(shape, _per_axis(window_size, n, int), _per_axis(shift_size, n, int))
+
+
+def _to_windows(x: Tensor, pattern: WindowMask) -> Tensor:
+    """(B, H, *S, D) -> (B * n_windows, H, prod(window), D): pad, roll by -shift, partition (Swin)."""
+    splits = _window_splits(pattern.shape, pattern.window)
+    x = _pad_to(x, [o * i for o, i in splits])
+    if any(pattern.shift):
+        x = torch.roll(x, shifts=[-s for s in pattern.shift], dims=list(range(2, 2 + len(splits))))
+    return _split_groups(x, splits, group_is_inner=False)
+
+
+def _from_windows(x: Tensor, pattern: WindowMask, batch: int) -> Tensor:
+    splits = _window_splits(pattern.shape, pattern.window)
+    x = _merge_groups(x, splits, False, batch)
+    if any(pattern.shift):
+        x = torch.roll(x, shifts=list(pattern.shift), dims=list(range(2, 2 + len(splits))))
+    return x[(slice(None), slice(None)) + tuple(slice(0, size) for size in pattern.shape)]
+
+
+def _window_keys(pattern: WindowMask, device: torch.device) -> Tensor:
+    """(n_windows, W, W) bool: which keys of a window each query sees (shift regions, padding)."""
+    n = len(pattern.shape)
+    padded = [-(-size // w) * w for size, w in zip(pattern.shape, pattern.window)]
+    # the padded grid's region labels and real/padding flags, laid out like the windows
+    coords = torch.stack(torch.meshgrid(*[torch.arange(p, device=device) for p in padded], indexing="ij"), dim=-1)
+    real = torch.ones(padded, dtype=torch.bool, device=device)
+    region = torch.zeros(padded, dtype=torch.long, device=device)
+    for axis, (size, w, s) in enumerate(zip(pattern.shape, pattern.window, pattern.shift)):
+        c_rolled = coords[..., axis]  # coordinate in the rolled frame
+        original = (c_rolled + s) % padded[axis]
+        real &= original < size
+        if s:
+            region = region * 3 + _swin_region(c_rolled, padded[axis], w, s)
+    grid = torch.stack([real.long(), region], dim=0).unsqueeze(0).unsqueeze(-1).to(torch.float32)  # (1, 2, *padded, 1)
+    flat = _to_windows(grid, WindowMask(tuple(padded), pattern.window, (0,) * n))  # no second roll/pad
+    real_w, region_w = flat[:, 0, :, 0] > 0.5, flat[:, 1, :, 0].long()
+    seen = (region_w[:, :, None] == region_w[:, None, :]) & real_w[:, None, :]
+    # a padding query sees itself so that no row is empty (its output is cropped away)
+    return seen | torch.diag_embed(~real_w)
+
+
+def _win_sdpa(q, k, v, *, window_size, shift_size, scale, return_lse):
+    """Swin's recipe: pad, roll, partition into windows, one SDPA over all windows with the shift mask."""
+    pattern = _window_mask(q, k, window_size=window_size, shift_size=shift_size)
+    qw, kw, vw = (_to_windows(x, pattern) for x in (q, k, v))
+    keys = _window_keys(pattern, q.device)  # (nW, W, W)
+    mask = keys.repeat(q.shape[0], 1, 1).unsqueeze(1)  # (B * nW, 1, W, W), windows batch-major
+    if bool(keys.all()):
+        mask = None  # no shift, no padding: plain attention in each window
+    out = torch.nn.functional.scaled_dot_product_attention(qw, kw, vw, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    return _from_windows(out, pattern, q.shape[0])
+
+
+def _win_sample_params(p: Problem, pattern: str, rng: Optional[random.Random]) -> dict[str, Any]:
+    if rng is None:  # plain: 7 per axis (or the axis), no shift
+        return {"window_size": tuple(min(7, s) for s in p.q_shape)}
+    window = tuple(rng.randrange(1, s + 2) for s in p.q_shape)  # may exceed the axis: padded
+    shift = tuple(rng.randrange(0, w) if rng.random() < 0.6 else 0 for w in window)
+    params: dict[str, Any] = {"window_size": window, "shift_size": shift}
+    if rng.random() < 0.3:
+        params["return_lse"] = True
+    return params
+
+
+WINDOW = register(
+    Mechanism(
+        name="window",
+        family="local",
+        catalog=("L3",),
+        paper="Swin Transformer (Liu et al., 2021), Sec. 3.2 and its shifted-window masking; 3D windows as in DiT-3D",
+        formula="out_x = sum_{y in the same (shifted) window and shift region} softmax_y(scale q_x.k_y) v_y",
+        cost="O(N * prod(window_size) * D) time; O(N * prod(window_size)) memory (sdpa over windows)",
+        summary="blocked window attention over 1-3 axes with Swin's shifted windows; sizes padded, padding masked",
+        patterns=frozenset({"noncausal_self"}),
+        params=WINDOW_PARAMS,
+        spatial_dims=(1, 2, 3),
+        gqa=True,
+        sample_params=_win_sample_params,
+        check_params=_check_window_shift,
+    )
+)
+_add_pattern_backends(WINDOW, _window_mask)
+WINDOW.implementation("sdpa", accepts=_no_lse, priority=50)(_win_sdpa)
+
+
+def window_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    window_size: Any,
+    shift_size: Any = 0,
+    scale: Optional[float] = None,
+    return_lse: bool = False,
+    backend: Optional[str] = None,
+) -> Any:
+    """Blocked window attention with Swin's shifted windows (catalog L3), over 1-3 axes.
+
+    The spatial axes are padded to a multiple of ``window_size`` and cyclically shifted by
+    ``-shift_size``; each token attends the tokens of its window that lie in the same region of
+    Swin's shift mask (so a shifted window never mixes tokens that were far apart), and never
+    the padding. ``shift_size=0`` is plain blocked (non-overlapping window) attention.
+
+        out_x = sum_{y in window(x), region(y) = region(x)} softmax_y(scale * q_x . k_y) v_y
+
+    Args:
+        q, k, v: (B, H, *spatial, D), 1-3 spatial axes, k/v may have fewer heads (GQA).
+        window_size: int or one per axis (larger than an axis: that axis is one padded window).
+        shift_size: int or one per axis, each < window_size (Swin alternates 0 and window // 2).
+        scale: defaults to ``D ** -0.5``. return_lse: also return lse (B, H, *spatial).
+        backend: ``sdpa`` (Swin's pad/roll/partition + one SDPA), ``tiled`` (LSE) or ``reference``.
+
+    Differences from Swin's code: masking is exact (-inf, Swin adds -100) and padding is masked.
+    Cost: O(N * prod(window_size) * D). Paper: Swin Transformer, Sec. 3.2.
+
+    Example::
+
+        >>> x = torch.randn(2, 4, 56, 56, 32)  # (B, H, height, width, D)
+        >>> out = window_attention(x, x, x, window_size=7, shift_size=3)
+    """
+    return WINDOW(q, k, v, backend=backend, window_size=window_size, shift_size=shift_size, scale=scale, return_lse=return_lse)
+
+
+WINDOW.function = window_attention
