@@ -13,6 +13,7 @@ in the README table, which is ``attnzoo list --markdown``) without extra code. T
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 import time
@@ -492,6 +493,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Width used when stdout is not a terminal (a CI log, a pipe, a file): rich would fall back to
+#: 80 columns and fold the benchmark's notes into slivers; COLUMNS still overrides it.
+PIPE_WIDTH = 160
+
+
+def _stdout_console() -> Console:
+    if sys.stdout.isatty() or os.environ.get("COLUMNS"):
+        return Console()
+    return Console(width=PIPE_WIDTH)
+
+
 def main(argv: Optional[Sequence[str]] = None, console: Optional[Console] = None) -> int:
     """Run the command line; returns the exit status (2 for an unknown name or bad usage).
 
@@ -499,7 +511,7 @@ def main(argv: Optional[Sequence[str]] = None, console: Optional[Console] = None
     """
     args = build_parser().parse_args(argv)
     errors = console or Console(stderr=True)
-    console = console or Console()
+    console = console or _stdout_console()
     try:
         return args.run(args, console)
     except AttnZooError as err:

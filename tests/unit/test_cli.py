@@ -229,3 +229,11 @@ def test_bench_cli_rejects_bad_options(bad):
     with pytest.raises(SystemExit) as exc:
         main(["bench", *bad], console=Console(file=io.StringIO()))
     assert exc.value.code == 2
+
+
+def test_piped_output_is_wide_enough_for_the_bench_notes(capsys, monkeypatch):
+    """Not a terminal (CI logs, pipes): rows stay on one line instead of folding at 80 columns."""
+    monkeypatch.delenv("COLUMNS", raising=False)
+    assert main(["bench", "--lengths", "16", "--budget", "0.01", "--max-repeats", "2", "--mechanisms", "softmax", "--device", "cpu"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if "split_kv" in line]
+    assert len(rows) == 1 and "not preferred" in rows[0] and len(rows[0]) > 80
