@@ -241,7 +241,7 @@ def _backends_table(mech: Mechanism) -> Table:
     )
     table.add_column("backend", no_wrap=True, style="bold")
     table.add_column("what it is, and what it declares", overflow="fold")
-    for backend in sorted(mech.backends.values(), key=lambda b: -b.priority):
+    for backend in mech.dispatch_order():
         table.add_row(Text(backend.name), _backend_details(backend))
     return table
 

@@ -319,10 +319,6 @@ class Mechanism:
             return self.sample_params(problem, pattern, rng)
         return {"causal": pattern.startswith("causal")} if "causal" in self._params else {}
 
-    def param(self, name: str) -> Param | None:
-        """The declared parameter ``name``, or None."""
-        return self._params.get(name)
-
     def implementation(self, name: str, **capabilities: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Decorator registering ``fn`` as backend ``name`` (keywords: :class:`Backend` fields)."""
 
@@ -379,7 +375,7 @@ class Mechanism:
                 raise NoBackendError(f"{self.name}: backend {backend!r} declines these inputs: {reason}")
             return chosen
         reasons = []
-        for b in sorted(self.backends.values(), key=lambda b: -b.rank(problem)):
+        for b in self.dispatch_order(problem):
             reason = b.skip_reason(problem, params)
             if reason is None:
                 return b
@@ -389,8 +385,11 @@ class Mechanism:
     def explain(self, q: Any, k: Any, v: Any, **params: Any) -> list[tuple[str, str | None]]:
         """For each backend in dispatch order, ``(name, reason it declines or None)``."""
         problem, bound = self.prepare(q, k, v, params)
-        order = sorted(self.backends.values(), key=lambda b: -b.rank(problem))
-        return [(b.name, b.skip_reason(problem, bound)) for b in order]
+        return [(b.name, b.skip_reason(problem, bound)) for b in self.dispatch_order(problem)]
+
+    def dispatch_order(self, problem: Problem | None = None) -> list[Backend]:
+        """The backends in the order dispatch tries them (with ``problem``: its device's priorities)."""
+        return sorted(self.backends.values(), key=lambda b: -(b.priority if problem is None else b.rank(problem)))
 
     def prepare(self, q: Any, k: Any, v: Any, params: Mapping[str, Any]) -> tuple[Problem, dict[str, Any]]:
         """Validate a call: its :class:`Problem` and its bound parameters (defaults filled in)."""
