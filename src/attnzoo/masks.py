@@ -29,6 +29,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch import Tensor
 
+from .kernels.reference import index_grids
 from .kernels.tiled import BlockPlan
 
 __all__ = [
@@ -285,21 +286,11 @@ def softcap(cap: float) -> ScoreMod:
 # --------------------------------------------------------------------------------------------
 # converters
 # --------------------------------------------------------------------------------------------
-def _index_grids(batch: int, heads: int, device: Optional[torch.device]) -> tuple[Tensor, Tensor]:
-    return (
-        torch.arange(batch, device=device).view(batch, 1, 1, 1),
-        torch.arange(heads, device=device).view(1, heads, 1, 1),
-    )
-
-
 def dense_mask(
     mask_mod: Callable, q_len: int, kv_len: int, *, batch: int = 1, heads: int = 1, device: Optional[torch.device] = None
 ) -> Tensor:
     """The pattern as a boolean tensor broadcastable to (B, H, Nq, Nk); True = attend."""
-    b, h = _index_grids(batch, heads, device)
-    q = torch.arange(q_len, device=device).view(1, 1, q_len, 1)
-    kv = torch.arange(kv_len, device=device).view(1, 1, 1, kv_len)
-    out = torch.as_tensor(mask_mod(b, h, q, kv), device=device).bool()
+    out = torch.as_tensor(mask_mod(*index_grids(batch, heads, q_len, kv_len, device)), device=device).bool()
     shape = torch.broadcast_shapes(out.shape, (1, 1, q_len, kv_len))
     return out.expand(shape)
 
@@ -308,7 +299,7 @@ def _grid_by_evaluation(
     mask_mod: Callable, q_len: int, kv_len: int, block_q: int, block_k: int, batch: int, heads: int
 ) -> TileGrid:
     n_q, n_kv = -(-q_len // block_q), -(-kv_len // block_k)
-    b, h = _index_grids(batch, heads, None)
+    b, h = index_grids(batch, heads, 0, 0, None)[:2]
     kv = torch.arange(n_kv * block_k).clamp(max=kv_len - 1).view(1, 1, 1, -1)
     inside_kv = (torch.arange(n_kv * block_k) < kv_len).view(1, 1, 1, n_kv, block_k)
     # evaluate a few query tiles at a time so memory stays O(chunk * Nk)

@@ -5,7 +5,9 @@
 
 computed in float32 (float64 for float64 inputs) with the ``Nq x Nk`` scores in memory. GQA is
 expanded by repeating key/value heads. Rows with no allowed key give 0 and -inf, never NaN.
-Cost: O(Nq * Nk * D) time, O(Nq * Nk) memory.
+Cost: O(Nq * Nk * D) time, O(Nq * Nk) memory. :func:`stable_softmax_lse` (the NaN-free softmax
+and log-sum-exp) and :func:`index_grids` (the broadcast b/h/q/kv indices a mask or score mod
+receives) are shared by every materialized computation in the library.
 """
 
 from __future__ import annotations
@@ -15,19 +17,38 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from .split_kv import stable_softmax_lse
-
-__all__ = ["index_grids", "materialized_attention"]
+__all__ = ["index_grids", "materialized_attention", "stable_softmax_lse"]
 
 
-def index_grids(batch: int, heads: int, q_len: int, kv_len: int, device: torch.device) -> tuple[Tensor, ...]:
-    """Broadcastable (b, h, q_idx, kv_idx) index tensors of shape (B,1,1,1) ... (1,1,1,Nk)."""
+def index_grids(
+    batch: int, heads: int, q_len: int, kv_len: int, device: Optional[torch.device], *, kv_first: int = 0
+) -> tuple[Tensor, ...]:
+    """Broadcastable (b, h, q_idx, kv_idx) index tensors of shape (B,1,1,1) ... (1,1,1,Nk).
+
+    The key indices run from ``kv_first`` (a slice of a longer context keeps its positions).
+    """
     return (
         torch.arange(batch, device=device).view(batch, 1, 1, 1),
         torch.arange(heads, device=device).view(1, heads, 1, 1),
         torch.arange(q_len, device=device).view(1, 1, q_len, 1),
-        torch.arange(kv_len, device=device).view(1, 1, 1, kv_len),
+        torch.arange(kv_first, kv_first + kv_len, device=device).view(1, 1, 1, kv_len),
     )
+
+
+def stable_softmax_lse(s: Tensor, dim: int = -1) -> tuple[Tensor, Tensor]:
+    """``(softmax(s), logsumexp(s))`` along ``dim``, with rows of only ``-inf`` giving 0 and -inf.
+
+    Unlike ``torch.softmax``/``torch.logsumexp`` this never produces NaN (forward or backward)
+    for a row with nothing to attend; shared by every materialized softmax in the library.
+    """
+    m = s.amax(dim, keepdim=True).detach()  # softmax is shift-invariant: the shift needs no grad
+    m = m.masked_fill(m == float("-inf"), 0.0)
+    e = torch.exp(s - m)
+    total = e.sum(dim, keepdim=True)
+    empty = total == 0
+    p = e / torch.where(empty, torch.ones_like(total), total)
+    lse = torch.where(empty, torch.full_like(total, float("-inf")), m + torch.log(torch.where(empty, torch.ones_like(total), total)))
+    return p, lse.squeeze(dim)
 
 
 def materialized_attention(

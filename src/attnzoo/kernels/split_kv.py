@@ -18,23 +18,9 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-__all__ = ["merge_attention_states", "split_kv_attention", "stable_softmax_lse"]
+from .reference import index_grids, stable_softmax_lse
 
-
-def stable_softmax_lse(s: Tensor, dim: int = -1) -> tuple[Tensor, Tensor]:
-    """``(softmax(s), logsumexp(s))`` along ``dim``, with rows of only ``-inf`` giving 0 and -inf.
-
-    Unlike ``torch.softmax``/``torch.logsumexp`` this never produces NaN (forward or backward)
-    for a row with nothing to attend; shared by every materialized softmax in the library.
-    """
-    m = s.amax(dim, keepdim=True).detach()  # softmax is shift-invariant: the shift needs no grad
-    m = m.masked_fill(m == float("-inf"), 0.0)
-    e = torch.exp(s - m)
-    total = e.sum(dim, keepdim=True)
-    empty = total == 0
-    p = e / torch.where(empty, torch.ones_like(total), total)
-    lse = torch.where(empty, torch.full_like(total, float("-inf")), m + torch.log(torch.where(empty, torch.ones_like(total), total)))
-    return p, lse.squeeze(dim)
+__all__ = ["merge_attention_states", "split_kv_attention"]
 
 
 def merge_attention_states(
@@ -127,14 +113,7 @@ class _ScoreMods:
         if self.bias is not None:
             s = s + cols(self.bias).to(s.dtype)
         if self.score_mod is not None:
-            dev = s.device
-            s = self.score_mod(
-                s,
-                torch.arange(self.b, device=dev).view(-1, 1, 1, 1),
-                torch.arange(self.hq, device=dev).view(1, -1, 1, 1),
-                torch.arange(self.nq, device=dev).view(1, 1, -1, 1),
-                torch.arange(first, first + length, device=dev).view(1, 1, 1, -1),
-            )
+            s = self.score_mod(s, *index_grids(self.b, self.hq, self.nq, length, s.device, kv_first=first))
         if self.allowed is not None:
             s = s.masked_fill(~cols(self.allowed), float("-inf"))
         return s
