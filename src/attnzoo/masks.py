@@ -22,15 +22,16 @@ the default of :func:`attnzoo.functional.softmax_attention`), ``offset = 0`` top
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor
 
 from .kernels.reference import index_grids
-from .kernels.tiled import BlockPlan
+from .kernels.tiled import BlockPlan, _fit_block
 
 __all__ = [
     "MaskMod",
@@ -47,6 +48,7 @@ __all__ = [
     "softcap",
     "dense_mask",
     "block_plan",
+    "plan_for",
     "flex_block_mask",
 ]
 
@@ -345,6 +347,32 @@ def block_plan(
         return BlockPlan.dense(q_len, kv_len, block_q, block_k)
     visit, full = tile_grid(mask_mod, q_len, kv_len, block_q, block_k, batch=batch, heads=heads)
     return BlockPlan.from_grid(visit, full, q_len, kv_len, block_q, block_k)
+
+
+#: The tile size of the engine's plans (shrunk for short inputs by ``_fit_block``).
+TILE = 128
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_block_plan(mask_mod: Any, q_len: int, kv_len: int, block_q: int, block_k: int, batch: int, heads: int) -> BlockPlan:
+    return block_plan(mask_mod, q_len, kv_len, block_q=block_q, block_k=block_k, batch=batch, heads=heads)
+
+
+def plan_for(mask_mod: Optional[Callable], q_len: int, kv_len: int, *, batch: int = 1, heads: int = 1) -> BlockPlan:
+    """The tiled engine's plan for one call: tiles of :data:`TILE` (smaller for short inputs).
+
+    A pattern that depends on the batch or head is planned over all of them (the union of their
+    tiles). Plans of ``cacheable`` patterns (the built-ins: pure functions of the indices) are
+    cached; any other predicate may read tensors that change between calls and is planned anew.
+    """
+    if mask_mod is None or not getattr(mask_mod, "batch_head_dependent", True):
+        batch = heads = 1
+    elif getattr(mask_mod, "head_dependent_only", False):
+        batch = 1
+    block_q, block_k = _fit_block(TILE, q_len), _fit_block(TILE, kv_len)
+    if mask_mod is None or getattr(mask_mod, "cacheable", False):
+        return _cached_block_plan(mask_mod, q_len, kv_len, block_q, block_k, batch, heads)
+    return block_plan(mask_mod, q_len, kv_len, block_q=block_q, block_k=block_k, batch=batch, heads=heads)
 
 
 def flex_block_mask(

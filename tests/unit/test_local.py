@@ -8,7 +8,6 @@ import torch
 import attnzoo
 from attnzoo import masks
 from attnzoo.errors import ParameterError
-from attnzoo.functional.local._shared import _plan
 from attnzoo.functional.local.sliding_window import _pattern
 
 SW = attnzoo.get("sliding_window")
@@ -70,7 +69,7 @@ def test_equals_softmax_with_the_same_mask_mod(causal):
 
 def test_tiled_visits_only_the_window_tiles():
     n = 16384
-    plan = _plan(_pattern(n, n, (256, 0), True, 4, "bottom_right"), n, n)
+    plan = masks.plan_for(_pattern(n, n, (256, 0), True, 4, "bottom_right"), n, n)
     # 128 query tiles, each visiting its diagonal tile, 2 tiles to the left and the sink tile
     assert plan.pairs <= 128 * 4
     assert plan.density < 0.04

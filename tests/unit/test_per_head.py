@@ -9,6 +9,7 @@ import torch.nn.functional as F
 import attnzoo
 from attnzoo import HeadPattern
 from attnzoo.errors import ParameterError
+from attnzoo.functional.local import PerHeadMask
 
 
 def loop_mask(spec: HeadPattern, nq: int, nk: int, causal: bool) -> torch.Tensor:
@@ -61,6 +62,15 @@ def test_the_tile_plan_is_the_union_of_the_heads():
     out = attnzoo.per_head_patterns_attention(q, k, v, head_patterns=heads, backend="tiled")
     ref = attnzoo.per_head_patterns_attention(q, k, v, head_patterns=heads, backend="reference")
     torch.testing.assert_close(out, ref)
+
+
+def test_softmax_plans_a_head_dependent_mask_mod_over_all_heads():
+    """The same union holds when the per-head mask reaches softmax as a (cacheable) mask_mod."""
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 2, 600, 16, generator=gen, dtype=torch.float64) for _ in range(3))
+    mask = PerHeadMask((HeadPattern(sinks=50), HeadPattern(block=(600, 0), stride=(600, 599))), 0, False)
+    out = attnzoo.softmax_attention(q, k, v, mask_mod=mask, backend="tiled")
+    torch.testing.assert_close(out, attnzoo.softmax_attention(q, k, v, mask_mod=mask, backend="reference"))
 
 
 def test_bad_patterns_are_refused_with_the_head_named():

@@ -20,7 +20,6 @@ LSE -inf, never NaN.
 
 from __future__ import annotations
 
-import functools
 import random
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -34,7 +33,7 @@ from ..errors import ParameterError
 from ..kernels.flex import FLEX_CAPABILITIES, cpu_decline_reason, flex_forward
 from ..kernels.reference import materialized_attention
 from ..kernels.split_kv import split_kv_attention
-from ..kernels.tiled import BlockPlan, _fit_block, score_mod_grad_captures, tiled_attention
+from ..kernels.tiled import score_mod_grad_captures, tiled_attention
 from ..registry import PATTERNS, Backend, Mechanism, Param, Problem, choice, flag, positive_number, register
 
 __all__ = ["softmax_attention", "SOFTMAX"]
@@ -198,24 +197,6 @@ def _sdpa(q, k, v, *, causal, causal_alignment, key_padding_mask, bias, mask_mod
 # --------------------------------------------------------------------------------------------
 # tiled (FlashAttention-2 in PyTorch)
 # --------------------------------------------------------------------------------------------
-TILE_Q = 128
-TILE_K = 128
-
-
-@functools.lru_cache(maxsize=256)
-def _cached_plan(pattern: Any, nq: int, nk: int, bq: int, bk: int) -> BlockPlan:
-    return masks.block_plan(pattern, nq, nk, block_q=bq, block_k=bk)
-
-
-def _plan(pattern: Optional[Callable], q: Tensor, k: Tensor) -> BlockPlan:
-    nq, nk = q.shape[2], k.shape[2]
-    bq, bk = _fit_block(TILE_Q, nq), _fit_block(TILE_K, nk)
-    if pattern is None or getattr(pattern, "cacheable", False):
-        return _cached_plan(pattern, nq, nk, bq, bk)
-    # a user predicate may read tensors that change between calls: never cache its plan
-    return masks.block_plan(pattern, nq, nk, block_q=bq, block_k=bk, batch=q.shape[0], heads=q.shape[1])
-
-
 def _tiled_accepts(p: Problem, params: dict) -> Optional[str]:
     score_mod = params["score_mod"]
     if score_mod is not None and torch.is_grad_enabled():
@@ -233,7 +214,7 @@ def _tiled(q, k, v, *, causal, causal_alignment, key_padding_mask, bias, mask_mo
         q,
         k,
         v,
-        plan=_plan(pattern, q, k),
+        plan=masks.plan_for(pattern, q.shape[2], k.shape[2], batch=q.shape[0], heads=q.shape[1]),
         scale=_scale(q, scale),
         mask_mod=pattern,
         score_mod=score_mod,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, Callable, Optional
 
@@ -12,7 +11,7 @@ from torch import Tensor
 from ... import masks
 from ...kernels.flex import FLEX_CAPABILITIES, cpu_decline_reason, flex_forward
 from ...kernels.reference import materialized_attention
-from ...kernels.tiled import BlockPlan, _fit_block, tiled_attention
+from ...kernels.tiled import tiled_attention
 from ...registry import Backend, Mechanism, Problem
 
 
@@ -75,7 +74,7 @@ def _add_pattern_backends(mech: Mechanism, pattern_of: PatternOf, *, flex: bool 
     def tiled(q: Tensor, k: Tensor, v: Tensor, *, scale: Any, return_lse: bool, **params: Any) -> Any:
         pattern = pattern_of(q, k, **params)
         qf, kf, vf = _flat(q), _flat(k), _flat(v)
-        plan = _plan(pattern, qf.shape[2], kf.shape[2], q.shape[1])
+        plan = masks.plan_for(pattern, qf.shape[2], kf.shape[2], batch=q.shape[0], heads=q.shape[1])
         out, lse = tiled_attention(qf, kf, vf, plan=plan, scale=_scale(q, scale), mask_mod=pattern)
         return _unflat(_result(out, lse, return_lse), q, v, return_lse)
 
@@ -96,20 +95,6 @@ def _add_pattern_backends(mech: Mechanism, pattern_of: PatternOf, *, flex: bool 
 # --------------------------------------------------------------------------------------------
 # backends
 # --------------------------------------------------------------------------------------------
-
-
-TILE = 128
-
-
-@functools.lru_cache(maxsize=256)
-def _plan(pattern: masks.MaskMod, nq: int, nk: int, heads: int = 1) -> BlockPlan:
-    """The pattern's tile plan (cached: the built-in patterns are pure functions of the indices).
-
-    A head-dependent pattern is planned over all ``heads`` (the union of their tiles).
-    """
-    return masks.block_plan(
-        pattern, nq, nk, block_q=_fit_block(TILE, nq), block_k=_fit_block(TILE, nk), heads=heads if pattern.batch_head_dependent else 1
-    )
 
 
 def _flex_accepts(p: Problem, params: dict) -> Optional[str]:
