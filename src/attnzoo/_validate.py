@@ -3,18 +3,18 @@
 Every mechanism's inputs pass through :func:`describe` once per call; it raises the library's
 errors with the argument named and returns a :class:`Problem`, the small record dispatch and
 the backends' predicates read. Per-axis arguments (kernel sizes, dilations) are normalised by
-:func:`as_tuple` here too, so no mechanism re-implements these checks.
+:func:`per_axis` here too, so no mechanism re-implements these checks.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
-from .errors import DeviceError, DTypeError, NonFiniteError, ParameterError, ShapeError
+from .errors import DeviceError, DTypeError, NonFiniteError, ShapeError
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -176,25 +176,18 @@ def check_finite_inputs(mechanism: str, tensors: dict[str, Any]) -> None:
             )
 
 
-def as_tuple(name: str, value: Any, ndim: int, *, kind: type = int, mechanism: str = "") -> tuple:
-    """Normalise an int-or-per-axis argument to a tuple of ``ndim`` entries (NATTEN style)."""
-    prefix = f"{mechanism}: " if mechanism else ""
-    if isinstance(value, (list, tuple)):
-        if len(value) != ndim:
-            raise ParameterError(
-                f"{prefix}{name}: expected one value or {ndim} (one per spatial axis), got {value!r}",
-                argument=name,
-            )
-        values = tuple(value)
-    else:
-        values = (value,) * ndim
+def per_axis(value: Any, ndim: int, kind: type = int) -> Optional[tuple]:
+    """An int (or bool)-or-per-axis argument as a tuple of ``ndim`` entries, or None when invalid.
+
+    NATTEN style: one value for every spatial axis, or one per axis. Parameter checks call it
+    and word the error; mechanisms call it to normalise what the checks accepted.
+    """
+    values = tuple(value) if isinstance(value, (tuple, list)) else (value,) * ndim
+    if len(values) != ndim:
+        return None
     for x in values:
-        if kind is bool:
-            ok = isinstance(x, bool)
-        else:
-            ok = isinstance(x, kind) and not isinstance(x, bool)
-        if not ok:
-            raise ParameterError(
-                f"{prefix}{name}: expected {kind.__name__} or a tuple of {ndim}, got {value!r}", argument=name
-            )
+        if kind is bool and not isinstance(x, bool):
+            return None
+        if kind is int and (isinstance(x, bool) or not isinstance(x, int)):
+            return None
     return values

@@ -12,6 +12,7 @@ from ... import masks
 from ...kernels.flex import FLEX_CAPABILITIES, cpu_decline_reason, flex_forward
 from ...kernels.reference import materialized_attention
 from ...kernels.tiled import tiled_attention
+from ..._validate import per_axis
 from ...registry import Backend, Mechanism, Problem
 
 
@@ -50,6 +51,11 @@ def _check_self(bound: dict[str, Any], p: Problem) -> Optional[tuple[str, str]]:
     if p.q_shape != p.kv_shape:
         return "k", f"self-attention over a grid: k must have q's spatial sizes {p.q_shape}, got {p.kv_shape}"
     return None
+
+
+def _flex_accepts(p: Problem, params: dict) -> Optional[str]:
+    """What compiled FlexAttention cannot do on this device (CPU: small head dims, grad, LSE)."""
+    return cpu_decline_reason(p, score_mod=None, return_lse=params["return_lse"])
 
 
 PatternOf = Callable[..., masks.MaskMod]  # (q, k, **the mechanism's pattern parameters) -> predicate
@@ -92,33 +98,16 @@ def _add_pattern_backends(mech: Mechanism, pattern_of: PatternOf, *, flex: bool 
         mech.add_backend(Backend("flex", flex_backend, doc="compiled FlexAttention with the pattern as a BlockMask", accepts=_flex_accepts, **FLEX_CAPABILITIES))
 
 
-# --------------------------------------------------------------------------------------------
-# backends
-# --------------------------------------------------------------------------------------------
+def ints_per_axis(minimum: int) -> Callable[[Any, Problem], Optional[str]]:
+    """A parameter check: one int (or one per spatial axis), each at least ``minimum``."""
+    wording = "a positive int" if minimum == 1 else "a non-negative int" if minimum == 0 else f"an int >= {minimum}"
 
+    def check(value: Any, p: Problem) -> Optional[str]:
+        n = len(p.q_shape)
+        sizes = per_axis(value, n, int)
+        return None if sizes is not None and all(x >= minimum for x in sizes) else f"{wording} or a tuple of {n} (one per spatial axis)"
 
-def _flex_accepts(p: Problem, params: dict) -> Optional[str]:
-    """What compiled FlexAttention cannot do on this device (CPU: small head dims, grad, LSE)."""
-    return cpu_decline_reason(p, score_mod=None, return_lse=params["return_lse"])
-
-
-def _per_axis(value: Any, n: int, kind: type) -> Optional[tuple]:
-    """``value`` as a tuple of n entries of ``kind``, or None when it is not one."""
-    values = tuple(value) if isinstance(value, (tuple, list)) else (value,) * n
-    if len(values) != n:
-        return None
-    for x in values:
-        if kind is bool and not isinstance(x, bool):
-            return None
-        if kind is int and (isinstance(x, bool) or not isinstance(x, int)):
-            return None
-    return values
-
-
-def _check_positive_per_axis(value: Any, p: Problem) -> Optional[str]:
-    n = len(p.q_shape)
-    sizes = _per_axis(value, n, int)
-    return None if sizes is not None and all(w >= 1 for w in sizes) else f"a positive int or a tuple of {n} (one per spatial axis)"
+    return check
 
 
 def _pad_to(x: Tensor, padded: list[int]) -> Tensor:

@@ -10,12 +10,12 @@ import torch
 from torch import Tensor
 
 from ... import masks
+from ..._validate import per_axis
 from ...registry import Mechanism, Param, Problem, flag, positive_number, register
 from ._shared import (
     _no_lse,
     _check_self,
     _add_pattern_backends,
-    _per_axis,
     _pad_to,
     _split_groups,
     _merge_groups,
@@ -55,7 +55,7 @@ def _grid_splits(shape: tuple[int, ...], grid: tuple[int, ...]) -> list[tuple[in
 
 def _check_grid_size(value: Any, p: Problem) -> Optional[str]:
     n = len(p.q_shape)
-    sizes = _per_axis(value, n, int)
+    sizes = per_axis(value, n, int)
     if sizes is None or any(g < 1 for g in sizes):
         return f"a positive int or a tuple of {n} (one per spatial axis)"
     if any(g > size for g, size in zip(sizes, p.q_shape)):
@@ -72,7 +72,7 @@ GRID_PARAMS = (
 
 def _grid_mask(q: Tensor, k: Tensor, *, grid_size: Any) -> GridMask:
     shape = tuple(q.shape[2:-1])
-    return GridMask(shape, _per_axis(grid_size, len(shape), int))
+    return GridMask(shape, per_axis(grid_size, len(shape), int))
 
 
 def _grid_sdpa(q, k, v, *, grid_size, scale, return_lse):

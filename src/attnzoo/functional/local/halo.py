@@ -11,13 +11,13 @@ import torch
 from torch import Tensor
 
 from ... import masks
+from ..._validate import per_axis
 from ...registry import Mechanism, Param, Problem, flag, positive_number, register
 from ._shared import (
     _no_lse,
     _check_self,
     _add_pattern_backends,
-    _per_axis,
-    _check_positive_per_axis,
+    ints_per_axis,
     _pad_to,
     _split_groups,
     _merge_groups,
@@ -52,15 +52,9 @@ class HaloMask(masks.MaskMod):
         return ok
 
 
-def _check_halo_size(value: Any, p: Problem) -> Optional[str]:
-    n = len(p.q_shape)
-    sizes = _per_axis(value, n, int)
-    return None if sizes is not None and all(x >= 0 for x in sizes) else f"a non-negative int or a tuple of {n}"
-
-
 HALO_PARAMS = (
-    Param("block_size", None, "query block size per axis (int or tuple); the last block may be shorter", _check_positive_per_axis, (None, 0, "8", 2.5), "int | tuple"),
-    Param("halo_size", None, "keys beyond the block on each side, per axis (HaloNet's h)", _check_halo_size, (None, -1, "3"), "int | tuple"),
+    Param("block_size", None, "query block size per axis (int or tuple); the last block may be shorter", ints_per_axis(1), (None, 0, "8", 2.5), "int | tuple"),
+    Param("halo_size", None, "keys beyond the block on each side, per axis (HaloNet's h)", ints_per_axis(0), (None, -1, "3"), "int | tuple"),
     positive_number("scale", "multiplies q.k; default head_dim ** -0.5"),
     flag("return_lse", False, "also return the log-sum-exp of each query, (B, H, *spatial)"),
 )
@@ -69,7 +63,7 @@ HALO_PARAMS = (
 def _halo_mask(q: Tensor, k: Tensor, *, block_size: Any, halo_size: Any) -> HaloMask:
     shape = tuple(q.shape[2:-1])
     n = len(shape)
-    return HaloMask(shape, _per_axis(block_size, n, int), _per_axis(halo_size, n, int))
+    return HaloMask(shape, per_axis(block_size, n, int), per_axis(halo_size, n, int))
 
 
 def _halo_windows(x: Tensor, pattern: HaloMask) -> Tensor:

@@ -10,11 +10,12 @@ import torch
 from torch import Tensor
 
 from ... import masks
+from ..._validate import per_axis
 from ...registry import Mechanism, Param, Problem, flag, positive_number, register
 from ._shared import (
+    ints_per_axis,
     _check_self,
     _add_pattern_backends,
-    _per_axis,
 )
 
 
@@ -55,13 +56,9 @@ class NeighborhoodMask(masks.MaskMod):
         return ok
 
 
-def _neighborhood_axes(p: Problem) -> int:
-    return len(p.q_shape)
-
-
 def _check_kernel(value: Any, p: Problem) -> Optional[str]:
-    n = _neighborhood_axes(p)
-    sizes = _per_axis(value, n, int)
+    n = len(p.q_shape)
+    sizes = per_axis(value, n, int)
     if sizes is None or any(k < 1 for k in sizes):
         return f"a positive int or a tuple of {n} (one per spatial axis)"
     too_big = [i for i, (k, size) in enumerate(zip(sizes, p.q_shape)) if k > size]
@@ -70,20 +67,14 @@ def _check_kernel(value: Any, p: Problem) -> Optional[str]:
     return None
 
 
-def _check_dilation(value: Any, p: Problem) -> Optional[str]:
-    n = _neighborhood_axes(p)
-    sizes = _per_axis(value, n, int)
-    return None if sizes is not None and all(d >= 1 for d in sizes) else f"a positive int or a tuple of {n}"
-
-
 def _check_causal_axes(value: Any, p: Problem) -> Optional[str]:
-    n = _neighborhood_axes(p)
-    return None if _per_axis(value, n, bool) is not None else f"a bool or a tuple of {n} bools"
+    n = len(p.q_shape)
+    return None if per_axis(value, n, bool) is not None else f"a bool or a tuple of {n} bools"
 
 
 def _check_neighborhood(bound: dict[str, Any], p: Problem) -> Optional[tuple[str, str]]:
-    n = _neighborhood_axes(p)
-    kernel, dilation = _per_axis(bound["kernel_size"], n, int), _per_axis(bound["dilation"], n, int)
+    n = len(p.q_shape)
+    kernel, dilation = per_axis(bound["kernel_size"], n, int), per_axis(bound["dilation"], n, int)
     for axis, (k, d, size) in enumerate(zip(kernel, dilation, p.q_shape)):
         if k * d > size:
             return "dilation", f"kernel_size * dilation must fit the input: axis {axis} has {size} tokens, got {k} * {d}"
@@ -92,7 +83,7 @@ def _check_neighborhood(bound: dict[str, Any], p: Problem) -> Optional[tuple[str
 
 NEIGHBORHOOD_PARAMS = (
     Param("kernel_size", None, "window size per axis (int or tuple); even sizes allowed", _check_kernel, (None, 0, "3", 10**6, (3, 3, 3, 3)), "int | tuple"),
-    Param("dilation", 1, "gap between window keys per axis (DiNAT)", _check_dilation, (0, -2, 1.5), "int | tuple"),
+    Param("dilation", 1, "gap between window keys per axis (DiNAT)", ints_per_axis(1), (0, -2, 1.5), "int | tuple"),
     Param("causal", False, "per axis: only keys at or before the query", _check_causal_axes, ("yes", 1, (True,) * 4), "bool | tuple"),
     positive_number("scale", "multiplies q.k; default head_dim ** -0.5"),
     flag("return_lse", False, "also return the log-sum-exp of each query, (B, H, *spatial)"),
@@ -102,7 +93,7 @@ NEIGHBORHOOD_PARAMS = (
 def _neighborhood_mask(q: Tensor, k: Tensor, *, kernel_size: Any, dilation: Any, causal: Any) -> NeighborhoodMask:
     shape = tuple(q.shape[2:-1])
     n = len(shape)
-    return NeighborhoodMask(shape, _per_axis(kernel_size, n, int), _per_axis(dilation, n, int), _per_axis(causal, n, bool))
+    return NeighborhoodMask(shape, per_axis(kernel_size, n, int), per_axis(dilation, n, int), per_axis(causal, n, bool))
 
 
 def _nbr_sample_params(p: Problem, pattern: str, rng: Optional[random.Random]) -> dict[str, Any]:

@@ -10,13 +10,13 @@ import torch
 from torch import Tensor
 
 from ... import masks
+from ..._validate import per_axis
 from ...registry import Mechanism, Param, Problem, flag, positive_number, register
 from ._shared import (
     _no_lse,
     _check_self,
     _add_pattern_backends,
-    _per_axis,
-    _check_positive_per_axis,
+    ints_per_axis,
     _pad_to,
     _split_groups,
     _merge_groups,
@@ -61,15 +61,9 @@ def _swin_region(p: Tensor, padded: int, w: int, s: int) -> Tensor:
     return (p >= padded - w).long() + (p >= padded - s).long()
 
 
-def _check_shift(value: Any, p: Problem) -> Optional[str]:
-    n = len(p.q_shape)
-    sizes = _per_axis(value, n, int)
-    return None if sizes is not None and all(s >= 0 for s in sizes) else f"a non-negative int or a tuple of {n}"
-
-
 def _check_window_shift(bound: dict[str, Any], p: Problem) -> Optional[tuple[str, str]]:
     n = len(p.q_shape)
-    window, shift = _per_axis(bound["window_size"], n, int), _per_axis(bound["shift_size"], n, int)
+    window, shift = per_axis(bound["window_size"], n, int), per_axis(bound["shift_size"], n, int)
     for axis, (w, s) in enumerate(zip(window, shift)):
         if s >= w:
             return "shift_size", f"must be smaller than window_size on each axis (Swin uses window_size // 2): axis {axis} has {s} >= {w}"
@@ -77,8 +71,8 @@ def _check_window_shift(bound: dict[str, Any], p: Problem) -> Optional[tuple[str
 
 
 WINDOW_PARAMS = (
-    Param("window_size", None, "window size per axis (int or tuple); inputs are padded to a multiple, padding masked", _check_positive_per_axis, (None, 0, "7", 1.5), "int | tuple"),
-    Param("shift_size", 0, "Swin's cyclic shift per axis (< window_size; Swin uses window_size // 2)", _check_shift, (-1, "3", 0.5), "int | tuple"),
+    Param("window_size", None, "window size per axis (int or tuple); inputs are padded to a multiple, padding masked", ints_per_axis(1), (None, 0, "7", 1.5), "int | tuple"),
+    Param("shift_size", 0, "Swin's cyclic shift per axis (< window_size; Swin uses window_size // 2)", ints_per_axis(0), (-1, "3", 0.5), "int | tuple"),
     positive_number("scale", "multiplies q.k; default head_dim ** -0.5"),
     flag("return_lse", False, "also return the log-sum-exp of each query, (B, H, *spatial)"),
 )
@@ -87,7 +81,7 @@ WINDOW_PARAMS = (
 def _window_mask(q: Tensor, k: Tensor, *, window_size: Any, shift_size: Any) -> WindowMask:
     shape = tuple(q.shape[2:-1])
     n = len(shape)
-    return WindowMask(shape, _per_axis(window_size, n, int), _per_axis(shift_size, n, int))
+    return WindowMask(shape, per_axis(window_size, n, int), per_axis(shift_size, n, int))
 
 
 def _to_windows(x: Tensor, pattern: WindowMask) -> Tensor:
