@@ -111,10 +111,6 @@ SOFTMAX_PARAMS = (
 # --------------------------------------------------------------------------------------------
 # the pattern, shared by the backends
 # --------------------------------------------------------------------------------------------
-def _scale(q: Tensor, scale: Optional[float]) -> float:
-    return float(q.shape[-1] ** -0.5 if scale is None else scale)
-
-
 def _causal_offset(nq: int, nk: int, alignment: str) -> int:
     return nk - nq if alignment == "bottom_right" else 0
 
@@ -155,7 +151,7 @@ def _result(out: Tensor, lse: Tensor, return_lse: bool) -> Any:
 def _reference(q, k, v, *, causal, causal_alignment, key_padding_mask, bias, mask_mod, score_mod, scale, return_lse):
     """Materialized scores in float32 (float64 for float64 inputs): the obviously-right spec."""
     allowed = _allowed(q, k, causal, causal_alignment, key_padding_mask, mask_mod)
-    out, lse = materialized_attention(q, k, v, scale=_scale(q, scale), allowed=allowed, bias=bias, score_mod=score_mod)
+    out, lse = materialized_attention(q, k, v, scale=scale, allowed=allowed, bias=bias, score_mod=score_mod)
     return _result(out, lse, return_lse)
 
 
@@ -215,7 +211,7 @@ def _tiled(q, k, v, *, causal, causal_alignment, key_padding_mask, bias, mask_mo
         k,
         v,
         plan=masks.plan_for(pattern, q.shape[2], k.shape[2], batch=q.shape[0], heads=q.shape[1]),
-        scale=_scale(q, scale),
+        scale=scale,
         mask_mod=pattern,
         score_mod=score_mod,
         bias=bias,
@@ -249,7 +245,7 @@ def _split_kv_prefers(p: Problem, params: dict) -> Optional[str]:
 def _split_kv(q, k, v, *, causal, causal_alignment, key_padding_mask, bias, mask_mod, score_mod, scale, return_lse):
     """Few queries over many keys: up to 32 key chunks attended in parallel, merged by their LSE."""
     allowed = _allowed(q, k, causal, causal_alignment, key_padding_mask, mask_mod)
-    out, lse = split_kv_attention(q, k, v, scale=_scale(q, scale), allowed=allowed, bias=bias, score_mod=score_mod)
+    out, lse = split_kv_attention(q, k, v, scale=scale, allowed=allowed, bias=bias, score_mod=score_mod)
     return _result(out, lse, return_lse)
 
 

@@ -17,7 +17,12 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-__all__ = ["index_grids", "materialized_attention", "stable_softmax_lse"]
+__all__ = ["default_scale", "index_grids", "materialized_attention", "stable_softmax_lse"]
+
+
+def default_scale(q: Tensor, scale: Optional[float]) -> float:
+    """``scale``, or the library-wide default ``D ** -0.5`` when it is None."""
+    return float(q.shape[-1] ** -0.5 if scale is None else scale)
 
 
 def index_grids(
@@ -56,7 +61,7 @@ def materialized_attention(
     k: Tensor,
     v: Tensor,
     *,
-    scale: float,
+    scale: Optional[float] = None,
     allowed: Optional[Tensor] = None,
     bias: Optional[Tensor] = None,
     score_mod: Optional[Callable] = None,
@@ -66,7 +71,7 @@ def materialized_attention(
     group = q.shape[1] // k.shape[1]
     kk = k.to(cdt).repeat_interleave(group, dim=1)
     vv = v.to(cdt).repeat_interleave(group, dim=1)
-    s = torch.matmul(q.to(cdt), kk.transpose(-1, -2)) * scale
+    s = torch.matmul(q.to(cdt), kk.transpose(-1, -2)) * default_scale(q, scale)
     if bias is not None:
         s = s + bias.to(cdt)
     if score_mod is not None:

@@ -18,7 +18,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from .reference import index_grids, stable_softmax_lse
+from .reference import default_scale, index_grids, stable_softmax_lse
 
 __all__ = ["merge_attention_states", "split_kv_attention"]
 
@@ -56,7 +56,7 @@ def split_kv_attention(
     k: Tensor,
     v: Tensor,
     *,
-    scale: float,
+    scale: Optional[float] = None,
     num_splits: Optional[int] = None,
     max_splits: int = 32,
     min_split: int = 16,
@@ -80,7 +80,7 @@ def split_kv_attention(
     splits = max(1, min(num_splits or max_splits, nk // min_split if num_splits is None else nk))
     chunk = nk // splits
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
-    rows = (q.to(cdt) * scale).reshape(b, hkv, 1, (hq // hkv) * nq, d)  # a KV head's G query heads share its chunks
+    rows = (q.to(cdt) * default_scale(q, scale)).reshape(b, hkv, 1, (hq // hkv) * nq, d)  # a KV head's G query heads share its chunks
     mods = _ScoreMods(q.shape, nk, allowed, bias, score_mod)
     # Whole chunks are views of k and v (no copy: this kernel is bound by reading them once);
     # the keys left over, fewer than a chunk, form one more part of the merge.

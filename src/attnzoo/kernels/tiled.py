@@ -31,6 +31,8 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import Tensor
 
+from .reference import default_scale
+
 __all__ = ["Slot", "BlockPlan", "tiled_attention", "MaskFn", "ScoreFn", "score_mod_grad_captures"]
 
 #: ``mask_mod(b, h, q_idx, kv_idx) -> bool tensor``: True where the query may attend the key.
@@ -555,7 +557,7 @@ def tiled_attention(
         kv_keep = keep.view(b, 1, 1, plan.n_kv_blocks, 1, plan.block_k)
     spec = _Spec(
         plan=plan,
-        scale=float(d**-0.5 if scale is None else scale),
+        scale=default_scale(q, scale),
         mask_mod=mask_mod,
         score_mod=score_mod,
         kv_keep=kv_keep,

@@ -20,10 +20,6 @@ def _is_extent(x: Any) -> bool:
     return x is None or (isinstance(x, int) and not isinstance(x, bool) and x >= 0)
 
 
-def _scale(q: Tensor, scale: Optional[float]) -> float:
-    return float(q.shape[-1] ** -0.5 if scale is None else scale)
-
-
 def _result(out: Tensor, lse: Tensor, return_lse: bool) -> Any:
     return (out, lse) if return_lse else out
 
@@ -74,14 +70,14 @@ def _add_pattern_backends(mech: Mechanism, pattern_of: PatternOf, *, flex: bool 
         pattern = pattern_of(q, k, **params)
         nq, nk = math.prod(q.shape[2:-1]), math.prod(k.shape[2:-1])
         allowed = masks.dense_mask(pattern, nq, nk, heads=q.shape[1], device=q.device)
-        out, lse = materialized_attention(_flat(q), _flat(k), _flat(v), scale=_scale(q, scale), allowed=allowed)
+        out, lse = materialized_attention(_flat(q), _flat(k), _flat(v), scale=scale, allowed=allowed)
         return _unflat(_result(out, lse, return_lse), q, v, return_lse)
 
     def tiled(q: Tensor, k: Tensor, v: Tensor, *, scale: Any, return_lse: bool, **params: Any) -> Any:
         pattern = pattern_of(q, k, **params)
         qf, kf, vf = _flat(q), _flat(k), _flat(v)
         plan = masks.plan_for(pattern, qf.shape[2], kf.shape[2], batch=q.shape[0], heads=q.shape[1])
-        out, lse = tiled_attention(qf, kf, vf, plan=plan, scale=_scale(q, scale), mask_mod=pattern)
+        out, lse = tiled_attention(qf, kf, vf, plan=plan, scale=scale, mask_mod=pattern)
         return _unflat(_result(out, lse, return_lse), q, v, return_lse)
 
     def flex_backend(q: Tensor, k: Tensor, v: Tensor, *, scale: Any, return_lse: bool, **params: Any) -> Any:

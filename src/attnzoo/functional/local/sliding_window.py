@@ -15,7 +15,6 @@ from ...kernels.reference import materialized_attention
 from ...registry import PATTERNS, Mechanism, Param, Problem, choice, flag, positive_number, register
 from ._shared import (
     _is_extent,
-    _scale,
     _result,
     _add_pattern_backends,
 )
@@ -125,7 +124,7 @@ class _SlidingWindowDecoder:
         allowed = pos[None, :] <= q_pos
         if left is not None:
             allowed &= (pos[None, :] >= q_pos - left) | (pos[None, :] < sinks)
-        out, lse = materialized_attention(q, keys, values, scale=_scale(q, params["scale"]), allowed=allowed.to(q.device))
+        out, lse = materialized_attention(q, keys, values, scale=params["scale"], allowed=allowed.to(q.device))
         state.seen += t
         keep = torch.ones_like(pos, dtype=torch.bool) if left is None else (pos < sinks) | (pos >= state.seen - left)
         keep_idx = keep.nonzero().flatten().to(keys.device)
