@@ -103,21 +103,16 @@ def _from_windows(x: Tensor, pattern: WindowMask, batch: int) -> Tensor:
 
 def _window_keys(pattern: WindowMask, device: torch.device) -> Tensor:
     """(n_windows, W, W) bool: which keys of a window each query sees (shift regions, padding)."""
-    n = len(pattern.shape)
-    padded = [-(-size // w) * w for size, w in zip(pattern.shape, pattern.window)]
-    # the padded grid's region labels and real/padding flags, laid out like the windows
-    coords = torch.stack(torch.meshgrid(*[torch.arange(p, device=device) for p in padded], indexing="ij"), dim=-1)
-    real = torch.ones(padded, dtype=torch.bool, device=device)
-    region = torch.zeros(padded, dtype=torch.long, device=device)
-    for axis, (size, w, s) in enumerate(zip(pattern.shape, pattern.window, pattern.shift)):
-        c_rolled = coords[..., axis]  # coordinate in the rolled frame
-        original = (c_rolled + s) % padded[axis]
-        real &= original < size
+    splits = _window_splits(pattern.shape, pattern.window)
+    # real tokens vs padding: a ones tensor through the same pad, roll and partition as q, k, v
+    real_w = _to_windows(torch.ones(1, 1, *pattern.shape, 1, device=device), pattern)[:, 0, :, 0] > 0.5
+    # Swin's shift-region labels live in the rolled frame: partition them without a roll
+    region = torch.zeros([count * w for count, w in splits], dtype=torch.long, device=device)
+    for axis, ((count, w), s) in enumerate(zip(splits, pattern.shift)):
         if s:
-            region = region * 3 + _swin_region(c_rolled, padded[axis], w, s)
-    grid = torch.stack([real.long(), region], dim=0).unsqueeze(0).unsqueeze(-1).to(torch.float32)  # (1, 2, *padded, 1)
-    flat = _to_windows(grid, WindowMask(tuple(padded), pattern.window, (0,) * n))  # no second roll/pad
-    real_w, region_w = flat[:, 0, :, 0] > 0.5, flat[:, 1, :, 0].long()
+            c = torch.arange(count * w, device=device).view([-1 if a == axis else 1 for a in range(len(splits))])
+            region = region * 3 + _swin_region(c, count * w, w, s)
+    region_w = _split_groups(region[None, None, ..., None], splits, group_is_inner=False)[:, 0, :, 0]
     seen = (region_w[:, :, None] == region_w[:, None, :]) & real_w[:, None, :]
     # a padding query sees itself so that no row is empty (its output is cropped away)
     return seen | torch.diag_embed(~real_w)
