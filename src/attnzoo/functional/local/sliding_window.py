@@ -23,8 +23,6 @@ from ._shared import (
 # --------------------------------------------------------------------------------------------
 # parameters
 # --------------------------------------------------------------------------------------------
-
-
 def _check_window(value: Any, p: Problem) -> Optional[str]:
     expected = "an int (the same extent both sides) or a (left, right) pair of non-negative ints or None (unbounded)"
     if isinstance(value, int) and not isinstance(value, bool):
@@ -120,10 +118,9 @@ class _SlidingWindowDecoder:
         keys = k if state.k is None else torch.cat([state.k, k], dim=2)
         values = v if state.v is None else torch.cat([state.v, v], dim=2)
         pos = torch.cat([state.positions, new_pos])
-        q_pos = new_pos[:, None]
-        allowed = pos[None, :] <= q_pos
-        if left is not None:
-            allowed &= (pos[None, :] >= q_pos - left) | (pos[None, :] < sinks)
+        # the forward's own pattern, on absolute positions (so no alignment offset)
+        pattern = _pattern(0, 0, params["window"], True, sinks, "top_left")
+        allowed = pattern(None, None, new_pos[:, None], pos[None, :])
         out, lse = materialized_attention(q, keys, values, scale=params["scale"], allowed=allowed.to(q.device))
         state.seen += t
         keep = torch.ones_like(pos, dtype=torch.bool) if left is None else (pos < sinks) | (pos >= state.seen - left)
