@@ -49,12 +49,10 @@ class HeadPattern:
 
     def allows(self, qp: Tensor, kv: Tensor) -> Tensor:
         parts = []
-        if self.window is not None:
-            left, right = self.window
-            ok = torch.ones_like(kv, dtype=torch.bool) if right is None else kv <= qp + right
-            parts.append(ok if left is None else ok & (kv >= qp - left))
+        if self.window is not None:  # the built-in predicates for the parts the library already has
+            parts.append(masks.sliding_window(*self.window)(None, None, qp, kv))
         if self.sinks:
-            parts.append(kv < self.sinks)
+            parts.append(masks.sinks(self.sinks)(None, None, qp, kv))
         if self.stride is not None:
             parts.append(kv % self.stride[0] == self.stride[1])
         if self.block is not None:
@@ -85,10 +83,8 @@ class PerHeadMask(masks.MaskMod):
         result = None
         for head, pattern in enumerate(self.patterns):
             ok = pattern.allows(qp, kv_idx)
-            if self.causal:
-                ok = ok & (kv_idx <= qp)
             result = ok if result is None else torch.where(h == head, ok, result)
-        return result
+        return result & (kv_idx <= qp) if self.causal else result
 
 
 def _as_head_patterns(value: Any) -> Optional[tuple[HeadPattern, ...]]:
