@@ -114,6 +114,21 @@ def _pad_to(x: Tensor, padded: list[int]) -> Tensor:
     return torch.nn.functional.pad(x, [0, 0] + pads)
 
 
+def _crop(x: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """The inverse of :func:`_pad_to`: (B, H, *P, D) cut back to the spatial sizes ``shape``."""
+    return x[(slice(None), slice(None)) + tuple(slice(0, size) for size in shape)]
+
+
+def _attend_groups(q: Tensor, k: Tensor, v: Tensor, keys: Optional[Tensor], batch: int, scale: Optional[float]) -> Tensor:
+    """One SDPA over partitioned groups (B * n_groups, H, members, D).
+
+    ``keys`` (n_groups, members|1, members) bool says which keys each query of a group sees,
+    the same for every batch entry (groups are batch-major); None or all True: no mask.
+    """
+    mask = None if keys is None or bool(keys.all()) else keys.repeat(batch, 1, 1).unsqueeze(1)
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+
+
 def _split_groups(x: Tensor, splits: list[tuple[int, int]], group_is_inner: bool) -> Tensor:
     """(B, H, *P, D), each axis split as (outer, inner) -> (B * n_groups, H, group size, D).
 

@@ -13,6 +13,8 @@ from ... import masks
 from ..._validate import per_axis
 from ...registry import Mechanism, Param, Problem, flag, positive_number, register
 from ._shared import (
+    _attend_groups,
+    _crop,
     _no_lse,
     _check_self,
     _add_pattern_backends,
@@ -81,15 +83,12 @@ def _grid_sdpa(q, k, v, *, grid_size, scale, return_lse):
     splits = _grid_splits(pattern.shape, pattern.grid)
     padded = [g * s for g, s in splits]
     qg, kg, vg = (_split_groups(_pad_to(x, padded), splits, group_is_inner=True) for x in (q, k, v))
-    mask = None
-    if padded != list(pattern.shape):  # padding: a key mask per group, a padded query sees itself
-        real = _pad_to(torch.ones(1, 1, *pattern.shape, 1, device=q.device), padded)
-        real_g = _split_groups(real, splits, group_is_inner=True)[:, 0, :, 0] > 0.5  # (groups, members)
-        keys = real_g[:, None, :] | torch.diag_embed(~real_g)
-        mask = keys.repeat(q.shape[0], 1, 1).unsqueeze(1)
-    out = torch.nn.functional.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
-    out = _merge_groups(out, splits, True, q.shape[0])
-    return out[(slice(None), slice(None)) + tuple(slice(0, size) for size in pattern.shape)]
+    # padding is no key; a padded query sees itself so that no row is empty (it is cropped away)
+    real = _pad_to(torch.ones(1, 1, *pattern.shape, 1, device=q.device), padded)
+    real_g = _split_groups(real, splits, group_is_inner=True)[:, 0, :, 0] > 0.5  # (groups, members)
+    keys = real_g[:, None, :] | torch.diag_embed(~real_g)
+    out = _attend_groups(qg, kg, vg, keys, q.shape[0], scale)
+    return _crop(_merge_groups(out, splits, True, q.shape[0]), pattern.shape)
 
 
 def _grid_sample_params(p: Problem, pattern: str, rng: Optional[random.Random]) -> dict[str, Any]:

@@ -14,6 +14,8 @@ from ... import masks
 from ..._validate import per_axis
 from ...registry import Mechanism, Param, Problem, flag, positive_number, register
 from ._shared import (
+    _attend_groups,
+    _crop,
     _no_lse,
     _check_self,
     _add_pattern_backends,
@@ -87,10 +89,8 @@ def _halo_sdpa(q, k, v, *, block_size, halo_size, scale, return_lse):
     qb = _split_groups(_pad_to(q, [o * i for o, i in splits]), splits, group_is_inner=False)
     kb, vb = _halo_windows(k, pattern), _halo_windows(v, pattern)
     real = _halo_windows(torch.ones(1, 1, *pattern.shape, 1, device=q.device), pattern)[:, 0, :, 0] > 0.5  # (n_blocks, W)
-    mask = None if bool(real.all()) else real.repeat(q.shape[0], 1)[:, None, None, :]
-    out = torch.nn.functional.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
-    out = _merge_groups(out, splits, False, q.shape[0])
-    return out[(slice(None), slice(None)) + tuple(slice(0, size) for size in pattern.shape)]
+    out = _attend_groups(qb, kb, vb, real[:, None, :], q.shape[0], scale)  # beyond the border is no key
+    return _crop(_merge_groups(out, splits, False, q.shape[0]), pattern.shape)
 
 
 def _halo_sample_params(p: Problem, pattern: str, rng: Optional[random.Random]) -> dict[str, Any]:

@@ -13,6 +13,8 @@ from ... import masks
 from ..._validate import per_axis
 from ...registry import Mechanism, Param, Problem, flag, positive_number, register
 from ._shared import (
+    _attend_groups,
+    _crop,
     _no_lse,
     _check_self,
     _add_pattern_backends,
@@ -98,7 +100,7 @@ def _from_windows(x: Tensor, pattern: WindowMask, batch: int) -> Tensor:
     x = _merge_groups(x, splits, False, batch)
     if any(pattern.shift):
         x = torch.roll(x, shifts=list(pattern.shift), dims=list(range(2, 2 + len(splits))))
-    return x[(slice(None), slice(None)) + tuple(slice(0, size) for size in pattern.shape)]
+    return _crop(x, pattern.shape)
 
 
 def _window_keys(pattern: WindowMask, device: torch.device) -> Tensor:
@@ -122,11 +124,7 @@ def _win_sdpa(q, k, v, *, window_size, shift_size, scale, return_lse):
     """Swin's recipe: pad, roll, partition into windows, one SDPA over all windows with the shift mask."""
     pattern = _window_mask(q, k, window_size=window_size, shift_size=shift_size)
     qw, kw, vw = (_to_windows(x, pattern) for x in (q, k, v))
-    keys = _window_keys(pattern, q.device)  # (nW, W, W)
-    mask = keys.repeat(q.shape[0], 1, 1).unsqueeze(1)  # (B * nW, 1, W, W), windows batch-major
-    if bool(keys.all()):
-        mask = None  # no shift, no padding: plain attention in each window
-    out = torch.nn.functional.scaled_dot_product_attention(qw, kw, vw, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    out = _attend_groups(qw, kw, vw, _window_keys(pattern, q.device), q.shape[0], scale)
     return _from_windows(out, pattern, q.shape[0])
 
 
