@@ -167,9 +167,8 @@ def _timed(forward: Callable[[], Any], config: EfficiencyConfig, qkv: tuple[torc
 
 
 def _params(mech: Mechanism, problem: Problem, config: EfficiencyConfig) -> dict[str, Any]:
-    """The mechanism's plain, repeatable parameters for the pattern (no random options)."""
-    pattern = ("causal" if config.causal else "noncausal") + ("_cross" if problem.q_len != problem.kv_len else "_self")
-    return mech.example_params(problem, pattern)
+    """The mechanism's plain, repeatable parameters for the timed pattern (no random options)."""
+    return mech.example_params(problem, config.pattern)
 
 
 def _dispatch_note(mech: Mechanism, backend: Backend, problem: Problem, bound: Mapping[str, Any]) -> str:
