@@ -101,11 +101,11 @@ def test_gradients_match_reference(mech, backend, pattern, dtype, device, data):
     case = _prepare(mech, backend, pattern, dtype, device, data.draw(shapes(mech, pattern)), grad=True)
     inputs = case.tensors()
     gen = torch.Generator().manual_seed(case.seed + 1)
-    grads = {}
-    for name in (backend.name, "reference"):
-        out, _ = split_result(mech(case.q, case.k, case.v, backend=name, **case.params))
-        weight = torch.randn(out.shape, generator=gen).to(out) if name == backend.name else weight  # noqa: F821
-        grads[name] = torch.autograd.grad((out.float() * weight.float()).sum(), list(inputs.values()), allow_unused=True)
+    outs = {name: split_result(mech(case.q, case.k, case.v, backend=name, **case.params))[0] for name in (backend.name, "reference")}
+    weight = torch.randn(outs["reference"].shape, generator=gen).to(outs["reference"]).float()  # one random projection for both
+    grads = {
+        name: torch.autograd.grad((out.float() * weight).sum(), list(inputs.values()), allow_unused=True) for name, out in outs.items()
+    }
     for arg, got, want in zip(inputs, grads[backend.name], grads["reference"]):
         assert (got is None) == (want is None), f"d{arg}: gradient missing on one side ({case.describe()})"
         if want is not None:
