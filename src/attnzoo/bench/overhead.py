@@ -71,18 +71,16 @@ def dispatch_overhead(length: int = 1024, *, batch: int = 1, heads: int = 8, hea
         extra = statistics.median(b - a for a, b in zip(t_raw, t_lib))
         tiny = [t[:, :, :16] for t in (q, k, v)]
         fixed = _fixed_cost(softmax, *tiny)
-        problem = softmax.describe(q, k, v)
-        chosen = softmax.select(problem, softmax.bind(problem, {})).name
+        chosen = softmax.select(*softmax.prepare(q, k, v, {})).name
     return Overhead(length, statistics.median(t_raw) * 1e3, statistics.median(t_lib) * 1e3, med, q1, q3, extra * 1e6, fixed, chosen, pairs)
 
 
 def _fixed_cost(mech: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, repeats: int = 2000) -> float:
-    """Microseconds of ``describe + bind + select + finite check``, without the attention itself."""
+    """Microseconds of what a call adds around its backend (``prepare``, ``select``, the finite check)."""
     out = mech(q, k, v)
     start = time.perf_counter()
     for _ in range(repeats):
-        problem = mech.describe(q, k, v)
-        bound = mech.bind(problem, {})
+        problem, bound = mech.prepare(q, k, v, {})
         mech.select(problem, bound)
-        bool(torch.isfinite(out).all())
+        mech._check_output(out, q, k, v, bound)
     return (time.perf_counter() - start) / repeats * 1e6
