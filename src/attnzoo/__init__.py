@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from . import errors, masks, nn
-from .functional import HeadPattern, axial_attention, grid_attention, halo_attention, neighborhood_attention, per_head_patterns_attention, sliding_window_attention, softmax_attention, window_attention
+from .functional import HeadPattern, axial_attention, grid_attention, halo_attention, neighborhood_attention, per_head_patterns_attention, sliding_window_attention, softmax_attention, varying_window_attention, window_attention
 from .kernels.split_kv import merge_attention_states
 from .registry import PATTERNS, Backend, Mechanism, Param, checks, get, list_mechanisms, set_checks
 
@@ -32,6 +32,7 @@ __all__ = [
     "grid_attention",
     "halo_attention",
     "per_head_patterns_attention",
+    "varying_window_attention",
     "HeadPattern",
     "masks",
     "nn",

@@ -288,6 +288,9 @@ class Mechanism:
     check_params: Callable[[dict[str, Any], Problem], "tuple[str, str] | None"] | None = None  # across params
     backends: dict[str, Backend] = field(default_factory=dict)
     function: Callable[..., Any] | None = None  # the public functional form, for its docstring
+    # state_size(head_dim, value_dim=None, **params): elements of the recurrent (decoding) state per
+    # batch entry and head; None when the mechanism keeps no fixed-size state (a KV cache grows)
+    state_size: Callable[..., int] | None = None
 
     def __post_init__(self) -> None:
         self.patterns = frozenset(self.patterns)
@@ -451,6 +454,7 @@ class Mechanism:
             "patterns": ", ".join(p for p in PATTERNS if p in self.patterns),
             "exact": self.exact,
             "decoding": self.decoder is not None,
+            "state_size": _first_line(self.state_size.__doc__) if self.state_size is not None else "-",
             "params": [(p.name, p.type_name, repr(p.default), p.doc) for p in self.params],
             "backends": {name: (b.doc, b.capabilities()) for name, b in self.backends.items()},
         }

@@ -13,7 +13,15 @@ CASES = [
     (NeighborhoodAttention1D, (2, 20, 32), dict(kernel_size=5, dilation=2)),
     (NeighborhoodAttention2D, (2, 9, 11, 32), dict(kernel_size=(3, 5), causal=(True, False))),
     (NeighborhoodAttention3D, (1, 4, 5, 6, 32), dict(kernel_size=3)),
+    (NeighborhoodAttention1D, (2, 17, 32), dict(kernel_size=6, stride=4, rpb=True)),
+    (NeighborhoodAttention2D, (1, 9, 11, 32), dict(kernel_size=(3, 4), dilation=(2, 1), stride=(3, 2), causal=(False, True), rpb=True)),
+    (NeighborhoodAttention3D, (1, 4, 5, 6, 32), dict(kernel_size=(2, 3, 3), stride=(2, 1, 3), rpb=True)),
 ]
+
+
+def functional_kw(layer, kw):
+    """The functional form's keywords for a layer built with ``kw`` (its table in place of rpb=True)."""
+    return {**kw, "rpb": layer.rpb}
 
 
 @pytest.mark.parametrize("cls, shape, kw", CASES, ids=lambda x: getattr(x, "__name__", None))
@@ -27,7 +35,7 @@ def test_module_is_projections_around_the_functional_form(cls, shape, kw):
     b, spatial = shape[0], shape[1:-1]
     q, k, v = layer.qkv(x).reshape(b, *spatial, 3, 4, 8).unbind(-3)
     to_heads = lambda t: t.movedim(-2, 1)  # noqa: E731
-    out = attnzoo.neighborhood_attention(to_heads(q), to_heads(k), to_heads(v), backend="reference", **kw)
+    out = attnzoo.neighborhood_attention(to_heads(q), to_heads(k), to_heads(v), backend="reference", **functional_kw(layer, kw))
     torch.testing.assert_close(y, layer.proj(out.movedim(1, -2).reshape(*shape)))
 
 
@@ -42,8 +50,24 @@ def test_backends_agree_in_output_and_parameter_gradients(cls, shape, kw):
     torch.testing.assert_close(y1, y2)
     y1.square().sum().backward()
     y2.square().sum().backward()
+    names = [name for name, _ in fast.named_parameters()]
+    assert ("rpb" in names) == bool(kw.get("rpb"))
     for (name, p1), p2 in zip(fast.named_parameters(), slow.parameters()):
         torch.testing.assert_close(p1.grad, p2.grad, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize(
+    "cls, kernel, shape",
+    [(NeighborhoodAttention1D, 7, (8, 13)), (NeighborhoodAttention2D, (3, 5), (8, 5, 9)), (NeighborhoodAttention3D, 2, (8, 3, 3, 3))],
+)
+def test_rpb_is_one_table_per_head_initialised_as_in_nat(cls, kernel, shape):
+    torch.manual_seed(0)
+    tables = torch.cat([cls(dim=64, num_heads=8, kernel_size=kernel, rpb=True).rpb.detach().flatten() for _ in range(20)])
+    layer = cls(dim=64, num_heads=8, kernel_size=kernel, rpb=True)
+    assert layer.rpb.shape == shape and layer.rpb.requires_grad
+    assert 0.018 < float(tables.std()) < 0.022 and abs(float(tables.mean())) < 0.002  # NAT: trunc_normal_(std=0.02) cut at +-2
+    assert cls(dim=64, num_heads=8, kernel_size=kernel).rpb is None
+    assert "rpb=True" in repr(layer) and "stride=1" in repr(layer)
 
 
 def test_bad_construction_and_inputs():
@@ -54,3 +78,8 @@ def test_bad_construction_and_inputs():
         layer(torch.randn(2, 8, 32))
     with pytest.raises(ParameterError, match="kernel_size"):
         layer(torch.randn(1, 2, 8, 32))  # kernel 3 > axis of 2
+    with pytest.raises(ParameterError, match="kernel_size: expected a positive int or a tuple of 2") as info:
+        NeighborhoodAttention2D(dim=32, num_heads=4, kernel_size=(3, 3, 3), rpb=True)  # the table needs a valid kernel now
+    assert info.value.argument == "kernel_size"
+    with pytest.raises(ParameterError, match="stride: expected at most kernel_size"):
+        NeighborhoodAttention2D(dim=32, num_heads=4, kernel_size=3, stride=4)(torch.randn(1, 8, 8, 32))

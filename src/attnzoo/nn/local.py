@@ -1,16 +1,19 @@
 """Modules over the local family: a projection, the functional call, an output projection.
 
 Like timm's ``Attention``, a module holds only the learnable state (the qkv and output
-projections) and calls the functional form, whose ``backend=`` it passes through; tokens are
-channels-last, ``(B, *spatial, C)``, the layout of ViT token mixers.
+projections, and NAT's relative positional bias table when asked for) and calls the functional
+form, whose ``backend=`` it passes through; tokens are channels-last, ``(B, *spatial, C)``, the
+layout of ViT token mixers.
 """
 
 from __future__ import annotations
 
 from typing import Any, Optional
 
+import torch
 from torch import Tensor, nn
 
+from .._validate import per_axis
 from ..errors import ParameterError, ShapeError
 from ..functional.local import neighborhood_attention
 
@@ -18,6 +21,14 @@ __all__ = ["NeighborhoodAttention1D", "NeighborhoodAttention2D", "NeighborhoodAt
 
 
 class _NeighborhoodAttention(nn.Module):
+    """qkv projection, :func:`~attnzoo.functional.neighborhood_attention` per head, output projection.
+
+    ``kernel_size``, ``dilation``, ``stride`` and ``causal`` are the functional form's (int or
+    one per axis), checked against the input at each call. ``rpb=True`` adds NAT's learnable
+    relative positional bias, a ``(num_heads, 2k_1 - 1, ..., 2k_n - 1)`` parameter initialised
+    from a truncated normal with std 0.02 (as in NAT/DiNAT). ``backend`` is passed through.
+    """
+
     spatial_dims = 0
 
     def __init__(
@@ -26,18 +37,30 @@ class _NeighborhoodAttention(nn.Module):
         num_heads: int,
         kernel_size: Any,
         dilation: Any = 1,
+        stride: Any = 1,
         causal: Any = False,
+        rpb: bool = False,
         qkv_bias: bool = True,
         proj_bias: bool = True,
         backend: Optional[str] = None,
     ):
         super().__init__()
+        name = type(self).__name__
         if num_heads < 1 or dim % num_heads:
-            raise ParameterError(f"{type(self).__name__}: num_heads: expected a divisor of dim={dim}, got {num_heads}", argument="num_heads")
+            raise ParameterError(f"{name}: num_heads: expected a divisor of dim={dim}, got {num_heads}", argument="num_heads")
         self.dim, self.num_heads = dim, num_heads
-        self.kernel_size, self.dilation, self.causal, self.backend = kernel_size, dilation, causal, backend
+        self.kernel_size, self.dilation, self.stride, self.causal, self.backend = kernel_size, dilation, stride, causal, backend
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
+        if rpb:
+            kernel = per_axis(kernel_size, self.spatial_dims, int)
+            if kernel is None or min(kernel) < 1:  # the table's shape needs it now; the rest is checked per call
+                expected = f"a positive int or a tuple of {self.spatial_dims}"
+                raise ParameterError(f"{name}: kernel_size: expected {expected}, got {kernel_size!r}", argument="kernel_size")
+            # NAT's table: one (2k-1)^n per head, trunc_normal_(std=0.02) (its cut at +-2 is NAT's too)
+            self.rpb = nn.Parameter(nn.init.trunc_normal_(torch.empty(num_heads, *(2 * k - 1 for k in kernel)), std=0.02))
+        else:
+            self.register_parameter("rpb", None)
 
     def forward(self, x: Tensor) -> Tensor:
         """``x`` (B, *spatial, C) -> (B, *spatial, C)."""
@@ -51,12 +74,23 @@ class _NeighborhoodAttention(nn.Module):
         qkv = self.qkv(x).reshape(b, *spatial, 3, self.num_heads, head_dim)
         qkv = qkv.movedim(-3, 0).movedim(-2, 2)  # (3, B, heads, *spatial, head_dim)
         out = neighborhood_attention(
-            qkv[0], qkv[1], qkv[2], kernel_size=self.kernel_size, dilation=self.dilation, causal=self.causal, backend=self.backend
+            qkv[0],
+            qkv[1],
+            qkv[2],
+            kernel_size=self.kernel_size,
+            dilation=self.dilation,
+            stride=self.stride,
+            causal=self.causal,
+            rpb=self.rpb,
+            backend=self.backend,
         )
         return self.proj(out.movedim(1, -2).reshape(b, *spatial, self.dim))
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, num_heads={self.num_heads}, kernel_size={self.kernel_size}, dilation={self.dilation}, causal={self.causal}"
+        return (
+            f"dim={self.dim}, num_heads={self.num_heads}, kernel_size={self.kernel_size}, dilation={self.dilation}, "
+            f"stride={self.stride}, causal={self.causal}, rpb={self.rpb is not None}"
+        )
 
 
 class NeighborhoodAttention1D(_NeighborhoodAttention):
@@ -76,7 +110,7 @@ class NeighborhoodAttention2D(_NeighborhoodAttention):
 
     Example::
 
-        >>> layer = NeighborhoodAttention2D(dim=64, num_heads=4, kernel_size=7)
+        >>> layer = NeighborhoodAttention2D(dim=64, num_heads=4, kernel_size=7, rpb=True)  # NAT's layer
         >>> y = layer(torch.randn(2, 32, 32, 64))
     """
 

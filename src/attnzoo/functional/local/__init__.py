@@ -17,6 +17,7 @@ from .halo import HALO, HaloMask, halo_attention
 from .neighborhood import NEIGHBORHOOD, NeighborhoodMask, neighborhood_attention
 from .per_head import PER_HEAD, HeadPattern, PerHeadMask, per_head_patterns_attention
 from .sliding_window import SLIDING_WINDOW, sliding_window_attention
+from .varying_window import VARYING_WINDOW, varying_window_attention
 from .window import WINDOW, WindowMask, window_attention
 
 __all__ = [
@@ -41,4 +42,6 @@ __all__ = [
     "PER_HEAD",
     "HeadPattern",
     "PerHeadMask",
+    "varying_window_attention",
+    "VARYING_WINDOW",
 ]

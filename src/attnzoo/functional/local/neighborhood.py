@@ -1,7 +1,18 @@
-"""Neighborhood attention 1D/2D/3D with NATTEN semantics (catalog L1)."""
+"""Neighborhood attention 1D/2D/3D with NATTEN semantics (catalog L1).
+
+Each query attends the ``prod(kernel_size)`` keys of a window around it (Hassani et al.: NAT,
+DiNAT, Faster NA, Generalized NA). Per axis the window is a function of the query's coordinate
+alone (:func:`_window`); the predicate :class:`NeighborhoodMask` (the spec, read by the
+reference, ``tiled`` and ``flex``) and :func:`neighbor_table` (each query's keys as an
+``(N, K)`` index, for gather kernels) both derive from it. The optional relative positional
+bias ``rpb`` (NAT/DiNAT, NATTEN <= 0.17) is a score_mod; the tiled engine differentiates a
+score_mod in the score only, so :class:`_RpbGradient` supplies the table's gradient.
+"""
 
 from __future__ import annotations
 
+import functools
+import math
 import random
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -10,52 +21,213 @@ import torch
 from torch import Tensor
 
 from ... import masks
+from ...errors import ParameterError
+from ...kernels.gathered import NeighborTable, gathered_attention, native_usable
+from ...kernels.flex import FLEX_CAPABILITIES, cpu_decline_reason, flex_forward
+from ...kernels.reference import default_scale, materialized_attention
+from ...kernels.tiled import tiled_attention
 from ..._validate import per_axis
-from ...registry import Mechanism, Param, Problem, flag, positive_number, register
-from ._shared import (
-    ints_per_axis,
-    _check_self,
-    _add_pattern_backends,
-)
+from ...registry import Backend, Mechanism, Param, Problem, flag, positive_number, register
+from ._shared import _check_self, _flat, _result, _unflat, ints_per_axis
+
+__all__ = ["NeighborhoodMask", "neighbor_table", "neighborhood_attention", "NEIGHBORHOOD"]
 
 
+# --------------------------------------------------------------------------------------------
+# the window of one axis
+# --------------------------------------------------------------------------------------------
+def _group_len(size: int, group: Tensor, dilation: int) -> Tensor:
+    """Tokens in dilation group ``group`` of an axis of ``size``: ceil((size - group) / dilation)."""
+    return (size - group + dilation - 1) // dilation
+
+
+def _window(place: Tensor, group_len: Tensor, kernel: int, stride: int, causal: bool) -> tuple[Tensor, Tensor]:
+    """``(first, last)`` place (inclusive) of the keys a query at ``place`` sees, within its dilation group.
+
+    A stride group (``stride`` consecutive places) shares its leader's window (NATTEN >= 0.20,
+    GNA). Non-causal: the leader is the group's centre place (right of centre for an even
+    stride), clipped to the group's last; the window holds ``kernel // 2`` places before the
+    leader and ``kernel - 1 - kernel // 2`` after it, shifted inward at the borders so it always
+    holds ``kernel`` places. Causal: the leader is the group's last place (clipped); the window
+    starts ``kernel - 1`` before it and ends at the query itself, so it never reaches the future.
+    """
+    if causal:
+        leader = torch.minimum((place // stride) * stride + stride - 1, group_len - 1)
+        return (leader - kernel + 1).clamp(min=0), place
+    leader = torch.minimum((place // stride) * stride + stride // 2, group_len - 1)
+    first = torch.minimum((leader - kernel // 2).clamp(min=0), group_len - kernel)
+    return first, first + kernel - 1
+
+
+# --------------------------------------------------------------------------------------------
+# the pattern as a predicate
+# --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class NeighborhoodMask(masks.MaskMod):
-    """Neighborhood attention over flattened N-D tokens as a mask predicate.
+    """Neighborhood attention over flattened (row-major) N-D tokens as a mask predicate.
 
-    Per axis of size L with kernel k and dilation d: a token's group is ``c % d`` and its place
-    in the group ``p = c // d``; the group holds ``L_g = ceil((L - c % d) / d)`` tokens. A query
-    sees the keys of its group whose place is in ``[s, s + k)`` with
-    ``s = clamp(p - k // 2, 0, L_g - k)`` (the window shifts inward at the borders, so every query
-    sees exactly k keys per axis), or in ``[max(p - k + 1, 0), p]`` on a causal axis. A key is
-    seen when every axis agrees. Even k: k // 2 keys before and k // 2 - 1 after.
+    Per axis of size L with kernel k, dilation d and stride s: a token's dilation group is
+    ``c % d`` and its place in the group ``p = c // d``. A query sees the keys of its group
+    whose place lies in its window (:func:`_window`): ``[f, f + k)`` with
+    ``f = clamp(leader - k // 2, 0, L_g - k)`` (``L_g`` the group's length, ``leader`` the
+    centre of p's stride group; ``leader = p`` for s = 1), or ``[max(leader - k + 1, 0), p]``
+    on a causal axis (``leader`` the last of the stride group). A key is seen when every axis
+    agrees.
     """
 
     shape: tuple[int, ...]
     kernel_size: tuple[int, ...]
     dilation: tuple[int, ...]
+    stride: tuple[int, ...]
     causal: tuple[bool, ...]
     cacheable = True
 
+    def _coords(self, flat: Tensor) -> list[Tensor]:
+        """Row-major coordinates of flat token indices, one tensor per axis."""
+        coords, step = [], 1
+        for size in reversed(self.shape):
+            coords.append((flat // step) % size)
+            step *= size
+        return coords[::-1]
+
     def __call__(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         ok = None
-        stride = 1
-        for axis in reversed(range(len(self.shape))):
-            size, k, d = self.shape[axis], self.kernel_size[axis], self.dilation[axis]
-            cq, ck = (q_idx // stride) % size, (kv_idx // stride) % size
-            stride *= size
-            pq, pk = cq // d, ck // d
-            here = (cq % d) == (ck % d)
-            if self.causal[axis]:
-                here = here & (pk <= pq) & (pk >= pq - k + 1)
-            else:
-                group_len = (size - cq % d + d - 1) // d
-                start = torch.minimum((pq - k // 2).clamp(min=0), group_len - k)
-                here = here & (pk >= start) & (pk < start + k)
+        for axis, (cq, ck) in enumerate(zip(self._coords(q_idx), self._coords(kv_idx))):
+            d = self.dilation[axis]
+            group = cq % d
+            group_len = _group_len(self.shape[axis], group, d)
+            first, last = _window(cq // d, group_len, self.kernel_size[axis], self.stride[axis], self.causal[axis])
+            pk = ck // d
+            here = (ck % d == group) & (pk >= first) & (pk <= last)
             ok = here if ok is None else ok & here
         return ok
 
+    @property
+    def rpb_shape(self) -> tuple[int, ...]:
+        """Per-axis sizes of a relative positional bias table: 2k - 1 offsets per axis."""
+        return tuple(2 * k - 1 for k in self.kernel_size)
 
+    def bias_index(self, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        """Flat index into the (row-major) rpb table of each pair: per axis ``p_key - p_query + k - 1``.
+
+        Meaningful for pairs inside the pattern (there it lies in ``[0, 2k - 1)``); clamped into
+        the table elsewhere, so that masked pairs index safely.
+        """
+        flat = None
+        for axis, (cq, ck) in enumerate(zip(self._coords(q_idx), self._coords(kv_idx))):
+            d, k = self.dilation[axis], self.kernel_size[axis]
+            offset = (ck // d - cq // d + k - 1).clamp(0, 2 * k - 2)
+            flat = offset if flat is None else flat * (2 * k - 1) + offset
+        return flat
+
+
+@dataclass(frozen=True, eq=False)
+class _RelativePositionBias(masks.ScoreMod):
+    """``score + table[h, pattern.bias_index(q, kv)]``: NAT's relative positional bias as a score_mod."""
+
+    table: Tensor  # (H, prod(2k - 1)): one flattened table per query head
+    pattern: NeighborhoodMask
+
+    def __call__(self, score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        return score + self.table.to(score.dtype)[h, self.pattern.bias_index(q_idx, kv_idx)]
+
+
+# --------------------------------------------------------------------------------------------
+# the pattern as a neighbour table
+# --------------------------------------------------------------------------------------------
+def _axis_neighbors(size: int, kernel: int, dilation: int, stride: int, causal: bool, device: Any) -> tuple[Tensor, Tensor]:
+    """One axis: ``(key, offset)``, each (size, kernel): the coordinate of the key in window slot t
+    of each query coordinate and its rpb offset ``p_key - p_query + kernel - 1``; -1 in the slots
+    past the end of a causal window."""
+    coord = torch.arange(size, device=device)
+    group, place = coord % dilation, coord // dilation
+    first, last = _window(place, _group_len(size, group, dilation), kernel, stride, causal)
+    slot = first[:, None] + torch.arange(kernel, device=device)  # the window's places, in order
+    inside = slot <= last[:, None]
+    key = torch.where(inside, slot * dilation + group[:, None], -1)
+    offset = torch.where(inside, slot - place[:, None] + kernel - 1, -1)
+    return key, offset
+
+
+def _combine_axes(axes: list[tuple[Tensor, Tensor]], shape: tuple[int, ...], kernel_size: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+    """Per-axis ``(key, offset)`` tables -> flat ``(index, rel)``, (N, K), by broadcasting.
+
+    Query axes come first and window slots second, both row-major, so row n is the n-th
+    flattened query and column t the t-th slot of the kernel grid.
+    """
+    n = len(axes)
+    index = rel = inside = None
+    token_step = table_step = 1
+    for axis in reversed(range(n)):
+        key, offset = axes[axis]
+        view = [1] * (2 * n)
+        view[axis], view[n + axis] = key.shape
+        key, offset = key.view(view), offset.view(view)
+        here = key >= 0
+        index = key * token_step if index is None else index + key * token_step
+        rel = offset * table_step if rel is None else rel + offset * table_step
+        inside = here if inside is None else inside & here
+        token_step *= shape[axis]
+        table_step *= 2 * kernel_size[axis] - 1
+    rows, slots = math.prod(a[0].shape[0] for a in axes), math.prod(kernel_size)
+    index = torch.where(inside, index, -1).reshape(rows, slots)
+    rel = torch.where(inside, rel, -1).reshape(rows, slots)
+    return index, rel
+
+
+def neighbor_table(
+    shape: Any, kernel_size: Any, dilation: Any = 1, stride: Any = 1, causal: Any = False, *, device: Any = None
+) -> tuple[Tensor, Tensor]:
+    """Each query's neighbourhood as an index table: ``(index, rel)``, both (N, K) int64.
+
+    ``N = prod(shape)`` queries in row-major order, ``K = prod(kernel_size)`` window slots in
+    row-major order of the kernel grid. ``index[n, t]`` is the flat (row-major) index of the key
+    in slot t of query n's window; on an axis whose window starts at place ``f`` (see
+    :func:`neighborhood_attention`), slot ``t`` holds the key at place ``f + t`` of the query's
+    dilation group. ``rel[n, t]`` is the flat index of the pair into one head's flattened rpb
+    table of shape ``(2k_1 - 1, ..., 2k_n - 1)`` (per axis ``p_key - p_query + k - 1``).
+    Both are -1 in the slots a causal window does not reach (a causal axis gives the query at
+    place p only ``p - f + 1`` keys, fewer than k near the start); non-causal rows are full.
+    The set ``{index[n, t] >= 0}`` is exactly the keys :class:`NeighborhoodMask` lets query n
+    see; a gather kernel consumes it directly.
+
+    Built per axis ((L, k) tables) and combined by broadcasting: O(N * K) time and memory,
+    no N x N tensor. Arguments are as for :func:`neighborhood_attention` (int or per axis).
+    """
+    pattern = _checked_pattern(shape, kernel_size, dilation, stride, causal)
+    axes = [
+        _axis_neighbors(size, k, d, s, c, device)
+        for size, k, d, s, c in zip(pattern.shape, pattern.kernel_size, pattern.dilation, pattern.stride, pattern.causal)
+    ]
+    return _combine_axes(axes, pattern.shape, pattern.kernel_size)
+
+
+def _checked_pattern(shape: Any, kernel_size: Any, dilation: Any, stride: Any, causal: Any) -> NeighborhoodMask:
+    """The pattern of explicit arguments (neighbor_table's), each checked, errors naming it."""
+    shape = tuple(shape)
+    n = len(shape)
+    if not 1 <= n <= 3 or per_axis(shape, n, int) is None or min(shape) < 1:
+        raise ParameterError(f"neighbor_table: shape: expected 1-3 positive ints, got {shape!r}", argument="shape")
+    values = {"kernel_size": kernel_size, "dilation": dilation, "stride": stride}
+    ints = {name: per_axis(value, n, int) for name, value in values.items()}
+    for name, sizes in ints.items():
+        if sizes is None or min(sizes) < 1:
+            raise ParameterError(f"neighbor_table: {name}: expected a positive int or a tuple of {n}, got {values[name]!r}", argument=name)
+    kernel, dil, steps = ints["kernel_size"], ints["dilation"], ints["stride"]
+    if any(k * d > size for k, d, size in zip(kernel, dil, shape)):
+        message = f"neighbor_table: dilation: kernel_size * dilation must fit shape {shape}, got {kernel} * {dil}"
+        raise ParameterError(message, argument="dilation")
+    if any(s > k for s, k in zip(steps, kernel)):
+        raise ParameterError(f"neighbor_table: stride: expected at most kernel_size {kernel} per axis, got {steps}", argument="stride")
+    flags = per_axis(causal, n, bool)
+    if flags is None:
+        raise ParameterError(f"neighbor_table: causal: expected a bool or a tuple of {n} bools, got {causal!r}", argument="causal")
+    return NeighborhoodMask(shape, kernel, dil, steps, flags)
+
+
+# --------------------------------------------------------------------------------------------
+# parameters
+# --------------------------------------------------------------------------------------------
 def _check_kernel(value: Any, p: Problem) -> Optional[str]:
     n = len(p.q_shape)
     sizes = per_axis(value, n, int)
@@ -72,59 +244,259 @@ def _check_causal_axes(value: Any, p: Problem) -> Optional[str]:
     return None if per_axis(value, n, bool) is not None else f"a bool or a tuple of {n} bools"
 
 
+def _check_rpb(value: Any, p: Problem) -> Optional[str]:
+    """Type, device, rank and head count here; the per-axis sizes need kernel_size (check_params)."""
+    if value is None:
+        return None
+    n = len(p.q_shape)
+    expected = f"None or a floating tensor of shape (heads={p.q_heads}, {', '.join(['2k-1'] * n)}) on {p.device}"
+    if not isinstance(value, Tensor) or not value.is_floating_point() or value.device != p.device:
+        return expected
+    return None if value.dim() == 1 + n and value.shape[0] == p.q_heads else expected
+
+
 def _check_neighborhood(bound: dict[str, Any], p: Problem) -> Optional[tuple[str, str]]:
     n = len(p.q_shape)
-    kernel, dilation = per_axis(bound["kernel_size"], n, int), per_axis(bound["dilation"], n, int)
+    kernel, dilation, stride = (per_axis(bound[name], n, int) for name in ("kernel_size", "dilation", "stride"))
     for axis, (k, d, size) in enumerate(zip(kernel, dilation, p.q_shape)):
         if k * d > size:
             return "dilation", f"kernel_size * dilation must fit the input: axis {axis} has {size} tokens, got {k} * {d}"
+    for axis, (k, s) in enumerate(zip(kernel, stride)):
+        if s > k:
+            return "stride", f"expected at most kernel_size on each axis: axis {axis} has kernel {k}, got stride {s}"
+    rpb = bound["rpb"]
+    if rpb is not None:
+        want = (p.q_heads, *(2 * k - 1 for k in kernel))
+        if tuple(rpb.shape) != want:
+            return "rpb", f"expected shape {want} (heads, 2 * kernel_size - 1 per axis), got {tuple(rpb.shape)}"
     return _check_self(bound, p)
 
 
 NEIGHBORHOOD_PARAMS = (
     Param("kernel_size", None, "window size per axis (int or tuple); even sizes allowed", _check_kernel, (None, 0, "3", 10**6, (3, 3, 3, 3)), "int | tuple"),
     Param("dilation", 1, "gap between window keys per axis (DiNAT)", ints_per_axis(1), (0, -2, 1.5), "int | tuple"),
+    Param(
+        "stride",
+        1,
+        "per axis: queries in a stride group share one window (GNA); stride = kernel_size is blocked attention",
+        ints_per_axis(1),
+        (0, -1, 1.5, "2", (1, 1, 1, 1), 10**6),
+        "int | tuple",
+    ),
     Param("causal", False, "per axis: only keys at or before the query", _check_causal_axes, ("yes", 1, (True,) * 4), "bool | tuple"),
+    Param(
+        "rpb",
+        None,
+        "relative positional bias (H, 2k-1 per axis) added to the scores (NAT/DiNAT); differentiable",
+        _check_rpb,
+        ("table", torch.zeros(5), torch.zeros(4, 12), torch.zeros(4, 13, dtype=torch.long)),
+        "Tensor | None",
+    ),
     positive_number("scale", "multiplies q.k; default head_dim ** -0.5"),
     flag("return_lse", False, "also return the log-sum-exp of each query, (B, H, *spatial)"),
 )
 
 
-def _neighborhood_mask(q: Tensor, k: Tensor, *, kernel_size: Any, dilation: Any, causal: Any) -> NeighborhoodMask:
-    shape = tuple(q.shape[2:-1])
-    n = len(shape)
-    return NeighborhoodMask(shape, per_axis(kernel_size, n, int), per_axis(dilation, n, int), per_axis(causal, n, bool))
+def _neighborhood_mask(q: Tensor, *, kernel_size: Any, dilation: Any, stride: Any, causal: Any) -> NeighborhoodMask:
+    """The pattern of a call whose parameters the registry has checked."""
+    n = q.dim() - 3
+    ints = (per_axis(value, n, int) for value in (kernel_size, dilation, stride))
+    return NeighborhoodMask(tuple(q.shape[2:-1]), *ints, per_axis(causal, n, bool))
 
 
+#: Keys per query up to which dispatch prefers the neighbor table to the tiled engine (1D, 2D/3D).
+_GATHERED_MAX_SLOTS_1D = 128
+_GATHERED_MAX_SLOTS_ND = 1024
+
+# --------------------------------------------------------------------------------------------
+# the gradient of the rpb table on the tiled engine
+# --------------------------------------------------------------------------------------------
+#: Gathered key/value elements one chunk of queries may hold in the rpb backward (16M floats).
+_GATHER_BUDGET = 1 << 24
+
+
+def _rpb_table_grad(
+    q: Tensor, k: Tensor, v: Tensor, lse: Tensor, grad_out: Tensor, rpb: Tensor, pattern: NeighborhoodMask, scale: float
+) -> Tensor:
+    """dL/d(rpb): the score gradient ``dS = P * (dP - rowsum(P * dP))`` summed per table entry.
+
+    An additive bias has the score's gradient, so entry r of head h collects dS over the pairs
+    whose ``rel`` is r. Each chunk of queries gathers its K neighbour keys and values from
+    :func:`neighbor_table` and recomputes ``P = exp(S - lse)`` with the forward's LSE: O(N K D)
+    time, O(chunk * K * D) memory. Flat layouts: q (B, H, N, D), k/v (B, Hkv, N, D), lse (B, H, N).
+    """
+    batch, heads, n_tokens, _ = q.shape
+    kv_heads = k.shape[1]
+    group = heads // kv_heads
+    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    table = rpb.detach().to(cdt).reshape(heads, -1)
+    grad = torch.zeros_like(table)
+    index, rel = neighbor_table(pattern.shape, pattern.kernel_size, pattern.dilation, pattern.stride, pattern.causal, device=q.device)
+    slots = index.shape[1]
+    chunk = max(1, _GATHER_BUDGET // (batch * heads * slots * max(q.shape[-1], v.shape[-1])))
+    to_groups = lambda t: t.to(cdt).view(batch, kv_heads, group, *t.shape[2:])  # noqa: E731
+    qg, dog, lseg = to_groups(q) * scale, to_groups(grad_out), to_groups(lse)
+    kc, vc = k.to(cdt), v.to(cdt)
+    for start in range(0, n_tokens, chunk):
+        rows = slice(start, min(start + chunk, n_tokens))
+        keys, inside, r = index[rows], index[rows] >= 0, rel[rows]
+        k_nb, v_nb = kc[:, :, keys.clamp(min=0)], vc[:, :, keys.clamp(min=0)]  # (B, Hkv, C, K, D)
+        bias = table[:, r.clamp(min=0)].view(kv_heads, group, *r.shape)
+        s = torch.einsum("bhgcd,bhckd->bhgck", qg[:, :, :, rows], k_nb) + bias
+        p = torch.exp(s - lseg[:, :, :, rows, None]).masked_fill(~inside, 0.0)
+        dp = torch.einsum("bhgcd,bhckd->bhgck", dog[:, :, :, rows], v_nb)
+        ds = p * (dp - (p * dp).sum(-1, keepdim=True))
+        grad.index_add_(1, r[inside], ds.sum(0).reshape(heads, *r.shape)[:, inside])
+    return grad.view(rpb.shape).to(rpb.dtype)
+
+
+class _RpbGradient(torch.autograd.Function):
+    """Passes ``out`` through; its backward adds the rpb table's gradient (:func:`_rpb_table_grad`).
+
+    The tiled engine differentiates its score_mod in the score only (the table it captures gets
+    no gradient); this node sits on the engine's output, so it sees dL/d(out) first and computes
+    the table's share from it, leaving q, k, v to the engine's own backward.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, out: Tensor, rpb: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, pattern: NeighborhoodMask, scale: float
+    ) -> Tensor:
+        ctx.save_for_backward(rpb, q, k, v, lse)
+        ctx.pattern, ctx.scale = pattern, scale
+        return out.clone()  # a new tensor: returning ``out`` as-is would forbid in-place edits of the result
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Any, ...]:
+        rpb, q, k, v, lse = ctx.saved_tensors
+        return grad_out, _rpb_table_grad(q, k, v, lse, grad_out, rpb, ctx.pattern, ctx.scale), None, None, None, None, None, None
+
+
+# --------------------------------------------------------------------------------------------
+# backends
+# --------------------------------------------------------------------------------------------
+def _rpb_mod(rpb: Optional[Tensor], pattern: NeighborhoodMask) -> Optional[_RelativePositionBias]:
+    return None if rpb is None else _RelativePositionBias(rpb.reshape(rpb.shape[0], -1), pattern)
+
+
+def _reference(q: Tensor, k: Tensor, v: Tensor, *, scale: Any, return_lse: bool, rpb: Optional[Tensor], **window: Any) -> Any:
+    """The pattern as a dense mask over materialized scores, rpb as a score_mod: the spec."""
+    pattern = _neighborhood_mask(q, **window)
+    n = math.prod(pattern.shape)
+    allowed = masks.dense_mask(pattern, n, n, device=q.device)
+    out, lse = materialized_attention(_flat(q), _flat(k), _flat(v), scale=scale, allowed=allowed, score_mod=_rpb_mod(rpb, pattern))
+    return _unflat(_result(out, lse, return_lse), q, v, return_lse)
+
+
+def _tiled(q: Tensor, k: Tensor, v: Tensor, *, scale: Any, return_lse: bool, rpb: Optional[Tensor], **window: Any) -> Any:
+    """The tiled FA2 engine over the key tiles the pattern touches; rpb's gradient by :class:`_RpbGradient`."""
+    pattern = _neighborhood_mask(q, **window)
+    qf, kf, vf = _flat(q), _flat(k), _flat(v)
+    n = qf.shape[2]
+    plan = masks.plan_for(pattern, n, n)
+    mod = None if rpb is None else _rpb_mod(rpb.detach(), pattern)
+    out, lse = tiled_attention(qf, kf, vf, plan=plan, scale=scale, mask_mod=pattern, score_mod=mod)
+    if rpb is not None and rpb.requires_grad and torch.is_grad_enabled():
+        out = _RpbGradient.apply(out, rpb, qf, kf, vf, lse, pattern, default_scale(q, scale))
+    return _unflat(_result(out, lse, return_lse), q, v, return_lse)
+
+
+@functools.lru_cache(maxsize=16)
+def _table(pattern: NeighborhoodMask, device: torch.device) -> tuple[NeighborTable, Tensor]:
+    """The pattern's neighbor table with its inverse, and the rpb index of each slot (cached:
+    a model calls the same pattern in every layer and step)."""
+    index, rel = neighbor_table(pattern.shape, pattern.kernel_size, pattern.dilation, pattern.stride, pattern.causal, device=device)
+    return NeighborTable.build(index, math.prod(pattern.shape)), rel
+
+
+def _gathered(q: Tensor, k: Tensor, v: Tensor, *, scale: Any, return_lse: bool, rpb: Optional[Tensor], **window: Any) -> Any:
+    """Each query over the K keys of its neighbor table: no tile waste, rpb as a gathered bias."""
+    pattern = _neighborhood_mask(q, **window)
+    table, rel = _table(pattern, q.device)
+    bias = None if rpb is None else rpb.reshape(rpb.shape[0], -1)[:, rel.clamp(min=0)].unsqueeze(0)
+    out, lse = gathered_attention(_flat(q), _flat(k), _flat(v), table, scale=default_scale(q, scale), bias=bias)
+    return _unflat(_result(out, lse, return_lse), q, v, return_lse)
+
+
+def _gathered_prefers(p: Problem, params: dict) -> Optional[str]:
+    """Dispatch takes the table over the tiles when the C++ kernel runs it and windows are small.
+
+    Measured (B=1, H=8, D=64, fp32, 2-core CPU, forward / forward+backward ms): 2D 64x64 with
+    7x7: tiled 180 / 418, table 20 / 74; 13x13: 303 / 2103 vs 57 / 220; 21x21 (441 keys): 393 /
+    1086 vs 160 / 711. 1D N=4096 with 63 keys: 96 / 251 vs 24 / 105; 255: 93 / 314 vs 81 / 353;
+    1023: 171 / 788 vs 412 / 1460. A 2D/3D window is scattered over many rows of the flattened
+    tokens, so tiles waste most of their work; a 1D window is contiguous and tiles only waste
+    their edges. The PyTorch path of the table was 5-40x slower than tiled: never preferred.
+    """
+    limit = _GATHERED_MAX_SLOTS_1D if len(p.q_shape) == 1 else _GATHERED_MAX_SLOTS_ND
+    slots = math.prod(per_axis(params["kernel_size"], len(p.q_shape), int))
+    if slots > limit:
+        return f"{slots} keys per query: the tiled engine wins above {limit} on {len(p.q_shape)}D inputs"
+    if not native_usable(p.device, p.dtype):
+        return "the C++ kernel does not run these inputs here (GPU, float64, or not built); its PyTorch path is slower than tiled"
+    return None
+
+
+def _flex_accepts(p: Problem, params: dict) -> Optional[str]:
+    """What compiled FlexAttention cannot do here (CPU: small head dims, grad, LSE; rpb's gradient)."""
+    reason = cpu_decline_reason(p, score_mod=None, return_lse=params["return_lse"])
+    rpb = params["rpb"]
+    if reason is None and rpb is not None and rpb.requires_grad and torch.is_grad_enabled():
+        return "rpb requires grad, and FlexAttention's gradient for a captured table is not verified here: use tiled (or a detached rpb)"
+    return reason
+
+
+def _flex(q: Tensor, k: Tensor, v: Tensor, *, scale: Any, return_lse: bool, rpb: Optional[Tensor], **window: Any) -> Any:
+    """Compiled FlexAttention with the pattern as a BlockMask and rpb as its score_mod."""
+    pattern = _neighborhood_mask(q, **window)
+    qf, kf, vf = _flat(q), _flat(k), _flat(v)
+    n = qf.shape[2]
+    block_mask = masks.flex_block_mask(pattern, n, n, device=q.device)
+    result = flex_forward(qf, kf, vf, block_mask=block_mask, scale=scale, score_mod=_rpb_mod(rpb, pattern), return_lse=return_lse)
+    return _unflat(result, q, v, return_lse)
+
+
+# --------------------------------------------------------------------------------------------
+# parameters for the conformance suite and the benchmark
+# --------------------------------------------------------------------------------------------
 def _nbr_sample_params(p: Problem, pattern: str, rng: Optional[random.Random]) -> dict[str, Any]:
     n = len(p.q_shape)
     causal_first = pattern.startswith("causal")
-    if rng is None:  # plain: 7 per axis (or the axis), no dilation
+    if rng is None:  # plain: 7 per axis (or the axis), no dilation, stride or bias
         return {"kernel_size": tuple(min(7, s) for s in p.q_shape), "causal": (causal_first,) + (False,) * (n - 1)}
-    kernel, dilation = [], []
+    kernel, dilation, stride = [], [], []
     for size in p.q_shape:
         d = rng.choice((1, 1, 2, 3)) if size >= 4 else 1
         d = min(d, size)
         k = rng.randrange(1, size // d + 1)
         kernel.append(k)
         dilation.append(d)
+        stride.append(rng.randrange(1, k + 1) if rng.random() < 0.4 else 1)
     # the suite's causal checks perturb the first axis: keep it causal in causal patterns
     causal = (causal_first,) + tuple(rng.random() < 0.3 for _ in range(n - 1))
-    params: dict[str, Any] = {"kernel_size": tuple(kernel), "dilation": tuple(dilation), "causal": causal}
+    params: dict[str, Any] = {"kernel_size": tuple(kernel), "dilation": tuple(dilation), "stride": tuple(stride), "causal": causal}
+    if rng.random() < 0.3:
+        gen = torch.Generator().manual_seed(rng.randrange(2**31))
+        table = torch.randn(p.q_heads, *(2 * k - 1 for k in kernel), generator=gen)
+        params["rpb"] = table.to(device=p.device, dtype=p.dtype)
     if rng.random() < 0.3:
         params["return_lse"] = True
     return params
 
 
+# --------------------------------------------------------------------------------------------
+# registration and the public function
+# --------------------------------------------------------------------------------------------
 NEIGHBORHOOD = register(
     Mechanism(
         name="neighborhood",
         family="local",
         catalog=("L1",),
-        paper="Neighborhood Attention Transformer (Hassani et al., 2023); Dilated NA (DiNAT, 2022); Faster NA (2024, causal)",
-        formula="out_x = sum_{y in N(x)} softmax_y(scale q_x.k_y) v_y, N(x) = the k^n window of x's dilation group, shifted inward at borders",
+        paper="Neighborhood Attention Transformer (Hassani et al., 2023); Dilated NA (DiNAT, 2022); Faster NA (2024, causal); Generalized NA (2025, stride)",
+        formula="out_x = sum_{y in N(x)} softmax_y(scale q_x.k_y + rpb[h, y - x]) v_y, N(x) = the k^n window of x's stride group in its dilation group, shifted inward at borders",
         cost="O(N * prod(kernel_size) * D) time (tiled, flex); O(N^2) memory (reference)",
-        summary="neighborhood attention 1D/2D/3D (NATTEN semantics): kernel size, dilation, per-axis causal",
+        summary="neighborhood attention 1D/2D/3D (NATTEN semantics): kernel size, dilation, stride, per-axis causal, relative positional bias",
         patterns=frozenset({"noncausal_self", "causal_self"}),
         params=NEIGHBORHOOD_PARAMS,
         spatial_dims=(1, 2, 3),
@@ -133,7 +505,16 @@ NEIGHBORHOOD = register(
         check_params=_check_neighborhood,
     )
 )
-_add_pattern_backends(NEIGHBORHOOD, _neighborhood_mask, flex=True)
+# Its own three backends rather than _shared's _add_pattern_backends, which has no score_mod to
+# carry rpb; they are the same calls with rpb as a score_mod.
+_REFERENCE_DOC = "the pattern as a dense mask over materialized scores, rpb as a score_mod: the spec"
+_TILED_DOC = "the tiled FA2 engine over the key tiles the pattern touches (gives the LSE; rpb differentiable)"
+_GATHERED_DOC = "per-query neighbor table (kernels/gathered.py: C++ on CPU when built, else PyTorch chunks); no tile waste, rpb differentiable"
+_FLEX_DOC = "compiled FlexAttention with the pattern as a BlockMask (rpb forward only)"
+NEIGHBORHOOD.add_backend(Backend("reference", _reference, doc=_REFERENCE_DOC, priority=-100, materializes_scores=True))
+NEIGHBORHOOD.add_backend(Backend("tiled", _tiled, doc=_TILED_DOC, priority=20))
+NEIGHBORHOOD.add_backend(Backend("gathered", _gathered, doc=_GATHERED_DOC, priority=30, prefers=_gathered_prefers))
+NEIGHBORHOOD.add_backend(Backend("flex", _flex, doc=_FLEX_DOC, accepts=_flex_accepts, **FLEX_CAPABILITIES))
 
 
 def neighborhood_attention(
@@ -143,40 +524,76 @@ def neighborhood_attention(
     *,
     kernel_size: Any,
     dilation: Any = 1,
+    stride: Any = 1,
     causal: Any = False,
+    rpb: Optional[Tensor] = None,
     scale: Optional[float] = None,
     return_lse: bool = False,
     backend: Optional[str] = None,
 ) -> Any:
     """Neighborhood attention over 1, 2 or 3 spatial axes (catalog L1), NATTEN's semantics.
 
-    Each query x attends the ``prod(kernel_size)`` keys of its neighborhood N(x)::
+    Each query x attends the keys of its neighborhood N(x) (``prod(kernel_size)`` of them unless
+    causal)::
 
-        out_x = sum_{y in N(x)} exp(s_xy) v_y / sum_{y in N(x)} exp(s_xy),   s_xy = scale * q_x . k_y
+        out_x = sum_{y in N(x)} exp(s_xy) v_y / sum_{y in N(x)} exp(s_xy),
+        s_xy = scale * q_x . k_y + rpb[h, y - x]
 
-    Per axis (size L, kernel k, dilation d), tokens split into d interleaved groups; within its
-    group of L_g tokens a query at place p sees places ``[s, s + k)``, ``s = clamp(p - k//2, 0,
-    L_g - k)``: near a border the window shifts inward, so every query sees exactly k keys per
-    axis. On a causal axis the window is ``[max(p - k + 1, 0), p]``.
+    Per axis (size L, kernel k, dilation d, stride s), tokens split into d interleaved groups
+    (coordinate c is at place ``p = c // d`` of group ``c % d``, a group of ``L_g`` tokens);
+    N(x) holds the places ``[f, f + k)`` of x's group, ``f = clamp(leader - k//2, 0, L_g - k)``:
+    near a border the window shifts inward, so every query sees exactly k keys per axis; an even
+    k puts k//2 keys before the leader and k//2 - 1 after. Stride (GNA, NATTEN >= 0.20): the s
+    consecutive places ``[s*floor(p/s), s*floor(p/s) + s)`` form a stride group that shares the
+    window of its leader, the group's centre place ``s*floor(p/s) + s//2`` (right of centre for
+    even s), clipped to ``L_g - 1``; s = 1 gives ``leader = p``, s = k gives blocked (window)
+    attention when k divides L_g. On a causal axis the window is ``[max(leader - k + 1, 0), p]``
+    with the leader the stride group's *last* place (clipped): queries of a group share the
+    window's start, each stops at itself, so nothing after the query is ever seen.
+
+    ``rpb`` (NAT, DiNAT; NATTEN <= 0.17, which dropped it later) is one learnable table per head
+    of shape ``(H, 2k_1 - 1, ..., 2k_n - 1)``; the pair (x, y) adds the entry at per-axis offset
+    ``p_y - p_x + k - 1``, the key's place relative to the query's counted in dilated steps. In
+    the interior that is the centre band ``k//2 .. k//2 + k - 1``; where the window shifts at a
+    border the offsets run further out (up to 0 or 2k - 2), which is why the table has 2k - 1
+    entries: NATTEN's ``get_pb_start(i) + ki`` rule, extended unchanged to even k, stride (the
+    offset is from the query, not its leader) and causal axes (offsets ``<= k - 1`` only).
 
     Args:
         q, k, v: (B, H, *spatial, D) with 1-3 spatial axes (k/v may have fewer heads: GQA).
         kernel_size: int or one per axis, each <= the axis size (kernel_size * dilation too).
-        dilation: int or one per axis (DiNAT). causal: bool or one per axis.
-        scale: defaults to ``D ** -0.5``. return_lse: also return lse (B, H, *spatial).
-        backend: force ``reference``, ``tiled`` or ``flex``.
+        dilation: int or one per axis (DiNAT). stride: int or one per axis, 1 <= stride <= kernel.
+        causal: bool or one per axis.
+        rpb: None or a floating (Hq, 2k_1 - 1, ..., 2k_n - 1) tensor on q's device; gradients
+            reach it on ``reference`` and ``tiled``.
+        scale: defaults to ``D ** -0.5`` (rpb is added after scaling, as in NAT).
+        return_lse: also return lse (B, H, *spatial). backend: ``reference``, ``tiled`` or ``flex``.
 
-    Cost: O(N * prod(kernel_size) * D) on ``tiled`` (tiles of flattened tokens).
+    Cost: O(N * prod(kernel_size) * D) on ``tiled`` (tiles of flattened tokens); the rpb
+    gradient adds one gather pass of the same order (O(chunk * K * D) memory).
     Papers: Neighborhood Attention Transformer; Dilated Neighborhood Attention Transformer;
-    Faster Neighborhood Attention (causal NA). Stride (GNA) and relative positional bias are not
-    implemented yet.
+    Faster Neighborhood Attention (causal NA); Generalized Neighborhood Attention (stride).
 
     Example::
 
         >>> x = torch.randn(1, 4, 32, 32, 64)  # (B, H, height, width, D)
-        >>> out = neighborhood_attention(x, x, x, kernel_size=7, dilation=2)
+        >>> out = neighborhood_attention(x, x, x, kernel_size=7, dilation=2, stride=(1, 7))
+        >>> bias = torch.zeros(4, 13, 13, requires_grad=True)  # (H, 2*7-1, 2*7-1)
+        >>> out = neighborhood_attention(x, x, x, kernel_size=7, rpb=bias)
     """
-    return NEIGHBORHOOD(q, k, v, backend=backend, kernel_size=kernel_size, dilation=dilation, causal=causal, scale=scale, return_lse=return_lse)
+    return NEIGHBORHOOD(
+        q,
+        k,
+        v,
+        backend=backend,
+        kernel_size=kernel_size,
+        dilation=dilation,
+        stride=stride,
+        causal=causal,
+        rpb=rpb,
+        scale=scale,
+        return_lse=return_lse,
+    )
 
 
 NEIGHBORHOOD.function = neighborhood_attention

@@ -1,0 +1,30 @@
+"""Linear and kernel attention (catalog F): feature maps, recurrences, three exact forms each.
+
+Every mechanism here computes ``out_i = sum_j w_ij (phi(q_i) . phi(k_j)) v_j`` (normalized or
+not) with a feature map phi and weights w that are 1 (``linear``) or a per-head decay
+(``retention``), causal or bidirectional, through one engine,
+:mod:`attnzoo.kernels.linear_scan`, in three forms that agree to rounding: ``reference``
+(parallel: the scores materialized), ``chunked`` (Lightning Attention-2: quadratic inside
+chunks, a state across them, forward and backward) and ``recurrent`` (a state per token, the
+decoding form). Decoding keeps that state, not a cache; ``Mechanism.state_size`` counts it.
+
+A new mechanism of the family writes an ``operands`` and a ``finish`` function
+(:mod:`._shared`) and its reference, and reuses the feature maps of :mod:`.feature_maps`.
+"""
+
+from . import feature_maps
+from .feature_maps import FEATURE_MAPS, FeatureMap, feature_map_for
+from .linear import LINEAR, linear_attention
+from .retention import RETENTION, retention, retnet_gamma
+
+__all__ = [
+    "linear_attention",
+    "LINEAR",
+    "retention",
+    "RETENTION",
+    "retnet_gamma",
+    "feature_maps",
+    "FEATURE_MAPS",
+    "FeatureMap",
+    "feature_map_for",
+]

@@ -1,0 +1,449 @@
+"""Linear attention with an optional per-head decay, in three exact forms (torch only).
+
+The engine of the linear family (catalog F): the caller applies its feature map, scale and
+normalizer first (a normalizer is one more column of ones in ``v``); this module computes, for
+feature-mapped queries and keys ``q`` (B, H, Nq, F), ``k`` (B, H, Nk, F) and values ``v``
+(B, H, Nk, Dv)::
+
+    out_i = sum_j w_ij (q_i . k_j) v_j
+    causal:         w_ij = gamma_h ** (p_i - j)  for j <= p_i, else 0;   p_i = i + Nk - Nq
+    bidirectional:  w_ij = gamma_h ** |i - j|                            (Nq = Nk when decayed)
+
+``gamma_h`` in (0, 1] is a per-head decay, passed as ``log_decay`` = log(gamma), shape (H,);
+``None`` means gamma = 1 (plain linear attention). Every form takes ``scale``, a factor on each
+``q_i . k_j`` (free in the chunked form: it rides on the GEMMs' alpha instead of a pass over q). Causal queries are bottom-right aligned: the
+last query sees every key (the decoding convention). The three forms agree to rounding:
+
+* :func:`parallel_scores` / :func:`parallel_form`: the weights ``w`` times ``q k^T``
+  materialized, then times ``v``. O(Nq Nk F) time, O(Nq Nk) memory: the spec.
+* :func:`chunked_form`: Lightning Attention-2's tiling (Qin et al., 2024, Sec. 3, Algorithms 1
+  and 2). The sequence is cut into chunks of L tokens; inside a chunk the masked quadratic form
+  (L x L scores), across chunks a state ``S = sum_j gamma^(.) k_j^T v_j`` (F x Dv) carried from
+  chunk to chunk. Forward *and* backward are tiled the same way (:class:`_ChunkedCausal`): the
+  backward carries the state's gradient from the last chunk to the first. O(N (L F + F Dv))
+  time, O(N L + N F Dv / L) memory. Non-causal without decay is ``q (k^T v)``, O(N F Dv); with
+  decay it is a causal pass plus an anti-causal (strict) pass on the reversed sequence.
+* :func:`recurrent_form`: ``S_t = gamma S_(t-1) + k_t^T v_t``, ``out_t = q_t S_t``, one token at
+  a time (a Python loop: the form decoding uses, and the spec of the recurrence). O(N F Dv).
+
+:func:`chunked_scan` is the causal chunked form with a state in and out (prefill, then steps of
+any length); :func:`prefix_state` folds a prefix of keys into a state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "decay_weights",
+    "parallel_scores",
+    "parallel_form",
+    "chunked_form",
+    "chunked_scan",
+    "recurrent_form",
+    "prefix_state",
+    "decay_row_sums",
+]
+
+DEFAULT_CHUNK = 64
+
+
+# --------------------------------------------------------------------------------------------
+# the spec: materialized weights
+# --------------------------------------------------------------------------------------------
+def decay_weights(nq: int, nk: int, *, causal: bool, log_decay: Optional[Tensor], like: Tensor) -> Optional[Tensor]:
+    """w_ij of the module docstring, (H|1, Nq, Nk) in the dtype of ``like``; None when every weight is 1."""
+    if not causal and log_decay is None:
+        return None
+    i = torch.arange(nq, device=like.device).view(-1, 1) + (nk - nq if causal else 0)
+    distance = i - torch.arange(nk, device=like.device).view(1, -1)
+    if causal:
+        visible = distance >= 0
+        distance = distance.clamp(min=0)
+    else:
+        distance = distance.abs()
+    if log_decay is None:
+        return visible.to(like.dtype).unsqueeze(0)
+    weights = torch.exp(distance.to(like.dtype) * log_decay.to(like.dtype).view(-1, 1, 1))
+    return weights * visible if causal else weights
+
+
+def parallel_scores(q: Tensor, k: Tensor, *, causal: bool, log_decay: Optional[Tensor] = None, scale: float = 1.0) -> Tensor:
+    """The weighted scores ``w_ij s (q_i . k_j)``, (B, H, Nq, Nk): what every other form avoids holding."""
+    scores = q @ k.transpose(-1, -2)
+    if scale != 1.0:
+        scores = scores * scale
+    weights = decay_weights(q.shape[-2], k.shape[-2], causal=causal, log_decay=log_decay, like=q)
+    return scores if weights is None else scores * weights
+
+
+def parallel_form(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, log_decay: Optional[Tensor] = None, scale: float = 1.0) -> Tensor:
+    """``parallel_scores(q, k) @ v``: the quadratic, materialized form (the reference)."""
+    return parallel_scores(q, k, causal=causal, log_decay=log_decay, scale=scale) @ v
+
+
+def decay_row_sums(nq: int, nk: int, *, causal: bool, log_decay: Optional[Tensor], device: torch.device) -> Tensor:
+    """``sum_j w_ij`` for each query, (H|1, Nq, 1) in float64, in closed form (no Nq x Nk tensor).
+
+    A causal query at position p sees ``sum_(t=0..p) gamma^t = expm1((p+1) log g) / expm1(log g)``
+    (p + 1 when gamma = 1); a bidirectional one adds the keys after it. RetNet's decay
+    normalization divides by the square root of this.
+    """
+    p = torch.arange(nq, device=device, dtype=torch.float64) + (nk - nq if causal else 0)
+    lg = torch.zeros(1, device=device, dtype=torch.float64) if log_decay is None else log_decay.to(device, torch.float64)
+    lg = lg.view(-1, 1)
+
+    def geometric(count: Tensor) -> Tensor:  # sum_(t < count) gamma^t, count >= 0
+        ratio = torch.expm1(count * lg) / torch.expm1(lg)
+        return torch.where(lg == 0, count.expand_as(ratio), ratio)
+
+    before = geometric((p + 1).clamp(min=0))
+    if causal:
+        return before.unsqueeze(-1)
+    return (before + geometric(nk - p) - 1).unsqueeze(-1)
+
+
+# --------------------------------------------------------------------------------------------
+# the recurrent form
+# --------------------------------------------------------------------------------------------
+def _chunk_decay_factor(log_decay: Optional[Tensor], steps: int, like: Tensor) -> Optional[Tensor]:
+    """gamma ** steps per head, shaped (H, 1, 1) to scale a (B, H, F, Dv) state."""
+    if log_decay is None:
+        return None
+    return torch.exp(log_decay.to(like.dtype) * steps).view(-1, 1, 1)
+
+
+def _recurrent_causal(q: Tensor, k: Tensor, v: Tensor, log_decay: Optional[Tensor], state: Optional[Tensor], strict: bool) -> tuple[Tensor, Tensor]:
+    """Nq = Nk: one token at a time; ``strict`` reads the state before adding the token."""
+    b, h, n, f = q.shape
+    s = q.new_zeros(b, h, f, v.shape[-1]) if state is None else state
+    gamma = _chunk_decay_factor(log_decay, 1, q)
+    outs = []
+    for t in range(n):
+        s = s if gamma is None else gamma * s
+        if strict:  # key t is not seen by query t: read before adding it
+            outs.append(q[:, :, t : t + 1] @ s)
+        s = s + k[:, :, t].unsqueeze(-1) * v[:, :, t].unsqueeze(-2)
+        if not strict:
+            outs.append(q[:, :, t : t + 1] @ s)
+    out = torch.cat(outs, dim=2) if outs else q.new_zeros(b, h, 0, v.shape[-1])
+    return out, s
+
+
+def recurrent_form(
+    q: Tensor, k: Tensor, v: Tensor, *, causal: bool, log_decay: Optional[Tensor] = None, state: Optional[Tensor] = None, scale: float = 1.0
+) -> tuple[Tensor, Tensor]:
+    """Per-token state updates; returns ``(out, final state)`` (state: (B, H, F, Dv)).
+
+    Causal: ``S_t = gamma S_(t-1) + k_t^T v_t``, ``out_t = q_t S_t`` from ``state`` (or zeros),
+    queries bottom-right aligned. Bidirectional: that forward pass plus a backward pass that
+    excludes the token itself (``state`` must be None; the returned state is the forward one).
+    """
+    if scale != 1.0:
+        q = q * scale
+    if causal:
+        return _aligned_causal(q, k, v, log_decay, state, lambda q_, k_, v_, s_: _recurrent_causal(q_, k_, v_, log_decay, s_, False))
+    if state is not None:
+        raise ValueError("recurrent_form: a bidirectional pass starts from no state")
+    if log_decay is None:  # every weight is 1: one state over all keys
+        kv = k.transpose(-1, -2) @ v
+        return q @ kv, kv
+    forward, final = _recurrent_causal(q, k, v, log_decay, None, strict=False)
+    backward, _ = _recurrent_causal(q.flip(2), k.flip(2), v.flip(2), log_decay, None, strict=True)
+    return forward + backward.flip(2), final
+
+
+# --------------------------------------------------------------------------------------------
+# alignment of causal queries (bottom-right) and prefix states
+# --------------------------------------------------------------------------------------------
+def prefix_state(k: Tensor, v: Tensor, log_decay: Optional[Tensor] = None, state: Optional[Tensor] = None) -> Tensor:
+    """The state after the keys ``k``, ``v`` (B, H, P, ·): ``sum_j gamma^(P-1-j) k_j^T v_j`` (+ gamma^P state)."""
+    p = k.shape[2]
+    if log_decay is not None:
+        age = torch.arange(p - 1, -1, -1, device=k.device, dtype=k.dtype)
+        k = k * torch.exp(log_decay.to(k.dtype).view(-1, 1, 1) * age.view(-1, 1))
+    kv = k.transpose(-1, -2) @ v
+    if state is None:
+        return kv
+    gamma = _chunk_decay_factor(log_decay, p, k)
+    return kv + (state if gamma is None else gamma * state)
+
+
+def _aligned_causal(q, k, v, log_decay, state, run):
+    """Bottom-right causal alignment around ``run(q, k, v, state) -> (out, state)`` on Nq = Nk.
+
+    More keys than queries: the first Nk - Nq keys are seen by every query, so they fold into
+    the starting state. More queries than keys: the first Nq - Nk queries see nothing (zeros).
+    """
+    nq, nk = q.shape[2], k.shape[2]
+    if nk > nq:
+        state = prefix_state(k[:, :, : nk - nq], v[:, :, : nk - nq], log_decay, state)
+        k, v = k[:, :, nk - nq :], v[:, :, nk - nq :]
+    if nq > nk:
+        if state is not None:
+            raise ValueError("more queries than keys with a starting state: the queries' positions are ambiguous")
+        out, final = run(q[:, :, nq - nk :], k, v, None)
+        blind = out.new_zeros(*out.shape[:2], nq - nk, out.shape[-1])
+        return torch.cat([blind, out], dim=2), final
+    return run(q, k, v, state)
+
+
+# --------------------------------------------------------------------------------------------
+# the chunked form (Lightning Attention-2)
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _ChunkDecay:
+    """The decay inside one chunk of L tokens, per head (gamma = exp(log_decay)).
+
+    ``mask`` (H, L, L): gamma^(i-j) where key j is visible from row i (j <= i, or j < i when
+    strict), 0 elsewhere; ``query`` (H, 1, L, 1): gamma^(i+1), how much the state entering the
+    chunk has decayed by row i; ``key`` (H, 1, L, 1): gamma^(L-1-j), how much key j has decayed
+    by the chunk's end; ``log_chunk`` (H,): L log(gamma), the state's decay across a chunk.
+    """
+
+    mask: Tensor
+    query: Tensor
+    key: Tensor
+    log_chunk: Tensor
+
+    @staticmethod
+    def of(log_decay: Tensor, length: int, strict: bool, like: Tensor) -> "_ChunkDecay":
+        lg = log_decay.to(like.dtype).view(-1, 1, 1)
+        pos = torch.arange(length, device=like.device, dtype=like.dtype)
+        distance = pos.view(-1, 1) - pos.view(1, -1)
+        visible = distance > 0 if strict else distance >= 0
+        mask = torch.exp(distance.clamp(min=0) * lg) * visible
+        query = torch.exp((pos + 1).view(-1, 1) * lg).unsqueeze(1)
+        key = torch.exp((length - 1 - pos).view(-1, 1) * lg).unsqueeze(1)
+        return _ChunkDecay(mask, query, key, length * lg.view(-1))
+
+
+def _mask_scores_(scores: Tensor, decay: Optional[_ChunkDecay], strict: bool) -> Tensor:
+    """Zero the invisible (future) keys of each chunk's L x L scores and apply the decay, in place."""
+    if decay is not None:
+        return scores.mul_(decay.mask.unsqueeze(1))
+    return scores.tril_(-1 if strict else 0)
+
+
+def _flat(x: Tensor) -> Tensor:
+    """(..., r, c) -> (batch, r, c), a view for the contiguous chunk tensors used here."""
+    return x.reshape(-1, *x.shape[-2:])
+
+
+def _mm(a: Tensor, b: Tensor, alpha: float = 1.0) -> Tensor:
+    """``alpha * (a @ b)`` over chunks with the same leading dims, as one 3D GEMM (alpha is free)."""
+    a3, b3 = _flat(a), _flat(b)
+    out = torch.bmm(a3, b3) if alpha == 1.0 else torch.baddbmm(a3.new_empty(a3.shape[0], a3.shape[1], b3.shape[2]), a3, b3, beta=0, alpha=alpha)
+    return out.view(*a.shape[:-1], b.shape[-1])
+
+
+def _add_mm(out: Tensor, a: Tensor, b: Tensor, alpha: float = 1.0) -> Tensor:
+    """``out += alpha * (a @ b)`` in place, one baddbmm (no temporary for the product)."""
+    _flat(out).baddbmm_(_flat(a), _flat(b), alpha=alpha)
+    return out
+
+
+SCAN_BLOCK = 16  # chunks per block of the two-level scan
+
+
+def _block_weights(size: int, log_step: Tensor, reverse: bool) -> Tensor:
+    """(H|1, size + 1, size) weights of one block of chunks j, in the scan's direction.
+
+    Rows i < size: the state entering chunk i from the block's earlier chunks, ``gamma^(i-1-j)``
+    for j < i (reversed: ``gamma^(j-1-i)`` for j > i). Last row: the state leaving the block,
+    ``gamma^(size-1-j)`` (reversed, leaving through its first chunk: ``gamma^j``).
+    """
+    cols = torch.arange(size, device=log_step.device, dtype=log_step.dtype)
+    rows = torch.arange(size + 1, device=log_step.device, dtype=log_step.dtype)
+    if reverse:
+        rows[size] = -1  # "leaving backwards" sits before chunk 0
+        ahead = cols.view(1, -1) - 1 - rows.view(-1, 1)
+    else:
+        ahead = rows.view(-1, 1) - 1 - cols.view(1, -1)
+    return torch.exp(log_step.view(-1, 1, 1) * ahead.clamp(min=0)) * (ahead >= 0)
+
+
+def _decay_powers(log_step: Tensor, powers: Tensor) -> Tensor:
+    """gamma^p per head for each p: (H|1, P, 1)."""
+    return torch.exp(log_step.view(-1, 1, 1) * powers.view(-1, 1))
+
+
+def _scan(increments: Tensor, start: Optional[Tensor], log_step: Optional[Tensor], reverse: bool = False) -> tuple[Tensor, Tensor]:
+    """Carry a state across chunks: ``states[c]`` enters chunk c, and ``S <- gamma S + inc[c]`` after it.
+
+    ``increments`` (B, H, n, ...) (a state per chunk), ``log_step`` (H,) the log of the state's
+    decay across one chunk (None: 1), ``start`` the state entering the first chunk (None:
+    zeros); ``reverse`` runs from the last chunk to the first (the backward's gradient of the
+    state). Returns ``(states, the state after the last chunk)``.
+
+    Two levels instead of one op per chunk: inside blocks of SCAN_BLOCK chunks the prefix is one
+    batched GEMM with the block's decay weights, the blocks' totals are scanned the same way
+    (recursively), then added back, decayed, in one pass. A loop of one small op per chunk
+    measured up to 60x slower on the 2-core CPU when the other core was busy: every op over more
+    than 32768 numbers is an OpenMP region that waits for both cores (7.7 ms per add).
+    """
+    b, h, n = increments.shape[:3]
+    x = increments.reshape(b, h, n, -1)
+    lg = x.new_zeros(1) if log_step is None else log_step.to(x.dtype)
+    if n <= SCAN_BLOCK:
+        states = (_block_weights(n, lg, reverse) @ x)[:, :, :n]
+        if start is not None:
+            ages = torch.arange(n, device=x.device, dtype=x.dtype)
+            states = states + _decay_powers(lg, ages.flip(0) if reverse else ages) * start.reshape(b, h, 1, -1)
+    else:
+        blocks = -(-n // SCAN_BLOCK)
+        pad = blocks * SCAN_BLOCK - n  # zero chunks where the scan ends, so they reach no real chunk
+        padded = torch.nn.functional.pad(x, (0, 0, pad, 0) if reverse else (0, 0, 0, pad)) if pad else x
+        local = _block_weights(SCAN_BLOCK, lg, reverse).unsqueeze(1) @ padded.view(b, h, blocks, SCAN_BLOCK, -1)  # (B, H, blocks, G + 1, W)
+        carries, _ = _scan(local[:, :, :, SCAN_BLOCK], start, lg * SCAN_BLOCK, reverse)  # entering each block
+        ages = torch.arange(SCAN_BLOCK, device=x.device, dtype=x.dtype)
+        ages = _decay_powers(lg, ages.flip(0) if reverse else ages).unsqueeze(1)  # (H|1, 1, G, 1)
+        states = torch.addcmul(local[:, :, :, :SCAN_BLOCK], carries.unsqueeze(3), ages).view(b, h, blocks * SCAN_BLOCK, -1)
+        states = states[:, :, pad:] if reverse else states[:, :, :n]
+    last = 0 if reverse else n - 1
+    end = torch.exp(lg).view(-1, 1) * states[:, :, last] + x[:, :, last]
+    return states.reshape(increments.shape), end.reshape(increments.shape[:2] + increments.shape[3:])
+
+
+def _chunks(x: Tensor, length: int) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """(B, H, N, ·) -> full chunks (B, H, N // L, L, ·) and the tail (B, H, 1, N % L, ·) (views)."""
+    b, h, n, d = x.shape
+    full = n // length * length
+    main = x[:, :, :full].view(b, h, n // length, length, d) if full else None
+    tail = x[:, :, full:].unsqueeze(2) if full < n else None
+    return main, tail
+
+
+def _block_forward(q, k, v, start, decay, strict, scale):
+    """One run of chunks (B, H, n, L, ·): inter-chunk state plus intra-chunk masked scores.
+
+    Returns ``(out, states entering each chunk, state after the last)``.
+    """
+    keys = k if decay is None else k * decay.key
+    states, end = _scan(_mm(keys.transpose(-1, -2), v), start, None if decay is None else decay.log_chunk)
+    out = _mm(q, states, scale)
+    if decay is not None:
+        out.mul_(decay.query)
+    scores = _mask_scores_(_mm(q, k.transpose(-1, -2), scale), decay, strict)
+    return _add_mm(out, scores, v), states, end
+
+
+def _block_backward(q, k, v, states, dout, dend, decay, strict, scale):
+    """Gradients of one run of chunks given d(out) and d(state after the last chunk).
+
+    The state's gradient runs backwards: ``G[c]`` is the gradient reaching the state that leaves
+    chunk c, ``G[c-1] = gamma^L G[c] + s (gamma^(i+1) q_c)^T dout_c``. Then, per chunk,
+    ``dq = s (gamma^(i+1) dout S^T + dP k)``, ``dk = gamma^(L-1-j) v G^T + s dP^T q`` and
+    ``dv = gamma^(L-1-j) k G + A^T dout``, with ``dP = mask(dout v^T)``, ``A = mask(s q k^T)``.
+    Returns ``(dq, dk, dv, gradient of the state entering the first chunk)``.
+    """
+    log_chunk = None if decay is None else decay.log_chunk
+    weighted_q = q if decay is None else q * decay.query
+    leaving, dstart = _scan(_mm(weighted_q.transpose(-1, -2), dout, scale), dend, log_chunk, reverse=True)
+    del weighted_q
+    dp = _mask_scores_(_mm(dout, v.transpose(-1, -2)), decay, strict)
+    dq = _mm(dout, states.transpose(-1, -2), scale)
+    dk = _mm(v, leaving.transpose(-1, -2))
+    dv = _mm(k, leaving)
+    if decay is not None:
+        dq.mul_(decay.query)
+        dk.mul_(decay.key)
+        dv.mul_(decay.key)
+    _add_mm(dq, dp, k, scale)
+    _add_mm(dk, dp.transpose(-1, -2), q, scale)
+    del dp
+    scores = _mask_scores_(_mm(q, k.transpose(-1, -2), scale), decay, strict)
+    _add_mm(dv, scores.transpose(-1, -2), dout)
+    return dq, dk, dv, dstart
+
+
+def _blocks(x: Tensor, length: int) -> list[Tensor]:
+    return [part for part in _chunks(x, length) if part is not None]
+
+
+def _merge(parts: list[Tensor]) -> Tensor:
+    """Chunks back to (B, H, N, ·)."""
+    flat = [p.flatten(2, 3) for p in parts]
+    return flat[0] if len(flat) == 1 else torch.cat(flat, dim=2)
+
+
+class _ChunkedCausal(torch.autograd.Function):
+    """Causal chunked linear attention (Nq = Nk) from a state, with a chunked backward.
+
+    Inputs ``q, k`` (B, H, N, F), ``v`` (B, H, N, Dv), ``start`` (B, H, F, Dv) or None;
+    outputs ``(out, state after the last token)``. Saves q, k, v and the per-chunk states
+    (N F Dv / L numbers); recomputes the L x L scores in the backward.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, start, log_decay, length, strict, scale):
+        ctx.set_materialize_grads(False)
+        outs, saved, state = [], [], start
+        for qb, kb, vb in zip(_blocks(q, length), _blocks(k, length), _blocks(v, length)):
+            decay = None if log_decay is None else _ChunkDecay.of(log_decay, qb.shape[3], strict, q)
+            out, states, state = _block_forward(qb, kb, vb, state, decay, strict, scale)
+            outs.append(out)
+            saved.append(states)
+        ctx.save_for_backward(q, k, v, log_decay, *saved)
+        ctx.length, ctx.strict, ctx.scale, ctx.has_start = length, strict, scale, start is not None
+        return _merge(outs), state
+
+    @staticmethod
+    def backward(ctx, dout, dend):
+        q, k, v, log_decay, *saved = ctx.saved_tensors
+        dout = torch.zeros(*q.shape[:3], v.shape[-1], dtype=q.dtype, device=q.device) if dout is None else dout.contiguous()
+        blocks = list(zip(_blocks(q, ctx.length), _blocks(k, ctx.length), _blocks(v, ctx.length), _blocks(dout, ctx.length), saved))
+        grads = []
+        for qb, kb, vb, dob, states in reversed(blocks):  # the tail first: gradients flow backwards in time
+            decay = None if log_decay is None else _ChunkDecay.of(log_decay, qb.shape[3], ctx.strict, q)
+            dq, dk, dv, dend = _block_backward(qb, kb, vb, states, dob, dend, decay, ctx.strict, ctx.scale)
+            grads.append((dq, dk, dv))
+        grads.reverse()
+        dq, dk, dv = (_merge([g[i] for g in grads]) for i in range(3))
+        return dq, dk, dv, (dend if ctx.has_start else None), None, None, None, None
+
+
+def _chunked_causal(q, k, v, log_decay, state, chunk_size, scale, strict=False):
+    if q.shape[2] == 0:
+        empty = q.new_zeros(*q.shape[:3], v.shape[-1])
+        return empty, (q.new_zeros(*q.shape[:2], q.shape[-1], v.shape[-1]) if state is None else state)
+    length = min(chunk_size, q.shape[2])
+    return _ChunkedCausal.apply(q.contiguous(), k.contiguous(), v.contiguous(), state, log_decay, length, strict, float(scale))
+
+
+def chunked_scan(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    log_decay: Optional[Tensor] = None,
+    state: Optional[Tensor] = None,
+    chunk_size: int = DEFAULT_CHUNK,
+    scale: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """Causal chunked form from ``state`` (or zeros): ``(out, state after the last key)``.
+
+    Queries are bottom-right aligned against the keys (Nk >= Nq when a state is given). Feeding
+    a sequence in pieces, each starting from the previous state, equals one call on the whole.
+    """
+    return _aligned_causal(q, k, v, log_decay, state, lambda q_, k_, v_, s_: _chunked_causal(q_, k_, v_, log_decay, s_, chunk_size, scale))
+
+
+def chunked_form(
+    q: Tensor, k: Tensor, v: Tensor, *, causal: bool, log_decay: Optional[Tensor] = None, chunk_size: int = DEFAULT_CHUNK, scale: float = 1.0
+) -> Tensor:
+    """The chunked (Lightning Attention-2) form of the module docstring; ``chunk_size`` tokens per chunk."""
+    if causal:
+        return chunked_scan(q, k, v, log_decay=log_decay, chunk_size=chunk_size, scale=scale)[0]
+    if log_decay is None:  # every weight is 1: attend to one state holding every key
+        out = q @ (k.transpose(-1, -2) @ v)
+        return out if scale == 1.0 else out * scale
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(f"chunked_form: a decayed bidirectional pass needs as many queries as keys, got {q.shape[2]} and {k.shape[2]}")
+    forward, _ = _chunked_causal(q, k, v, log_decay, None, chunk_size, scale)
+    backward, _ = _chunked_causal(q.flip(2), k.flip(2), v.flip(2), log_decay, None, chunk_size, scale, strict=True)
+    return forward + backward.flip(2)
