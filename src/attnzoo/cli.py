@@ -13,12 +13,14 @@ in the README table, which is ``attnzoo list --markdown``) without extra code. T
 from __future__ import annotations
 
 import argparse
+import ast
+import math
 import os
 import re
 import sys
 import time
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 import torch
 from rich.console import Console
@@ -288,6 +290,8 @@ def _bench_title(config: EfficiencyConfig) -> str:
     shape = f"B={config.batch} {heads} D={config.head_dim} {dtype} on {config.device}"
     if config.queries is not None:
         shape = f"Nq={config.queries} over N keys, " + shape
+    if config.spatial is not None:
+        shape = "grid " + "x".join(map(str, config.spatial)) + " (flattened for 1D mechanisms), " + shape
     what = "forward + backward time (train)" if config.mode == "train" else "forward time (inference)"
     return f"{what}, {pattern} attention, {shape}"
 
@@ -327,8 +331,11 @@ def _bench_cells(row: Row) -> list[Text]:
 
 
 def _config_from_args(args: argparse.Namespace) -> EfficiencyConfig:
+    spatial = args.spatial
     return EfficiencyConfig(
-        lengths=tuple(args.lengths),
+        lengths=(math.prod(spatial),) if spatial else tuple(args.lengths),
+        spatial=spatial,
+        overrides=tuple(args.set or ()),
         batch=args.batch,
         heads=args.heads,
         kv_heads=args.kv_heads,
@@ -445,6 +452,26 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _override(text: str) -> tuple[str, Any]:
+    name, sep, value = text.partition("=")
+    if not sep or not name.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    try:
+        return name, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return name, value  # a bare word: a string option such as rescale=mean
+
+
+def _grid(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(part) for part in text.lower().split("x"))
+    except ValueError:
+        sizes = ()
+    if not 1 <= len(sizes) <= 3 or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"expected 1-3 positive sizes joined by 'x' (e.g. 128x128), got {text!r}")
+    return sizes
+
+
 def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser("bench", help="time every mechanism x backend against softmax/sdpa")
     bench.add_argument("--lengths", type=_positive_int, nargs="+", default=[256, 1024, 4096], help="sequence lengths N")
@@ -463,6 +490,14 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
     bench.add_argument("--causal", action="store_true", help="causal self-attention instead of noncausal")
     bench.add_argument("--mode", choices=("forward", "train"), default="forward", help="forward (inference) or train (forward + backward)")
     bench.add_argument("--queries", type=_positive_int, help="fixed number of queries over N keys (decoding shape; cross pattern)")
+    bench.add_argument(
+        "--set", type=_override, nargs="+", metavar="NAME=VALUE",
+        help="override a parameter of the mechanisms that take it, e.g. kernel_size=13 window='(512, 0)' (Python literals)",
+    )
+    bench.add_argument(
+        "--spatial", type=_grid,
+        help="a 2D/3D token grid such as 128x128 or 16x32x32 (replaces --lengths): spatial mechanisms get the grid, others its N tokens",
+    )
     bench.add_argument(
         "--max-scores", type=_positive_int, default=2048 * 2048,
         help="skip backends that materialize Nq x Nk scores (the references) above this many (default 2048^2)",

@@ -222,8 +222,20 @@ def test_bench_cli_unknown_mechanism_exits_2_before_timing():
     assert "no mechanism 'no_such_mechanism'" in out and "machine:" not in out
 
 
+def test_bench_spatial_grid_runs_spatial_mechanisms_on_the_grid_with_overrides():
+    config = EfficiencyConfig(lengths=(64,), spatial=(8, 8), mechanisms=("neighborhood", "softmax"), budget_s=0.01, max_repeats=1, overrides=(("kernel_size", 3), ("stride", 3)))
+    rows = run_efficiency(config)
+    nbr = {r.backend: r for r in rows if r.mechanism == "neighborhood"}
+    assert nbr["gathered"].timing is not None or "declines" in nbr["gathered"].note
+    assert nbr["reference"].timing is not None and nbr["tiled"].timing is not None
+    assert any(r.mechanism == "softmax" and r.timing is not None for r in rows)  # softmax on the 64 flattened tokens
+    status, out = run_cli("bench", "--spatial", "8x8", "--mechanisms", "neighborhood", "--set", "kernel_size=(3, 5)", "--budget", "0.01", "--max-repeats", "1")
+    assert status == 0 and "grid 8x8" in out and re.search(r"│ +64 │ neighborhood", out)
+
+
 @pytest.mark.parametrize(
-    "bad", [["--lengths", "0"], ["--budget", "-1"], ["--dtype", "int8"], ["--device", "xyz"], ["--device", "meta"]]
+    "bad",
+    [["--lengths", "0"], ["--budget", "-1"], ["--dtype", "int8"], ["--device", "xyz"], ["--device", "meta"], ["--spatial", "8x0"], ["--spatial", "axb"], ["--set", "kernel_size"]],
 )
 def test_bench_cli_rejects_bad_options(bad):
     with pytest.raises(SystemExit) as exc:

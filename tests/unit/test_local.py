@@ -74,3 +74,29 @@ def test_tiled_visits_only_the_window_tiles():
     assert plan.pairs <= 128 * 4
     assert plan.density < 0.04
     assert max(s.n_active for s in plan.slots) <= 16  # bounded temporaries whatever N is
+
+
+@pytest.mark.parametrize("n, left, kv_heads", [(300, 64, 2), (257, 32, 1), (40, 64, 2), (128, 128, 2)])
+def test_band_backend_over_many_chunks_matches_the_reference_with_gradients(n, left, kv_heads):
+    # chunks of `left` tokens: several full chunks, a padded last one, and a window wider than N
+    gen = torch.Generator().manual_seed(n)
+    q = torch.randn(1, 4, n, 32, generator=gen, requires_grad=True)
+    k, v = (torch.randn(1, kv_heads, n, 32, generator=gen, requires_grad=True) for _ in range(2))
+    params = dict(window=(left, 0), causal=True, return_lse=True)
+    (out, lse), (ref, ref_lse) = SW(q, k, v, backend="band", **params), SW(q, k, v, backend="reference", **params)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-4)
+    torch.testing.assert_close(lse, ref_lse, atol=2e-5, rtol=2e-4)
+    grad = torch.randn(out.shape, generator=gen)
+    for name, a, b in zip("qkv", torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3, msg=lambda m, name=name: f"d{name}: {m}")
+
+
+def test_dispatch_sends_long_causal_windows_to_the_band_and_short_ones_to_tiled():
+    q, k, v = qkv(n=256)
+
+    def chosen(**params):
+        return next(name for name, reason in SW.explain(q, k, v, **params) if reason is None)
+
+    assert chosen(window=(64, 0), causal=True) == "band"
+    assert chosen(window=(8, 0), causal=True) == "tiled"
+    assert chosen(window=(64, 0), causal=True, sinks=4) == "tiled"

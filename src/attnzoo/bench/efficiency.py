@@ -62,6 +62,11 @@ class EfficiencyConfig:
     max_scores: int = 2048 * 2048
     mode: str = "forward"  # or "train": forward + backward
     queries: Optional[int] = None  # None: Nq = N (self); else Nq fixed, N keys (cross)
+    # a spatial grid (e.g. (128, 128)): mechanisms with that many spatial axes get (B, H, *grid, D),
+    # the others (and the SDPA baseline) its N = prod(grid) tokens flattened
+    spatial: Optional[tuple[int, ...]] = None
+    # parameter overrides (e.g. {"kernel_size": 13}), applied to the mechanisms that take them
+    overrides: tuple[tuple[str, Any], ...] = ()
 
     @property
     def pattern(self) -> str:
@@ -137,8 +142,9 @@ def plan_cases(config: EfficiencyConfig) -> list[Case]:
 # --------------------------------------------------------------------------------------------
 def _inputs(config: EfficiencyConfig, length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(length)
-    kv_shape = (config.batch, config.kv_heads or config.heads, length, config.head_dim)
-    q_shape = (config.batch, config.heads, config.q_len(length), config.head_dim)
+    tokens = config.spatial if config.spatial is not None else (length,)
+    kv_shape = (config.batch, config.kv_heads or config.heads, *tokens, config.head_dim)
+    q_shape = (config.batch, config.heads, *(tokens if config.queries is None else (config.queries,)), config.head_dim)
     q, k, v = (torch.randn(s, generator=gen, dtype=torch.float32) for s in (q_shape, kv_shape, kv_shape))
     train = config.mode == "train"
     return tuple(t.to(device=config.device, dtype=config.dtype).requires_grad_(train) for t in (q, k, v))  # type: ignore[return-value]
@@ -167,8 +173,12 @@ def _timed(forward: Callable[[], Any], config: EfficiencyConfig, qkv: tuple[torc
 
 
 def _params(mech: Mechanism, problem: Problem, config: EfficiencyConfig) -> dict[str, Any]:
-    """The mechanism's plain, repeatable parameters for the timed pattern (no random options)."""
-    return mech.example_params(problem, config.pattern)
+    """The mechanism's plain, repeatable parameters for the timed pattern (no random options),
+    with the config's overrides of the parameters it has."""
+    params = mech.example_params(problem, config.pattern)
+    names = {p.name for p in mech.params}
+    params.update({name: value for name, value in config.overrides if name in names})
+    return params
 
 
 def _dispatch_note(mech: Mechanism, backend: Backend, problem: Problem, bound: Mapping[str, Any]) -> str:
@@ -181,11 +191,18 @@ def _dispatch_note(mech: Mechanism, backend: Backend, problem: Problem, bound: M
     return backend.skip_reason(problem, bound) or ""
 
 
+def _laid_out(qkv: tuple[torch.Tensor, ...], config: EfficiencyConfig, mech: Optional[Mechanism] = None) -> tuple[torch.Tensor, ...]:
+    """The inputs as the mechanism takes them: on its grid, or flattened to tokens (views)."""
+    if config.spatial is None or (mech is not None and len(config.spatial) in mech.spatial_dims):
+        return qkv
+    return tuple(x.flatten(2, -2) for x in qkv)
+
+
 def _time_case(
     mech: Mechanism, backend: Backend, qkv: tuple[torch.Tensor, ...], config: EfficiencyConfig
 ) -> tuple[Optional[Timing], str]:
     """Time one backend on the inputs: ``(timing, note)`` or ``(None, why it did not run)``."""
-    q, k, v = qkv
+    q, k, v = _laid_out(qkv, config, mech)
     try:
         problem = mech.describe(q, k, v)
         params = _params(mech, problem, config)
@@ -209,7 +226,7 @@ def _guarded(forward: Callable[[], Any], config: EfficiencyConfig, qkv: tuple[to
 def _time_auto(qkv: tuple[torch.Tensor, ...], config: EfficiencyConfig) -> tuple[Optional[Timing], str]:
     """``attnzoo.attention`` with no backend: the cost of validation and dispatch included."""
     mech = get(BASELINE[0])
-    q, k, v = qkv
+    q, k, v = _laid_out(qkv, config, mech)
     problem = mech.describe(q, k, v)
     params = _params(mech, problem, config)
     chosen = mech.select(problem, mech.bind(problem, params)).name
@@ -218,7 +235,7 @@ def _time_auto(qkv: tuple[torch.Tensor, ...], config: EfficiencyConfig) -> tuple
 
 def _time_raw_torch(qkv: tuple[torch.Tensor, ...], config: EfficiencyConfig) -> tuple[Optional[Timing], str]:
     """torch.nn.functional.scaled_dot_product_attention called directly: no attnzoo at all."""
-    q, k, v = qkv
+    q, k, v = _laid_out(qkv, config)
     causal = config.causal
     if causal and q.shape[2] != k.shape[2]:
         return None, "raw SDPA's is_causal is top-left aligned; attnzoo's default is bottom-right"

@@ -11,8 +11,9 @@ from torch import Tensor
 
 from ... import masks
 from ...errors import ParameterError
-from ...kernels.reference import materialized_attention
-from ...registry import PATTERNS, Mechanism, Param, Problem, choice, flag, positive_number, register
+from ...kernels.band import band_supported, causal_band_attention
+from ...kernels.reference import default_scale, materialized_attention
+from ...registry import PATTERNS, Backend, Mechanism, Param, Problem, choice, flag, positive_number, register
 from ._shared import (
     _is_extent,
     _result,
@@ -170,6 +171,57 @@ SLIDING_WINDOW = register(
     )
 )
 _add_pattern_backends(SLIDING_WINDOW, _sliding_pattern, flex=True)
+
+
+# --------------------------------------------------------------------------------------------
+# the causal band on PyTorch's fused CPU kernel
+# --------------------------------------------------------------------------------------------
+#: Windows below this many keys leave the band's chunks too short for the fused kernel to pay.
+_BAND_MIN_LEFT = 32
+
+
+def _band_accepts(p: Problem, params: dict) -> Optional[str]:
+    left, right = _extents(params["window"], params["causal"])
+    if right != 0 or left is None or left < 1:
+        return "needs a causal window with a finite left extent >= 1 (window=(left, 0))"
+    if params["sinks"]:
+        return "no attention sinks (the band has no room for them: use tiled)"
+    if p.q_len != p.kv_len:
+        return "needs self-attention shapes (Nq == Nk)"
+    if p.value_dim != p.head_dim:
+        return "the fused CPU kernel needs v's head dim equal to q's"
+    if params["return_lse"] and p.dtype != torch.float32:
+        # the fused kernel scales q in the input dtype: its bf16 LSE was measured 4e-4 off (relative)
+        return "returns a float32-exact LSE only for float32 inputs (use tiled)"
+    return band_supported(p.device, p.dtype)
+
+
+def _band_prefers(p: Problem, params: dict) -> Optional[str]:
+    left = _extents(params["window"], params["causal"])[0]
+    return None if left >= _BAND_MIN_LEFT else f"left < {_BAND_MIN_LEFT}: chunks too short for the fused kernel, tiled is faster"
+
+
+def _band(q: Tensor, k: Tensor, v: Tensor, *, window: Any, causal: bool, scale: Any, return_lse: bool, **_: Any) -> Any:
+    group = q.shape[1] // k.shape[1]
+    if group > 1:  # the fused kernel wants equal heads; autograd sums the copies' gradients back
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    left = _extents(window, causal)[0]
+    out, lse = causal_band_attention(q, k, v, left=left, scale=default_scale(q, scale))
+    return _result(out, lse, return_lse)
+
+
+SLIDING_WINDOW.add_backend(
+    Backend(
+        "band",
+        _band,
+        doc="causal window as two fused CPU SDPA calls over chunks (diagonal and reversed previous chunk), merged by LSE",
+        dtypes=frozenset({torch.float32, torch.bfloat16, torch.float16}),
+        devices=frozenset({"cpu"}),
+        accepts=_band_accepts,
+        prefers=_band_prefers,
+        priority=30,
+    )
+)
 
 
 def sliding_window_attention(
