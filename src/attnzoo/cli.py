@@ -300,7 +300,7 @@ def bench_table(rows: Sequence[Row], config: EfficiencyConfig) -> Table:
     """The efficiency table: one section per length, ratio against the baseline at that length."""
     table = Table(
         title=_bench_title(config),
-        caption=f"ratio = median / median of {BASELINE[0]} {BASELINE[1]} at the same N; IQR = q3 - q1",
+        caption=f"ratio = median / median of {BASELINE[0]} {BASELINE[1]} at the same N{_baseline_times(rows)}; IQR = q3 - q1",
     )
     for col, justify in (("N", "right"), ("mechanism", "left"), ("backend", "left"), ("median ms", "right")):
         table.add_column(col, justify=justify, no_wrap=True)  # type: ignore[arg-type]
@@ -314,6 +314,15 @@ def bench_table(rows: Sequence[Row], config: EfficiencyConfig) -> Table:
         previous = row.length
         table.add_row(*_bench_cells(row))
     return table
+
+
+def _baseline_times(rows: Sequence[Row]) -> str:
+    """The baseline's median per length (ratios are relative to it, even when its row is not shown)."""
+    base: dict[int, float] = {}
+    for row in rows:
+        if row.timing is not None and row.ratio and row.length not in base:
+            base[row.length] = row.timing.median_ms / row.ratio
+    return " (" + ", ".join(f"{t:.1f} ms at N={n}" for n, t in base.items()) + ")" if base else ""
 
 
 def _bench_cells(row: Row) -> list[Text]:
@@ -336,6 +345,7 @@ def _config_from_args(args: argparse.Namespace) -> EfficiencyConfig:
         lengths=(math.prod(spatial),) if spatial else tuple(args.lengths),
         spatial=spatial,
         overrides=tuple(args.set or ()),
+        backends=tuple(args.backends) if args.backends else None,
         batch=args.batch,
         heads=args.heads,
         kv_heads=args.kv_heads,
@@ -484,6 +494,7 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
         "--device", type=_available_device, default=_default_device(), help="cpu or cuda (default: cuda when available)"
     )
     bench.add_argument("--mechanisms", nargs="+", metavar="NAME", help="only these mechanisms (default: all)")
+    bench.add_argument("--backends", nargs="+", metavar="NAME", help="only these backends of each mechanism (default: all; the baseline rows stay)")
     bench.add_argument("--budget", type=_positive_float, default=0.5, help="seconds of timed repeats per case")
     bench.add_argument("--max-repeats", type=_positive_int, default=50, help="repeat cap per case (default 50)")
     bench.add_argument("--threads", type=_positive_int, help="torch intra-op threads (default: torch's choice)")

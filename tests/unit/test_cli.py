@@ -229,8 +229,11 @@ def test_bench_spatial_grid_runs_spatial_mechanisms_on_the_grid_with_overrides()
     assert nbr["gathered"].timing is not None or "declines" in nbr["gathered"].note
     assert nbr["reference"].timing is not None and nbr["tiled"].timing is not None
     assert any(r.mechanism == "softmax" and r.timing is not None for r in rows)  # softmax on the 64 flattened tokens
-    status, out = run_cli("bench", "--spatial", "8x8", "--mechanisms", "neighborhood", "--set", "kernel_size=(3, 5)", "--budget", "0.01", "--max-repeats", "1")
-    assert status == 0 and "grid 8x8" in out and re.search(r"│ +64 │ neighborhood", out)
+    status, out = run_cli(
+        "bench", "--spatial", "8x8", "--mechanisms", "neighborhood", "--backends", "reference", "--set", "kernel_size=(3, 5)", "--budget", "0.01", "--max-repeats", "1"
+    )
+    assert status == 0 and "grid 8x8" in out and re.search(r"│ +64 │ neighborhood +│ reference", out)
+    assert not re.search(r"neighborhood +│ tiled", out)  # --backends keeps only the named ones
 
 
 @pytest.mark.parametrize(

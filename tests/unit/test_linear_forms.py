@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import attnzoo
+from attnzoo.kernels import linear_scan
 from attnzoo.kernels.linear_scan import chunked_form, chunked_scan, decay_row_sums, parallel_form, parallel_scores, prefix_state, recurrent_form
 
 TOL = dict(rtol=1e-10, atol=1e-10)
@@ -93,6 +94,26 @@ def test_chunked_scan_gradients_reach_the_starting_state(decayed):
         return chunked_scan(q, k, v, log_decay=log_decay, state=start, chunk_size=4, scale=0.7)
 
     assert torch.autograd.gradcheck(run, (q, k, v, start))
+
+
+@pytest.mark.parametrize("decayed", [False, True], ids=["no_decay", "decay"])
+def test_rows_in_pieces_equal_rows_together(decayed, monkeypatch):
+    """The chunked Function takes batch x head rows in pieces to bound its temporaries: one row
+    a piece (forced here) gives the same outputs, final state and gradients."""
+    log_decay = LOG_DECAY if decayed else None
+    q, k, v = _tensors(2, 3, 37, 37, 4, 3)
+    start = torch.randn(2, 3, 4, 3, dtype=torch.float64, requires_grad=True)
+    results = []
+    for piece_bytes in (2**40, 1):
+        monkeypatch.setattr(linear_scan, "PIECE_BYTES", piece_bytes)
+        out, end = chunked_scan(q, k, v, log_decay=log_decay, state=start, chunk_size=8, scale=0.7)
+        loss = (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view(out.shape)).sum() + (end * end.detach()).sum()
+        results.append((out, end, torch.autograd.grad(loss, (q, k, v, start))))
+    (out1, end1, grads1), (out2, end2, grads2) = results
+    _assert_same(out2, out1, "out")
+    _assert_same(end2, end1, "final state")
+    for got, want in zip(grads2, grads1):
+        _assert_same(got, want, "gradient")
 
 
 @pytest.mark.parametrize("decayed", [False, True], ids=["no_decay", "decay"])

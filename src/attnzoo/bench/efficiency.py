@@ -65,6 +65,7 @@ class EfficiencyConfig:
     # a spatial grid (e.g. (128, 128)): mechanisms with that many spatial axes get (B, H, *grid, D),
     # the others (and the SDPA baseline) its N = prod(grid) tokens flattened
     spatial: Optional[tuple[int, ...]] = None
+    backends: Optional[tuple[str, ...]] = None  # None: every backend of each mechanism
     # parameter overrides (e.g. {"kernel_size": 13}), applied to the mechanisms that take them
     overrides: tuple[tuple[str, Any], ...] = ()
 
@@ -131,7 +132,8 @@ def plan_cases(config: EfficiencyConfig) -> list[Case]:
     cases = []
     for n in config.lengths:
         for m in mechs:
-            cases += [Case(m.name, b.name, n, _static_skip(m, b, n, config)) for b in m.backends.values()]
+            chosen = [b for b in m.backends.values() if config.backends is None or b.name in config.backends]
+            cases += [Case(m.name, b.name, n, _static_skip(m, b, n, config)) for b in chosen]
             if m.name == BASELINE[0]:
                 cases += [Case(m.name, AUTO, n), Case(*RAW_TORCH, n)]
     return cases

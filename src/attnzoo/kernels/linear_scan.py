@@ -11,8 +11,9 @@ feature-mapped queries and keys ``q`` (B, H, Nq, F), ``k`` (B, H, Nk, F) and val
 
 ``gamma_h`` in (0, 1] is a per-head decay, passed as ``log_decay`` = log(gamma), shape (H,);
 ``None`` means gamma = 1 (plain linear attention). Every form takes ``scale``, a factor on each
-``q_i . k_j`` (free in the chunked form: it rides on the GEMMs' alpha instead of a pass over q). Causal queries are bottom-right aligned: the
-last query sees every key (the decoding convention). The three forms agree to rounding:
+``q_i . k_j`` (free in the chunked form: it rides on the GEMMs' alpha instead of a pass over
+q). Causal queries are bottom-right aligned: the last query sees every key (the decoding
+convention). The three forms agree to rounding:
 
 * :func:`parallel_scores` / :func:`parallel_form`: the weights ``w`` times ``q k^T``
   materialized, then times ``v``. O(Nq Nk F) time, O(Nq Nk) memory: the spec.
@@ -110,8 +111,8 @@ def decay_row_sums(nq: int, nk: int, *, causal: bool, log_decay: Optional[Tensor
 # --------------------------------------------------------------------------------------------
 # the recurrent form
 # --------------------------------------------------------------------------------------------
-def _chunk_decay_factor(log_decay: Optional[Tensor], steps: int, like: Tensor) -> Optional[Tensor]:
-    """gamma ** steps per head, shaped (H, 1, 1) to scale a (B, H, F, Dv) state."""
+def _decay_power(log_decay: Optional[Tensor], steps: int, like: Tensor) -> Optional[Tensor]:
+    """gamma ** steps per head, shaped (H, 1, 1) to scale a (B, H, F, Dv) state; None when gamma = 1."""
     if log_decay is None:
         return None
     return torch.exp(log_decay.to(like.dtype) * steps).view(-1, 1, 1)
@@ -121,13 +122,13 @@ def _recurrent_causal(q: Tensor, k: Tensor, v: Tensor, log_decay: Optional[Tenso
     """Nq = Nk: one token at a time; ``strict`` reads the state before adding the token."""
     b, h, n, f = q.shape
     s = q.new_zeros(b, h, f, v.shape[-1]) if state is None else state
-    gamma = _chunk_decay_factor(log_decay, 1, q)
+    gamma = _decay_power(log_decay, 1, q)
     outs = []
     for t in range(n):
         s = s if gamma is None else gamma * s
         if strict:  # key t is not seen by query t: read before adding it
             outs.append(q[:, :, t : t + 1] @ s)
-        s = s + k[:, :, t].unsqueeze(-1) * v[:, :, t].unsqueeze(-2)
+        s = torch.addcmul(s, k[:, :, t].unsqueeze(-1), v[:, :, t].unsqueeze(-2))
         if not strict:
             outs.append(q[:, :, t : t + 1] @ s)
     out = torch.cat(outs, dim=2) if outs else q.new_zeros(b, h, 0, v.shape[-1])
@@ -169,7 +170,7 @@ def prefix_state(k: Tensor, v: Tensor, log_decay: Optional[Tensor] = None, state
     kv = k.transpose(-1, -2) @ v
     if state is None:
         return kv
-    gamma = _chunk_decay_factor(log_decay, p, k)
+    gamma = _decay_power(log_decay, p, k)
     return kv + (state if gamma is None else gamma * state)
 
 
@@ -242,8 +243,8 @@ def _mm(a: Tensor, b: Tensor, alpha: float = 1.0) -> Tensor:
 
 
 def _add_mm(out: Tensor, a: Tensor, b: Tensor, alpha: float = 1.0) -> Tensor:
-    """``out += alpha * (a @ b)`` in place, one baddbmm (no temporary for the product)."""
-    _flat(out).baddbmm_(_flat(a), _flat(b), alpha=alpha)
+    """``out += alpha * (a @ b)`` in place, one baddbmm (no temporary for the product); ``out`` contiguous."""
+    out.view(-1, *out.shape[-2:]).baddbmm_(_flat(a), _flat(b), alpha=alpha)
     return out
 
 
@@ -290,32 +291,51 @@ def _scan(increments: Tensor, start: Optional[Tensor], log_step: Optional[Tensor
     x = increments.reshape(b, h, n, -1)
     lg = x.new_zeros(1) if log_step is None else log_step.to(x.dtype)
     if n <= SCAN_BLOCK:
-        states = (_block_weights(n, lg, reverse) @ x)[:, :, :n]
+        states = _block_weights(n, lg, reverse)[:, :n] @ x
         if start is not None:
             ages = torch.arange(n, device=x.device, dtype=x.dtype)
-            states = states + _decay_powers(lg, ages.flip(0) if reverse else ages) * start.reshape(b, h, 1, -1)
+            states.addcmul_(_decay_powers(lg, ages.flip(0) if reverse else ages), start.reshape(b, h, 1, -1))
     else:
         blocks = -(-n // SCAN_BLOCK)
         pad = blocks * SCAN_BLOCK - n  # zero chunks where the scan ends, so they reach no real chunk
         padded = torch.nn.functional.pad(x, (0, 0, pad, 0) if reverse else (0, 0, 0, pad)) if pad else x
-        local = _block_weights(SCAN_BLOCK, lg, reverse).unsqueeze(1) @ padded.view(b, h, blocks, SCAN_BLOCK, -1)  # (B, H, blocks, G + 1, W)
-        carries, _ = _scan(local[:, :, :, SCAN_BLOCK], start, lg * SCAN_BLOCK, reverse)  # entering each block
+        padded = padded.view(b, h, blocks, SCAN_BLOCK, -1)
+        weights = _block_weights(SCAN_BLOCK, lg, reverse).unsqueeze(1)  # (H|1, 1, G + 1, G)
+        states = weights[:, :, :SCAN_BLOCK] @ padded  # (B, H, blocks, G, W), within each block
+        carries, _ = _scan(weights[:, :, SCAN_BLOCK:] @ padded, start, lg * SCAN_BLOCK, reverse)  # entering each block
         ages = torch.arange(SCAN_BLOCK, device=x.device, dtype=x.dtype)
-        ages = _decay_powers(lg, ages.flip(0) if reverse else ages).unsqueeze(1)  # (H|1, 1, G, 1)
-        states = torch.addcmul(local[:, :, :, :SCAN_BLOCK], carries.unsqueeze(3), ages).view(b, h, blocks * SCAN_BLOCK, -1)
-        states = states[:, :, pad:] if reverse else states[:, :, :n]
+        states.addcmul_(carries, _decay_powers(lg, ages.flip(0) if reverse else ages).unsqueeze(1))  # in place: no second buffer
+        states = states.view(b, h, blocks * SCAN_BLOCK, -1)
+        if pad:
+            states = states[:, :, pad:] if reverse else states[:, :, :n]
     last = 0 if reverse else n - 1
     end = torch.exp(lg).view(-1, 1) * states[:, :, last] + x[:, :, last]
     return states.reshape(increments.shape), end.reshape(increments.shape[:2] + increments.shape[3:])
 
 
-def _chunks(x: Tensor, length: int) -> tuple[Optional[Tensor], Optional[Tensor]]:
-    """(B, H, N, ·) -> full chunks (B, H, N // L, L, ·) and the tail (B, H, 1, N % L, ·) (views)."""
+def _token_blocks(x: Tensor, length: int) -> list[tuple[int, int, Tensor]]:
+    """(B, H, N, ·) -> ``(t0, t1, chunks)``: the full chunks (B, H, N // L, L, ·) and the tail
+    (B, H, 1, N % L, ·), views, with the tokens [t0, t1) each covers."""
     b, h, n, d = x.shape
     full = n // length * length
-    main = x[:, :, :full].view(b, h, n // length, length, d) if full else None
-    tail = x[:, :, full:].unsqueeze(2) if full < n else None
-    return main, tail
+    blocks = [(0, full, x[:, :, :full].view(b, h, n // length, length, d))] if full else []
+    return blocks + ([(full, n, x[:, :, full:].unsqueeze(2))] if full < n else [])
+
+
+PIECE_BYTES = 16 * 2**20  # the largest temporary of one piece of rows
+
+
+def _row_pieces(rows: int, n: int, length: int, f: int, dv: int, itemsize: int) -> list[slice]:
+    """Rows (batch x head) processed together, so that a piece's temporaries stay under PIECE_BYTES.
+
+    At B H N D = 8 x 16384 x 64 in float32 every (B, H, N, D) tensor is 32 MiB, glibc's largest
+    mmap threshold: each new one is mapped afresh and page-faulted (a multiply into a new tensor
+    took 15.5 ms, into an existing one 2.7 ms). Pieces keep the scores, states and partial
+    outputs under it, reused from the heap, and bound the memory whatever B x H.
+    """
+    per_row = n * max(length, f * dv // length + 1, f, dv) * itemsize
+    size = max(1, min(rows, PIECE_BYTES // max(per_row, 1)))
+    return [slice(r, min(r + size, rows)) for r in range(0, rows, size)]
 
 
 def _block_forward(q, k, v, start, decay, strict, scale):
@@ -361,50 +381,61 @@ def _block_backward(q, k, v, states, dout, dend, decay, strict, scale):
     return dq, dk, dv, dstart
 
 
-def _blocks(x: Tensor, length: int) -> list[Tensor]:
-    return [part for part in _chunks(x, length) if part is not None]
-
-
-def _merge(parts: list[Tensor]) -> Tensor:
-    """Chunks back to (B, H, N, ·)."""
-    flat = [p.flatten(2, 3) for p in parts]
-    return flat[0] if len(flat) == 1 else torch.cat(flat, dim=2)
-
-
 class _ChunkedCausal(torch.autograd.Function):
     """Causal chunked linear attention (Nq = Nk) from a state, with a chunked backward.
 
     Inputs ``q, k`` (B, H, N, F), ``v`` (B, H, N, Dv), ``start`` (B, H, F, Dv) or None;
-    outputs ``(out, state after the last token)``. Saves q, k, v and the per-chunk states
-    (N F Dv / L numbers); recomputes the L x L scores in the backward.
+    outputs ``(out, state after the last token)``. Rows (batch x head) go through in pieces
+    (:func:`_row_pieces`), each over the whole sequence. Saves q, k, v and the per-chunk states
+    (N F Dv / L numbers a row); recomputes the L x L scores in the backward.
     """
 
     @staticmethod
     def forward(ctx, q, k, v, start, log_decay, length, strict, scale):
         ctx.set_materialize_grads(False)
-        outs, saved, state = [], [], start
-        for qb, kb, vb in zip(_blocks(q, length), _blocks(k, length), _blocks(v, length)):
-            decay = None if log_decay is None else _ChunkDecay.of(log_decay, qb.shape[3], strict, q)
-            out, states, state = _block_forward(qb, kb, vb, state, decay, strict, scale)
-            outs.append(out)
-            saved.append(states)
-        ctx.save_for_backward(q, k, v, log_decay, *saved)
-        ctx.length, ctx.strict, ctx.scale, ctx.has_start = length, strict, scale, start is not None
-        return _merge(outs), state
+        b, h, n, f = q.shape
+        dv, rows = v.shape[-1], b * h
+        q3, k3, v3 = (x.reshape(1, rows, n, x.shape[-1]) for x in (q, k, v))
+        row_decay = None if log_decay is None else log_decay.to(q.dtype).repeat(b)  # rows are batch-major
+        start3 = None if start is None else start.reshape(1, rows, f, dv)
+        out, end = q.new_empty(1, rows, n, dv), q.new_empty(1, rows, f, dv)
+        saved, pieces = [], _row_pieces(rows, n, length, f, dv, q.element_size())
+        for r in pieces:
+            state = None if start3 is None else start3[:, r]
+            for (t0, t1, qb), (_, _, kb), (_, _, vb) in zip(_token_blocks(q3[:, r], length), _token_blocks(k3[:, r], length), _token_blocks(v3[:, r], length)):
+                decay = None if row_decay is None else _ChunkDecay.of(row_decay[r], qb.shape[3], strict, q)
+                block_out, states, state = _block_forward(qb, kb, vb, state, decay, strict, scale)
+                out[:, r, t0:t1].copy_(block_out.flatten(2, 3))
+                saved.append(states)
+            end[:, r].copy_(state)
+        ctx.save_for_backward(q, k, v, row_decay, *saved)
+        ctx.length, ctx.strict, ctx.scale, ctx.pieces, ctx.has_start = length, strict, scale, pieces, start is not None
+        return out.view(b, h, n, dv), end.view(b, h, f, dv)
 
     @staticmethod
     def backward(ctx, dout, dend):
-        q, k, v, log_decay, *saved = ctx.saved_tensors
-        dout = torch.zeros(*q.shape[:3], v.shape[-1], dtype=q.dtype, device=q.device) if dout is None else dout.contiguous()
-        blocks = list(zip(_blocks(q, ctx.length), _blocks(k, ctx.length), _blocks(v, ctx.length), _blocks(dout, ctx.length), saved))
-        grads = []
-        for qb, kb, vb, dob, states in reversed(blocks):  # the tail first: gradients flow backwards in time
-            decay = None if log_decay is None else _ChunkDecay.of(log_decay, qb.shape[3], ctx.strict, q)
-            dq, dk, dv, dend = _block_backward(qb, kb, vb, states, dob, dend, decay, ctx.strict, ctx.scale)
-            grads.append((dq, dk, dv))
-        grads.reverse()
-        dq, dk, dv = (_merge([g[i] for g in grads]) for i in range(3))
-        return dq, dk, dv, (dend if ctx.has_start else None), None, None, None, None
+        q, k, v, row_decay, *saved = ctx.saved_tensors
+        b, h, n, f = q.shape
+        dv, rows, length = v.shape[-1], b * h, ctx.length
+        q3, k3, v3 = (x.reshape(1, rows, n, x.shape[-1]) for x in (q, k, v))
+        dout3 = q.new_zeros(1, rows, n, dv) if dout is None else dout.reshape(1, rows, n, dv).contiguous()
+        dend3 = None if dend is None else dend.reshape(1, rows, f, dv)
+        dq, dk, dvalue = torch.empty_like(q3), torch.empty_like(k3), torch.empty_like(v3)
+        dstart = q.new_empty(1, rows, f, dv) if ctx.has_start else None
+        states_of = iter(saved)
+        for r in ctx.pieces:
+            blocks = [_token_blocks(x[:, r], length) for x in (q3, k3, v3, dout3)]
+            blocks = [(*parts, next(states_of)) for parts in zip(*blocks)]
+            dstate = None if dend3 is None else dend3[:, r]
+            for (t0, t1, qb), (_, _, kb), (_, _, vb), (_, _, dob), states in reversed(blocks):  # gradients flow back in time
+                decay = None if row_decay is None else _ChunkDecay.of(row_decay[r], qb.shape[3], ctx.strict, q)
+                dqb, dkb, dvb, dstate = _block_backward(qb, kb, vb, states, dob, dstate, decay, ctx.strict, ctx.scale)
+                for grad, block in ((dq, dqb), (dk, dkb), (dvalue, dvb)):
+                    grad[:, r, t0:t1].copy_(block.flatten(2, 3))
+            if dstart is not None:
+                dstart[:, r].copy_(dstate)
+        dstart = None if dstart is None else dstart.view(b, h, f, dv)
+        return dq.view(q.shape), dk.view(k.shape), dvalue.view(v.shape), dstart, None, None, None, None
 
 
 def _chunked_causal(q, k, v, log_decay, state, chunk_size, scale, strict=False):

@@ -126,7 +126,8 @@ def chunk_size_param() -> Param:
 # --------------------------------------------------------------------------------------------
 # backends
 # --------------------------------------------------------------------------------------------
-RECURRENT_MAX_QUERIES = 2048  # the loop costs ~100 us per token: past this, chunked (same values) is the tool
+RECURRENT_MAX_QUERIES = 2048
+RECURRENT_STEP_TOKENS = 4  # decoding steps of at most this many tokens run the recurrence  # the loop costs ~100 us per token: past this, chunked (same values) is the tool
 
 
 def _not_preferred(problem: Problem, params: dict) -> Optional[str]:
@@ -181,8 +182,9 @@ class ScanState:
 class ScanDecoder:
     """Incremental decoding of a causal mechanism of the family: fold the new keys into the state.
 
-    A step of T tokens runs the chunked form from the state (exact, any T); time and memory per
-    token do not depend on how many tokens came before.
+    A step of at most RECURRENT_STEP_TOKENS tokens runs the recurrence, a longer one the chunked
+    form from the state (both exact); time and memory per token do not depend on how many
+    tokens came before.
     """
 
     def __init__(self, name: str, operands: Prepare, finish: Finish):
@@ -197,6 +199,9 @@ class ScanDecoder:
         if q.shape[2] > k.shape[2]:
             raise ParameterError(f"{self.name}: q: a decoding step takes at most as many queries as new keys, got {q.shape[2]} and {k.shape[2]}", argument="q")
         ops = self.operands(q, k, v, params)
-        out, state.kv = chunked_scan(ops.q, ops.k, ops.v, log_decay=ops.log_decay, state=state.kv, chunk_size=params["chunk_size"], scale=ops.scale)
+        if k.shape[2] <= RECURRENT_STEP_TOKENS:  # the recurrence itself: a few small ops a token
+            out, state.kv = recurrent_form(ops.q, ops.k, ops.v, causal=True, log_decay=ops.log_decay, state=state.kv, scale=ops.scale)
+        else:  # the chunked form: ~30 ops a call, whatever its length
+            out, state.kv = chunked_scan(ops.q, ops.k, ops.v, log_decay=ops.log_decay, state=state.kv, chunk_size=params["chunk_size"], scale=ops.scale)
         state.seen += k.shape[2]
         return self.finish(out, params, q.shape[2], state.seen).to(ops.dtype), state

@@ -157,7 +157,7 @@ _DEFAULTS = {p.name: p.default for p in LINEAR_PARAMS}
 
 
 def _map_name(feature_map: Any) -> str:
-    return feature_map if isinstance(feature_map, str) else "a callable"
+    return repr(feature_map) if isinstance(feature_map, str) else "a callable"
 
 
 def _check_combination(bound: dict[str, Any], p: Problem) -> Optional[tuple[str, str]]:
@@ -166,7 +166,7 @@ def _check_combination(bound: dict[str, Any], p: Problem) -> Optional[tuple[str,
     for owner, names in MAP_PARAMETERS.items():
         for name in names:
             if bound[name] is not None and chosen != owner:
-                return name, f"only used by feature_map={owner!r}, not {_map_name(chosen)!r}: leave it None"
+                return name, f"only used by feature_map={owner!r}, not {_map_name(chosen)}: leave it None"
     if chosen == "hedgehog" and bound["feature_weights"] is None:
         return "feature_weights", "feature_map='hedgehog' needs its weights W, (D, F) or (H, D, F) (attnzoo.nn.HedgehogFeatureMap holds them)"
     projection = bound["projection"]
@@ -198,6 +198,8 @@ def _operands(q: Tensor, k: Tensor, v: Tensor, params: dict) -> Operands:
         **{name: params[name] for names in MAP_PARAMETERS.values() for name in names},
     )
     values = with_normalizer(v) if params["normalize"] else v
+    if params["feature_map"] == "identity":  # phi(s q) . k = s (q . k): the engine applies s for free
+        return Operands(q, k, values, None, out_dtype, scale)
     return Operands(maps.query(q), maps.key(k), values, None, out_dtype)
 
 
@@ -211,7 +213,7 @@ def _finish(out: Tensor, params: dict, nq: int, nk: int) -> Tensor:
 def _reference(q, k, v, **params):
     """The scores phi(s q_i) . phi(k_j) materialized (future masked), their weighted sum of v (and row sum)."""
     ops = _operands(q, k, v, {**params, "normalize": False})
-    scores = parallel_scores(ops.q, ops.k, causal=params["causal"])
+    scores = parallel_scores(ops.q, ops.k, causal=params["causal"], scale=ops.scale)
     out = scores @ ops.v
     if params["normalize"]:
         out = out / (scores.sum(-1, keepdim=True) + params["eps"])
