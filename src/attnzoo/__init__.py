@@ -11,7 +11,22 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from . import errors, masks, nn
-from .functional import HeadPattern, axial_attention, grid_attention, halo_attention, neighborhood_attention, per_head_patterns_attention, sliding_window_attention, softmax_attention, varying_window_attention, window_attention
+from .functional import (
+    HeadPattern,
+    agent_attention,
+    axial_attention,
+    flow_attention,
+    grid_attention,
+    halo_attention,
+    linear_attention,
+    neighborhood_attention,
+    per_head_patterns_attention,
+    retention,
+    sliding_window_attention,
+    softmax_attention,
+    varying_window_attention,
+    window_attention,
+)
 from .kernels.split_kv import merge_attention_states
 from .registry import PATTERNS, Backend, Mechanism, Param, checks, get, list_mechanisms, set_checks
 
@@ -34,6 +49,10 @@ __all__ = [
     "per_head_patterns_attention",
     "varying_window_attention",
     "HeadPattern",
+    "linear_attention",
+    "retention",
+    "agent_attention",
+    "flow_attention",
     "masks",
     "nn",
     "errors",

@@ -1,7 +1,32 @@
 """The functional forms, one module per mechanism family; importing registers them."""
 
 from .dense import softmax_attention
-from .local import HeadPattern, axial_attention, grid_attention, halo_attention, neighborhood_attention, per_head_patterns_attention, sliding_window_attention, varying_window_attention, window_attention
-from .linear import linear_attention as linear_attention, retention as retention  # registers linear, retention
+from .linear import agent_attention, flow_attention, linear_attention, retention
+from .local import (
+    HeadPattern,
+    axial_attention,
+    grid_attention,
+    halo_attention,
+    neighborhood_attention,
+    per_head_patterns_attention,
+    sliding_window_attention,
+    varying_window_attention,
+    window_attention,
+)
 
-__all__ = ["softmax_attention", "sliding_window_attention", "neighborhood_attention", "axial_attention", "window_attention", "grid_attention", "halo_attention", "per_head_patterns_attention", "varying_window_attention", "HeadPattern"]
+__all__ = [
+    "softmax_attention",
+    "sliding_window_attention",
+    "neighborhood_attention",
+    "axial_attention",
+    "window_attention",
+    "grid_attention",
+    "halo_attention",
+    "per_head_patterns_attention",
+    "varying_window_attention",
+    "HeadPattern",
+    "linear_attention",
+    "retention",
+    "agent_attention",
+    "flow_attention",
+]

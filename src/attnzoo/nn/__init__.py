@@ -1,7 +1,18 @@
-"""Modules: learnable state (projections) around the functional forms."""
+"""Modules: learnable state (projections, feature maps, pooling) around the functional forms."""
 
+from .agent import AgentAttention
+from .linear import HedgehogFeatureMap, LinearAttention, RandomFeatureMap, Retention
 from .local import NeighborhoodAttention1D, NeighborhoodAttention2D, NeighborhoodAttention3D
 from .varying_window import VaryingWindowAttention
-from .linear import HedgehogFeatureMap as HedgehogFeatureMap, LinearAttention as LinearAttention, RandomFeatureMap as RandomFeatureMap, Retention as Retention
 
-__all__ = ["NeighborhoodAttention1D", "NeighborhoodAttention2D", "NeighborhoodAttention3D", "VaryingWindowAttention"]
+__all__ = [
+    "NeighborhoodAttention1D",
+    "NeighborhoodAttention2D",
+    "NeighborhoodAttention3D",
+    "VaryingWindowAttention",
+    "HedgehogFeatureMap",
+    "RandomFeatureMap",
+    "LinearAttention",
+    "Retention",
+    "AgentAttention",
+]

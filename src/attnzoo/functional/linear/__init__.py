@@ -8,6 +8,10 @@ not) with a feature map phi and weights w that are 1 (``linear``) or a per-head 
 chunks, a state across them, forward and backward) and ``recurrent`` (a state per token, the
 decoding form). Decoding keeps that state, not a cache; ``Mechanism.state_size`` counts it.
 
+Two members compute something else around the same engine: ``agent`` (F4) is two softmax
+attentions through a few agent tokens (O(N n D)), and ``flow`` (F6, Flowformer) normalizes
+sigmoid-feature linear attention by conserved flows; its final product runs on the engine.
+
 A new mechanism of the family writes an ``operands`` and a ``finish`` function
 (:mod:`._shared`) and its reference, and reuses the feature maps of :mod:`.feature_maps`.
 """
@@ -16,6 +20,8 @@ from . import feature_maps
 from .feature_maps import FEATURE_MAPS, FeatureMap, feature_map_for
 from .linear import LINEAR, linear_attention
 from .retention import RETENTION, retention, retnet_gamma
+from .agent import AGENT, agent_attention
+from .flow import FLOW, flow_attention
 
 __all__ = [
     "linear_attention",
@@ -23,6 +29,10 @@ __all__ = [
     "retention",
     "RETENTION",
     "retnet_gamma",
+    "agent_attention",
+    "AGENT",
+    "flow_attention",
+    "FLOW",
     "feature_maps",
     "FEATURE_MAPS",
     "FeatureMap",
