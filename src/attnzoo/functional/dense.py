@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .. import masks
@@ -34,6 +33,7 @@ from ..kernels.flex import FLEX_CAPABILITIES, cpu_decline_reason, flex_forward
 from ..kernels.reference import materialized_attention
 from ..kernels.split_kv import split_kv_attention
 from ..kernels.tiled import score_mod_grad_captures, tiled_attention
+from ..kernels.sdpa import sdpa
 from ..registry import PATTERNS, Backend, Mechanism, Param, Problem, choice, flag, positive_number, register
 
 __all__ = ["softmax_attention", "SOFTMAX"]
@@ -172,7 +172,7 @@ def _sdpa(q, k, v, *, causal, causal_alignment, key_padding_mask, bias, mask_mod
     gqa = q.shape[1] != k.shape[1]
     top_left = causal_alignment == "top_left" or nq == nk
     if bias is None and key_padding_mask is None and (not causal or top_left):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa)
+        return sdpa(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa)
     allowed = _allowed(q, k, causal, causal_alignment, key_padding_mask, None)
     empty = None
     if allowed is not None:
@@ -186,7 +186,7 @@ def _sdpa(q, k, v, *, causal, causal_alignment, key_padding_mask, bias, mask_mod
             mask = mask.masked_fill(~allowed, float("-inf"))
     else:
         mask = allowed
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    out = sdpa(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
     return out if empty is None else out.masked_fill(empty, 0.0)
 
 

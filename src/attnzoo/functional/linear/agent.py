@@ -27,10 +27,10 @@ import random
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ...kernels.reference import default_scale, materialized_attention
+from ...kernels.sdpa import sdpa
 from ...registry import Backend, Mechanism, Param, Problem, positive_number, register
 from ._shared import compute_dtype, expand_heads
 
@@ -137,8 +137,8 @@ def _sdpa(q, k, v, *, agents, scale, agent_bias, query_bias):
     q, k, v, agents = _operands(q, k, v, agents)
     s = default_scale(q, scale)
     agent_bias, query_bias = (None if b is None else b.to(q.dtype) for b in (agent_bias, query_bias))
-    agent_values = F.scaled_dot_product_attention(agents, k, v, attn_mask=agent_bias, scale=s)
-    return F.scaled_dot_product_attention(q, agents, agent_values, attn_mask=query_bias, scale=s).to(out_dtype)
+    agent_values = sdpa(agents, k, v, attn_mask=agent_bias, scale=s)
+    return sdpa(q, agents, agent_values, attn_mask=query_bias, scale=s).to(out_dtype)
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from torch import Tensor
 from ... import masks
 from ...kernels.flex import FLEX_CAPABILITIES, cpu_decline_reason, flex_forward
 from ...kernels.reference import materialized_attention
+from ...kernels.sdpa import sdpa
 from ...kernels.tiled import tiled_attention
 from ..._validate import per_axis
 from ...registry import Backend, Mechanism, Problem
@@ -126,7 +127,7 @@ def _attend_groups(q: Tensor, k: Tensor, v: Tensor, keys: Optional[Tensor], batc
     the same for every batch entry (groups are batch-major); None or all True: no mask.
     """
     mask = None if keys is None or bool(keys.all()) else keys.repeat(batch, 1, 1).unsqueeze(1)
-    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    return sdpa(q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
 
 def _split_groups(x: Tensor, splits: list[tuple[int, int]], group_is_inner: bool) -> Tensor:

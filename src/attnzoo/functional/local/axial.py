@@ -7,10 +7,10 @@ import random
 from dataclasses import dataclass
 from typing import Any, Optional
 
-import torch
 from torch import Tensor
 
 from ... import masks
+from ...kernels.sdpa import sdpa
 from ...registry import Mechanism, Param, Problem, flag, positive_number, register
 from ._shared import (
     _no_lse,
@@ -77,7 +77,7 @@ def _axial_sdpa(q, k, v, *, axis, causal, scale, return_lse):
     ql, other = _lines(q, axis)
     kl, _ = _lines(k, axis)
     vl, _ = _lines(v, axis)
-    out = torch.nn.functional.scaled_dot_product_attention(ql, kl, vl, is_causal=causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    out = sdpa(ql, kl, vl, is_causal=causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
     return _unlines(out, q.shape[0], other, axis)
 
 

@@ -34,7 +34,6 @@ from typing import Any, Optional
 
 import torch
 from torch import Tensor
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..._validate import per_axis
 from ...kernels.reference import materialized_attention
@@ -206,20 +205,6 @@ def _gather_contexts(x: Tensor, axes: tuple[_ContextAxis, ...]) -> Tensor:
     return _split_groups(x, [(axis.n_windows, axis.tokens) for axis in axes], group_is_inner=False)
 
 
-# torch's CPU flash kernel reads a row of fewer keys than its vector width (8 floats with AVX2, 16
-# with AVX-512) whose scores are all NaN as a fully masked row and returns zeros there: a NaN
-# query would vanish before the finite check. Such short contexts (small P, or R P past a short
-# axis) take the math kernel, whose scores (windows x P^d x < 16) are no bigger than q.
-_FLASH_CPU_MIN_KEYS = 16
-
-
-def _attend_windows(q: Tensor, k: Tensor, v: Tensor, batch: int, scale: Optional[float]) -> Tensor:
-    if q.device.type == "cpu" and k.shape[-2] < _FLASH_CPU_MIN_KEYS:
-        with sdpa_kernel(SDPBackend.MATH):
-            return _attend_groups(q, k, v, None, batch, scale)
-    return _attend_groups(q, k, v, None, batch, scale)
-
-
 def _vwa_sdpa(q: Tensor, k: Tensor, v: Tensor, *, window_size: Any, ratio: Any, rescale: str, scale: Optional[float]) -> Tensor:
     """Pre-scale k, v once, gather every window's P^d context tokens, one SDPA over all windows, no mask."""
     axes = _context_axes(q, window_size=window_size, ratio=ratio, rescale=rescale)
@@ -229,7 +214,7 @@ def _vwa_sdpa(q: Tensor, k: Tensor, v: Tensor, *, window_size: Any, ratio: Any, 
     splits = [(axis.n_windows, axis.window) for axis in axes]
     padded = [n * w for n, w in splits]
     q_win = _split_groups(q if list(q.shape[2:-1]) == padded else _pad_to(q, padded), splits, group_is_inner=False)
-    out = _attend_windows(q_win, k_ctx, v_ctx, q.shape[0], scale)  # padding queries see real tokens: cropped
+    out = _attend_groups(q_win, k_ctx, v_ctx, None, q.shape[0], scale)  # short contexts: see kernels/sdpa.py  # padding queries see real tokens: cropped
     return _crop(_merge_groups(out, splits, False, q.shape[0]), tuple(q.shape[2:-1]))
 
 
