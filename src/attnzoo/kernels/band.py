@@ -88,12 +88,9 @@ class _CausalBand(torch.autograd.Function):
         c, scale = ctx.c, ctx.scale
         qc, kc, vc, doc = _chunks(q, c), _chunks(k, c), _chunks(v, c), _chunks(dout.contiguous(), c)
         dq, dk, dv = _flash_backward(doc, qc, kc, vc, out, lse, 0.0, True, scale=scale)
-        if qc.shape[1] > 1:
-            cur = lambda x: x[:, 1:].flip(2).contiguous()  # noqa: E731
-            dq2, dk2, dv2 = _flash_backward(cur(doc), _current(qc), _previous(kc), _previous(vc), cur(out), cur(lse), 0.0, True, scale=scale)
-            dq = dq.clone()
+        if qc.shape[1] > 1:  # flip copies, so the parts below are contiguous; dq, dk, dv are ours to add into
+            dq2, dk2, dv2 = _flash_backward(_current(doc), _current(qc), _previous(kc), _previous(vc), _current(out), _current(lse), 0.0, True, scale=scale)
             dq[:, 1:] += dq2.flip(2)
-            dk, dv = dk.clone(), dv.clone()
             dk[:, :-1] += dk2.flip(2)
             dv[:, :-1] += dv2.flip(2)
         return dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape), None, None

@@ -12,7 +12,7 @@
 //              CSR): dk_j = scale * sum ds q_i,  dv_j = sum p do_i,  recomputing p and ds
 //              so nothing of size Nq * K is stored (unless the bias needs its gradient).
 // Pass 2 owns each key row, so the scatter needs no atomics and parallelises over keys.
-// Layouts: q (B, H, Nq, D), k/v (B, Hk, Nk, D/Dv) contiguous, H a multiple of Hk (GQA),
+// Layouts: q (B, H, Nq, D), k/v (B, Hk, Nk, D) contiguous (one head dim for q, k and v), H a multiple of Hk (GQA),
 // bias (B|1, H|1, Nq, K) or empty. Accumulation in float for every input dtype.
 
 #include <torch/extension.h>
@@ -115,17 +115,10 @@ inline void axpy(float alpha, const T* x, float* y, int64_t n) {
   }
 }
 
-template <typename T>
-inline float dot(const T* a, const T* b, int64_t n) {
-  float acc = 0.f;
-  for (int64_t d = 0; d < n; ++d) acc += static_cast<float>(a[d]) * static_cast<float>(b[d]);
-  return acc;
-}
-
 // exp(x) for x <= 0 (scores minus their row max) over 8 lanes, branch-free: std::exp is a
 // libm call per pair and cost about as much as the dot products. Cephes' expf scheme:
-// x = n ln2 + r with |r| <= ln2 / 2 , e^r by a degree-6
-// polynomial, 2^n through the exponent bits. Relative error about 2e-7; arguments below -87
+// x = n ln2 + r with |r| <= ln2 / 2, e^r by a degree-6 polynomial, 2^n through the exponent
+// bits. Relative error about 2e-7; arguments below -87
 // (and -inf, masked slots) give exactly 0.
 typedef int32_t i8v __attribute__((vector_size(32)));
 
@@ -169,13 +162,13 @@ inline float row_exp(const float* s, float m, float* p, int64_t K) {
 }
 
 struct Shape {
-  int64_t B, H, Hk, Nq, Nk, D, Dv, K;
+  int64_t B, H, Hk, Nq, Nk, D, K;
   int64_t bias_sb, bias_sh;  // bias strides over batch and head (0 when broadcast)
 };
 
 Shape shape_of(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& index,
                const at::Tensor& bias) {
-  Shape s{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), v.size(3), index.size(1), 0, 0};
+  Shape s{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), index.size(1), 0, 0};
   if (bias.numel() > 0) {
     s.bias_sb = bias.size(0) == 1 ? 0 : bias.stride(0);
     s.bias_sh = bias.size(1) == 1 ? 0 : bias.stride(1);
@@ -207,7 +200,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const float* bp = bias.numel() ? bias.data_ptr<float>() : nullptr;
   T* op = out.data_ptr<T>();
   float* lp = lse.data_ptr<float>();
-  const int64_t n = sh.D;  // DT-specialised: D == Dv (checked by the caller)
+  const int64_t n = sh.D;
   at::parallel_for(0, sh.B * sh.H * sh.Nq, 64, [&](int64_t begin, int64_t end) {
     std::vector<float> s(sh.K), acc(n);
     for (int64_t r = begin; r < end; ++r) {
