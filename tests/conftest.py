@@ -7,6 +7,7 @@ variable ``HYPOTHESIS_PROFILE=thorough``.
 
 import os
 
+import pytest
 from hypothesis import HealthCheck, settings
 
 _COMMON = dict(
@@ -17,3 +18,9 @@ _COMMON = dict(
 settings.register_profile("ci", max_examples=12, derandomize=True, **_COMMON)
 settings.register_profile("thorough", max_examples=200, **_COMMON)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture(autouse=True)
+def _results_db_in_tmp(tmp_path_factory, monkeypatch):
+    """Benchmarks run by tests write a throwaway database, never the user's cache."""
+    monkeypatch.setenv("ATTNZOO_DB", str(tmp_path_factory.getbasetemp() / "results.sqlite"))

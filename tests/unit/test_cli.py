@@ -12,10 +12,12 @@ import torch
 from rich.console import Console
 
 import attnzoo
-from attnzoo.bench.efficiency import AUTO, BASELINE, RAW_TORCH, EfficiencyConfig, plan_cases, run_efficiency
+from attnzoo.bench.efficiency import AUTO, BASELINE, NOT_DECLARED, RAW_TORCH, EfficiencyConfig, plan_cases, quick_config, run_efficiency
+from attnzoo.bench.results import ResultStore
 from attnzoo.cli import catalog_ids_covered, main, mechanism_table_markdown, pattern_marks
+from attnzoo.registry import PATTERNS
 
-TINY_BENCH = ["bench", "--lengths", "16", "32", "--budget", "0.01", "--max-repeats", "3", "--device", "cpu"]
+TINY_BENCH = ["bench", "--lengths", "16", "32", "--budget", "0.01", "--max-repeats", "3", "--device", "cpu", "--patterns", "noncausal_self"]
 
 
 def run_cli(*argv: str, width: int = 200) -> tuple[int, str]:
@@ -145,10 +147,15 @@ def test_python_dash_m_runs_the_cli_without_traceback_on_errors():
 # --------------------------------------------------------------------------------------------
 # bench
 # --------------------------------------------------------------------------------------------
+def expected_cases(pattern: str, lengths) -> set:
+    """Every backend of the mechanisms that declare ``pattern``, one "-" row for the others."""
+    return {(m.name, b, n) for n in lengths for m in all_mechanisms() for b in (m.backends if pattern in m.patterns else ("-",))}
+
+
 def test_bench_rows_cover_every_mechanism_backend_and_length():
-    config = EfficiencyConfig(lengths=(16, 32), budget_s=0.01, max_repeats=3)
+    config = EfficiencyConfig(lengths=(16, 32), budget_s=0.01, max_repeats=3, memory=False)
     rows = run_efficiency(config)
-    expected = {(m.name, b, n) for n in (16, 32) for m in all_mechanisms() for b in m.backends}
+    expected = expected_cases("noncausal_self", (16, 32))
     expected |= {row for n in (16, 32) for row in ((BASELINE[0], AUTO, n), (*RAW_TORCH, n))}  # the library's own rows
     assert {(r.mechanism, r.backend, r.length) for r in rows} == expected
     assert len(rows) == len(expected)
@@ -173,9 +180,10 @@ def test_bench_skips_score_materializing_backends_on_long_inputs_and_reports_dec
     sdpa = next(c for c in cases if c.backend == "sdpa")
     assert sdpa.skip is None
     # one query over 64k keys is a small score matrix: the decoding shape runs them all
-    decode = plan_cases(EfficiencyConfig(lengths=(65536,), mechanisms=("softmax",), queries=1))
+    decode = plan_cases(EfficiencyConfig(lengths=(65536,), mechanisms=("softmax",), queries=1, patterns=("noncausal_cross",)))
     assert all(c.skip is None for c in decode if c.backend in ("reference", "split_kv"))
-    assert EfficiencyConfig(queries=1).pattern == "noncausal_cross"
+    assert EfficiencyConfig(queries=1).q_len(65536, "causal_cross") == 1 and EfficiencyConfig().q_len(64, "noncausal_cross") == 32
+    assert EfficiencyConfig().q_len(64, "causal_self") == 64
     # flex takes no float64: with compiled backends included it is skipped for that reason
     config = EfficiencyConfig(
         lengths=(16,), dtype=torch.float64, mechanisms=("softmax",), include_compiled=True, budget_s=0.01, max_repeats=2
@@ -184,14 +192,40 @@ def test_bench_skips_score_materializing_backends_on_long_inputs_and_reports_dec
     assert flex.skipped and flex.note.startswith("declines: ") and "float64" in flex.note
 
 
-def test_bench_causal_skips_mechanisms_without_the_pattern():
-    config = EfficiencyConfig(causal=True)
-    for case in plan_cases(config):
-        if (case.mechanism, case.backend) == RAW_TORCH:
-            continue
-        mech = attnzoo.get(case.mechanism)
-        if "causal_self" not in mech.patterns:
-            assert case.skip == "no causal_self pattern"
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_bench_gives_one_na_case_to_mechanisms_without_the_pattern(pattern):
+    cases = plan_cases(EfficiencyConfig(patterns=(pattern,), lengths=(64,)))
+    assert {c.pattern for c in cases} == {pattern}
+    for mech in all_mechanisms():
+        mine = [c for c in cases if c.mechanism == mech.name]
+        if pattern in mech.patterns:
+            assert {c.backend for c in mine} >= set(mech.backends) and all(c.skip != NOT_DECLARED for c in mine)
+        else:
+            assert [(c.backend, c.skip) for c in mine] == [("-", NOT_DECLARED)]
+
+
+def test_bench_config_rejects_unknown_patterns_and_quick_config_covers_all_four():
+    with pytest.raises(ValueError, match="patterns"):
+        EfficiencyConfig(patterns=("sideways",))
+    quick = quick_config()
+    assert quick.patterns == PATTERNS and quick.mechanisms is None and max(quick.lengths) <= 4096
+
+
+def test_bench_writes_every_row_to_the_store_and_resume_reads_them_back(tmp_path):
+    config = EfficiencyConfig(lengths=(16,), mechanisms=("softmax", "linear"), patterns=("noncausal_self", "causal_cross"), budget_s=0.01, max_repeats=2)
+    with ResultStore(tmp_path / "r.sqlite") as store:
+        rows = run_efficiency(config, store=store)
+        stored = store.results(kind="efficiency")
+        assert len(stored) == len(rows) and len(store.runs("efficiency")) == 1
+        by_case = {(r["mechanism"], r["backend"], r["pattern"]): r for r in stored}
+        sdpa = by_case[("softmax", "sdpa", "causal_cross")]
+        assert sdpa["q_len"] == 8 and sdpa["kv_len"] == 16 and sdpa["median_ms"] > 0 and sdpa["metrics"]["ratio"] == 1.0
+        assert sdpa["memory_method"] in ("rss-hwm", "unavailable") and store.runs()[0]["machine"]["torch"] == torch.__version__
+        assert store.runs()[0]["finished"] is not None
+        started = []
+        again = run_efficiency(config, store=store, resume=True, on_start=started.append)
+        assert [(r.mechanism, r.backend, r.pattern, r.timing) for r in again] == [(r.mechanism, r.backend, r.pattern, r.timing) for r in rows]
+        assert len(started) == len(rows) and len(store.results(kind="efficiency")) == len(rows)  # nothing run or written twice
 
 
 def test_bench_cli_prints_machine_and_a_row_per_case():
@@ -199,13 +233,24 @@ def test_bench_cli_prints_machine_and_a_row_per_case():
     assert status == 0
     assert out.startswith("machine: ") and f"torch {torch.__version__}" in out and "attnzoo " in out
     table_rows = [line for line in out.splitlines() if re.match(r"│ +(16|32) │", line)]
-    n_cases = 2 * (sum(len(m.backends) for m in all_mechanisms()) + 2)  # + the auto and raw torch rows
+    n_cases = len(expected_cases("noncausal_self", (16, 32))) + 4  # + the auto and raw torch rows
     assert len(table_rows) == n_cases
     for line in table_rows:
         cells = [c.strip() for c in line.strip("│").split("│")]
-        ratio, note = cells[5], cells[7]
+        ratio, peak, note = cells[5], cells[7], cells[8]
         assert re.fullmatch(r"\d+\.\d\dx", ratio) or (ratio == "-" and note), line
+        assert re.fullmatch(r"\d+\.\d", peak) or peak == "-", line
     assert re.search(r"\d+ timed, \d+ skipped, in [\d.]+ s", out)
+
+
+def test_bench_cli_causal_and_patterns_options_choose_the_tables(tmp_path):
+    db = str(tmp_path / "r.sqlite")
+    status, out = run_cli("bench", "--lengths", "16", "--budget", "0.01", "--max-repeats", "1", "--mechanisms", "softmax", "--causal", "--db", db)
+    assert status == 0 and "causal self attention" in out and "noncausal" not in out and f"results in {db}" in out
+    status, out = run_cli("bench", "efficiency", "--lengths", "16", "--budget", "0.01", "--max-repeats", "1", "--mechanisms", "linear", "--patterns", "cross", "--no-memory", "--db", db)
+    assert status == 0 and "noncausal cross attention" in out and "causal cross attention" in out and " self " not in out
+    with ResultStore(db) as store:
+        assert {r["pattern"] for r in store.results()} == {"causal_self", "noncausal_cross", "causal_cross"}
 
 
 def test_bench_cli_threads_option_applies_during_the_run_only():
@@ -230,7 +275,7 @@ def test_bench_spatial_grid_runs_spatial_mechanisms_on_the_grid_with_overrides()
     assert nbr["reference"].timing is not None and nbr["tiled"].timing is not None
     assert any(r.mechanism == "softmax" and r.timing is not None for r in rows)  # softmax on the 64 flattened tokens
     status, out = run_cli(
-        "bench", "--spatial", "8x8", "--mechanisms", "neighborhood", "--backends", "reference", "--set", "kernel_size=(3, 5)", "--budget", "0.01", "--max-repeats", "1"
+        "bench", "--spatial", "8x8", "--patterns", "noncausal_self", "--mechanisms", "neighborhood", "--backends", "reference", "--set", "kernel_size=(3, 5)", "--budget", "0.01", "--max-repeats", "1"
     )
     assert status == 0 and "grid 8x8" in out and re.search(r"│ +64 │ neighborhood +│ reference", out)
     assert not re.search(r"neighborhood +│ tiled", out)  # --backends keeps only the named ones
@@ -238,7 +283,7 @@ def test_bench_spatial_grid_runs_spatial_mechanisms_on_the_grid_with_overrides()
 
 @pytest.mark.parametrize(
     "bad",
-    [["--lengths", "0"], ["--budget", "-1"], ["--dtype", "int8"], ["--device", "xyz"], ["--device", "meta"], ["--spatial", "8x0"], ["--spatial", "axb"], ["--set", "kernel_size"]],
+    [["--lengths", "0"], ["--budget", "-1"], ["--dtype", "int8"], ["--device", "xyz"], ["--device", "meta"], ["--spatial", "8x0"], ["--spatial", "axb"], ["--set", "kernel_size"], ["--patterns", "sideways"]],
 )
 def test_bench_cli_rejects_bad_options(bad):
     with pytest.raises(SystemExit) as exc:
@@ -249,6 +294,6 @@ def test_bench_cli_rejects_bad_options(bad):
 def test_piped_output_is_wide_enough_for_the_bench_notes(capsys, monkeypatch):
     """Not a terminal (CI logs, pipes): rows stay on one line instead of folding at 80 columns."""
     monkeypatch.delenv("COLUMNS", raising=False)
-    assert main(["bench", "--lengths", "16", "--budget", "0.01", "--max-repeats", "2", "--mechanisms", "softmax", "--device", "cpu"]) == 0
+    assert main(["bench", "--lengths", "16", "--budget", "0.01", "--max-repeats", "2", "--mechanisms", "softmax", "--device", "cpu", "--patterns", "noncausal_self"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if "split_kv" in line]
     assert len(rows) == 1 and "not preferred" in rows[0] and len(rows[0]) > 80

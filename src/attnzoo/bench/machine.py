@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
+from functools import lru_cache
 from pathlib import Path
+from typing import Optional
 
 import torch
 
-__all__ = ["cpu_model", "machine_info"]
+__all__ = ["cpu_model", "git_revision", "machine_info"]
 
 
 def cpu_model() -> str:
@@ -22,6 +25,21 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
+@lru_cache(maxsize=1)
+def git_revision() -> Optional[str]:
+    """The git commit of the attnzoo source being run (``+dirty`` with local changes), or None
+    when it is not a git checkout (an installed wheel)."""
+    source = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        if sha.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", str(source), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
 def _load_average() -> str:
     """The 1-minute load average (other work on the machine makes timings noisy), or '?'."""
     try:
@@ -31,7 +49,7 @@ def _load_average() -> str:
 
 
 def machine_info(device: torch.device | str = "cpu") -> dict[str, str]:
-    """Key facts about the machine, as text: cpu, cores, load, torch, threads, versions, device."""
+    """Key facts about the machine, as text: cpu, cores, load, torch, threads, versions, git commit, device."""
     from .. import __version__
 
     dev = torch.device(device)
@@ -42,6 +60,7 @@ def machine_info(device: torch.device | str = "cpu") -> dict[str, str]:
         "threads": str(torch.get_num_threads()),
         "attnzoo": __version__,
         "python": platform.python_version(),
+        "git": git_revision() or "unknown",
         "device": str(dev),
         "load": _load_average(),
     }

@@ -1,0 +1,348 @@
+"""``attnzoo bench`` and ``attnzoo report``: run the benchmarks, render their results.
+
+The runners of :mod:`attnzoo.bench` return data and write the results store; this module is
+where they meet the terminal (rich tables and progress bars).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import math
+import time
+from typing import Any, Optional, Sequence
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.text import Text
+
+from ..bench.efficiency import (
+    BASELINE,
+    CPU_LENGTHS,
+    DTYPES,
+    GPU_LENGTHS,
+    Case,
+    EfficiencyConfig,
+    Row,
+    plan_cases,
+    quick_config,
+    run_efficiency,
+)
+from ..bench.machine import machine_info
+from ..bench.overhead import dispatch_overhead
+from ..bench.results import ResultStore, default_db_path
+from ..registry import PATTERNS, get
+
+__all__ = ["add_bench_parser", "bench_table", "BENCH_KINDS"]
+
+#: The subcommands of ``attnzoo bench``; options without one mean ``efficiency``.
+BENCH_KINDS = ("efficiency",)
+PATTERN_ALIASES = {"all": PATTERNS, "self": ("noncausal_self", "causal_self"), "cross": ("noncausal_cross", "causal_cross")}
+
+
+def _machine_text(m: dict[str, str]) -> Text:
+    parts = [
+        f"machine: {m['cpu']}, {m['cores']} cores, load {m['load']}",
+        f"torch {m['torch']} ({m['threads']} threads)",
+        f"attnzoo {m['attnzoo']} ({m.get('git', 'unknown')[:12]})",
+        f"python {m['python']}",
+        f"device {m['device']}" + (f" ({m['gpu']})" if "gpu" in m else ""),
+    ]
+    return Text(" | ".join(parts))
+
+
+def _busy_machine_warning(m: dict[str, str]) -> Optional[Text]:
+    """A warning when other work keeps the CPUs busy (CPU timings are then noisy), else None."""
+    try:
+        load, cores = float(m["load"]), int(m["cores"])
+    except ValueError:
+        return None
+    if load < 0.5 * cores:
+        return None
+    return Text(
+        f"note: load average {load:.2f} on {cores} cores: other work is running, timings will be noisy", "yellow"
+    )
+
+
+def _bench_title(config: EfficiencyConfig, pattern: str) -> str:
+    dtype = str(config.dtype).replace("torch.", "")
+    heads = f"H={config.heads}" if config.kv_heads in (None, config.heads) else f"Hq={config.heads} Hkv={config.kv_heads}"
+    shape = f"B={config.batch} {heads} D={config.head_dim} {dtype} on {config.device}"
+    if pattern.endswith("_cross"):
+        shape = ("Nq=N/2" if config.queries is None else f"Nq={config.queries}") + " over N keys, " + shape
+    if config.spatial is not None:
+        shape = "grid " + "x".join(map(str, config.spatial)) + " (flattened for 1D mechanisms), " + shape
+    what = "forward + backward (train)" if config.mode == "train" else "forward (inference)"
+    return f"{pattern.replace('_', ' ')} attention, {what}, {shape}"
+
+
+def bench_table(rows: Sequence[Row], config: EfficiencyConfig, pattern: str) -> Table:
+    """The efficiency table of one pattern: a section per length, ratio against the baseline at that length."""
+    rows = [r for r in rows if r.pattern == pattern]
+    table = Table(
+        title=_bench_title(config, pattern),
+        caption=f"ratio = median / median of {BASELINE[0]} {BASELINE[1]} at the same N{_baseline_times(rows)}; IQR = q3 - q1; "
+        "peak = extra memory at the call's peak",
+    )
+    for col, justify in (("N", "right"), ("mechanism", "left"), ("backend", "left"), ("median ms", "right")):
+        table.add_column(col, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+    for col in ("IQR ms", "ratio", "reps", "peak MiB"):
+        table.add_column(col, justify="right", no_wrap=True)
+    table.add_column("note", overflow="fold")
+    previous = None
+    for row in rows:
+        if previous is not None and row.length != previous:
+            table.add_section()
+        previous = row.length
+        table.add_row(*_bench_cells(row))
+    return table
+
+
+def _baseline_times(rows: Sequence[Row]) -> str:
+    """The baseline's median per length (ratios are relative to it, even when its row is not shown)."""
+    base: dict[int, float] = {}
+    for row in rows:
+        if row.timing is not None and row.ratio and row.length not in base:
+            base[row.length] = row.timing.median_ms / row.ratio
+    return " (" + ", ".join(f"{t:.1f} ms at N={n}" for n, t in base.items()) + ")" if base else ""
+
+
+def _bench_cells(row: Row) -> list[Text]:
+    t = row.timing
+    if t is None:
+        numbers = ["-"] * 5
+    else:
+        ratio = f"{row.ratio:.2f}x" if row.ratio is not None else "-"
+        peak = f"{row.peak_bytes / 2**20:.1f}" if row.peak_bytes is not None else "-"
+        numbers = [f"{t.median_ms:.3f}", f"{t.iqr_ms:.3f}", ratio, str(t.repeats), peak]
+    cells = [str(row.length), row.mechanism, row.backend, *numbers, row.note]
+    texts = [Text(c) for c in cells]
+    if t is None:
+        texts[-1].stylize("dim")
+    return texts
+
+
+def _patterns(args: argparse.Namespace) -> tuple[str, ...]:
+    """--patterns, or what --causal / --queries ask for, or all four."""
+    if args.patterns:
+        chosen: list[str] = []
+        for name in args.patterns:
+            chosen += [p for p in PATTERN_ALIASES.get(name, (name,)) if p not in chosen]
+        return tuple(chosen)
+    if args.causal or args.queries is not None:
+        return ("causal" if args.causal else "noncausal") + ("_cross" if args.queries is not None else "_self"),
+    return PATTERNS
+
+
+def _config_from_args(args: argparse.Namespace) -> EfficiencyConfig:
+    spatial = args.spatial
+    default_lengths = GPU_LENGTHS if torch.device(args.device).type == "cuda" else CPU_LENGTHS
+    return EfficiencyConfig(
+        lengths=(math.prod(spatial),) if spatial else tuple(args.lengths or default_lengths),
+        patterns=_patterns(args),
+        spatial=spatial,
+        overrides=tuple(args.set or ()),
+        backends=tuple(args.backends) if args.backends else None,
+        batch=args.batch,
+        heads=args.heads,
+        kv_heads=args.kv_heads,
+        head_dim=args.head_dim,
+        dtype=DTYPES[args.dtype],
+        device=args.device,
+        mechanisms=tuple(args.mechanisms) if args.mechanisms else None,
+        budget_s=args.budget,
+        max_repeats=args.max_repeats,
+        include_compiled=args.include_compiled,
+        mode=args.mode,
+        queries=args.queries,
+        max_scores=args.max_scores,
+        memory=not args.no_memory,
+    )
+
+
+def _run_with_progress(config: EfficiencyConfig, console: Console, store: Optional[ResultStore], resume: bool) -> list[Row]:
+    total = len(plan_cases(config))
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("timing", total=total)
+
+        def show(case: Case) -> None:
+            progress.update(task, description=f"{case.pattern} {case.mechanism}/{case.backend} N={case.length}")
+
+        def advance(case: Case) -> None:
+            progress.update(task, advance=1)
+
+        return run_efficiency(config, on_case=advance, on_start=show, store=store, resume=resume)
+
+
+def _with_threads(threads: Optional[int], run: Any) -> Any:
+    """``run()`` with torch's intra-op threads set to ``threads``, restored after (main() may run in a longer-lived process)."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return run()
+    finally:
+        torch.set_num_threads(before)
+
+
+def _cmd_efficiency(args: argparse.Namespace, console: Console) -> int:
+    config = quick_config(args.device) if args.quick else _config_from_args(args)
+    for name in config.mechanisms or ():
+        get(name)  # an unknown name fails before any timing
+    if args.overhead:
+        return _with_threads(args.threads, lambda: _print_overhead(args, console))
+    with ResultStore(args.db) as store:
+        _with_threads(args.threads, lambda: _print_bench(config, console, store, args.resume))
+    console.print(Text(f"results in {args.db}"))
+    return 0
+
+
+def _print_overhead(args: argparse.Namespace, console: Console) -> int:
+    console.print(_machine_text(machine_info("cpu")))
+    table = Table(title="dispatch overhead: attnzoo.attention(q, k, v) against F.scaled_dot_product_attention, paired")
+    for col in ("N", "raw SDPA ms", "attnzoo ms", "paired ratio (IQR)", "extra us", "dispatch alone us", "backend"):
+        table.add_column(col, justify="right" if col != "backend" else "left")
+    for length in args.lengths or (256, 1024, 4096):
+        o = dispatch_overhead(length, batch=args.batch, heads=args.heads, head_dim=args.head_dim)
+        table.add_row(
+            str(o.length), f"{o.raw_ms:.3f}", f"{o.attnzoo_ms:.3f}", f"{o.ratio:.4f} ({o.ratio_q1:.3f}-{o.ratio_q3:.3f})",
+            f"{o.extra_us:.1f}", f"{o.dispatch_us:.1f}", o.backend,
+        )
+    console.print(table)
+    return 0
+
+
+def _print_bench(config: EfficiencyConfig, console: Console, store: Optional[ResultStore], resume: bool) -> None:
+    machine = machine_info(config.device)
+    console.print(_machine_text(machine))
+    warning = _busy_machine_warning(machine)
+    if warning is not None:
+        console.print(warning)
+    start = time.perf_counter()
+    rows = _run_with_progress(config, console, store, resume)
+    for pattern in config.patterns:
+        console.print(bench_table(rows, config, pattern))
+    timed = sum(not r.skipped for r in rows)
+    console.print(Text(f"{timed} timed, {len(rows) - timed} skipped, in {time.perf_counter() - start:.1f} s"))
+
+
+# --------------------------------------------------------------------------------------------
+# the parser
+# --------------------------------------------------------------------------------------------
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
+def _available_device(text: str) -> str:
+    """A cpu or cuda device this machine has (``cuda:1`` too)."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"expected cpu or cuda, got {text!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"expected cpu or cuda, got {text!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"CUDA is not available here (torch {torch.__version__})")
+    return text
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _override(text: str) -> tuple[str, Any]:
+    name, sep, value = text.partition("=")
+    if not sep or not name.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    try:
+        return name, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return name, value  # a bare word: a string option such as rescale=mean
+
+
+def _grid(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(part) for part in text.lower().split("x"))
+    except ValueError:
+        sizes = ()
+    if not 1 <= len(sizes) <= 3 or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"expected 1-3 positive sizes joined by 'x' (e.g. 128x128), got {text!r}")
+    return sizes
+
+
+def _add_efficiency_options(bench: argparse.ArgumentParser) -> None:
+    bench.add_argument("--lengths", type=_positive_int, nargs="+", help="sequence lengths N (default 256 1024 4096 16384; on CUDA up to 131072)")
+    bench.add_argument(
+        "--patterns", nargs="+", choices=(*PATTERNS, *PATTERN_ALIASES), metavar="PATTERN",
+        help="CAB patterns: " + ", ".join(PATTERNS) + ", or all/self/cross (default: all four)",
+    )
+    bench.add_argument("--causal", action="store_true", help="shorthand for --patterns causal_self (causal_cross with --queries)")
+    bench.add_argument("--queries", type=_positive_int, help="queries of the cross patterns (default N/2); alone: the noncausal cross pattern")
+    bench.add_argument("--batch", type=_positive_int, default=1, help="batch size B (default 1)")
+    bench.add_argument("--heads", type=_positive_int, default=8, help="heads H (default 8)")
+    bench.add_argument("--kv-heads", type=_positive_int, help="key/value heads (default: --heads; fewer: GQA/MQA)")
+    bench.add_argument("--head-dim", type=_positive_int, default=64, help="head dim D (default 64)")
+    bench.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="default float32")
+    bench.add_argument("--device", type=_available_device, default=_default_device(), help="cpu or cuda (default: cuda when available)")
+    bench.add_argument("--mechanisms", nargs="+", metavar="NAME", help="only these mechanisms (default: all)")
+    bench.add_argument("--backends", nargs="+", metavar="NAME", help="only these backends of each mechanism (default: all; the baseline rows stay)")
+    bench.add_argument("--budget", type=_positive_float, default=0.5, help="seconds of timed repeats per case")
+    bench.add_argument("--max-repeats", type=_positive_int, default=50, help="repeat cap per case (default 50)")
+    bench.add_argument("--threads", type=_positive_int, help="torch intra-op threads (default: torch's choice)")
+    bench.add_argument("--mode", choices=("forward", "train"), default="forward", help="forward (inference) or train (forward + backward)")
+    bench.add_argument(
+        "--set", type=_override, nargs="+", metavar="NAME=VALUE",
+        help="override a parameter of the mechanisms that take it, e.g. kernel_size=13 window='(512, 0)' (Python literals)",
+    )
+    bench.add_argument(
+        "--spatial", type=_grid,
+        help="a 2D/3D token grid such as 128x128 or 16x32x32 (replaces --lengths): spatial mechanisms get the grid, others its N tokens",
+    )
+    bench.add_argument(
+        "--max-scores", type=_positive_int, default=2048 * 2048,
+        help="skip backends that materialize Nq x Nk scores (the references) above this many (default 2048^2)",
+    )
+    bench.add_argument("--no-memory", action="store_true", help="skip the extra call per case that measures peak memory")
+    bench.add_argument("--overhead", action="store_true", help="measure dispatch overhead over raw SDPA at each length (paired calls)")
+    bench.add_argument("--include-compiled", action="store_true", help="also time torch.compile'd backends (~20 s per shape on CPU)")
+    _add_store_options(bench)
+    bench.set_defaults(run=_cmd_efficiency, quick=False)
+
+
+def _add_store_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--db", default=default_db_path(), help=f"the results database (default {default_db_path()}; env ATTNZOO_DB)")
+    parser.add_argument("--resume", action="store_true", help="reuse the stored results of identical cases (same machine and commit)")
+
+
+def add_bench_parser(sub: argparse._SubParsersAction) -> None:
+    """``attnzoo bench [efficiency] ...``: with no arguments at all, the quick run of every mechanism."""
+    bench = sub.add_parser(
+        "bench", help="benchmarks: efficiency (time, memory) of every mechanism x backend; no arguments: the quick run",
+        description="attnzoo bench                 the quick efficiency run over every mechanism (the README's main job)\n"
+        "attnzoo bench efficiency ...  time and memory, CAB's four patterns (options without a subcommand mean this)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    bench.set_defaults(run=_cmd_efficiency, quick=True, device=_default_device(), overhead=False, threads=None, db=default_db_path(), resume=False)
+    kinds = bench.add_subparsers(dest="bench_kind")
+    _add_efficiency_options(kinds.add_parser("efficiency", help="time and peak memory of every mechanism x backend x pattern x length"))
+
+
+def normalize_bench_argv(argv: Sequence[str]) -> list[str]:
+    """``bench --lengths 16`` means ``bench efficiency --lengths 16`` (options without a subcommand)."""
+    argv = list(argv)
+    if len(argv) >= 2 and argv[0] == "bench" and argv[1] not in (*BENCH_KINDS, "-h", "--help"):
+        argv.insert(1, "efficiency")
+    return argv

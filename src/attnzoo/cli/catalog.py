@@ -1,0 +1,260 @@
+"""``attnzoo list`` and ``attnzoo info``: the registry as tables, and the README's table.
+
+Everything shown is read from the registry, so a newly registered mechanism appears here (and
+in the README table, which is ``attnzoo list --markdown``) without extra code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+from rich.console import Console
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from .. import __version__
+from ..errors import ParameterError
+from ..registry import PATTERNS, Mechanism, get, list_mechanisms
+
+__all__ = [
+    "PATTERN_MARKS",
+    "PATTERN_LEGEND",
+    "pattern_marks",
+    "catalog_ids_covered",
+    "coverage_line",
+    "mechanism_table_markdown",
+    "mechanism_table",
+    "readme_table",
+    "with_readme_table",
+    "marked_block",
+    "replace_marked_block",
+    "cmd_list",
+    "cmd_info",
+]
+
+#: Two-letter marks for CAB's four patterns, in :data:`PATTERNS` order.
+PATTERN_MARKS = {"noncausal_self": "ns", "causal_self": "cs", "noncausal_cross": "nc", "causal_cross": "cc"}
+PATTERN_LEGEND = (
+    "Patterns (CAB): ns noncausal self, cs causal self, nc noncausal cross, cc causal cross; -- not supported."
+)
+
+
+# --------------------------------------------------------------------------------------------
+# list
+# --------------------------------------------------------------------------------------------
+def pattern_marks(mech: Mechanism) -> str:
+    """The four CAB patterns as marks, ``--`` where the mechanism lacks one: ``ns cs -- --``."""
+    return " ".join(PATTERN_MARKS[p] if p in mech.patterns else "--" for p in PATTERNS)
+
+
+def _catalog_sort_key(cat_id: str) -> tuple[str, int, str]:
+    match = re.fullmatch(r"([A-Za-z]+)(\d+)(.*)", cat_id)
+    if match is None:
+        return (cat_id, 0, "")
+    return (match.group(1), int(match.group(2)), match.group(3))
+
+
+def catalog_ids_covered(mechs: Iterable[Mechanism]) -> list[str]:
+    """The distinct catalog ids the mechanisms implement, sorted by letter then number."""
+    return sorted({c for m in mechs for c in m.catalog}, key=_catalog_sort_key)
+
+
+def coverage_line(mechs: Iterable[Mechanism]) -> str:
+    """``catalog ids covered: D1 D2 (2)``."""
+    ids = catalog_ids_covered(mechs)
+    return f"catalog ids covered: {' '.join(ids)} ({len(ids)})"
+
+
+def _mechanism_cells(mech: Mechanism) -> list[str]:
+    return [
+        mech.name,
+        mech.family,
+        " ".join(mech.catalog),
+        pattern_marks(mech),
+        ", ".join(mech.backends),
+        "exact" if mech.exact else "approximate",
+        "yes" if mech.decoder is not None else "no",
+        mech.summary,
+    ]
+
+
+LIST_COLUMNS = ("name", "family", "catalog", "patterns", "backends", "exact", "decoding", "summary")
+
+
+def _markdown_cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def mechanism_table_markdown(mechs: Optional[Sequence[Mechanism]] = None) -> str:
+    """The mechanism table as GitHub Markdown (the README's table), with legend and coverage.
+
+    Deterministic plain text: the same registry gives the same bytes.
+    """
+    mechs = list_mechanisms() if mechs is None else list(mechs)
+    lines = ["| " + " | ".join(LIST_COLUMNS) + " |", "|" + "---|" * len(LIST_COLUMNS)]
+    for mech in mechs:
+        cells = _mechanism_cells(mech)
+        cells[0] = f"`{cells[0]}`"
+        lines.append("| " + " | ".join(_markdown_cell(c) for c in cells) + " |")
+    return "\n".join(lines + ["", PATTERN_LEGEND, "", coverage_line(mechs)]) + "\n"
+
+
+WIDE_CONSOLE = 120
+
+
+def mechanism_table(mechs: Sequence[Mechanism], width: int = WIDE_CONSOLE) -> Table:
+    """The mechanism table for a terminal ``width`` columns wide.
+
+    Below :data:`WIDE_CONSOLE` columns each summary goes under its name instead of in a column
+    of its own, so no column is squeezed to nothing.
+    """
+    wide = width >= WIDE_CONSOLE
+    columns = LIST_COLUMNS if wide else LIST_COLUMNS[:-1]
+    table = Table(title=f"attnzoo {__version__}: registered mechanisms", caption=PATTERN_LEGEND)
+    longest_name = max((len(m.name) for m in mechs), default=4)
+    for col in columns:
+        grows = col == ("summary" if wide else "name")
+        table.add_column(
+            col,
+            no_wrap=not grows and col != "catalog",
+            overflow="fold",
+            ratio=1 if grows else None,
+            min_width=longest_name if col == "name" else None,  # a name never breaks
+        )
+    for mech in mechs:
+        cells = [Text(c) for c in _mechanism_cells(mech)]
+        cells[4] = Text("\n".join(mech.backends))  # one backend a line keeps the column narrow
+        if not wide:
+            cells[0] = Text.assemble((mech.name, "bold"), "\n", (mech.summary, "dim"))
+            cells.pop()
+        table.add_row(*cells)
+    return table
+
+
+README_START, README_END = "<!-- mechanisms:start -->", "<!-- mechanisms:end -->"
+
+
+def marked_block(text: str, start: str, end: str) -> str:
+    """The text between the ``start`` and ``end`` marker lines (the lines after ``start``)."""
+    first, last = text.find(start), text.find(end)
+    if first < 0 or last < first:
+        raise ValueError(f"no {start} ... {end} block")
+    return text[first + len(start) : last].lstrip("\n")
+
+
+def replace_marked_block(text: str, start: str, end: str, block: str) -> str:
+    """``text`` with what lies between the ``start`` and ``end`` markers replaced by ``block``."""
+    marked_block(text, start, end)  # the markers must be there
+    head, rest = text.split(start, 1)
+    tail = rest.split(end, 1)[1]
+    return f"{head}{start}\n{block}{end}{tail}"
+
+
+def readme_table(readme_text: str) -> str:
+    """The text between the README's mechanism markers (the lines after the start marker)."""
+    try:
+        return marked_block(readme_text, README_START, README_END)
+    except ValueError as err:
+        raise ValueError(f"README: {err}") from None
+
+
+def with_readme_table(readme_text: str, table: str) -> str:
+    """``readme_text`` with the block between the mechanism markers replaced by ``table``."""
+    readme_table(readme_text)
+    return replace_marked_block(readme_text, README_START, README_END, table)
+
+
+def _write_readme(path: Path, console: Console) -> int:
+    """Replace the mechanism table of the README at ``path`` (between its markers)."""
+    mechs = list_mechanisms()
+    try:
+        path.write_text(with_readme_table(path.read_text(), mechanism_table_markdown(mechs)))
+    except (OSError, ValueError) as err:
+        raise ParameterError(f"--write-readme: {err}", argument="write_readme") from None
+    console.print(Text(f"wrote the table of {len(mechs)} mechanisms into {path}"))
+    return 0
+
+
+def cmd_list(args: argparse.Namespace, console: Console) -> int:
+    mechs = list_mechanisms(args.family)
+    if args.write_readme:
+        return _write_readme(Path(args.write_readme), console)
+    if args.markdown:
+        console.out(mechanism_table_markdown(mechs), end="", highlight=False)
+        return 0
+    console.print(mechanism_table(mechs, console.width))
+    console.print(Text(coverage_line(mechs)))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# info
+# --------------------------------------------------------------------------------------------
+def _facts_table(mech: Mechanism) -> Table:
+    info = mech.info()
+    facts = Table.grid(padding=(0, 2))
+    facts.add_column(style="bold", no_wrap=True)
+    facts.add_column(overflow="fold")
+    function = mech.function
+    rows = [
+        ("summary", info["summary"]),
+        ("family", info["family"]),
+        ("catalog", info["catalog"]),
+        ("formula", info["formula"]),
+        ("cost", info["cost"]),
+        ("paper", info["paper"]),
+        ("patterns", info["patterns"]),
+        ("exact", "yes" if info["exact"] else "no (approximation)"),
+        ("decoding", "yes (init_state / step)" if info["decoding"] else "no"),
+        ("spatial dims", ", ".join(str(d) for d in mech.spatial_dims)),
+        ("GQA/MQA", "yes" if mech.gqa else "no"),
+        ("function", f"{function.__module__}.{function.__name__}" if function is not None else "-"),
+    ]
+    for key, value in rows:
+        facts.add_row(key, Text(str(value)))
+    return facts
+
+
+def _params_table(mech: Mechanism) -> Table:
+    table = Table(title="parameters", title_justify="left")
+    for col in ("name", "type", "default", "doc"):
+        table.add_column(col, no_wrap=col in ("name", "default"), overflow="fold")
+    for name, type_name, default, doc in mech.info()["params"]:
+        table.add_row(Text(name), Text(type_name or "-"), Text(default), Text(doc))
+    return table
+
+
+def _backend_details(backend) -> Text:
+    caps = backend.capabilities()
+    text = Text(backend.doc or "-")
+    text.append(f"\ndevices: {caps['devices']}; dtypes: {caps['dtypes']}", style="dim")
+    text.append(f"\nautograd: {caps['autograd']}; limits: {caps['limits']}", style="dim")
+    text.append(f"; priority: {caps['priority']}; compiles: {caps['compiles']}", style="dim")
+    text.append(f"\nmemory: {caps['memory']}", style="dim")
+    if caps["preference"] != "-":
+        text.append(f"\npreference: {caps['preference']}", style="dim")
+    return text
+
+
+def _backends_table(mech: Mechanism) -> Table:
+    table = Table(
+        title="backends, by priority (dispatch takes the first that accepts the inputs)", title_justify="left"
+    )
+    table.add_column("backend", no_wrap=True, style="bold")
+    table.add_column("what it is, and what it declares", overflow="fold")
+    for backend in mech.dispatch_order():
+        table.add_row(Text(backend.name), _backend_details(backend))
+    return table
+
+
+def cmd_info(args: argparse.Namespace, console: Console) -> int:
+    mech = get(args.name)
+    console.print(Panel(_facts_table(mech), title=f"[bold]{mech.name}[/]", title_align="left"))
+    console.print(_params_table(mech) if mech.params else Text("parameters: none"))
+    console.print(_backends_table(mech))
+    return 0
+
