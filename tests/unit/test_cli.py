@@ -297,3 +297,26 @@ def test_piped_output_is_wide_enough_for_the_bench_notes(capsys, monkeypatch):
     assert main(["bench", "--lengths", "16", "--budget", "0.01", "--max-repeats", "2", "--mechanisms", "softmax", "--device", "cpu", "--patterns", "noncausal_self"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if "split_kv" in line]
     assert len(rows) == 1 and "not preferred" in rows[0] and len(rows[0]) > 80
+
+
+# --------------------------------------------------------------------------------------------
+# report
+# --------------------------------------------------------------------------------------------
+def test_report_cli_without_a_database_says_so(tmp_path):
+    status, out = run_cli("report", "--db", str(tmp_path / "none.sqlite"), "--out", str(tmp_path / "out"))
+    assert status == 1 and "run `attnzoo bench` first" in out
+
+
+def test_report_cli_writes_the_files_and_the_readme_section(tmp_path):
+    db = str(tmp_path / "r.sqlite")
+    assert run_cli("bench", "--lengths", "16", "32", "64", "--budget", "0.01", "--max-repeats", "1", "--mechanisms", "softmax", "linear", "--patterns", "causal_self", "--db", db)[0] == 0
+    status, out = run_cli("report", "--db", db, "--out", str(tmp_path / "out"), "--format", "md", "html")
+    assert status == 0 and "report: " in out
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "causal_self" in md and "| linear | chunked |" in md and (tmp_path / "out" / "report.html").is_file()
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n\n<!-- bench:start -->\nold\n<!-- bench:end -->\ntail\n")
+    status, out = run_cli("report", "--db", db, "--out", str(tmp_path / "out"), "--format", "md", "--readme", str(readme))
+    text = readme.read_text()
+    assert status == 0 and "old" not in text and "linear" in text and text.endswith("<!-- bench:end -->\ntail\n")
+    assert any((tmp_path / "docs" / "bench").glob("*.png"))

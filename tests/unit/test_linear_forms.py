@@ -326,3 +326,26 @@ def test_half_inputs_are_computed_in_float32():
     assert out.dtype == torch.bfloat16
     rel = (out.double() - want).norm() / want.norm()
     assert rel < 2**-8, f"relative error {rel:.3g}: a bf16 state summing 300 keys would be ~{math.sqrt(300) * 2**-8:.2g}"
+
+
+@pytest.mark.parametrize(
+    "name, options",
+    [
+        ("linear", {}),
+        ("linear", {"feature_map": "taylor", "feature_dim": 4}),
+        ("retention", {"normalize_decay": True, "normalize_scores": True}),
+        ("retention", {}),
+    ],
+)
+def test_inference_forward_in_pieces_equals_one_pass(name, options, monkeypatch):
+    """Without autograd a long causal forward runs as decoding steps of whole chunks (small
+    temporaries); with autograd it is one pass. Forcing tiny pieces, both must agree."""
+    from attnzoo.functional.linear import _shared
+
+    q, k, v = _tensors(2, 3, 150, 150, 8, 5, seed=3, grad=False)
+    one_pass = attnzoo.attention(q.requires_grad_(), k, v, name, causal=True, chunk_size=16, backend="chunked", **options).detach()
+    monkeypatch.setattr(_shared, "PIECE_ELEMENTS", 2 * 3 * 8 * 40)  # pieces of 32 tokens: 2 chunks, a tail of 22
+    assert _shared._piece_tokens(q, v, {"chunk_size": 16}, 8) == 32
+    with torch.inference_mode():
+        pieces = attnzoo.attention(q.detach(), k, v, name, causal=True, chunk_size=16, backend="chunked", **options)
+    _assert_same(pieces, one_pass, f"{name} {options}")

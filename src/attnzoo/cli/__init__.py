@@ -3,11 +3,14 @@
     attnzoo list [--family F] [--markdown]   mechanisms, their catalog ids, patterns, backends
     attnzoo list --write-readme [PATH]         refresh the README's table (between its markers)
     attnzoo info NAME                          formula, cost, paper, parameters, backends
-    attnzoo bench [--lengths ...] [...]        forward time of every mechanism x backend
+    attnzoo bench                              the quick efficiency run over every mechanism, then its report
+    attnzoo bench efficiency [...]             time and peak memory, CAB's four patterns, into the results database
+    attnzoo report [--db] [--out] [--readme]   the database as Markdown, PNG plots and one HTML page
 
 Everything shown is read from the registry, so a newly registered mechanism appears here (and
-in the README table, which is ``attnzoo list --markdown``) without extra code. This module and
-:mod:`attnzoo.bench` are the only places that print; they do it through rich.
+in the README table, which is ``attnzoo list --markdown``) without extra code. This package is
+the only place that prints (through rich): :mod:`.catalog` for list and info, :mod:`.bench`
+for the benchmarks and the report.
 """
 
 
@@ -23,7 +26,7 @@ from rich.text import Text
 
 from .. import __version__
 from ..errors import AttnZooError
-from .bench import add_bench_parser, normalize_bench_argv
+from .bench import add_bench_parser, add_report_parser, normalize_bench_argv
 from .catalog import (
     catalog_ids_covered,
     cmd_info,
@@ -58,11 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     lister.add_argument(
         "--write-readme", nargs="?", const="README.md", metavar="PATH", help="rewrite the table in PATH (README.md)"
     )
-    lister.set_defaults(run=cmd_list)
+    lister.set_defaults(handler=cmd_list)
     info = sub.add_parser("info", help="one mechanism: formula, cost, paper, parameters, backends")
     info.add_argument("name", help="a registered mechanism (see attnzoo list)")
-    info.set_defaults(run=cmd_info)
+    info.set_defaults(handler=cmd_info)
     add_bench_parser(sub)
+    add_report_parser(sub)
     return parser
 
 
@@ -87,7 +91,7 @@ def main(argv: Optional[Sequence[str]] = None, console: Optional[Console] = None
     errors = console or Console(stderr=True)
     console = console or _stdout_console()
     try:
-        return args.run(args, console)
+        return args.handler(args, console)
     except AttnZooError as err:
         errors.print(Text(f"attnzoo: {err}", style="red"))
         return EXIT_USAGE

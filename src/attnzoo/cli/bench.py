@@ -10,6 +10,7 @@ import argparse
 import ast
 import math
 import time
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
@@ -32,10 +33,14 @@ from ..bench.efficiency import (
 )
 from ..bench.machine import machine_info
 from ..bench.overhead import dispatch_overhead
+from ..bench.report import FORMATS, collect, readme_section, with_readme_section, write_report
 from ..bench.results import ResultStore, default_db_path
 from ..registry import PATTERNS, get
 
-__all__ = ["add_bench_parser", "bench_table", "BENCH_KINDS"]
+__all__ = ["add_bench_parser", "add_report_parser", "bench_table", "BENCH_KINDS", "DEFAULT_REPORT_DIR"]
+
+#: Where ``attnzoo report`` (and the quick ``attnzoo bench``) write, relative to the working directory.
+DEFAULT_REPORT_DIR = "attnzoo-report"
 
 #: The subcommands of ``attnzoo bench``; options without one mean ``efficiency``.
 BENCH_KINDS = ("efficiency",)
@@ -197,6 +202,32 @@ def _cmd_efficiency(args: argparse.Namespace, console: Console) -> int:
     with ResultStore(args.db) as store:
         _with_threads(args.threads, lambda: _print_bench(config, console, store, args.resume))
     console.print(Text(f"results in {args.db}"))
+    if args.quick:  # the README's main job: the run, then its report
+        _print_report_paths(write_report(args.db, DEFAULT_REPORT_DIR), console)
+    return 0
+
+
+def _print_report_paths(paths: Any, console: Console) -> None:
+    if paths.notice:
+        console.print(Text(paths.notice, "yellow"))
+    written = [p for p in (paths.markdown, paths.html) if p is not None] + list(paths.images.values())
+    if written:
+        console.print(Text(f"report: {paths.markdown or paths.html} ({len(paths.images)} plots, {len(written)} files)"))
+
+
+def _cmd_report(args: argparse.Namespace, console: Console) -> int:
+    """``attnzoo report``: the database as Markdown, PNG and HTML; ``--readme``: the README's section too."""
+    if not args.db.exists():
+        console.print(Text(f"no results database at {args.db}: run `attnzoo bench` first (or pass --db)", "yellow"))
+        return 1
+    _print_report_paths(write_report(args.db, args.out, run=args.run, formats=args.format), console)
+    if args.readme:
+        readme = Path(args.readme)
+        images = readme.parent / args.images
+        write_report(args.db, images, run=args.run, formats=("png",))
+        section = readme_section(collect(args.db, run=args.run), image_dir=args.images)
+        readme.write_text(with_readme_section(readme.read_text(), section))
+        console.print(Text(f"wrote the benchmark section of {readme} (plots in {images})"))
     return 0
 
 
@@ -319,11 +350,11 @@ def _add_efficiency_options(bench: argparse.ArgumentParser) -> None:
     bench.add_argument("--overhead", action="store_true", help="measure dispatch overhead over raw SDPA at each length (paired calls)")
     bench.add_argument("--include-compiled", action="store_true", help="also time torch.compile'd backends (~20 s per shape on CPU)")
     _add_store_options(bench)
-    bench.set_defaults(run=_cmd_efficiency, quick=False)
+    bench.set_defaults(handler=_cmd_efficiency, quick=False)
 
 
 def _add_store_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--db", default=default_db_path(), help=f"the results database (default {default_db_path()}; env ATTNZOO_DB)")
+    parser.add_argument("--db", type=Path, default=default_db_path(), help=f"the results database (default {default_db_path()}; env ATTNZOO_DB)")
     parser.add_argument("--resume", action="store_true", help="reuse the stored results of identical cases (same machine and commit)")
 
 
@@ -335,9 +366,20 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
         "attnzoo bench efficiency ...  time and memory, CAB's four patterns (options without a subcommand mean this)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    bench.set_defaults(run=_cmd_efficiency, quick=True, device=_default_device(), overhead=False, threads=None, db=default_db_path(), resume=False)
+    bench.set_defaults(handler=_cmd_efficiency, quick=True, device=_default_device(), overhead=False, threads=None, db=default_db_path(), resume=False)
     kinds = bench.add_subparsers(dest="bench_kind")
     _add_efficiency_options(kinds.add_parser("efficiency", help="time and peak memory of every mechanism x backend x pattern x length"))
+
+
+def add_report_parser(sub: argparse._SubParsersAction) -> None:
+    report = sub.add_parser("report", help="the results database as Markdown, PNG plots and one self-contained HTML page")
+    report.add_argument("--db", type=Path, default=default_db_path(), help=f"the results database (default {default_db_path()}; env ATTNZOO_DB)")
+    report.add_argument("--out", type=Path, default=Path(DEFAULT_REPORT_DIR), help=f"output directory (default ./{DEFAULT_REPORT_DIR})")
+    report.add_argument("--run", type=_positive_int, help="only this run id (default: the newest result of every case)")
+    report.add_argument("--format", nargs="+", choices=FORMATS, default=list(FORMATS), help="what to write (default: md png html)")
+    report.add_argument("--readme", nargs="?", const="README.md", metavar="PATH", help="also rewrite the benchmark section of PATH (README.md)")
+    report.add_argument("--images", default="docs/bench", help="plots for --readme, relative to the README (default docs/bench)")
+    report.set_defaults(handler=_cmd_report)
 
 
 def normalize_bench_argv(argv: Sequence[str]) -> list[str]:

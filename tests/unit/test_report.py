@@ -1,0 +1,296 @@
+"""attnzoo.bench.report: Markdown, PNG and self-contained HTML from a synthetic results database."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from attnzoo.bench.fits import efficiency_length
+from attnzoo.bench.report import (
+    README_MARKERS,
+    collect,
+    readme_section,
+    with_readme_section,
+    write_report,
+)
+from attnzoo.bench.results import Result, ResultStore, case_key
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+LENGTHS = (256, 512, 1024, 2048)
+MACHINE = {"cpu": "Synthetic CPU 9000", "threads": "2", "torch": "2.13.0", "attnzoo": "0.1.0", "git": "abc1234", "device": "cpu"}
+
+
+def softmax_ms(n: int) -> float:
+    return 1e-6 * n * n + 1e-4 * n + 0.05  # quadratic
+
+
+def linear_ms(n: int) -> float:
+    return 2e-4 * n + 0.3  # linear, dearer at short N
+
+
+def efficiency_row(mechanism, backend, pattern, n, ms, peak=None, note="", params=None):
+    identity = {"m": mechanism, "b": backend, "p": pattern, "n": n, "params": params or {}}
+    return Result(
+        "efficiency", mechanism, case_key("efficiency", identity), backend=backend, pattern=pattern, mode="forward",
+        dtype="float32", device="cpu", batch=1, heads=8, head_dim=64, q_len=n, kv_len=n, params=params or {},
+        median_ms=ms, q1_ms=None if ms is None else ms * 0.9, q3_ms=None if ms is None else ms * 1.1,
+        peak_bytes=peak, memory_method="tracemalloc-like" if peak else None, note=note,
+    )  # fmt: skip
+
+
+def efficiency_results() -> list[Result]:
+    """Two patterns; memory measured for the noncausal one only."""
+    rows = []
+    for pattern in ("noncausal_self", "causal_self"):
+        measured = pattern == "noncausal_self"
+        for n in LENGTHS:
+            rows.append(efficiency_row("softmax", "sdpa", pattern, n, softmax_ms(n), peak=n * n * 64 if measured else None))
+            rows.append(efficiency_row("softmax", "auto", pattern, n, softmax_ms(n) * 1.01, note="dispatch picks sdpa"))
+            rows.append(efficiency_row("linear", "chunked", pattern, n, linear_ms(n), peak=n * 4096 + 2**20 if measured else None))
+            too_long = n > 1024
+            rows.append(
+                efficiency_row(
+                    "linear", "reference", pattern, n, None if too_long else linear_ms(n) * 3, note="too big" if too_long else ""
+                )
+            )
+    return rows
+
+
+def mqar_results() -> list[Result]:
+    rows = []
+    for mech, params, accuracy in (
+        ("softmax", {}, 0.99),
+        ("linear", {"feature_map": "elu"}, 0.6),
+        ("linear", {"feature_map": "taylor"}, 0.8),
+    ):
+        for d_model in (32, 64):
+            for lr in (1e-3, 1e-2):
+                acc = accuracy * (0.5 if lr == 1e-3 else 1.0) * (d_model / 64)
+                metrics = {"accuracy": acc, "d_model": d_model, "lr": lr, "state_size": d_model * 64, "seq_len": 128}
+                key = case_key("mqar", {"m": mech, "p": params, "d": d_model, "lr": lr})
+                rows.append(Result("mqar", mech, key, params=params, metrics=metrics))
+    return rows
+
+
+def error_results() -> list[Result]:
+    rows = []
+    for fmap, err in (("elu", 0.4), ("performer", 0.1)):
+        for source, layers in (("random", [None]), ("minilm", [0, 1])):
+            for layer in layers:
+                metrics = {
+                    "rel_error": err * (2 if source == "minilm" else 1),
+                    "kl": err / 10,
+                    "source": source,
+                    "layer": layer,
+                    "n_tokens": 128,
+                }
+                key = case_key("error", {"f": fmap, "s": source, "l": layer})
+                rows.append(
+                    Result("error", "linear", key, params={"feature_map": fmap}, metrics=metrics, median_ms=0.5 if fmap == "elu" else 2.0)
+                )
+    return rows
+
+
+def fill(store: ResultStore) -> None:
+    for kind, results in (("efficiency", efficiency_results()), ("mqar", mqar_results()), ("error", error_results())):
+        run = store.start_run(kind, {"synthetic": True}, MACHINE)
+        for result in results:
+            store.add(run, result)
+        store.finish_run(run)
+
+
+@pytest.fixture(scope="module")
+def db(tmp_path_factory):
+    path = tmp_path_factory.mktemp("db") / "results.sqlite"
+    with ResultStore(path) as store:
+        fill(store)
+    return path
+
+
+@pytest.fixture(scope="module")
+def report(db, tmp_path_factory):
+    return write_report(db, tmp_path_factory.mktemp("report"))
+
+
+@pytest.fixture(scope="module")
+def markdown(report) -> str:
+    return report.markdown.read_text()
+
+
+def section(text: str, heading_part: str) -> str:
+    """The text from the heading containing ``heading_part`` to the next heading of any level."""
+    match = re.search(rf"^#+ [^\n]*{re.escape(heading_part)}[^\n]*\n(.*?)(?=^#+ |\Z)", text, re.S | re.M)
+    assert match, f"no heading with {heading_part!r}"
+    return match.group(1)
+
+
+def table_row(text: str, *first_cells: str) -> list[str]:
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells[: len(first_cells)] == list(first_cells):
+            return cells
+    raise AssertionError(f"no table row starting {first_cells}")
+
+
+def test_markdown_names_the_machine(markdown):
+    assert "Synthetic CPU 9000" in markdown and "abc1234" in markdown and "2.13.0" in markdown
+
+
+def test_time_table_has_medians_and_ratios_to_softmax_sdpa(markdown):
+    ns = section(markdown, "noncausal_self · forward")
+    base = table_row(ns, "softmax", "sdpa")
+    assert base[2] == f"{softmax_ms(256):.3g} ms (1.00x)"
+    linear = table_row(ns, "linear", "chunked")
+    assert linear[2 + LENGTHS.index(2048)] == f"{linear_ms(2048):.3g} ms ({linear_ms(2048) / softmax_ms(2048):.2f}x)"
+
+
+def test_cases_that_did_not_run_are_na_with_their_reason(markdown):
+    reference = table_row(section(markdown, "noncausal_self · forward"), "linear", "reference")
+    assert reference[2 + LENGTHS.index(2048)] == "n/a" and reference[2] != "n/a"
+    assert "too big" in reference[-1]
+
+
+def test_registered_mechanisms_without_the_pattern_are_na(markdown):
+    # agent declares noncausal patterns only: it has no causal_self row in the data
+    agent = table_row(section(markdown, "causal_self · forward"), "agent")
+    assert set(agent[2:-1]) == {"n/a"} and "no causal_self pattern" in agent[-1]
+
+
+def test_memory_table_in_mib(markdown):
+    ns = section(markdown, "noncausal_self · forward")
+    assert "Peak memory per call (MiB), measured by tracemalloc-like" in ns
+    cells = [line for line in ns.splitlines() if line.startswith("| softmax | sdpa |")]
+    assert len(cells) == 2  # the time row, then the memory row
+    assert f"| {1024 * 1024 * 64 / 2**20:.3g} |" in cells[1]
+
+
+def test_efficiency_lengths_for_time_and_memory(markdown):
+    expected_time = efficiency_length([(n, softmax_ms(n)) for n in LENGTHS], [(n, linear_ms(n)) for n in LENGTHS])
+    expected_memory = efficiency_length([(n, n * n * 64) for n in LENGTHS], [(n, n * 4096 + 2**20) for n in LENGTHS])
+    assert expected_time is not None and 200 < expected_time < 1000  # the synthetic curves do cross
+    fits = section(markdown, "noncausal_self · forward").split("Efficiency length as CAB defines it")[1]
+    assert table_row(fits, "linear", "chunked")[2:] == [str(round(expected_time)), str(round(expected_memory))]
+    assert table_row(fits, "linear", "reference")[2:] == [str(round(efficiency_length(
+        [(n, softmax_ms(n)) for n in LENGTHS], [(n, linear_ms(n) * 3) for n in LENGTHS[:3]]))), "-"]  # fmt: skip
+    assert "| softmax |" not in fits  # vanilla attention is not fitted against itself
+    causal_fits = section(markdown, "causal_self · forward").split("Efficiency length as CAB defines it")[1]
+    assert table_row(causal_fits, "linear", "chunked")[3] == "-"  # memory not measured: nothing to fit
+
+
+def test_mqar_table_has_best_accuracy_over_lr_per_variant(markdown):
+    mqar = markdown[markdown.index("## MQAR") : markdown.index("## Approximation error")]
+    assert "sequence length 128" in mqar
+    assert table_row(mqar, "linear (feature_map=taylor)")[1:3] == ["0.400 (lr 0.01)", "0.800 (lr 0.01)"]
+    assert table_row(mqar, "linear (feature_map=elu)")[1:3] == ["0.300 (lr 0.01)", "0.600 (lr 0.01)"]
+    assert table_row(mqar, "softmax")[1:3] == ["0.495 (lr 0.01)", "0.990 (lr 0.01)"]
+
+
+def test_error_table_means_over_layers(markdown):
+    errors = markdown[markdown.index("## Approximation error") :]
+    elu_minilm = table_row(errors, "linear (feature_map=elu)", "minilm")
+    assert elu_minilm[2:7] == ["128", "2", "0.8", "0.04", "0.5"]
+
+
+def test_pngs_are_valid_and_not_trivial(report):
+    expected = {
+        "time_noncausal_self_forward",
+        "time_causal_self_forward",
+        "memory_noncausal_self_forward",
+        "mqar_d_model",
+        "mqar_state_size",
+        "error_speed",
+    }  # fmt: skip  (no memory plot where no memory was measured)
+    assert set(report.images) == expected
+    for path in report.images.values():
+        data = path.read_bytes()
+        assert data[:8] == PNG_MAGIC
+        assert len(data) > 10_000, f"{path.name} is suspiciously small"
+
+
+def test_markdown_links_the_pngs_beside_it(report, markdown):
+    for name, path in report.images.items():
+        assert f"]({name}.png)" in markdown
+        assert path.parent == report.markdown.parent
+
+
+def test_html_is_self_contained(report):
+    page = report.html.read_text()
+    assert page.startswith("<!DOCTYPE html>")
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:|//)""", page)
+    assert "<link" not in page and "<script" not in page
+    images = re.findall(r'<img [^>]*src="([^"]*)"', page)
+    assert len(images) == len(report.images)
+    assert all(src.startswith("data:image/png;base64,") for src in images)
+    assert "<table>" in page and "<td>n/a</td>" in page
+    assert "Synthetic CPU 9000" in page
+
+
+def test_empty_store_says_so_instead_of_crashing(tmp_path):
+    paths = write_report(tmp_path / "empty.sqlite", tmp_path / "out")
+    assert "No benchmark results" in paths.notice
+    assert "No benchmark results" in paths.markdown.read_text()
+    assert "No benchmark results" in paths.html.read_text()
+    assert paths.images == {}
+    assert "No benchmark results" in readme_section(tmp_path / "empty.sqlite")
+
+
+def test_run_selects_one_run(db, tmp_path):
+    with ResultStore(db) as store:
+        mqar_run = next(r["id"] for r in store.runs() if r["kind"] == "mqar")
+    data = collect(db, run=mqar_run)
+    assert data.mqar and not data.efficiency and not data.error
+    assert [r["id"] for r in data.runs] == [mqar_run]
+
+
+def test_unknown_format_is_refused(db, tmp_path):
+    with pytest.raises(ValueError, match="unknown formats"):
+        write_report(db, tmp_path, formats=("pdf",))
+
+
+def test_markdown_without_pngs_has_no_broken_links(db, tmp_path):
+    paths = write_report(db, tmp_path, formats=("md",))
+    assert paths.images == {} and paths.html is None
+    assert ".png)" not in paths.markdown.read_text()
+
+
+def test_readme_section_links_docs_bench_and_round_trips(db):
+    text = readme_section(db)
+    assert "(docs/bench/time_noncausal_self_forward.png)" in text
+    assert "(docs/bench/mqar_d_model.png)" in text
+    assert text.startswith("Measured on Synthetic CPU 9000")
+    assert "### Efficiency" in text and "#### noncausal_self · forward" in text
+    assert "Peak memory per call" not in text  # the README keeps the time tables only
+    ns = section(text, "noncausal_self · forward")
+    assert table_row(ns, "softmax", "auto") and table_row(ns, "linear", "chunked")  # the plotted backends
+    assert "| linear | reference |" not in ns  # one backend per mechanism in the README
+    start, end = README_MARKERS
+    readme = f"# x\n\n{start}\nold\n{end}\nrest\n"
+    updated = with_readme_section(readme, text)
+    assert updated.startswith(f"# x\n\n{start}\n") and updated.endswith(f"{end}\nrest\n") and "old" not in updated
+    assert with_readme_section(updated, text) == updated
+    with pytest.raises(ValueError, match="no <!-- bench:start -->"):
+        with_readme_section("# no markers\n", text)
+
+
+def cross_row(n: int, q_len: int, ms: float, note: str = "") -> Result:
+    return Result(
+        "efficiency", "softmax", case_key("efficiency", {"n": n, "q": q_len, "ms": ms}), backend="sdpa", pattern="noncausal_cross",
+        mode="forward", dtype="float32", device="cpu", batch=1, heads=8, head_dim=64, q_len=q_len, kv_len=n, median_ms=ms, note=note,
+    )  # fmt: skip
+
+
+def test_cross_runs_with_fixed_and_derived_queries_are_separate_tables(tmp_path):
+    with ResultStore(tmp_path / "r.sqlite") as store:
+        derived = store.start_run("efficiency", {"queries": None}, MACHINE)
+        for n in LENGTHS:
+            store.add(derived, cross_row(n, n // 2, 1.0, note=f"got {n // 2} queries"))
+        fixed = store.start_run("efficiency", {"queries": 1}, MACHINE)
+        for n in LENGTHS:
+            store.add(fixed, cross_row(n, 1, 0.5))
+        store.add(fixed, cross_row(256, 1, 0.25))  # measured again: the newer row wins its cell
+    text = write_report(tmp_path / "r.sqlite", tmp_path / "out", formats=("md",)).markdown.read_text()
+    derived_table = section(text, f"Nq={LENGTHS[0] // 2}..{LENGTHS[-1] // 2}")
+    assert table_row(derived_table, "softmax", "sdpa")[-1] == f"got {LENGTHS[-1] // 2} queries (at N={LENGTHS[-1]})"
+    fixed_row = table_row(section(text, "Nq=1"), "softmax", "sdpa")
+    assert fixed_row[2:4] == ["0.25 ms (1.00x)", "0.5 ms (1.00x)"]
