@@ -208,7 +208,20 @@ def test_bench_config_rejects_unknown_patterns_and_quick_config_covers_all_four(
     with pytest.raises(ValueError, match="patterns"):
         EfficiencyConfig(patterns=("sideways",))
     quick = quick_config()
-    assert quick.patterns == PATTERNS and quick.mechanisms is None and max(quick.lengths) <= 4096
+    assert quick.patterns == PATTERNS and quick.mechanisms is None and max(quick.lengths) <= 4096 and quick.dispatch_only
+    cases = plan_cases(quick)
+    for mech in all_mechanisms():
+        for pattern in PATTERNS:
+            mine = {c.backend for c in cases if c.mechanism == mech.name and c.pattern == pattern and c.length == 256}
+            want = ({"auto", "sdpa"} if mech.name == "softmax" else {"auto"}) if pattern in mech.patterns else {"-"}
+            assert mine == want, (mech.name, pattern)
+
+
+def test_dispatch_only_times_the_backend_dispatch_picks():
+    config = EfficiencyConfig(lengths=(32,), mechanisms=("softmax", "linear"), patterns=("causal_self",), dispatch_only=True, budget_s=0.01, max_repeats=2)
+    rows = {(r.mechanism, r.backend): r for r in run_efficiency(config)}
+    assert set(rows) == {("softmax", "sdpa"), ("softmax", "auto"), ("linear", "auto")}
+    assert rows[("linear", "auto")].note == "dispatch picks chunked" and rows[("linear", "auto")].timing is not None
 
 
 def test_bench_writes_every_row_to_the_store_and_resume_reads_them_back(tmp_path):

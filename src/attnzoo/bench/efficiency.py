@@ -92,6 +92,7 @@ class EfficiencyConfig:
     mode: str = "forward"  # or "train": forward + backward
     queries: Optional[int] = None  # queries of the cross patterns; None: N // 2
     memory: bool = True  # one extra call per case measures its peak memory
+    dispatch_only: bool = False  # one "auto" case per mechanism (the backend dispatch picks) instead of every backend
     # a spatial grid (e.g. (128, 128)): mechanisms with that many spatial axes get (B, H, *grid, D),
     # the others (and the SDPA baseline) its N = prod(grid) tokens flattened
     spatial: Optional[tuple[int, ...]] = None
@@ -114,9 +115,10 @@ class EfficiencyConfig:
 
 
 def quick_config(device: str = "cpu") -> EfficiencyConfig:
-    """The README's main job (``attnzoo bench`` with no arguments): every mechanism, the four
-    patterns, N = 256, 1024, 4096, forward, a short budget per case (about 3 minutes on 2 cores)."""
-    return EfficiencyConfig(lengths=(256, 1024, 4096), patterns=PATTERNS, budget_s=0.05, max_repeats=10, device=device)
+    """The README's main job (``attnzoo bench`` with no arguments): every mechanism through the
+    backend dispatch picks, the four patterns, N = 256, 1024, 4096, forward, a short budget per
+    case (about 3 minutes on 2 cores)."""
+    return EfficiencyConfig(lengths=(256, 1024, 4096), patterns=PATTERNS, budget_s=0.05, max_repeats=10, device=device, dispatch_only=True)
 
 
 @dataclass(frozen=True)
@@ -187,6 +189,10 @@ def plan_cases(config: EfficiencyConfig) -> list[Case]:
             for m in mechs:
                 if pattern not in m.patterns:
                     cases.append(Case(m.name, "-", n, pattern, NOT_DECLARED))
+                    continue
+                if config.dispatch_only:
+                    cases += [Case(m.name, BASELINE[1], n, pattern)] if m.name == BASELINE[0] else []
+                    cases.append(Case(m.name, AUTO, n, pattern))
                     continue
                 chosen = [b for b in m.backends.values() if config.backends is None or b.name in config.backends]
                 cases += [Case(m.name, b.name, n, pattern, _static_skip(m, b, n, pattern, config)) for b in chosen]
@@ -296,13 +302,17 @@ def _guarded(forward: Callable[[], Any], config: EfficiencyConfig, qkv: tuple[to
         return None, f"error: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
 
 
-def _time_auto(qkv: tuple[torch.Tensor, ...], pattern: str, config: EfficiencyConfig) -> Outcome:
-    """``attnzoo.attention`` with no backend: the cost of validation and dispatch included."""
-    mech = get(BASELINE[0])
+def _time_auto(mech: Mechanism, qkv: tuple[torch.Tensor, ...], pattern: str, config: EfficiencyConfig) -> Outcome:
+    """The mechanism with no backend named: dispatch picks, its cost (validation, selection) included."""
     q, k, v = _laid_out(qkv, config, mech)
-    problem = mech.describe(q, k, v)
-    params = _params(mech, problem, pattern, config)
-    chosen = mech.select(problem, mech.bind(problem, params)).name
+    try:
+        problem = mech.describe(q, k, v)
+        params = _params(mech, problem, pattern, config)
+        chosen = mech.select(problem, mech.bind(problem, params)).name
+    except AttnZooError as err:
+        return None, f"inputs refused: {err}"
+    if mech.backends[chosen].compiles and not config.include_compiled:
+        return None, f"dispatch picks {chosen}, which compiles per shape: pass --include-compiled"
     return _guarded(lambda: mech(q, k, v, **params), config, qkv, f"dispatch picks {chosen}")
 
 
@@ -377,7 +387,7 @@ def _run_case(case: Case, qkv: Optional[tuple[torch.Tensor, ...]], base: Optiona
     if (case.mechanism, case.backend) == BASELINE:
         measured, note = base
     elif case.backend == AUTO:
-        measured, note = _time_auto(qkv, case.pattern, config)
+        measured, note = _time_auto(get(case.mechanism), qkv, case.pattern, config)
     elif (case.mechanism, case.backend) == RAW_TORCH:
         measured, note = _time_raw_torch(qkv, case.pattern, config)
     else:

@@ -164,6 +164,7 @@ def _config_from_args(args: argparse.Namespace) -> EfficiencyConfig:
         queries=args.queries,
         max_scores=args.max_scores,
         memory=not args.no_memory,
+        dispatch_only=args.dispatch_only,
     )
 
 
@@ -346,6 +347,7 @@ def _add_efficiency_options(bench: argparse.ArgumentParser) -> None:
         "--max-scores", type=_positive_int, default=2048 * 2048,
         help="skip backends that materialize Nq x Nk scores (the references) above this many (default 2048^2)",
     )
+    bench.add_argument("--dispatch-only", action="store_true", help="time each mechanism through the backend dispatch picks (one 'auto' row) instead of every backend")
     bench.add_argument("--no-memory", action="store_true", help="skip the extra call per case that measures peak memory")
     bench.add_argument("--overhead", action="store_true", help="measure dispatch overhead over raw SDPA at each length (paired calls)")
     bench.add_argument("--include-compiled", action="store_true", help="also time torch.compile'd backends (~20 s per shape on CPU)")
