@@ -333,3 +333,13 @@ def test_report_cli_writes_the_files_and_the_readme_section(tmp_path):
     text = readme.read_text()
     assert status == 0 and "old" not in text and "linear" in text and text.endswith("<!-- bench:end -->\ntail\n")
     assert any((tmp_path / "docs" / "bench").glob("*.png"))
+
+
+def test_bench_error_cli_prints_the_error_table_and_stores_it(tmp_path):
+    db = str(tmp_path / "r.sqlite")
+    status, out = run_cli("bench", "error", "--source", "random", "--lengths", "32", "--mechanisms", "linear", "--vary", "feature_map=relu,taylor", "--budget", "0.01", "--max-repeats", "1", "--db", db)
+    assert status == 0 and "approximation error" in out
+    assert re.search(r"│ linear +│ feature_map=taylor +│ +\d\.\d+ │", out), out
+    with ResultStore(db) as store:
+        rows = store.results(kind="error")
+        assert {r["metrics"]["variant"] for r in rows} >= {"feature_map=relu", "feature_map=taylor"} and all(r["metrics"]["rel_error"] > 0 for r in rows)

@@ -31,6 +31,7 @@ from ..bench.efficiency import (
     quick_config,
     run_efficiency,
 )
+from ..bench.error import SOURCES, ErrorConfig, ErrorRow, run_error, table as error_table
 from ..bench.machine import machine_info
 from ..bench.overhead import dispatch_overhead
 from ..bench.report import FORMATS, collect, readme_section, with_readme_section, write_report
@@ -43,7 +44,7 @@ __all__ = ["add_bench_parser", "add_report_parser", "bench_table", "BENCH_KINDS"
 DEFAULT_REPORT_DIR = "attnzoo-report"
 
 #: The subcommands of ``attnzoo bench``; options without one mean ``efficiency``.
-BENCH_KINDS = ("efficiency",)
+BENCH_KINDS = ("efficiency", "error")
 PATTERN_ALIASES = {"all": PATTERNS, "self": ("noncausal_self", "causal_self"), "cross": ("noncausal_cross", "causal_cross")}
 
 
@@ -371,6 +372,107 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     bench.set_defaults(handler=_cmd_efficiency, quick=True, device=_default_device(), overhead=False, threads=None, db=default_db_path(), resume=False)
     kinds = bench.add_subparsers(dest="bench_kind")
     _add_efficiency_options(kinds.add_parser("efficiency", help="time and peak memory of every mechanism x backend x pattern x length"))
+    _add_error_options(kinds.add_parser("error", help="approximation error against softmax on random and MiniLM q/k/v (B6)"))
+
+
+# --------------------------------------------------------------------------------------------
+# bench error (B6)
+# --------------------------------------------------------------------------------------------
+def _error_config(args: argparse.Namespace) -> ErrorConfig:
+    variants: tuple = () if args.no_variants else ErrorConfig.variants
+    if args.vary:
+        variants = tuple(args.vary)
+    return ErrorConfig(
+        sources=tuple(args.source or SOURCES),
+        lengths=tuple(args.lengths),
+        batch=args.batch,
+        heads=args.heads,
+        head_dim=args.head_dim,
+        seed=args.seed,
+        mechanisms=tuple(args.mechanisms) if args.mechanisms else None,
+        variants=variants,
+        layers=tuple(args.layers) if args.layers else None,
+        kl_max_len=args.kl_max_len,
+        dtype=DTYPES[args.dtype],
+        device=args.device,
+        budget_s=args.budget,
+        max_repeats=args.max_repeats,
+    )
+
+
+def _error_cell(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.3g}"
+
+
+def error_summary_table(rows: Sequence[ErrorRow], config: ErrorConfig) -> Table:
+    """One line per mechanism x variant: relative error per random N, MiniLM's mean over layers, KL."""
+    lines = error_table(rows)
+    table = Table(title="approximation error against exact softmax attention (||O - O*|| / ||O*||; KL(softmax row || row))")
+    table.add_column("mechanism", no_wrap=True)
+    table.add_column("variant", no_wrap=True)
+    randoms = sorted({n for line in lines for n in line["random"]})
+    for n in randoms:
+        table.add_column(f"random N={n}", justify="right")
+    if "minilm" in config.sources:
+        table.add_column("MiniLM mean", justify="right")
+        table.add_column("KL MiniLM", justify="right")
+    table.add_column("note", overflow="fold")
+    for line in lines:
+        cells = [line["mechanism"], line["variant"] or "-", *(_error_cell(line["random"].get(n)) for n in randoms)]
+        if "minilm" in config.sources:
+            cells += [_error_cell(line["minilm_mean"]), _error_cell(line["minilm_kl_mean"])]
+        table.add_row(*cells, Text(line["note"], "dim"))
+    return table
+
+
+def _cmd_error(args: argparse.Namespace, console: Console) -> int:
+    config = _error_config(args)
+    for name in config.mechanisms or ():
+        get(name)
+    console.print(_machine_text(machine_info(config.device)))
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with ResultStore(args.db) as store, Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("error", total=None)
+
+        def advance(done: int, total: int, what: str) -> None:
+            progress.update(task, completed=done, total=total, description=what)
+
+        try:
+            rows = _with_threads(args.threads, lambda: run_error(config, store, resume=args.resume, on_case=advance))
+        except ImportError as err:
+            console.print(Text(f"attnzoo bench error: {err} (or measure random inputs only: --source random)", "red"))
+            return 1
+    console.print(error_summary_table(rows, config))
+    console.print(Text(f"{len(rows)} cases; results in {args.db}"))
+    return 0
+
+
+def _variant(text: str) -> tuple[str, tuple[Any, ...]]:
+    name, sep, values = text.partition("=")
+    if not sep or not name.isidentifier() or not values:
+        raise argparse.ArgumentTypeError(f"expected NAME=V1,V2,..., got {text!r}")
+    return name, tuple(_override(f"{name}={v}")[1] for v in values.split(","))
+
+
+def _add_error_options(error: argparse.ArgumentParser) -> None:
+    error.add_argument("--source", nargs="+", choices=SOURCES, help="random inputs, q/k/v captured from all-MiniLM-L6-v2, or both (default)")
+    error.add_argument("--lengths", type=_positive_int, nargs="+", default=list(ErrorConfig.lengths), help="N of the random inputs")
+    error.add_argument("--batch", type=_positive_int, default=ErrorConfig.batch)
+    error.add_argument("--heads", type=_positive_int, default=ErrorConfig.heads)
+    error.add_argument("--head-dim", type=_positive_int, default=ErrorConfig.head_dim)
+    error.add_argument("--seed", type=int, default=0)
+    error.add_argument("--mechanisms", nargs="+", metavar="NAME", help="only these mechanisms (default: every one with the noncausal self pattern)")
+    error.add_argument("--vary", type=_variant, nargs="+", metavar="NAME=V1,V2", help="one case per value for the mechanisms with that parameter (default feature_map=elu,relu,softmax_kernel,taylor)")
+    error.add_argument("--no-variants", action="store_true", help="only each mechanism's example parameters")
+    error.add_argument("--layers", type=int, nargs="+", help="MiniLM layers (default all 6)")
+    error.add_argument("--kl-max-len", type=_positive_int, default=ErrorConfig.kl_max_len, help="KL of rows up to this many keys")
+    error.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    error.add_argument("--device", type=_available_device, default=_default_device())
+    error.add_argument("--budget", type=_positive_float, default=ErrorConfig.budget_s, help="seconds of timed repeats per case")
+    error.add_argument("--max-repeats", type=_positive_int, default=ErrorConfig.max_repeats)
+    error.add_argument("--threads", type=_positive_int, help="torch intra-op threads")
+    _add_store_options(error)
+    error.set_defaults(handler=_cmd_error)
 
 
 def add_report_parser(sub: argparse._SubParsersAction) -> None:
