@@ -121,3 +121,23 @@ def test_retnet_default_decays_are_fla_s():
     heads = 8
     expected = 1 - torch.tensor(2.0).pow(-5.0 - torch.arange(heads, dtype=torch.float64))
     torch.testing.assert_close(torch.tensor(retnet_gamma(heads), dtype=torch.float64), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("use_norm", [True, False])
+def test_based_defaults_equal_fla_naive_parallel_based(backend, use_norm):
+    """based with its defaults (d = 16 = D, scale d^-0.5, eps 1e-6) is fla's naive_parallel_based."""
+    naive = _fla_naive("based")
+    q, k, v = _qkv(d=16, dv=24, n=50)
+    expected = naive.naive_parallel_based(q, k, v, use_norm=use_norm)
+    got = attnzoo.get("based")(q, k, v, normalize=use_norm, chunk_size=16, backend=backend)
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_based_equals_fla_naive_chunk_based(backend):
+    naive = _fla_naive("based")
+    q, k, v = _qkv(d=8, dv=16, n=64)
+    expected = naive.naive_chunk_based(q, k, v, chunk_size=16)
+    got = attnzoo.get("based")(q, k, v, feature_dim=8, chunk_size=24, backend=backend)
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)

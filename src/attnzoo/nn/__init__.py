@@ -1,6 +1,10 @@
 """Modules: learnable state (projections, feature maps, pooling) around the functional forms."""
 
 from .agent import AgentAttention
+from .based import BaseConv, BasedMixer, ShortConv, SlidingWindowAttention, TaylorLinearAttention
+from .linfusion import LinFusionAttention
+from .mossformer import MossFormerAttention
+from .transnormer import TransNormerAttention
 from .linear import HedgehogFeatureMap, LinearAttention, RandomFeatureMap, Retention
 from .local import NeighborhoodAttention1D, NeighborhoodAttention2D, NeighborhoodAttention3D
 from .varying_window import VaryingWindowAttention
@@ -15,4 +19,12 @@ __all__ = [
     "LinearAttention",
     "Retention",
     "AgentAttention",
+    "TaylorLinearAttention",
+    "SlidingWindowAttention",
+    "ShortConv",
+    "BaseConv",
+    "BasedMixer",
+    "TransNormerAttention",
+    "LinFusionAttention",
+    "MossFormerAttention",
 ]

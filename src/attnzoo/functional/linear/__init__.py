@@ -22,6 +22,10 @@ from .linear import LINEAR, linear_attention
 from .retention import RETENTION, retention, retnet_gamma
 from .agent import AGENT, agent_attention
 from .flow import FLOW, flow_attention
+from .based import BASED, based_attention
+from .transnormer import TRANSNORMER, TRANSNORMER_DIAG, transnormer_attention, transnormer_diag_attention
+from .linfusion import LINFUSION, linfusion_attention
+from .mossformer import JOINT_CHUNK, joint_chunk_attention
 
 __all__ = [
     "linear_attention",
@@ -33,6 +37,16 @@ __all__ = [
     "AGENT",
     "flow_attention",
     "FLOW",
+    "based_attention",
+    "BASED",
+    "transnormer_attention",
+    "TRANSNORMER",
+    "transnormer_diag_attention",
+    "TRANSNORMER_DIAG",
+    "linfusion_attention",
+    "LINFUSION",
+    "joint_chunk_attention",
+    "JOINT_CHUNK",
     "feature_maps",
     "FEATURE_MAPS",
     "FeatureMap",

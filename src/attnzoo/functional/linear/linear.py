@@ -41,7 +41,7 @@ from ._shared import (
 )
 from .feature_maps import FEATURE_MAPS, MAP_PARAMETERS, feature_count, feature_map_for
 
-__all__ = ["linear_attention", "LINEAR"]
+__all__ = ["linear_attention", "LINEAR", "linear_operands", "linear_finish"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -184,7 +184,7 @@ def _check_combination(bound: dict[str, Any], p: Problem) -> Optional[tuple[str,
 # --------------------------------------------------------------------------------------------
 # operands and output, shared by the backends and the decoder
 # --------------------------------------------------------------------------------------------
-def _operands(q: Tensor, k: Tensor, v: Tensor, params: dict) -> Operands:
+def linear_operands(q: Tensor, k: Tensor, v: Tensor, params: dict) -> Operands:
     """phi(s q), phi(k) and the values ([v, 1] when normalized), in float32 for half inputs."""
     out_dtype, dtype = q.dtype, compute_dtype(q.dtype)
     heads = q.shape[1]
@@ -203,7 +203,7 @@ def _operands(q: Tensor, k: Tensor, v: Tensor, params: dict) -> Operands:
     return Operands(maps.query(q), maps.key(k), values, None, out_dtype)
 
 
-def _finish(out: Tensor, params: dict, nq: int, nk: int) -> Tensor:
+def linear_finish(out: Tensor, params: dict, nq: int, nk: int) -> Tensor:
     return divide_by_normalizer(out, params["eps"]) if params["normalize"] else out
 
 
@@ -212,7 +212,7 @@ def _finish(out: Tensor, params: dict, nq: int, nk: int) -> Tensor:
 # --------------------------------------------------------------------------------------------
 def _reference(q, k, v, **params):
     """The scores phi(s q_i) . phi(k_j) materialized (future masked), their weighted sum of v (and row sum)."""
-    ops = _operands(q, k, v, {**params, "normalize": False})
+    ops = linear_operands(q, k, v, {**params, "normalize": False})
     scores = parallel_scores(ops.q, ops.k, causal=params["causal"], scale=ops.scale)
     out = scores @ ops.v
     if params["normalize"]:
@@ -292,14 +292,14 @@ LINEAR = register(
         params=LINEAR_PARAMS,
         gqa=True,
         exact=True,
-        decoder=ScanDecoder("linear", _operands, _finish),
+        decoder=ScanDecoder("linear", linear_operands, linear_finish),
         sample_params=_sample_params,
         check_params=_check_combination,
         state_size=_state_size,
     )
 )
 LINEAR.add_backend(Backend("reference", _reference, doc="the scores materialized: the parallel form, the spec", priority=-100, materializes_scores=True))
-add_form_backends(LINEAR, _operands, _finish)
+add_form_backends(LINEAR, linear_operands, linear_finish)
 
 
 def linear_attention(
