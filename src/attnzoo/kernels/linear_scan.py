@@ -289,7 +289,9 @@ def _scan(increments: Tensor, start: Optional[Tensor], log_step: Optional[Tensor
     """
     b, h, n = increments.shape[:3]
     x = increments.reshape(b, h, n, -1)
-    lg = x.new_zeros(1) if log_step is None else log_step.to(x.dtype)
+    if log_step is None:
+        return _undecayed_scan(x, start, reverse, increments.shape)
+    lg = log_step.to(x.dtype)
     if n <= SCAN_BLOCK:
         states = _block_weights(n, lg, reverse)[:, :n] @ x
         if start is not None:
@@ -311,6 +313,22 @@ def _scan(increments: Tensor, start: Optional[Tensor], log_step: Optional[Tensor
     last = 0 if reverse else n - 1
     end = torch.exp(lg).view(-1, 1) * states[:, :, last] + x[:, :, last]
     return states.reshape(increments.shape), end.reshape(increments.shape[:2] + increments.shape[3:])
+
+
+def _undecayed_scan(x: Tensor, start: Optional[Tensor], reverse: bool, shape: torch.Size) -> tuple[Tensor, Tensor]:
+    """:func:`_scan` with every decay 1: an exclusive cumulative sum (one pass; the GEMM with a
+    triangle of ones costs a K = 16 batched GEMM per block, memory-bound, for the same sums)."""
+    b, h, n, w = x.shape
+    if reverse:  # the scan of the flipped sequence, flipped back
+        states, end = _undecayed_scan(x.flip(2), start, False, x.shape)
+        return states.flip(2).reshape(shape), end.reshape(shape[:2] + shape[3:])
+    # [start, x_0, ..., x_(n-2)], summed in place: two passes over the states, no temporary
+    states = torch.empty_like(x)
+    states[:, :, 0] = 0 if start is None else start.reshape(b, h, w)
+    states[:, :, 1:] = x[:, :, :-1]
+    states.cumsum_(2)
+    end = states[:, :, -1] + x[:, :, -1]
+    return states.reshape(shape), end.reshape(shape[:2] + shape[3:])
 
 
 def _token_blocks(x: Tensor, length: int) -> list[tuple[int, int, Tensor]]:

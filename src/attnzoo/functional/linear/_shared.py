@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ...errors import ParameterError
-from ...kernels.linear_scan import DEFAULT_CHUNK, chunked_form, chunked_scan, recurrent_form
+from ...kernels.linear_scan import DEFAULT_CHUNK, SCAN_BLOCK, chunked_form, chunked_scan, recurrent_form
 from ...registry import Mechanism, Param, Problem
 
 __all__ = [
@@ -136,7 +136,7 @@ def _not_preferred(problem: Problem, params: dict) -> Optional[str]:
 
 
 #: Elements of a (B, H, T, max(D, F, Dv)) slice of one piece of :func:`_causal_in_pieces`.
-PIECE_ELEMENTS = 2**20
+PIECE_ELEMENTS = 2**20 + 2**16  # 2048 tokens of 8 x 65 numbers: 32 chunks of 64, two scan blocks
 
 
 def _needs_grad(q: Tensor, k: Tensor, v: Tensor, params: dict) -> bool:
@@ -146,11 +146,13 @@ def _needs_grad(q: Tensor, k: Tensor, v: Tensor, params: dict) -> bool:
 
 def _piece_tokens(q: Tensor, v: Tensor, params: dict, features: int) -> int:
     """Tokens per piece: a multiple of the chunk size (the pieces then cut the same chunks as one
-    pass) whose widest (B, H, T, .) tensor holds about PIECE_ELEMENTS numbers."""
+    pass), of SCAN_BLOCK chunks when that fits (the state scan then pads nothing), whose widest
+    (B, H, T, .) tensor holds about PIECE_ELEMENTS numbers."""
     b, h, _, d = q.shape
     per_token = b * h * max(d, features, v.shape[-1] + 1)
     chunk = params["chunk_size"]
-    return max(chunk, PIECE_ELEMENTS // per_token // chunk * chunk)
+    step = chunk * SCAN_BLOCK if chunk * SCAN_BLOCK * per_token <= PIECE_ELEMENTS else chunk
+    return max(chunk, PIECE_ELEMENTS // per_token // step * step)
 
 
 def _causal_in_pieces(decoder: "ScanDecoder", q: Tensor, k: Tensor, v: Tensor, params: dict, tokens: int) -> Tensor:
