@@ -18,7 +18,8 @@ import torch
 import attnzoo
 from attnzoo.errors import ParameterError
 from attnzoo.functional.linear.based import based_attention
-from attnzoo.nn.based import MIXER_KINDS, BaseConv, BasedMixer, ShortConv, SlidingWindowAttention, TaylorLinearAttention
+from attnzoo.nn.based import MIXER_KINDS, BaseConv, BasedMixer, SlidingWindowAttention, TaylorLinearAttention
+from attnzoo.nn.mha import ShortConvolution
 
 BASED = attnzoo.get("based")
 F64 = torch.float64
@@ -182,7 +183,7 @@ def _mixers():
         "conv": BaseConv(24, kernel_size=3),
         "linear": TaylorLinearAttention(24, num_heads=2, feature_dim=6, chunk_size=8),
         "window": SlidingWindowAttention(24, num_heads=3, window=5),
-        "short-conv": ShortConv(24, kernel_size=4),
+        "short-conv": ShortConvolution(24, kernel_size=4),
         "two-layer": torch.nn.Sequential(BasedMixer.for_layer(24, 0), BasedMixer.for_layer(24, 1, feature_dim=4)),
     }
 
@@ -230,7 +231,7 @@ def test_window_layer_is_softmax_over_the_last_window_keys():
 def test_base_conv_is_a_gated_causal_depthwise_convolution():
     layer = _mixers()["conv"].double()
     x = _tokens(seed=3)
-    w, b = layer.conv.conv.weight[:, 0], layer.conv.conv.bias  # (C, K), (C,)
+    w, b = layer.conv.weight.t(), layer.conv.bias  # (C, K), (C,)
     conv = torch.stack([b + sum(w[:, 2 - s] * x[:, t - s] for s in range(3) if t - s >= 0) for t in range(37)], dim=1)
     torch.testing.assert_close(layer(x), conv * layer.projection(x) + x, rtol=1e-12, atol=1e-12)
     layer.residual = False

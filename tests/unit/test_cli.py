@@ -343,3 +343,12 @@ def test_bench_error_cli_prints_the_error_table_and_stores_it(tmp_path):
     with ResultStore(db) as store:
         rows = store.results(kind="error")
         assert {r["metrics"]["variant"] for r in rows} >= {"feature_map=relu", "feature_map=taylor"} and all(r["metrics"]["rel_error"] > 0 for r in rows)
+
+
+def test_bench_mqar_cli_trains_stores_and_tabulates(tmp_path):
+    db = str(tmp_path / "r.sqlite")
+    argv = ["bench", "mqar", "--mechanisms", "linear", "agent", "--d-models", "16", "--lrs", "0.01", "--epochs", "1", "--max-steps", "2", "--threads", "1", "--db", db]
+    status, out = run_cli(*argv)
+    assert status == 0 and re.search(r"│ linear +│ +16 │ +\d\.\d{3} │ +0\.01 │ +\d+ │", out) and "not run: agent" in out
+    with ResultStore(db) as store:
+        assert {r["mechanism"] for r in store.results(kind="mqar")} == {"linear", "agent"}

@@ -20,6 +20,7 @@ from .error import ErrorConfig, ErrorRow, run_error
 from .fits import efficiency_length
 from .machine import machine_info
 from .memory import peak_memory
+from .mqar import MQARConfig, multiquery_ar, run_mqar
 from .report import readme_section, write_report
 from .results import Result, ResultStore
 from .timing import Timing, time_call
@@ -30,18 +31,21 @@ __all__ = [
     "EfficiencyConfig",
     "ErrorConfig",
     "ErrorRow",
+    "MQARConfig",
     "Result",
     "ResultStore",
     "Row",
     "Timing",
     "efficiency_length",
     "machine_info",
+    "multiquery_ar",
     "peak_memory",
     "plan_cases",
     "quick_config",
     "readme_section",
     "run_efficiency",
     "run_error",
+    "run_mqar",
     "time_call",
     "write_report",
 ]

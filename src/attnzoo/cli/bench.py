@@ -33,6 +33,9 @@ from ..bench.efficiency import (
 )
 from ..bench.error import SOURCES, ErrorConfig, ErrorRow, run_error, table as error_table
 from ..bench.machine import machine_info
+from ..bench.mqar import PRESETS as MQAR_PRESETS
+from ..bench.mqar import best_over_lr, run_mqar
+from ..bench.mqar import preset as mqar_preset
 from ..bench.overhead import dispatch_overhead
 from ..bench.report import FORMATS, collect, readme_section, with_readme_section, write_report
 from ..bench.results import ResultStore, default_db_path
@@ -44,7 +47,7 @@ __all__ = ["add_bench_parser", "add_report_parser", "bench_table", "BENCH_KINDS"
 DEFAULT_REPORT_DIR = "attnzoo-report"
 
 #: The subcommands of ``attnzoo bench``; options without one mean ``efficiency``.
-BENCH_KINDS = ("efficiency", "error")
+BENCH_KINDS = ("efficiency", "mqar", "error")
 PATTERN_ALIASES = {"all": PATTERNS, "self": ("noncausal_self", "causal_self"), "cross": ("noncausal_cross", "causal_cross")}
 
 
@@ -372,7 +375,87 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     bench.set_defaults(handler=_cmd_efficiency, quick=True, device=_default_device(), overhead=False, threads=None, db=default_db_path(), resume=False)
     kinds = bench.add_subparsers(dest="bench_kind")
     _add_efficiency_options(kinds.add_parser("efficiency", help="time and peak memory of every mechanism x backend x pattern x length"))
+    _add_mqar_options(kinds.add_parser("mqar", help="multi-query associative recall (Zoology): accuracy against d_model and state size (B2)"))
     _add_error_options(kinds.add_parser("error", help="approximation error against softmax on random and MiniLM q/k/v (B6)"))
+
+
+# --------------------------------------------------------------------------------------------
+# bench mqar (B2)
+# --------------------------------------------------------------------------------------------
+def _mqar_config(args: argparse.Namespace) -> Any:
+    changes: dict[str, Any] = {"device": args.device}
+    for name in ("epochs", "max_steps", "batch_size", "seed", "num_heads", "vocab_size"):
+        if getattr(args, name) is not None:
+            changes[name] = getattr(args, name)
+    if args.mechanisms:
+        changes["mechanisms"] = tuple(args.mechanisms)
+    if args.d_models:
+        changes["d_models"] = tuple(args.d_models)
+    if args.lrs:
+        changes["learning_rates"] = tuple(args.lrs)
+    if args.no_short_conv:
+        changes["conv_kernel"] = None
+    if args.positional:
+        changes["positional"] = True
+    if args.set:
+        changes["overrides"] = tuple(args.set)
+    return mqar_preset(args.preset, **changes)
+
+
+def mqar_table(rows: Sequence[dict[str, Any]]) -> Table:
+    """Zoology's view: per mechanism and d_model the best accuracy over the learning rates, and the state."""
+    table = Table(title="MQAR: best test accuracy over the learning rates (Zoology's multi-query associative recall)")
+    for col, justify in (("mechanism", "left"), ("d_model", "right"), ("accuracy", "right"), ("lr", "right"), ("state size", "right"), ("KV cache", "right")):
+        table.add_column(col, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+    for r in best_over_lr(rows):
+        table.add_row(
+            r["mechanism"], str(r["d_model"]), f"{r['accuracy']:.3f}", f"{r['lr']:g}",
+            "-" if r.get("state_size") is None else str(r["state_size"]), "-" if r.get("kv_cache_size") is None else str(r["kv_cache_size"]),
+        )
+    return table
+
+
+def _cmd_mqar(args: argparse.Namespace, console: Console) -> int:
+    config = _mqar_config(args)
+    for name in config.mechanisms or ():
+        get(name)
+    machine = machine_info(config.device)
+    console.print(_machine_text(machine))
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with ResultStore(args.db) as store, Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("mqar", total=None)
+
+        def advance(done: int, total: int, what: str) -> None:
+            progress.update(task, completed=done, total=total, description=what)
+
+        results = _with_threads(args.threads, lambda: run_mqar(config, store, machine=machine, resume=args.resume, on_case=advance))
+        rows = [r for r in store.results(kind="mqar", latest=True) if r["mechanism"] in {x.mechanism for x in results}]
+    console.print(mqar_table(rows))
+    skipped = sorted({r.mechanism for r in results if r.metrics.get("accuracy") is None})
+    if skipped:
+        console.print(Text("not run: " + ", ".join(skipped) + " (no causal self pattern, or the note in the database)", "dim"))
+    console.print(Text(f"{len(results)} cases; results in {args.db}"))
+    return 0
+
+
+def _add_mqar_options(mqar: argparse.ArgumentParser) -> None:
+    mqar.add_argument("--preset", choices=sorted(MQAR_PRESETS), default="cpu", help="cpu (minutes per mechanism on 2 cores, the default) or zoology (the paper's)")
+    mqar.add_argument("--mechanisms", nargs="+", metavar="NAME", help="only these (default: every mechanism with the causal self pattern)")
+    mqar.add_argument("--d-models", type=_positive_int, nargs="+", help="model widths (default: the preset's)")
+    mqar.add_argument("--lrs", type=_positive_float, nargs="+", help="learning rates of the sweep (default: the preset's)")
+    mqar.add_argument("--epochs", type=_positive_int)
+    mqar.add_argument("--max-steps", type=_positive_int, help="cap on optimizer steps")
+    mqar.add_argument("--batch-size", type=_positive_int)
+    mqar.add_argument("--vocab-size", type=_positive_int)
+    mqar.add_argument("--num-heads", type=_positive_int)
+    mqar.add_argument("--seed", type=int)
+    mqar.add_argument("--no-short-conv", action="store_true", help="the mechanism alone, without the Based recipe's short convolution")
+    mqar.add_argument("--positional", action="store_true", help="learned absolute positions")
+    mqar.add_argument("--set", type=_override, nargs="+", metavar="NAME=VALUE", help="mechanism parameter overrides, e.g. window='(256, 0)'")
+    mqar.add_argument("--device", type=_available_device, default=_default_device())
+    mqar.add_argument("--threads", type=_positive_int, help="torch intra-op threads")
+    _add_store_options(mqar)
+    mqar.set_defaults(handler=_cmd_mqar)
 
 
 # --------------------------------------------------------------------------------------------

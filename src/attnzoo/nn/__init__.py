@@ -1,8 +1,9 @@
 """Modules: learnable state (projections, feature maps, pooling) around the functional forms."""
 
 from .agent import AgentAttention
-from .based import BaseConv, BasedMixer, ShortConv, SlidingWindowAttention, TaylorLinearAttention
+from .based import BaseConv, BasedMixer, SlidingWindowAttention, TaylorLinearAttention
 from .linfusion import LinFusionAttention
+from .mha import MultiheadAttention, ShortConvolution
 from .mossformer import MossFormerAttention
 from .transnormer import TransNormerAttention
 from .linear import HedgehogFeatureMap, LinearAttention, RandomFeatureMap, Retention
@@ -21,10 +22,11 @@ __all__ = [
     "AgentAttention",
     "TaylorLinearAttention",
     "SlidingWindowAttention",
-    "ShortConv",
     "BaseConv",
     "BasedMixer",
     "TransNormerAttention",
     "LinFusionAttention",
     "MossFormerAttention",
+    "MultiheadAttention",
+    "ShortConvolution",
 ]

@@ -8,7 +8,7 @@ Based is not one layer but three kinds of sequence mixer, each a whole layer of 
 * :class:`SlidingWindowAttention`: exact softmax attention over the last ``window`` tokens
   (the registered ``sliding_window`` mechanism);
 * :class:`BaseConv`: a gated short convolution (Zoology's BaseConv: a linear projection gated
-  elementwise by a causal depthwise convolution of kernel 3), built on :class:`ShortConv`.
+  elementwise by a causal depthwise convolution of kernel 3), built on :class:`ShortConvolution`.
 
 Which layer gets which mixer is a list in the official configs: Based's language models
 (HazyResearch/based, ``GPT2MixerConfig``) put linear attention at layers ``alt_mixer_layers``,
@@ -30,80 +30,42 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import ParameterError, ShapeError
+from ._checks import check_tokens, merge_heads, positive_int, split_heads
+from .mha import ShortConvolution
+from ..errors import ParameterError
 from ..functional import sliding_window_attention
 from ..functional.linear.based import BASED, DEFAULT_FEATURE_DIM, based_attention
 
-__all__ = ["ShortConv", "BaseConv", "TaylorLinearAttention", "SlidingWindowAttention", "BasedMixer", "MIXER_KINDS"]
+__all__ = ["BaseConv", "TaylorLinearAttention", "SlidingWindowAttention", "BasedMixer", "MIXER_KINDS"]
 
 #: the kinds of :class:`BasedMixer`, in the order of Zoology's 3-layer Based config.
 MIXER_KINDS = ("conv", "linear", "window")
 
 
-def _positive(owner: str, name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ParameterError(f"{owner}: {name}: expected a positive int, got {value!r}", argument=name)
-    return value
 
 
 def _heads(owner: str, d_model: int, num_heads: Any) -> int:
-    num_heads = _positive(owner, "num_heads", num_heads)
+    num_heads = positive_int(owner, "num_heads", num_heads)
     if d_model % num_heads:
         raise ParameterError(f"{owner}: num_heads: expected a divisor of d_model={d_model}, got {num_heads}", argument="num_heads")
     return num_heads
 
 
-def _check_tokens(owner: str, x: Tensor, d_model: int) -> None:
-    if x.dim() != 3 or x.shape[-1] != d_model:
-        raise ShapeError(f"{owner}: x: expected (B, N, d_model={d_model}), got shape {tuple(x.shape)}", argument="x")
 
 
-def _split_heads(x: Tensor, heads: int) -> Tensor:
-    """(B, N, H * d) -> (B, H, N, d)."""
-    b, n, _ = x.shape
-    return x.view(b, n, heads, -1).transpose(1, 2)
 
 
-def _merge_heads(x: Tensor) -> Tensor:
-    """(B, H, N, d) -> (B, N, H * d)."""
-    return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], -1)
 
 
 # --------------------------------------------------------------------------------------------
 # short convolutions
 # --------------------------------------------------------------------------------------------
-class ShortConv(nn.Module):
-    """Causal depthwise convolution over the sequence: ``y_t = b + sum_(i < K) w_i * x_(t-i)`` per channel.
-
-    (B, N, C) -> (B, N, C); the output at t reads x_(t-K+1..t) only (left zero padding). The
-    short filter of Zoology's and Based's BaseConv (kernel 3, with bias, as their ``nn.Conv1d``).
-    """
-
-    def __init__(self, dim: int, kernel_size: int = 3, bias: bool = True):
-        super().__init__()
-        self.dim = _positive("ShortConv", "dim", dim)
-        self.kernel_size = _positive("ShortConv", "kernel_size", kernel_size)
-        self.conv = nn.Conv1d(dim, dim, kernel_size, groups=dim, bias=bias)
-
-    def forward(self, x: Tensor) -> Tensor:
-        _check_tokens("ShortConv", x, self.dim)
-        padded = F.pad(x.transpose(1, 2), (self.kernel_size - 1, 0))  # the past only: causal
-        return self.conv(padded).transpose(1, 2)
-
-    def state_size(self) -> int:
-        """The last K - 1 inputs per channel."""
-        return (self.kernel_size - 1) * self.dim
-
-    def extra_repr(self) -> str:
-        return f"dim={self.dim}, kernel_size={self.kernel_size}"
-
 
 class BaseConv(nn.Module):
     """Zoology's gated short convolution, the conv layers of Based's MQAR models:
-    ``y = ShortConv(u) * (u W + b)  (+ u)``.
+    ``y = ShortConvolution(u) * (u W + b)  (+ u)``.
 
     Arora et al. (2024) and Zoology (Arora et al., 2023) call it BaseConv; ``residual=True``
     (default) adds the input as their ``BaseConv.forward`` does (inside the mixer, besides the
@@ -113,13 +75,13 @@ class BaseConv(nn.Module):
 
     def __init__(self, d_model: int, kernel_size: int = 3, *, residual: bool = True):
         super().__init__()
-        self.d_model = _positive("BaseConv", "d_model", d_model)
+        self.d_model = positive_int("BaseConv", "d_model", d_model)
         self.residual = residual
-        self.conv = ShortConv(d_model, kernel_size)
+        self.conv = ShortConvolution(d_model, kernel_size)
         self.projection = nn.Linear(d_model, d_model)
 
     def forward(self, x: Tensor) -> Tensor:
-        _check_tokens("BaseConv", x, self.d_model)
+        check_tokens("BaseConv", x, self.d_model)
         y = self.conv(x) * self.projection(x)
         return y + x if self.residual else y
 
@@ -156,10 +118,10 @@ class TaylorLinearAttention(nn.Module):
     ):
         super().__init__()
         name = "TaylorLinearAttention"
-        self.d_model = _positive(name, "d_model", d_model)
-        self.num_heads = _heads(name, d_model, num_heads) if head_dim is None else _positive(name, "num_heads", num_heads)
-        self.feature_dim = _positive(name, "feature_dim", feature_dim)
-        self.head_dim = d_model // self.num_heads if head_dim is None else _positive(name, "head_dim", head_dim)
+        self.d_model = positive_int(name, "d_model", d_model)
+        self.num_heads = _heads(name, d_model, num_heads) if head_dim is None else positive_int(name, "num_heads", num_heads)
+        self.feature_dim = positive_int(name, "feature_dim", feature_dim)
+        self.head_dim = d_model // self.num_heads if head_dim is None else positive_int(name, "head_dim", head_dim)
         self.causal, self.eps, self.chunk_size, self.backend = causal, eps, chunk_size, backend
         self.proj_q = nn.Linear(d_model, self.num_heads * self.feature_dim, bias=False)
         self.proj_k = nn.Linear(d_model, self.num_heads * self.feature_dim, bias=False)
@@ -168,15 +130,15 @@ class TaylorLinearAttention(nn.Module):
 
     def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """q, k (B, H, N, feature_dim) and v (B, H, N, head_dim): what the functional form takes."""
-        _check_tokens("TaylorLinearAttention", x, self.d_model)
-        return tuple(_split_heads(proj(x), self.num_heads) for proj in (self.proj_q, self.proj_k, self.proj_v))  # type: ignore[return-value]
+        check_tokens("TaylorLinearAttention", x, self.d_model)
+        return tuple(split_heads(proj(x), self.num_heads) for proj in (self.proj_q, self.proj_k, self.proj_v))  # type: ignore[return-value]
 
     def attention_params(self) -> dict[str, Any]:
         return {"feature_dim": self.feature_dim, "causal": self.causal, "eps": self.eps, "chunk_size": self.chunk_size, "backend": self.backend}
 
     def forward(self, x: Tensor) -> Tensor:
         q, k, v = self.project(x)
-        return self.out_proj(_merge_heads(based_attention(q, k, v, **self.attention_params())))
+        return self.out_proj(merge_heads(based_attention(q, k, v, **self.attention_params())))
 
     def state_size(self) -> int:
         """H x (1 + d + d(d+1)/2) x (head_dim + 1): the Taylor state and its normalizer."""
@@ -209,19 +171,19 @@ class SlidingWindowAttention(nn.Module):
     ):
         super().__init__()
         name = "SlidingWindowAttention"
-        self.d_model = _positive(name, "d_model", d_model)
+        self.d_model = positive_int(name, "d_model", d_model)
         self.num_heads = _heads(name, d_model, num_heads)
-        self.window = _positive(name, "window", window)
+        self.window = positive_int(name, "window", window)
         self.causal, self.backend = causal, backend
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=qkv_bias)
         self.out_proj = nn.Linear(d_model, d_model, bias=proj_bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        _check_tokens("SlidingWindowAttention", x, self.d_model)
-        q, k, v = (_split_heads(t, self.num_heads) for t in self.qkv(x).chunk(3, dim=-1))
+        check_tokens("SlidingWindowAttention", x, self.d_model)
+        q, k, v = (split_heads(t, self.num_heads) for t in self.qkv(x).chunk(3, dim=-1))
         window = (self.window, 0) if self.causal else self.window
         out = sliding_window_attention(q, k, v, window=window, causal=self.causal, backend=self.backend)
-        return self.out_proj(_merge_heads(out))
+        return self.out_proj(merge_heads(out))
 
     def state_size(self) -> int:
         """The last ``window`` keys and values (decoding drops older ones)."""

@@ -16,6 +16,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
+from ._checks import positive_int
 from ..errors import ParameterError, ShapeError
 from ..functional.linear import linear_attention, retention
 from ..functional.linear.feature_maps import default_num_features, hedgehog_features, orthogonal_gaussian, positive_random_features
@@ -24,10 +25,6 @@ from ..kernels.linear_scan import parallel_scores
 __all__ = ["HedgehogFeatureMap", "RandomFeatureMap", "LinearAttention", "Retention"]
 
 
-def _positive(owner: str, name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ParameterError(f"{owner}: {name}: expected a positive int, got {value!r}", argument=name)
-    return value
 
 
 class HedgehogFeatureMap(nn.Module):
@@ -47,9 +44,9 @@ class HedgehogFeatureMap(nn.Module):
 
     def __init__(self, num_heads: int, head_dim: int, feature_dim: Optional[int] = None, bias: bool = True):
         super().__init__()
-        self.num_heads = _positive("HedgehogFeatureMap", "num_heads", num_heads)
-        self.head_dim = _positive("HedgehogFeatureMap", "head_dim", head_dim)
-        self.feature_dim = _positive("HedgehogFeatureMap", "feature_dim", head_dim if feature_dim is None else feature_dim)
+        self.num_heads = positive_int("HedgehogFeatureMap", "num_heads", num_heads)
+        self.head_dim = positive_int("HedgehogFeatureMap", "head_dim", head_dim)
+        self.feature_dim = positive_int("HedgehogFeatureMap", "feature_dim", head_dim if feature_dim is None else feature_dim)
         self.weight = nn.Parameter(torch.eye(head_dim, self.feature_dim).repeat(num_heads, 1, 1))
         self.bias = nn.Parameter(torch.zeros(num_heads, self.feature_dim)) if bias else None
 
@@ -101,10 +98,10 @@ class RandomFeatureMap(nn.Module):
 
     def __init__(self, head_dim: int, num_features: Optional[int] = None, *, num_heads: Optional[int] = None, seed: int = 0, redraw_interval: Optional[int] = None):
         super().__init__()
-        self.head_dim = _positive("RandomFeatureMap", "head_dim", head_dim)
-        self.num_features = _positive("RandomFeatureMap", "num_features", default_num_features(head_dim) if num_features is None else num_features)
-        self.num_heads = None if num_heads is None else _positive("RandomFeatureMap", "num_heads", num_heads)
-        self.redraw_interval = None if redraw_interval is None else _positive("RandomFeatureMap", "redraw_interval", redraw_interval)
+        self.head_dim = positive_int("RandomFeatureMap", "head_dim", head_dim)
+        self.num_features = positive_int("RandomFeatureMap", "num_features", default_num_features(head_dim) if num_features is None else num_features)
+        self.num_heads = None if num_heads is None else positive_int("RandomFeatureMap", "num_heads", num_heads)
+        self.redraw_interval = None if redraw_interval is None else positive_int("RandomFeatureMap", "redraw_interval", redraw_interval)
         self.seed, self.draws, self.calls = seed, 0, 0
         self.register_buffer("projection", self._draw().float())
 

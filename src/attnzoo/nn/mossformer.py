@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._checks import positive_int
 from ..errors import ParameterError, ShapeError
 from ..functional.linear.mossformer import DEFAULT_GROUP_SIZE, joint_chunk_attention
 
@@ -43,10 +44,6 @@ __all__ = ["MossFormerAttention", "FFConvM", "ScaleNorm"]
 ROTARY_DIMS = 32
 
 
-def _positive_int(owner: str, name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ParameterError(f"{owner}: {name}: expected a positive int, got {value!r}", argument=name)
-    return value
 
 
 class ScaleNorm(nn.Module):
@@ -140,9 +137,9 @@ class MossFormerAttention(nn.Module):
     ):
         super().__init__()
         name = type(self).__name__
-        self.dim = _positive_int(name, "dim", dim)
-        self.group_size = _positive_int(name, "group_size", group_size)
-        self.query_key_dim = _positive_int(name, "query_key_dim", query_key_dim)
+        self.dim = positive_int(name, "dim", dim)
+        self.group_size = positive_int(name, "group_size", group_size)
+        self.query_key_dim = positive_int(name, "query_key_dim", query_key_dim)
         hidden = int(dim * expansion_factor)
         if hidden < 2 or hidden % 2:
             raise ParameterError(
@@ -151,7 +148,7 @@ class MossFormerAttention(nn.Module):
             )
         if norm not in ("scalenorm", "layernorm"):
             raise ParameterError(f"{name}: norm: expected 'scalenorm' or 'layernorm', got {norm!r}", argument="norm")
-        if _positive_int(name, "kernel_size", kernel_size) % 2 == 0:
+        if positive_int(name, "kernel_size", kernel_size) % 2 == 0:
             raise ParameterError(f"{name}: kernel_size: expected an odd int, got {kernel_size}", argument="kernel_size")
         self.causal, self.shift_tokens, self.backend = causal, shift_tokens, backend
         self.rotary_dims = min(ROTARY_DIMS, query_key_dim) // 2 * 2 if rotary else 0

@@ -1,0 +1,35 @@
+"""Argument checks and head reshapes shared by the modules of :mod:`attnzoo.nn`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+
+from ..errors import ParameterError, ShapeError
+
+__all__ = ["positive_int", "check_tokens", "split_heads", "merge_heads"]
+
+
+def positive_int(owner: str, name: str, value: Any) -> int:
+    """``value`` if it is a positive int (not a bool), else a ParameterError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ParameterError(f"{owner}: {name}: expected a positive int, got {value!r}", argument=name)
+    return value
+
+
+def check_tokens(owner: str, x: Tensor, d_model: int) -> None:
+    """``x`` must be tokens (B, N, C) with C = ``d_model``."""
+    if x.dim() != 3 or x.shape[-1] != d_model:
+        raise ShapeError(f"{owner}: x: expected (B, N, C={d_model}), got shape {tuple(x.shape)}", argument="x")
+
+
+def split_heads(x: Tensor, heads: int) -> Tensor:
+    """(B, N, H * d) -> (B, H, N, d)."""
+    b, n, _ = x.shape
+    return x.view(b, n, heads, -1).transpose(1, 2)
+
+
+def merge_heads(x: Tensor) -> Tensor:
+    """(B, H, N, d) -> (B, N, H * d)."""
+    return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], -1)
