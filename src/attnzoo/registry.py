@@ -264,8 +264,10 @@ class Mechanism:
 
     Fields are data the suite, the benchmark and the docs read: ``patterns`` (a subset of
     :data:`PATTERNS`), ``spatial_dims`` (how many spatial axes q/k/v may have), ``params``,
-    ``decoder`` (incremental decoding, or ``None``), ``exact`` (False for approximations, whose
-    error the benchmark measures). ``sample_params(problem, pattern, rng)`` returns valid
+    ``decoder`` (incremental decoding, or ``None``), ``exact`` (every backend computes the
+    mechanism's own formula to rounding; False where a backend approximates it, e.g. by sampling
+    or hashing. Exact or not, ``attnzoo bench error`` measures every mechanism's distance to
+    softmax attention). ``sample_params(problem, pattern, rng)`` returns valid
     parameters for one of :data:`PATTERNS`: random options when given an ``rng`` (the
     conformance suite), the plain ones when ``rng`` is None (the benchmark). ``check_params``
     checks what one parameter alone cannot (``(name, message)`` of a conflict, or None).

@@ -5,7 +5,9 @@ from .linear import (
     agent_attention,
     based_attention,
     flow_attention,
+    inline_attention,
     joint_chunk_attention,
+    kernelized_rpe_attention,
     linear_attention,
     linfusion_attention,
     retention,
@@ -44,4 +46,6 @@ __all__ = [
     "transnormer_diag_attention",
     "linfusion_attention",
     "joint_chunk_attention",
+    "inline_attention",
+    "kernelized_rpe_attention",
 ]

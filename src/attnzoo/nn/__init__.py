@@ -2,6 +2,9 @@
 
 from .agent import AgentAttention
 from .based import BaseConv, BasedMixer, SlidingWindowAttention, TaylorLinearAttention
+from .inline import InLineAttention
+from .kernelized_rpe import KernelizedRPEAttention
+from .l2vit import L2ViTAttention, LocalConcentrationModule
 from .linfusion import LinFusionAttention
 from .mha import MultiheadAttention, ShortConvolution
 from .mossformer import MossFormerAttention
@@ -28,5 +31,9 @@ __all__ = [
     "LinFusionAttention",
     "MossFormerAttention",
     "MultiheadAttention",
+    "InLineAttention",
+    "KernelizedRPEAttention",
+    "L2ViTAttention",
+    "LocalConcentrationModule",
     "ShortConvolution",
 ]

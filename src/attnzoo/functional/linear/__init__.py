@@ -26,6 +26,8 @@ from .based import BASED, based_attention
 from .transnormer import TRANSNORMER, TRANSNORMER_DIAG, transnormer_attention, transnormer_diag_attention
 from .linfusion import LINFUSION, linfusion_attention
 from .mossformer import JOINT_CHUNK, joint_chunk_attention
+from .inline import INLINE, inline_attention
+from .kernelized_rpe import KERNELIZED_RPE, kernelized_rpe_attention
 
 __all__ = [
     "linear_attention",
@@ -47,6 +49,10 @@ __all__ = [
     "LINFUSION",
     "joint_chunk_attention",
     "JOINT_CHUNK",
+    "inline_attention",
+    "INLINE",
+    "kernelized_rpe_attention",
+    "KERNELIZED_RPE",
     "feature_maps",
     "FEATURE_MAPS",
     "FeatureMap",

@@ -1,0 +1,321 @@
+"""Injective linear attention, InLine (catalog F8).
+
+Han et al. (NeurIPS 2024), "Bridging the Divide: Reconsidering Softmax and Linear Attention",
+eq. 5 (the injective linear attention; section numbers not checked here): linear attention
+divides ``phi(q_i) . phi(k_j)`` by its row sum, which maps queries that differ by a scale
+factor to the same attention row (not injective). InLine
+subtracts the row mean instead and adds ``1/N``, so every row still sums to 1:
+
+    A_ij  = s phi(q_i) . phi(k_j)
+    out_i = sum_j (A_ij - mean_t A_it + 1) / N  v_j
+          = (s/N) (phi(q_i) S - (phi(q_i) . K) v_bar) + v_bar,
+    S = sum_j phi(k_j)^T v_j,  K = sum_j phi(k_j),  v_bar = mean_j v_j
+
+``s = scale`` (default D^-0.5). The official code (LeapLabTHU/InLine, ``InLineAttention`` of
+``models/inline_swin.py`` and ``inline_deit.py``) multiplies ``phi(q) . phi(k)`` by
+``D^-0.5 / N`` (the paper's eq. 5 omits this factor, as its comment says): the ``s/N`` above.
+Its feature maps (``kernel_func``) are ``identity`` (the default there and here), ``relu``,
+``leaky_relu`` (slope 0.01) and ``exp`` (``exp(0.2 x)``), applied to q and k before the heads
+are split (elementwise, so the same thing). The local modelling term of the paper (a
+3 x 3 depthwise convolution of V whose kernel an MLP predicts from the mean token) is learnable:
+it lives in :class:`attnzoo.nn.InLineAttention`.
+
+Causal (not in the paper; defined here as the same rule on each query's visible keys): query
+i sees the n_i keys j <= i + Nk - Nq (bottom-right), and the mean, the ``1/N`` and ``v_bar``
+are taken over those keys:
+
+    out_i = (s/n_i) (phi(q_i) S_i - (phi(q_i) . K_i) V_i / n_i) + V_i / n_i
+
+with S_i, K_i, V_i the sums over the visible keys; a query that sees no key outputs 0. These
+are running sums, so decoding (``init_state``/``step``) keeps F x (Dv + 1) + Dv numbers per
+head. Cost O(N F Dv): ``chunked`` runs ``phi(q) [S, K]`` on the linear-attention engine with a
+column of ones appended to v (:func:`attnzoo.kernels.linear_scan.chunked_form`); ``reference``
+materializes A.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ...errors import ParameterError
+from ...kernels.linear_scan import chunked_form, chunked_scan, parallel_scores
+from ...registry import PATTERNS, Backend, Mechanism, Param, Problem, flag, positive_number, register
+from ._shared import chunk_size_param, compute_dtype, expand_heads, with_normalizer
+
+__all__ = ["inline_attention", "INLINE", "InLineState", "INLINE_FEATURE_MAPS"]
+
+
+def _exp_kernel(x: Tensor) -> Tensor:
+    """``exp(0.2 x)``: the official ``exp_kernel`` (temperature 0.2)."""
+    return torch.exp(0.2 * x)
+
+
+INLINE_FEATURE_MAPS: dict[str, Callable[[Tensor], Tensor]] = {
+    "identity": lambda x: x,
+    "relu": torch.relu,
+    "leaky_relu": F.leaky_relu,
+    "exp": _exp_kernel,
+}
+
+
+def _check_feature_map(value: Any, p: Problem) -> Optional[str]:
+    if isinstance(value, str) and value in INLINE_FEATURE_MAPS:
+        return None
+    if callable(value) and not isinstance(value, str):
+        return None
+    return "one of " + ", ".join(repr(m) for m in INLINE_FEATURE_MAPS) + ", or a callable phi(x) (B, H, N, D) -> (B, H, N, F)"
+
+
+INLINE_PARAMS = (
+    Param(
+        "feature_map",
+        "identity",
+        "phi on q and k: " + ", ".join(INLINE_FEATURE_MAPS) + " (exp(0.2 x)), or a callable (the official kernel_func)",
+        _check_feature_map,
+        ("softmax", 3, ("relu",)),
+        "str | callable",
+    ),
+    positive_number("scale", "s on phi(q) . phi(k) (the official head_dim ** -0.5, the default)"),
+    flag("causal", False, "each query uses its visible keys j <= i + Nk - Nq: mean, 1/n and v_bar over them"),
+    chunk_size_param(),
+)
+
+
+def _phi(feature_map: Any) -> Callable[[Tensor], Tensor]:
+    return INLINE_FEATURE_MAPS[feature_map] if isinstance(feature_map, str) else feature_map
+
+
+def _operands(q: Tensor, k: Tensor, v: Tensor, feature_map: Any) -> tuple[Tensor, Tensor, Tensor]:
+    """phi(q), phi(k), v in the compute dtype, key/value heads repeated (GQA)."""
+    dtype, heads, phi = compute_dtype(q.dtype), q.shape[1], _phi(feature_map)
+    return phi(q.to(dtype)), phi(expand_heads(k, heads).to(dtype)), expand_heads(v, heads).to(dtype)
+
+
+def _scale(params: dict, q: Tensor) -> float:
+    return params["scale"] or q.shape[-1] ** -0.5
+
+
+# --------------------------------------------------------------------------------------------
+# reference: the attention matrix of eq. 5 materialized
+# --------------------------------------------------------------------------------------------
+def _reference(q, k, v, **params):
+    """W_ij = (A_ij - mean_visible A_i + 1) / n_i on the visible keys, 0 elsewhere; out = W v."""
+    out_dtype = q.dtype
+    fq, fk, v = _operands(q, k, v, params["feature_map"])
+    nq, nk = fq.shape[2], fk.shape[2]
+    scores = parallel_scores(fq, fk, causal=False, scale=_scale(params, q))
+    visible = torch.ones(nq, nk, dtype=torch.bool, device=q.device)
+    if params["causal"]:
+        visible = visible.tril(nk - nq)
+    count = visible.sum(-1, keepdim=True).to(scores.dtype)  # n_i
+    n = count.clamp(min=1)
+    scores = scores.masked_fill(~visible, 0)
+    mean = scores.sum(-1, keepdim=True) / n
+    weights = ((scores - mean + 1) / n).masked_fill(~visible, 0)
+    return (weights @ v).to(out_dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# fast: phi(q) [S, K] on the linear-attention engine, v_bar as a (prefix) mean
+# --------------------------------------------------------------------------------------------
+def _combine(product: Tensor, value_sums: Tensor, count: Tensor) -> Tensor:
+    """``(s/n)(phi(q) S - (phi(q) . K) V / n) + V / n`` from ``product`` = s phi(q) [S, K] and V.
+
+    ``count`` is n_i (clamped to 1 by the caller's sums being 0 where nothing is visible)."""
+    n = count.clamp(min=1)
+    v_bar = value_sums / n
+    return (product[..., :-1] - product[..., -1:] * v_bar) / n + v_bar
+
+
+def _visible_counts(nq: int, nk: int, seen: int, like: Tensor) -> Tensor:
+    """n_i = i + Nk - Nq + 1 + seen (bottom-right), at least 0, shaped (Nq, 1)."""
+    i = torch.arange(nq, device=like.device, dtype=like.dtype)
+    return (i + (nk - nq + 1 + seen)).clamp(min=0).unsqueeze(-1)
+
+
+def _aligned_prefix(v: Tensor, nq: int, carried: Optional[Tensor]) -> Tensor:
+    """Sum of the values each bottom-right aligned query sees (plus ``carried``), (B, H, Nq, Dv)."""
+    sums = v.cumsum(2)
+    if carried is not None:
+        sums = sums + carried.unsqueeze(2)
+    nk = v.shape[2]
+    if nq <= nk:
+        return sums[:, :, nk - nq :]
+    before = sums.new_zeros(*sums.shape[:2], nq - nk, sums.shape[-1])  # queries that see no key
+    if carried is not None:
+        before = before + carried.unsqueeze(2)
+    return torch.cat([before, sums], dim=2)
+
+
+@dataclass
+class InLineState:
+    """The causal recurrence's state after ``seen`` keys: ``kv`` = sum phi(k_j)^T [v_j, 1]
+    (B, H, F, Dv + 1) and ``values`` = sum v_j (B, H, Dv); None before the first key."""
+
+    seen: int = 0
+    kv: Optional[Tensor] = None
+    values: Optional[Tensor] = None
+
+
+def _causal_step(fq: Tensor, fk: Tensor, v: Tensor, scale: float, chunk_size: int, state: InLineState) -> tuple[Tensor, InLineState]:
+    """Causal InLine of the new tokens from ``state`` (phi applied), and the state after them."""
+    product, kv = chunked_scan(fq, fk, with_normalizer(v), state=state.kv, chunk_size=chunk_size, scale=scale)
+    value_sums = _aligned_prefix(v, fq.shape[2], state.values)
+    count = _visible_counts(fq.shape[2], fk.shape[2], state.seen, product)
+    values = v.sum(2) if state.values is None else state.values + v.sum(2)
+    return _combine(product, value_sums, count), InLineState(state.seen + fk.shape[2], kv, values)
+
+
+def _chunked(q, k, v, **params):
+    """``chunked_form(phi(q), phi(k), [v, 1])`` gives s phi(q) S and s phi(q) . K in one pass."""
+    out_dtype = q.dtype
+    fq, fk, v = _operands(q, k, v, params["feature_map"])
+    scale = _scale(params, q)
+    if params["causal"]:
+        return _causal_step(fq, fk, v, scale, params["chunk_size"], InLineState())[0].to(out_dtype)
+    product = chunked_form(fq, fk, with_normalizer(v), causal=False, scale=scale)
+    count = torch.full((1, 1), float(fk.shape[2]), dtype=product.dtype, device=product.device)
+    return _combine(product, v.sum(2, keepdim=True), count).to(out_dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# decoding
+# --------------------------------------------------------------------------------------------
+class InLineDecoder:
+    """Causal decoding from an :class:`InLineState`: running sums, not a cache."""
+
+    def init_state(self, problem: Problem, **params: Any) -> InLineState:
+        return InLineState()
+
+    def step(self, q: Tensor, k: Tensor, v: Tensor, state: InLineState, **params: Any) -> tuple[Tensor, InLineState]:
+        if not params["causal"]:
+            raise ParameterError(
+                "inline: causal: decoding needs causal=True (a bidirectional output depends on later tokens)", argument="causal"
+            )
+        if q.shape[2] > k.shape[2]:
+            raise ParameterError(
+                f"inline: q: a decoding step takes at most as many queries as new keys, got {q.shape[2]} and {k.shape[2]}", argument="q"
+            )
+        out_dtype = q.dtype
+        fq, fk, v = _operands(q, k, v, params["feature_map"])
+        out, state = _causal_step(fq, fk, v, _scale(params, q), params["chunk_size"], state)
+        return out.to(out_dtype), state
+
+
+# --------------------------------------------------------------------------------------------
+# parameters for the conformance suite and the benchmark; state size
+# --------------------------------------------------------------------------------------------
+def _softplus(x: Tensor) -> Tensor:
+    return F.softplus(x)
+
+
+def _sample_params(p: Problem, pattern: str, rng: Optional[random.Random]) -> dict[str, Any]:
+    params: dict[str, Any] = {"causal": pattern.startswith("causal")}
+    if rng is None:
+        return params
+    choice = rng.choice(tuple(INLINE_FEATURE_MAPS) + ("callable",))
+    params["feature_map"] = _softplus if choice == "callable" else choice
+    if rng.random() < 0.3:
+        params["scale"] = rng.choice((0.1, 0.5, 1.0))
+    params["chunk_size"] = rng.choice((1, 2, 3, 7, 16, 64))
+    return params
+
+
+def _state_size(head_dim: int, value_dim: Optional[int] = None, **params: Any) -> int:
+    """F x (Dv + 1) + Dv per head: sum phi(k)^T [v, 1] and sum v; F = D for the named maps."""
+    dv = head_dim if value_dim is None else value_dim
+    feature_map = params.get("feature_map", "identity")
+    if isinstance(feature_map, str):
+        features = head_dim
+    else:
+        with torch.no_grad():
+            features = feature_map(torch.zeros(1, 1, 1, head_dim)).shape[-1]
+    return features * (dv + 1) + dv
+
+
+# --------------------------------------------------------------------------------------------
+# registration
+# --------------------------------------------------------------------------------------------
+INLINE = register(
+    Mechanism(
+        name="inline",
+        family="linear",
+        catalog=("F8",),
+        paper="Bridging the Divide: Reconsidering Softmax and Linear Attention (InLine; Han et al., NeurIPS 2024)",
+        formula="out_i = sum_j (s phi(q_i).phi(k_j) - mean_t s phi(q_i).phi(k_t) + 1) / N v_j",
+        cost="O(N F Dv) time, O(N (F + Dv)) memory (chunked); O(Nq Nk) (reference)",
+        summary="injective linear attention: the row mean subtracted instead of a division; causal as a prefix variant",
+        patterns=frozenset(PATTERNS),
+        params=INLINE_PARAMS,
+        gqa=True,
+        exact=True,
+        decoder=InLineDecoder(),
+        sample_params=_sample_params,
+        state_size=_state_size,
+    )
+)
+INLINE.add_backend(
+    Backend("reference", _reference, doc="the attention matrix of eq. 5 materialized: the spec", priority=-100, materializes_scores=True)
+)
+INLINE.add_backend(
+    Backend(
+        "chunked",
+        _chunked,
+        doc="phi(q) [sum phi(k)^T v, sum phi(k)] on the chunked linear-attention engine, v_bar as a (prefix) mean",
+        priority=50,
+    )
+)
+
+
+def inline_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    feature_map: Any = "identity",
+    scale: Optional[float] = None,
+    causal: bool = False,
+    chunk_size: int = 64,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """Injective linear attention, InLine (Han et al., NeurIPS 2024, eq. 5; catalog F8).
+
+    ::
+
+        out_i = sum_j (s phi(q_i).phi(k_j) - mean_t s phi(q_i).phi(k_t) + 1) / N  v_j
+
+    the official code's scaling (``s / N`` on the scores, ``s = D^-0.5``); rows sum to 1
+    without a division by the scores. With ``causal`` the mean, N and v_j run over each
+    query's visible keys (a variant defined here, not the paper's; see the module docstring).
+
+    Args:
+        q: (B, Hq, Nq, D). k: (B, Hkv, Nk, D), Hq a multiple of Hkv. v: (B, Hkv, Nk, Dv).
+        feature_map: ``"identity"`` (default, as the official models), ``"relu"``,
+            ``"leaky_relu"``, ``"exp"`` (exp(0.2 x)), or a callable phi.
+        scale: s on phi(q) . phi(k), default D^-0.5.
+        causal: prefix variant, bottom-right aligned; a query seeing no key outputs 0.
+        chunk_size: tokens per chunk of the causal ``chunked`` product.
+        backend: force ``chunked`` (default) or ``reference``.
+
+    Returns:
+        (B, Hq, Nq, Dv) in the dtype of q (computed in float32 for half inputs).
+
+    Cost: O(N F Dv) time and O(N (F + Dv)) memory on ``chunked``; decoding keeps
+    F x (Dv + 1) + Dv numbers per head.
+
+    Example::
+
+        >>> q = k = v = torch.randn(1, 8, 3136, 32)
+        >>> out = inline_attention(q, k, v)                        # identity map, as InLine-Swin
+        >>> out = inline_attention(q, k, v, feature_map="relu", causal=True)
+    """
+    return INLINE(q, k, v, backend=backend, feature_map=feature_map, scale=scale, causal=causal, chunk_size=chunk_size)
+
+
+INLINE.function = inline_attention
