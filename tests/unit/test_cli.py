@@ -352,3 +352,19 @@ def test_bench_mqar_cli_trains_stores_and_tabulates(tmp_path):
     assert status == 0 and re.search(r"│ linear +│ +16 │ +\d\.\d{3} │ +0\.01 │ +\d+ │", out) and "not run: agent" in out
     with ResultStore(db) as store:
         assert {r["mechanism"] for r in store.results(kind="mqar")} == {"linear", "agent"}
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["bench"], ["bench", "efficiency", "--quick"]),
+        (["bench", "--db", "x.sqlite", "--threads", "1"], ["bench", "efficiency", "--quick", "--db", "x.sqlite", "--threads", "1"]),
+        (["bench", "--lengths", "16"], ["bench", "efficiency", "--lengths", "16"]),
+        (["bench", "mqar", "--epochs", "1"], ["bench", "mqar", "--epochs", "1"]),
+        (["list"], ["list"]),
+    ],
+)
+def test_bench_alone_is_the_quick_run_and_options_mean_efficiency(argv, expected):
+    from attnzoo.cli.bench import normalize_bench_argv
+
+    assert normalize_bench_argv(argv) == expected

@@ -352,11 +352,12 @@ def _add_efficiency_options(bench: argparse.ArgumentParser) -> None:
         help="skip backends that materialize Nq x Nk scores (the references) above this many (default 2048^2)",
     )
     bench.add_argument("--dispatch-only", action="store_true", help="time each mechanism through the backend dispatch picks (one 'auto' row) instead of every backend")
+    bench.add_argument("--quick", action="store_true", help="the quick run (what `attnzoo bench` alone does): every mechanism through dispatch, the four patterns, N up to 4096, then the report")
     bench.add_argument("--no-memory", action="store_true", help="skip the extra call per case that measures peak memory")
     bench.add_argument("--overhead", action="store_true", help="measure dispatch overhead over raw SDPA at each length (paired calls)")
     bench.add_argument("--include-compiled", action="store_true", help="also time torch.compile'd backends (~20 s per shape on CPU)")
     _add_store_options(bench)
-    bench.set_defaults(handler=_cmd_efficiency, quick=False)
+    bench.set_defaults(handler=_cmd_efficiency)
 
 
 def _add_store_options(parser: argparse.ArgumentParser) -> None:
@@ -372,8 +373,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
         "attnzoo bench efficiency ...  time and memory, CAB's four patterns (options without a subcommand mean this)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    bench.set_defaults(handler=_cmd_efficiency, quick=True, device=_default_device(), overhead=False, threads=None, db=default_db_path(), resume=False)
-    kinds = bench.add_subparsers(dest="bench_kind")
+    kinds = bench.add_subparsers(dest="bench_kind", required=True)  # normalize_bench_argv supplies "efficiency"
     _add_efficiency_options(kinds.add_parser("efficiency", help="time and peak memory of every mechanism x backend x pattern x length"))
     _add_mqar_options(kinds.add_parser("mqar", help="multi-query associative recall (Zoology): accuracy against d_model and state size (B2)"))
     _add_error_options(kinds.add_parser("error", help="approximation error against softmax on random and MiniLM q/k/v (B6)"))
@@ -569,9 +569,16 @@ def add_report_parser(sub: argparse._SubParsersAction) -> None:
     report.set_defaults(handler=_cmd_report)
 
 
+#: Options that keep ``attnzoo bench`` the quick run: where it runs and stores, not what it times.
+QUICK_OPTIONS = ("--db", "--resume", "--threads", "--device")
+
+
 def normalize_bench_argv(argv: Sequence[str]) -> list[str]:
-    """``bench --lengths 16`` means ``bench efficiency --lengths 16`` (options without a subcommand)."""
+    """``bench --lengths 16`` means ``bench efficiency --lengths 16`` (options without a subcommand);
+    ``bench`` alone, or with only :data:`QUICK_OPTIONS`, means ``bench efficiency --quick``."""
     argv = list(argv)
-    if len(argv) >= 2 and argv[0] == "bench" and argv[1] not in (*BENCH_KINDS, "-h", "--help"):
-        argv.insert(1, "efficiency")
-    return argv
+    if not argv or argv[0] != "bench" or (len(argv) >= 2 and argv[1] in (*BENCH_KINDS, "-h", "--help")):
+        return argv
+    options = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("-")]
+    quick = all(o in QUICK_OPTIONS for o in options)
+    return [argv[0], "efficiency", *(["--quick"] if quick else []), *argv[1:]]
