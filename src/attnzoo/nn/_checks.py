@@ -8,13 +8,32 @@ from torch import Tensor
 
 from ..errors import ParameterError, ShapeError
 
-__all__ = ["positive_int", "check_tokens", "split_heads", "merge_heads"]
+__all__ = ["positive_int", "odd_kernel", "spatial_dims_1_or_2", "check_tokens", "split_heads", "merge_heads"]
 
 
 def positive_int(owner: str, name: str, value: Any) -> int:
     """``value`` if it is a positive int (not a bool), else a ParameterError naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ParameterError(f"{owner}: {name}: expected a positive int, got {value!r}", argument=name)
+    return value
+
+
+def odd_kernel(owner: str, value: Any, *, optional: bool = True) -> Any:
+    """``value`` if it is an odd positive int (or None when ``optional``): a centred convolution's kernel."""
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value % 2 == 0:
+        expected = "None or an odd positive int" if optional else "an odd positive int"
+        raise ParameterError(f"{owner}: kernel_size: expected {expected}, got {value!r}", argument="kernel_size")
+    return value
+
+
+def spatial_dims_1_or_2(owner: str, value: Any) -> int:
+    """1 for (B, N, C) token sequences or 2 for (B, H, W, C) grids."""
+    if isinstance(value, bool) or value not in (1, 2):
+        raise ParameterError(
+            f"{owner}: spatial_dims: expected 1 ((B, N, C) tokens) or 2 ((B, H, W, C) grids), got {value!r}", argument="spatial_dims"
+        )
     return value
 
 

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._checks import odd_kernel, spatial_dims_1_or_2
 from ..errors import ParameterError, ShapeError
 from ..functional.linear import agent_attention
 from .linear import _TokenMixer
@@ -74,11 +75,7 @@ class AgentAttention(_TokenMixer):
     ):
         super().__init__(dim, num_heads, qkv_bias, proj_bias)
         name = type(self).__name__
-        if spatial_dims not in (1, 2) or isinstance(spatial_dims, bool):
-            raise ParameterError(
-                f"{name}: spatial_dims: expected 1 ((B, N, C) tokens) or 2 ((B, H, W, C) grids), got {spatial_dims!r}",
-                argument="spatial_dims",
-            )
+        spatial_dims_1_or_2(name, spatial_dims)
         if isinstance(agent_num, bool) or not isinstance(agent_num, int) or agent_num < 1:
             raise ParameterError(f"{name}: agent_num: expected a positive int, got {agent_num!r}", argument="agent_num")
         side = math.isqrt(agent_num)
@@ -87,10 +84,7 @@ class AgentAttention(_TokenMixer):
                 f"{name}: agent_num: expected a perfect square with spatial_dims=2 (a sqrt(n) x sqrt(n) pooled grid), got {agent_num}",
                 argument="agent_num",
             )
-        if kernel_size is not None and (
-            isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0
-        ):
-            raise ParameterError(f"{name}: kernel_size: expected None or an odd positive int, got {kernel_size!r}", argument="kernel_size")
+        odd_kernel(name, kernel_size)
         if grid_size is not None:
             grid_ok = (
                 isinstance(grid_size, tuple)

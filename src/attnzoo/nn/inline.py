@@ -23,7 +23,8 @@ from typing import Any, Optional
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import ParameterError, ShapeError
+from ._checks import odd_kernel, spatial_dims_1_or_2
+from ..errors import ShapeError
 from ..functional.linear.inline import inline_attention
 from .linear import _TokenMixer
 
@@ -61,15 +62,8 @@ class InLineAttention(_TokenMixer):
     ):
         super().__init__(dim, num_heads, qkv_bias, proj_bias)
         name = type(self).__name__
-        if spatial_dims not in (1, 2) or isinstance(spatial_dims, bool):
-            raise ParameterError(
-                f"{name}: spatial_dims: expected 1 ((B, N, C) tokens) or 2 ((B, H, W, C) grids), got {spatial_dims!r}",
-                argument="spatial_dims",
-            )
-        if kernel_size is not None and (
-            isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0
-        ):
-            raise ParameterError(f"{name}: kernel_size: expected None or an odd positive int, got {kernel_size!r}", argument="kernel_size")
+        spatial_dims_1_or_2(name, spatial_dims)
+        odd_kernel(name, kernel_size)
         self.spatial_dims, self.feature_map, self.kernel_size, self.backend = spatial_dims, feature_map, kernel_size, backend
         taps = None if kernel_size is None else kernel_size**spatial_dims
         self.residual = (

@@ -31,6 +31,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from ._checks import odd_kernel, spatial_dims_1_or_2
 from ..errors import ParameterError, ShapeError
 from ..functional.linear import linear_attention
 from ..functional.linear._shared import with_normalizer
@@ -41,13 +42,6 @@ __all__ = ["LocalConcentrationModule", "L2ViTAttention", "DENOMINATOR_FLOOR"]
 #: the official clamp of the linear attention's denominator.
 DENOMINATOR_FLOOR = 100.0
 
-
-def _check_spatial_dims(owner: str, spatial_dims: int) -> int:
-    if spatial_dims not in (1, 2) or isinstance(spatial_dims, bool):
-        raise ParameterError(
-            f"{owner}: spatial_dims: expected 1 ((B, N, C) tokens) or 2 ((B, H, W, C) grids), got {spatial_dims!r}", argument="spatial_dims"
-        )
-    return spatial_dims
 
 
 def _check_layout(owner: str, x: Tensor, dim: int, spatial_dims: int) -> None:
@@ -74,9 +68,8 @@ class LocalConcentrationModule(nn.Module):
         owner = type(self).__name__
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
             raise ParameterError(f"{owner}: dim: expected a positive int, got {dim!r}", argument="dim")
-        if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
-            raise ParameterError(f"{owner}: kernel_size: expected an odd positive int, got {kernel_size!r}", argument="kernel_size")
-        self.dim, self.kernel_size, self.spatial_dims = dim, kernel_size, _check_spatial_dims(owner, spatial_dims)
+        odd_kernel(owner, kernel_size, optional=False)
+        self.dim, self.kernel_size, self.spatial_dims = dim, kernel_size, spatial_dims_1_or_2(owner, spatial_dims)
         conv = nn.Conv1d if spatial_dims == 1 else nn.Conv2d
         self.conv1 = conv(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
         self.act = nn.GELU()
@@ -150,7 +143,7 @@ class L2ViTAttention(nn.Module):
             raise ParameterError(
                 f"{owner}: denominator_floor: expected a finite positive number, got {denominator_floor!r}", argument="denominator_floor"
             )
-        self.dim, self.spatial_dims = dim, _check_spatial_dims(owner, spatial_dims)
+        self.dim, self.spatial_dims = dim, spatial_dims_1_or_2(owner, spatial_dims)
         self.norm1 = nn.LayerNorm(dim)
         self.attn = _EnhancedLinearAttention(dim, num_heads, qkv_bias, float(denominator_floor), backend)
         self.norm3 = None if kernel_size is None else nn.LayerNorm(dim)
