@@ -46,6 +46,7 @@ from torch import Tensor
 from ...errors import ParameterError
 from ...kernels.linear_scan import chunked_form, chunked_scan, parallel_scores
 from ...registry import PATTERNS, Backend, Mechanism, Param, Problem, flag, positive_number, register
+from .feature_maps import softplus
 from ._shared import chunk_size_param, compute_dtype, expand_heads, with_normalizer
 
 __all__ = ["inline_attention", "INLINE", "InLineState", "INLINE_FEATURE_MAPS"]
@@ -211,16 +212,13 @@ class InLineDecoder:
 # --------------------------------------------------------------------------------------------
 # parameters for the conformance suite and the benchmark; state size
 # --------------------------------------------------------------------------------------------
-def _softplus(x: Tensor) -> Tensor:
-    return F.softplus(x)
-
 
 def _sample_params(p: Problem, pattern: str, rng: Optional[random.Random]) -> dict[str, Any]:
     params: dict[str, Any] = {"causal": pattern.startswith("causal")}
     if rng is None:
         return params
     choice = rng.choice(tuple(INLINE_FEATURE_MAPS) + ("callable",))
-    params["feature_map"] = _softplus if choice == "callable" else choice
+    params["feature_map"] = softplus if choice == "callable" else choice
     if rng.random() < 0.3:
         params["scale"] = rng.choice((0.1, 0.5, 1.0))
     params["chunk_size"] = rng.choice((1, 2, 3, 7, 16, 64))

@@ -23,7 +23,6 @@ import random
 from typing import Any, Callable, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ...kernels.linear_scan import parallel_scores
@@ -39,7 +38,7 @@ from ._shared import (
     is_int,
     with_normalizer,
 )
-from .feature_maps import FEATURE_MAPS, MAP_PARAMETERS, feature_count, feature_map_for
+from .feature_maps import FEATURE_MAPS, MAP_PARAMETERS, feature_count, feature_map_for, softplus
 
 __all__ = ["linear_attention", "LINEAR", "linear_operands", "linear_finish"]
 
@@ -223,9 +222,6 @@ def _reference(q, k, v, **params):
 # --------------------------------------------------------------------------------------------
 # parameters for the conformance suite and the benchmark; state size
 # --------------------------------------------------------------------------------------------
-def _softplus(x: Tensor) -> Tensor:
-    return F.softplus(x)
-
 
 def _sample_params(p: Problem, pattern: str, rng: Optional[random.Random]) -> dict[str, Any]:
     """Plain (elu, normalized) without ``rng``; with it, a random feature map and its options."""
@@ -238,7 +234,7 @@ def _sample_params(p: Problem, pattern: str, rng: Optional[random.Random]) -> di
         return (torch.randn(*shape, generator=gen) * std).to(device=p.device, dtype=p.dtype)
 
     choice = rng.choice(FEATURE_MAPS + ("callable", "pair"))
-    params["feature_map"] = {"callable": _softplus, "pair": (torch.sigmoid, _softplus)}.get(choice, choice)
+    params["feature_map"] = {"callable": softplus, "pair": (torch.sigmoid, softplus)}.get(choice, choice)
     if choice == "softmax_kernel":
         option = rng.choice(("seed", "projection", "per-head projection"))
         if option == "seed":

@@ -62,7 +62,7 @@ from ...kernels.linear_scan import parallel_scores
 from ...kernels.sdpa import sdpa
 from ...registry import PATTERNS, Backend, Mechanism, Param, Problem, choice, flag, positive_number, register
 from ._shared import Operands, ScanDecoder, add_form_backends, chunk_size_param, compute_dtype, expand_heads, is_int
-from .feature_maps import feature_count, feature_map_for
+from .feature_maps import feature_count, feature_map_for, softplus
 
 __all__ = [
     "transnormer_attention",
@@ -214,9 +214,6 @@ def _reference(q, k, v, **params):
     return _normalize_reference(out, params).to(q.dtype)
 
 
-def _softplus(x: Tensor) -> Tensor:
-    return F.softplus(x)
-
 
 def _sample_norm_params(p: Problem, pattern: str, rng: Optional[random.Random]) -> dict[str, Any]:
     params: dict[str, Any] = {"causal": pattern.startswith("causal")}
@@ -228,7 +225,7 @@ def _sample_norm_params(p: Problem, pattern: str, rng: Optional[random.Random]) 
         return (torch.randn(*shape, generator=gen) * std + mean).to(device=p.device, dtype=p.dtype)
 
     choice_ = rng.choice(NORM_FEATURE_MAPS + ("callable", "pair", "plain elu"))
-    params["feature_map"] = {"callable": _softplus, "pair": (torch.sigmoid, _softplus), "plain elu": F.elu}.get(choice_, choice_)
+    params["feature_map"] = {"callable": softplus, "pair": (torch.sigmoid, softplus), "plain elu": F.elu}.get(choice_, choice_)
     params["norm"] = rng.choice(NORMS)
     params["norm_scope"] = rng.choice(NORM_SCOPES)
     for name in ("norm_weight", "norm_bias"):
