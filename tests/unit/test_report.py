@@ -294,3 +294,17 @@ def test_cross_runs_with_fixed_and_derived_queries_are_separate_tables(tmp_path)
     assert table_row(derived_table, "softmax", "sdpa")[-1] == f"got {LENGTHS[-1] // 2} queries (at N={LENGTHS[-1]})"
     fixed_row = table_row(section(text, "Nq=1"), "softmax", "sdpa")
     assert fixed_row[2:4] == ["0.25 ms (1.00x)", "0.5 ms (1.00x)"]
+
+
+def test_a_variant_without_the_parameter_is_labelled_default_and_mqar_without_seq_len_has_no_none(tmp_path):
+    db = tmp_path / "r.sqlite"
+    with ResultStore(db) as store:
+        run = store.start_run("error", {}, MACHINE)
+        for i, params in enumerate(({}, {"feature_map": "relu"})):
+            metrics = {"rel_error": 0.5 + i, "kl": None, "source": "random", "layer": None, "n_tokens": 64}
+            store.add(run, Result("error", "linear", case_key("error", {"i": i}), params=params, metrics=metrics, median_ms=1.0))
+        mqar = {"accuracy": 0.9, "d_model": 32, "lr": 0.01, "state_size": 100}  # what bench.mqar stores: no seq_len
+        store.add(run, Result("mqar", "linear", case_key("mqar", {}), metrics=mqar))
+    md = write_report(db, tmp_path / "out", formats=("md",)).markdown.read_text()
+    assert "linear (feature_map=default)" in md and "linear (feature_map=relu)" in md
+    assert "None" not in md

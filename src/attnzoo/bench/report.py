@@ -260,7 +260,8 @@ def _variant_labels(
     labels = {}
     for row in rows:
         name = base(row)
-        shown = {k: row["params"].get(k) for k in sorted(varying[name])}
+        # a parameter a variant leaves unset takes the mechanism's default: say so, not "None"
+        shown = {k: "default" if row["params"].get(k) is None else row["params"].get(k) for k in sorted(varying[name])}
         labels[row["id"]] = f"{name} ({_params_text(shown)})" if shown else name
     return labels
 
@@ -578,7 +579,8 @@ def _mqar_blocks(rows: Sequence[dict[str, Any]], level: int) -> list[Block]:
             cells = [_accuracy_cell(best.get((label, seq_len, d))) for d in widths]
             if any(cells):
                 table_rows.append([label, *cells])
-        blocks += [Para(f"sequence length {seq_len}"), Table(["mechanism", *[f"d_model={d}" for d in widths]], table_rows)]
+        blocks += [Para(f"sequence length {seq_len}")] if seq_len is not None else []
+        blocks += [Table(["mechanism", *[f"d_model={d}" for d in widths]], table_rows)]
     blocks.append(Figure("mqar_d_model", "MQAR accuracy against d_model", lambda: _mqar_plot(best, "d_model")))
     if any(_metric(r, "state_size") is not None for r in best.values()):
         blocks.append(Figure("mqar_state_size", "MQAR accuracy against state size", lambda: _mqar_plot(best, "state_size")))
