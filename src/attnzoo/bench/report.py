@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
+from .._markers import replace_marked_block
 from .efficiency import AUTO, BASELINE, RAW_TORCH
 from .fits import efficiency_length
 from .results import ResultStore, to_json
@@ -903,8 +904,7 @@ def readme_section(results: Union[ReportData, StoreLike], image_dir: str = "docs
 
 def with_readme_section(readme_text: str, section: str) -> str:
     """``readme_text`` with ``section`` between the :data:`README_MARKERS` lines (which must exist)."""
-    start, end = README_MARKERS
-    pattern = re.compile(rf"({re.escape(start)}\n).*?(^{re.escape(end)})", re.S | re.M)
-    if not pattern.search(readme_text):
-        raise ValueError(f"README has no {start} ... {end} block")
-    return pattern.sub(lambda m: m.group(1) + section.rstrip("\n") + "\n" + m.group(2), readme_text, count=1)
+    try:
+        return replace_marked_block(readme_text, *README_MARKERS, section.rstrip("\n") + "\n")
+    except ValueError as err:
+        raise ValueError(f"README has {err}") from None

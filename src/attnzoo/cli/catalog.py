@@ -17,6 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .. import __version__
+from .._markers import marked_block, replace_marked_block
 from ..errors import ParameterError
 from ..registry import PATTERNS, Mechanism, get, list_mechanisms
 
@@ -30,8 +31,6 @@ __all__ = [
     "mechanism_table",
     "readme_table",
     "with_readme_table",
-    "marked_block",
-    "replace_marked_block",
     "cmd_list",
     "cmd_info",
 ]
@@ -137,21 +136,6 @@ def mechanism_table(mechs: Sequence[Mechanism], width: int = WIDE_CONSOLE) -> Ta
 
 README_START, README_END = "<!-- mechanisms:start -->", "<!-- mechanisms:end -->"
 
-
-def marked_block(text: str, start: str, end: str) -> str:
-    """The text between the ``start`` and ``end`` marker lines (the lines after ``start``)."""
-    first, last = text.find(start), text.find(end)
-    if first < 0 or last < first:
-        raise ValueError(f"no {start} ... {end} block")
-    return text[first + len(start) : last].lstrip("\n")
-
-
-def replace_marked_block(text: str, start: str, end: str, block: str) -> str:
-    """``text`` with what lies between the ``start`` and ``end`` markers replaced by ``block``."""
-    marked_block(text, start, end)  # the markers must be there
-    head, rest = text.split(start, 1)
-    tail = rest.split(end, 1)[1]
-    return f"{head}{start}\n{block}{end}{tail}"
 
 
 def readme_table(readme_text: str) -> str:
