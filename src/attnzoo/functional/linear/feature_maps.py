@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ...registry import Param, Problem
+
 __all__ = [
     "FEATURE_MAPS",
     "FeatureMap",
@@ -61,6 +63,75 @@ MAP_PARAMETERS = {
     "taylor": ("feature_dim",),
     "hedgehog": ("feature_weights", "feature_bias"),
 }
+
+
+# --------------------------------------------------------------------------------------------
+# parameters the mechanisms that take a feature map share
+# --------------------------------------------------------------------------------------------
+def feature_map_check(names: tuple[str, ...], *, pairs: bool = True, expected: Optional[str] = None) -> Callable[[Any, Problem], Optional[str]]:
+    """The validator of a ``feature_map`` parameter: one of ``names``, a callable, or (with
+    ``pairs``) a pair ``(phi_q, phi_k)``; ``expected`` replaces the generated description."""
+    if expected is None:
+        listed = ", ".join(repr(m) for m in names)
+        expected = f"one of {listed}, a callable phi(x) -> features, or a pair (phi_q, phi_k)" if pairs else f"one of {listed}, or a callable phi(x) (B, H, N, D) -> (B, H, N, F)"
+
+    def check(value: Any, p: Problem) -> Optional[str]:
+        if isinstance(value, str) and value in names:
+            return None
+        if callable(value) and not isinstance(value, str):
+            return None
+        if pairs and isinstance(value, tuple) and len(value) == 2 and all(callable(f) for f in value):
+            return None
+        return expected
+
+    return check
+
+
+def _check_count(value: Any, p: Problem) -> Optional[str]:
+    return None if value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 1) else "None or a positive int"
+
+
+def _check_seed(value: Any, p: Problem) -> Optional[str]:
+    ok = value is None or (isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63)
+    return None if ok else "None or a non-negative int"
+
+
+def _check_projection(value: Any, p: Problem) -> Optional[str]:
+    expected = f"None or a floating tensor of shape (D={p.head_dim}, m) or (H={p.q_heads}, D={p.head_dim}, m) on {p.device}"
+    if value is None:
+        return None
+    if not isinstance(value, Tensor) or not value.is_floating_point() or value.device != p.device:
+        return expected
+    if (value.dim() == 2 and value.shape[0] == p.head_dim) or (value.dim() == 3 and tuple(value.shape[:2]) == (p.q_heads, p.head_dim)):
+        return None
+    return expected
+
+
+#: ``num_features``, ``seed`` and ``projection``: the options of ``softmax_kernel`` (Performer).
+SOFTMAX_KERNEL_PARAMS = (
+    Param("num_features", None, "softmax_kernel: random features m (default int(D ln D), Performer's)", _check_count, (0, 2.5, "64"), "int | None"),
+    Param("seed", None, "softmax_kernel: seed of the orthogonal Gaussian projection (None: 0)", _check_seed, (-1, 1.5, "0"), "int | None"),
+    Param(
+        "projection",
+        None,
+        "softmax_kernel: the projection W itself, (D, m) or (H, D, m) (attnzoo.nn.RandomFeatureMap holds and redraws it)",
+        _check_projection,
+        (torch.zeros(3), "W"),
+        "Tensor | None",
+    ),
+)
+
+
+def projection_conflict(bound: dict[str, Any]) -> Optional[tuple[str, str]]:
+    """A given ``projection`` with a ``seed`` or a different ``num_features``: ``(name, why)``, or None."""
+    projection = bound["projection"]
+    if projection is None:
+        return None
+    if bound["seed"] is not None:
+        return "seed", "draws a projection, but projection= gives one: pass one of them"
+    if bound["num_features"] not in (None, projection.shape[-1]):
+        return "num_features", f"{bound['num_features']} differs from the projection's {projection.shape[-1]} features"
+    return None
 
 
 # --------------------------------------------------------------------------------------------

@@ -46,7 +46,7 @@ from torch import Tensor
 from ...errors import ParameterError
 from ...kernels.linear_scan import chunked_form, chunked_scan, parallel_scores
 from ...registry import PATTERNS, Backend, Mechanism, Param, Problem, flag, positive_number, register
-from .feature_maps import softplus
+from .feature_maps import feature_map_check, softplus
 from ._shared import chunk_size_param, compute_dtype, expand_heads, with_normalizer
 
 __all__ = ["inline_attention", "INLINE", "InLineState", "INLINE_FEATURE_MAPS"]
@@ -65,20 +65,12 @@ INLINE_FEATURE_MAPS: dict[str, Callable[[Tensor], Tensor]] = {
 }
 
 
-def _check_feature_map(value: Any, p: Problem) -> Optional[str]:
-    if isinstance(value, str) and value in INLINE_FEATURE_MAPS:
-        return None
-    if callable(value) and not isinstance(value, str):
-        return None
-    return "one of " + ", ".join(repr(m) for m in INLINE_FEATURE_MAPS) + ", or a callable phi(x) (B, H, N, D) -> (B, H, N, F)"
-
-
 INLINE_PARAMS = (
     Param(
         "feature_map",
         "identity",
         "phi on q and k: " + ", ".join(INLINE_FEATURE_MAPS) + " (exp(0.2 x)), or a callable (the official kernel_func)",
-        _check_feature_map,
+        feature_map_check(tuple(INLINE_FEATURE_MAPS), pairs=False),
         ("softmax", 3, ("relu",)),
         "str | callable",
     ),

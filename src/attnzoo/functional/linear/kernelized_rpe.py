@@ -50,8 +50,8 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from ...registry import Backend, Mechanism, Param, Problem, choice, flag, positive_number, register
-from ._shared import compute_dtype, expand_heads, is_int, with_normalizer
-from .feature_maps import feature_map_for
+from ._shared import compute_dtype, expand_heads, with_normalizer
+from .feature_maps import SOFTMAX_KERNEL_PARAMS, feature_map_check, feature_map_for, projection_conflict
 
 __all__ = ["kernelized_rpe_attention", "KERNELIZED_RPE", "RPE_FEATURE_MAPS"]
 
@@ -78,35 +78,6 @@ def _check_rpe(value: Any, p: Problem) -> Optional[str]:
     return expected + f", got shape {tuple(value.shape)}"
 
 
-def _check_feature_map(value: Any, p: Problem) -> Optional[str]:
-    if isinstance(value, str) and value in RPE_FEATURE_MAPS:
-        return None
-    if callable(value) and not isinstance(value, str):
-        return None
-    return "one of " + ", ".join(repr(m) for m in RPE_FEATURE_MAPS) + ", or a callable phi(x) (B, H, N, D) -> (B, H, N, F)"
-
-
-def _check_count(value: Any, p: Problem) -> Optional[str]:
-    return None if value is None or (is_int(value) and value >= 1) else "None or a positive int"
-
-
-def _check_seed(value: Any, p: Problem) -> Optional[str]:
-    return None if value is None or (is_int(value) and 0 <= value < 2**63) else "None or a non-negative int"
-
-
-def _check_projection(value: Any, p: Problem) -> Optional[str]:
-    expected = f"None or a floating tensor of shape (D={p.head_dim}, m) or (H={p.q_heads}, D={p.head_dim}, m) on {p.device}"
-    if value is None:
-        return None
-    if not isinstance(value, Tensor) or not value.is_floating_point() or value.device != p.device:
-        return expected
-    if value.dim() == 2 and value.shape[0] == p.head_dim:
-        return None
-    if value.dim() == 3 and tuple(value.shape[:2]) == (p.q_heads, p.head_dim):
-        return None
-    return expected
-
-
 KERNELIZED_RPE_PARAMS = (
     Param(
         "rpe",
@@ -120,20 +91,11 @@ KERNELIZED_RPE_PARAMS = (
         "feature_map",
         "softmax_kernel",
         "phi: " + ", ".join(RPE_FEATURE_MAPS) + " (Performer's positive random features, the paper's), or a callable",
-        _check_feature_map,
+        feature_map_check(RPE_FEATURE_MAPS, pairs=False),
         ("taylor", 3),
         "str | callable",
     ),
-    Param("num_features", None, "softmax_kernel: random features m (default int(D ln D))", _check_count, (0, 2.5, "64"), "int | None"),
-    Param("seed", None, "softmax_kernel: seed of the orthogonal Gaussian projection (None: 0)", _check_seed, (-1, 1.5), "int | None"),
-    Param(
-        "projection",
-        None,
-        "softmax_kernel: the projection W, (D, m) or (H, D, m) (attnzoo.nn.RandomFeatureMap holds and redraws it)",
-        _check_projection,
-        (torch.zeros(3), "W"),
-        "Tensor | None",
-    ),
+    *SOFTMAX_KERNEL_PARAMS,
     positive_number("scale", "multiplies q before phi (split as sqrt on q and k for softmax_kernel); default head_dim ** -0.5"),
     flag("causal", False, "weights of the keys after the query are 0 (b = -inf for j > i); Nq = Nk"),
     flag("normalize", True, "divide by sum_j e^(b_(j-i)) phi(q_i) . phi(k_j) (+ eps); False: the bare sum"),
@@ -158,13 +120,7 @@ def _check_combination(bound: dict[str, Any], p: Problem) -> Optional[tuple[str,
         for name in _MAP_ONLY:
             if bound[name] is not None:
                 return name, "only used by feature_map='softmax_kernel': leave it None"
-    projection = bound["projection"]
-    if projection is not None:
-        if bound["seed"] is not None:
-            return "seed", "draws a projection, but projection= gives one: pass one of them"
-        if bound["num_features"] not in (None, projection.shape[-1]):
-            return "num_features", f"{bound['num_features']} differs from the projection's {projection.shape[-1]} features"
-    return None
+    return projection_conflict(bound)
 
 
 # --------------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ from ._shared import (
     is_int,
     with_normalizer,
 )
-from .feature_maps import FEATURE_MAPS, MAP_PARAMETERS, feature_count, feature_map_for, softplus
+from .feature_maps import FEATURE_MAPS, MAP_PARAMETERS, SOFTMAX_KERNEL_PARAMS, feature_count, feature_map_for, feature_map_check, projection_conflict, softplus
 
 __all__ = ["linear_attention", "LINEAR", "linear_operands", "linear_finish"]
 
@@ -46,16 +46,6 @@ __all__ = ["linear_attention", "LINEAR", "linear_operands", "linear_finish"]
 # --------------------------------------------------------------------------------------------
 # parameters
 # --------------------------------------------------------------------------------------------
-def _check_feature_map(value: Any, p: Problem) -> Optional[str]:
-    if isinstance(value, str) and value in FEATURE_MAPS:
-        return None
-    if callable(value) and not isinstance(value, str):
-        return None
-    if isinstance(value, tuple) and len(value) == 2 and all(callable(f) for f in value):
-        return None
-    return "one of " + ", ".join(repr(m) for m in FEATURE_MAPS) + ", a callable phi(x) -> features, or a pair (phi_q, phi_k)"
-
-
 def _optional_count(upper: Optional[Callable[[Problem], int]] = None, what: str = "a positive int") -> Callable[[Any, Problem], Optional[str]]:
     def check(value: Any, p: Problem) -> Optional[str]:
         if value is None:
@@ -66,10 +56,6 @@ def _optional_count(upper: Optional[Callable[[Problem], int]] = None, what: str 
         return f"None or {what}" + ("" if limit is None else f" <= {limit}")
 
     return check
-
-
-def _check_seed(value: Any, p: Problem) -> Optional[str]:
-    return None if value is None or (is_int(value) and 0 <= value < 2**63) else "None or a non-negative int"
 
 
 def _tensor_check(shapes: Callable[[Problem], tuple[str, ...]], ranks: tuple[int, ...], leading: Callable[[Problem, int], tuple]) -> Callable[[Any, Problem], Optional[str]]:
@@ -87,11 +73,6 @@ def _tensor_check(shapes: Callable[[Problem], tuple[str, ...]], ranks: tuple[int
     return check
 
 
-_check_projection = _tensor_check(
-    lambda p: (f"(D={p.head_dim}, m)", f"(H={p.q_heads}, D={p.head_dim}, m)"),
-    (2, 3),
-    lambda p, rank: (p.head_dim,) if rank == 2 else (p.q_heads, p.head_dim),
-)
 _check_weights = _tensor_check(
     lambda p: (f"(D={p.head_dim}, F)", f"(H={p.q_heads}, D={p.head_dim}, F)"),
     (2, 3),
@@ -105,7 +86,7 @@ LINEAR_PARAMS = (
         "feature_map",
         "elu",
         "phi: " + ", ".join(FEATURE_MAPS) + ", a callable x (B, H, N, D) -> (B, H, N, F), or a pair (phi_q, phi_k)",
-        _check_feature_map,
+        feature_map_check(FEATURE_MAPS),
         ("softmax", 3, ("elu",)),
         "str | callable | (callable, callable)",
     ),
@@ -116,23 +97,7 @@ LINEAR_PARAMS = (
         default=1e-6,
     ),
     positive_number("scale", "multiplies q before the feature map; default head_dim ** -0.5"),
-    Param(
-        "num_features",
-        None,
-        "softmax_kernel: random features m (default int(D ln D), Performer's)",
-        _optional_count(),
-        (0, 2.5, "64"),
-        "int | None",
-    ),
-    Param("seed", None, "softmax_kernel: seed of the orthogonal Gaussian projection (None: 0)", _check_seed, (-1, 1.5, "0"), "int | None"),
-    Param(
-        "projection",
-        None,
-        "softmax_kernel: the projection W itself, (D, m) or (H, D, m) (attnzoo.nn.RandomFeatureMap redraws it)",
-        _check_projection,
-        (torch.zeros(3), "W"),
-        "Tensor | None",
-    ),
+    *SOFTMAX_KERNEL_PARAMS,
     Param(
         "feature_dim",
         None,
@@ -168,12 +133,9 @@ def _check_combination(bound: dict[str, Any], p: Problem) -> Optional[tuple[str,
                 return name, f"only used by feature_map={owner!r}, not {_map_name(chosen)}: leave it None"
     if chosen == "hedgehog" and bound["feature_weights"] is None:
         return "feature_weights", "feature_map='hedgehog' needs its weights W, (D, F) or (H, D, F) (attnzoo.nn.HedgehogFeatureMap holds them)"
-    projection = bound["projection"]
-    if projection is not None:
-        if bound["seed"] is not None:
-            return "seed", "draws a projection, but projection= gives one: pass one of them"
-        if bound["num_features"] not in (None, projection.shape[-1]):
-            return "num_features", f"{bound['num_features']} differs from the projection's {projection.shape[-1]} features"
+    conflict = projection_conflict(bound)
+    if conflict is not None:
+        return conflict
     bias, weights = bound["feature_bias"], bound["feature_weights"]
     if bias is not None and weights is not None and (bias.shape[-1] != weights.shape[-1] or (bias.dim() == 2 and weights.dim() == 2)):
         return "feature_bias", f"shape {tuple(bias.shape)} does not fit feature_weights of shape {tuple(weights.shape)} (expected (F,) or (H, F))"

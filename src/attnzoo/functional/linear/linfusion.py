@@ -36,21 +36,11 @@ from torch import Tensor
 from ...kernels.linear_scan import chunked_form, parallel_scores
 from ...registry import Backend, Mechanism, Param, Problem, positive_number, register
 from ._shared import compute_dtype, divide_by_normalizer, expand_heads, with_normalizer
-from .feature_maps import feature_map_for
+from .feature_maps import feature_map_check, feature_map_for
 
 __all__ = ["linfusion_attention", "LINFUSION"]
 
 LINFUSION_MAPS = ("elu", "relu")
-
-
-def _check_feature_map(value: Any, p: Problem) -> Optional[str]:
-    if isinstance(value, str) and value in LINFUSION_MAPS:
-        return None
-    if callable(value) and not isinstance(value, str):
-        return None
-    if isinstance(value, tuple) and len(value) == 2 and all(callable(f) for f in value):
-        return None
-    return "'elu' (elu + 1, the official), 'relu', a callable phi(x) -> non-negative features, or a pair (phi_q, phi_k)"
 
 
 LINFUSION_PARAMS = (
@@ -58,7 +48,9 @@ LINFUSION_PARAMS = (
         "feature_map",
         "elu",
         "phi: 'elu' (elu + 1, the official), 'relu', a callable x (B, H, N, D) -> (B, H, N, F) or a pair (phi_q, phi_k)",
-        _check_feature_map,
+        feature_map_check(
+            LINFUSION_MAPS, expected="'elu' (elu + 1, the official), 'relu', a callable phi(x) -> non-negative features, or a pair (phi_q, phi_k)"
+        ),
         ("identity", 3, ("elu",)),
         "str | callable | (callable, callable)",
     ),

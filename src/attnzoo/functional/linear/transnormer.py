@@ -62,7 +62,7 @@ from ...kernels.linear_scan import parallel_scores
 from ...kernels.sdpa import sdpa
 from ...registry import PATTERNS, Backend, Mechanism, Param, Problem, choice, flag, positive_number, register
 from ._shared import Operands, ScanDecoder, add_form_backends, chunk_size_param, compute_dtype, expand_heads, is_int
-from .feature_maps import feature_count, feature_map_for, softplus
+from .feature_maps import feature_count, feature_map_check, feature_map_for, softplus
 
 __all__ = [
     "transnormer_attention",
@@ -139,16 +139,6 @@ def _normalize_reference(out: Tensor, params: dict) -> Tensor:
 # --------------------------------------------------------------------------------------------
 # NormAttention: parameters
 # --------------------------------------------------------------------------------------------
-def _check_feature_map(value: Any, p: Problem) -> Optional[str]:
-    if isinstance(value, str) and value in NORM_FEATURE_MAPS:
-        return None
-    if callable(value) and not isinstance(value, str):
-        return None
-    if isinstance(value, tuple) and len(value) == 2 and all(callable(f) for f in value):
-        return None
-    return "one of " + ", ".join(repr(m) for m in NORM_FEATURE_MAPS) + ", a callable phi(x) -> features, or a pair (phi_q, phi_k)"
-
-
 def _check_gain(value: Any, p: Problem) -> Optional[str]:
     expected = f"None or a floating tensor of shape (Dv={p.value_dim},) or (H={p.q_heads}, Dv={p.value_dim}) on {p.device}"
     if value is None:
@@ -172,7 +162,7 @@ TRANSNORMER_PARAMS = (
         "elu",
         "phi: 'elu' (elu + 1), 'relu', 'identity', a callable x (B, H, N, D) -> (B, H, N, F), or a pair (phi_q, phi_k); "
         "the official configs use torch.nn.functional.elu",
-        _check_feature_map,
+        feature_map_check(NORM_FEATURE_MAPS),
         ("softmax_kernel", 3, ("elu",)),
         "str | callable | (callable, callable)",
     ),
