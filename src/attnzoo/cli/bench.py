@@ -10,8 +10,9 @@ import argparse
 import ast
 import math
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from rich.console import Console
@@ -172,10 +173,23 @@ def _config_from_args(args: argparse.Namespace) -> EfficiencyConfig:
     )
 
 
+def _progress(console: Console) -> Progress:
+    """The benchmarks' progress bar: what runs, how many of how many, time so far; gone when done."""
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    return Progress(*columns, console=console, transient=True)
+
+
+@contextmanager
+def _counted_progress(console: Console, label: str) -> Iterator[Callable[[int, int, str], None]]:
+    """A progress bar driven by a runner's ``on_case(done, total, description)`` callback."""
+    with _progress(console) as progress:
+        task = progress.add_task(label, total=None)
+        yield lambda done, total, what: progress.update(task, completed=done, total=total, description=what)
+
+
 def _run_with_progress(config: EfficiencyConfig, console: Console, store: Optional[ResultStore], resume: bool) -> list[Row]:
     total = len(plan_cases(config))
-    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=True) as progress:
+    with _progress(console) as progress:
         task = progress.add_task("timing", total=total)
 
         def show(case: Case) -> None:
@@ -421,13 +435,7 @@ def _cmd_mqar(args: argparse.Namespace, console: Console) -> int:
         get(name)
     machine = machine_info(config.device)
     console.print(_machine_text(machine))
-    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with ResultStore(args.db) as store, Progress(*columns, console=console, transient=True) as progress:
-        task = progress.add_task("mqar", total=None)
-
-        def advance(done: int, total: int, what: str) -> None:
-            progress.update(task, completed=done, total=total, description=what)
-
+    with ResultStore(args.db) as store, _counted_progress(console, "mqar") as advance:
         results = _with_threads(args.threads, lambda: run_mqar(config, store, machine=machine, resume=args.resume, on_case=advance))
         rows = [r for r in store.results(kind="mqar", latest=True) if r["mechanism"] in {x.mechanism for x in results}]
     console.print(mqar_table(rows))
@@ -513,13 +521,7 @@ def _cmd_error(args: argparse.Namespace, console: Console) -> int:
     for name in config.mechanisms or ():
         get(name)
     console.print(_machine_text(machine_info(config.device)))
-    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with ResultStore(args.db) as store, Progress(*columns, console=console, transient=True) as progress:
-        task = progress.add_task("error", total=None)
-
-        def advance(done: int, total: int, what: str) -> None:
-            progress.update(task, completed=done, total=total, description=what)
-
+    with ResultStore(args.db) as store, _counted_progress(console, "error") as advance:
         try:
             rows = _with_threads(args.threads, lambda: run_error(config, store, resume=args.resume, on_case=advance))
         except ImportError as err:
