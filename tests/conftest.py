@@ -8,6 +8,7 @@ variable ``HYPOTHESIS_PROFILE=thorough``.
 import os
 
 import pytest
+import torch
 from hypothesis import HealthCheck, settings
 
 _COMMON = dict(
@@ -24,3 +25,12 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 def _results_db_in_tmp(tmp_path_factory, monkeypatch):
     """Benchmarks run by tests write a throwaway database, never the user's cache."""
     monkeypatch.setenv("ATTNZOO_DB", str(tmp_path_factory.getbasetemp() / "results.sqlite"))
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one intra-op thread for the test, restored after."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -11,6 +11,8 @@ import attnzoo
 from attnzoo.errors import NonFiniteError, ParameterError
 from attnzoo.functional import flow_attention
 
+from .qkv import random_qkv
+
 BACKENDS = ("reference", "chunked")
 TINY = 1e-300  # eps must be positive: a float64 eps that changes nothing at these magnitudes
 
@@ -41,13 +43,7 @@ def _oracle(q, k, v, causal):
 
 
 def _inputs(b=2, h=3, nq=13, nk=13, d=6, dv=4, seed=0, dtype=torch.float64):
-    gen = torch.Generator().manual_seed(seed)
-    return (
-        torch.randn(b, h, nq, d, generator=gen, dtype=dtype),
-        torch.randn(b, h, nk, d, generator=gen, dtype=dtype),
-        torch.randn(b, h, nk, dv, generator=gen, dtype=dtype),
-    )
-
+    return random_qkv(b, h, nq, nk, d, dv, seed=seed, dtype=dtype)
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(

@@ -14,17 +14,14 @@ from attnzoo.errors import ParameterError, ShapeError
 from attnzoo.functional.linear.inline import inline_attention
 from attnzoo.nn.inline import InLineAttention
 
+from .qkv import random_qkv
+
 MAPS = ("identity", "relu", "leaky_relu", "exp")
 KERNEL_FUNCS = {"identity": lambda x: x, "relu": torch.relu, "leaky_relu": F.leaky_relu, "exp": lambda x: (0.2 * x).exp()}
 
 
 def _inputs(b=2, hq=4, hkv=2, nq=13, nk=13, d=8, dv=5, seed=0, dtype=torch.float64, grad=False):
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(b, hq, nq, d, generator=gen, dtype=dtype)
-    k = torch.randn(b, hkv, nk, d, generator=gen, dtype=dtype)
-    v = torch.randn(b, hkv, nk, dv, generator=gen, dtype=dtype)
-    return tuple(t.requires_grad_(grad) for t in (q, k, v))
-
+    return random_qkv(b, hq, nq, nk, d, dv, kv_heads=hkv, seed=seed, dtype=dtype, grad=grad)
 
 def _official(q, k, v, kernel_func):
     """The official forward's attention lines (heads of equal count), non-causal."""

@@ -18,15 +18,14 @@ from attnzoo.functional.linear.kernelized_rpe import kernelized_rpe_attention
 from attnzoo.nn.kernelized_rpe import KernelizedRPEAttention
 from attnzoo.nn.linear import RandomFeatureMap
 
+from .qkv import random_qkv
+
 
 def _inputs(b=2, hq=4, hkv=2, nq=13, nk=13, d=8, dv=5, seed=0, dtype=torch.float64, grad=False):
     gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(b, hq, nq, d, generator=gen, dtype=dtype)
-    k = torch.randn(b, hkv, nk, d, generator=gen, dtype=dtype)
-    v = torch.randn(b, hkv, nk, dv, generator=gen, dtype=dtype)
-    rpe = torch.randn(hq, nq + nk - 1, generator=gen, dtype=dtype)
-    return tuple(t.requires_grad_(grad) for t in (q, k, v, rpe))
-
+    q, k, v = random_qkv(b, hq, nq, nk, d, dv, kv_heads=hkv, dtype=dtype, grad=grad, generator=gen)
+    rpe = torch.randn(hq, nq + nk - 1, generator=gen, dtype=dtype).requires_grad_(grad)
+    return q, k, v, rpe
 
 def _performer(x, w):
     """FAVOR+ positive features exp(w^T x - |x|^2 / 2) / sqrt(m), written out."""

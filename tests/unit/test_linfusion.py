@@ -15,18 +15,13 @@ from attnzoo.functional.linear import linear_attention
 from attnzoo.functional.linear.linfusion import linfusion_attention
 from attnzoo.nn.linfusion import LinFusionAttention
 
+from .qkv import random_qkv
+
 BACKENDS = ("reference", "factorized")
 
 
 def _inputs(b=2, h=3, nq=13, nk=13, d=6, dv=4, seed=0, dtype=torch.float64, kv_heads=None):
-    gen = torch.Generator().manual_seed(seed)
-    hk = h if kv_heads is None else kv_heads
-    return (
-        torch.randn(b, h, nq, d, generator=gen, dtype=dtype),
-        torch.randn(b, hk, nk, d, generator=gen, dtype=dtype),
-        torch.randn(b, hk, nk, dv, generator=gen, dtype=dtype),
-    )
-
+    return random_qkv(b, h, nq, nk, d, dv, kv_heads=kv_heads, seed=seed, dtype=dtype)
 
 def _official(query, key, value):
     """GeneralizedLinearAttention.forward between head_to_batch_dim and batch_to_head_dim:

@@ -33,13 +33,8 @@ from attnzoo.errors import ParameterError
 from attnzoo.registry import list_mechanisms
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # the CPU is shared: two threads under load were 10x slower than one for these tiny models
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# the CPU is shared: two threads under load were up to 10x slower than one for these small models
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize(("vocab", "length", "pairs", "noise"), [(64, 32, 4, True), (300, 256, 64, True), (130, 128, 8, False)])

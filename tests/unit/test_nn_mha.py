@@ -18,13 +18,8 @@ from attnzoo.errors import ParameterError, ShapeError, UnknownMechanismError
 from attnzoo.nn.mha import MultiheadAttention, ShortConvolution
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # the CPU is shared: two threads under load were far slower than one for these small layers
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# the CPU is shared: two threads under load were up to 10x slower than one for these small models
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _layer(mechanism: str, causal: bool = True, **params) -> MultiheadAttention:

@@ -15,20 +15,15 @@ from attnzoo.errors import ParameterError, ShapeError
 from attnzoo.functional.linear.transnormer import transnormer_attention, transnormer_diag_attention
 from attnzoo.nn.transnormer import TransNormerAttention
 
+from .qkv import random_qkv
+
 TINY = 1e-300  # a positive norm eps that changes nothing: the oracle's norms take eps = 0
 NORM = attnzoo.get("transnormer")
 DIAG = attnzoo.get("transnormer_diag")
 
 
 def _inputs(b=2, h=3, nq=13, nk=13, d=6, dv=4, seed=0, dtype=torch.float64, kv_heads=None):
-    gen = torch.Generator().manual_seed(seed)
-    hk = h if kv_heads is None else kv_heads
-    return (
-        torch.randn(b, h, nq, d, generator=gen, dtype=dtype),
-        torch.randn(b, hk, nk, d, generator=gen, dtype=dtype),
-        torch.randn(b, hk, nk, dv, generator=gen, dtype=dtype),
-    )
-
+    return random_qkv(b, h, nq, nk, d, dv, kv_heads=kv_heads, seed=seed, dtype=dtype)
 
 # --------------------------------------------------------------------------------------------
 # oracles: the official layers' computation, (time, batch, channels) layout as fairseq's
