@@ -25,26 +25,15 @@ chunk's gathered keys).
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import logging
-import os
-import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
+from ._native import load_kernel
+
 __all__ = ["NeighborTable", "gathered_attention", "native_available", "native_usable"]
-
-_log = logging.getLogger("attnzoo")
-
-_SOURCE = Path(__file__).parent / "csrc" / "gathered_attention.cpp"
-# -march=native: the build is cached per machine (the name carries the source hash and the
-# CPU's flags, so a cache shared between different CPUs never loads a foreign binary).
-_CFLAGS = ["-O3", "-march=native", "-fno-math-errno"]
 
 #: The torch path gathers keys for this many (query, slot) pairs per chunk at most.
 _TORCH_CHUNK_PAIRS = 1 << 18
@@ -89,37 +78,9 @@ class NeighborTable:
 # --------------------------------------------------------------------------------------------
 # the native kernel
 # --------------------------------------------------------------------------------------------
-def _build_name() -> str:
-    try:
-        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
-    except OSError:
-        flags = ""
-    digest = hashlib.sha1(_SOURCE.read_bytes() + " ".join(_CFLAGS).encode() + flags.encode()).hexdigest()[:12]
-    return f"attnzoo_gathered_{digest}"
-
-
-def _build_dir(name: str) -> Path:
-    root = os.environ.get("ATTNZOO_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "attnzoo"
-    return Path(root) / name
-
-
-@functools.lru_cache(maxsize=None)
 def _native() -> Optional[Any]:
     """The compiled kernel module, or None (disabled, or no toolchain: a warning says why)."""
-    if os.environ.get("ATTNZOO_NATIVE", "1") == "0":
-        return None
-    name = _build_name()
-    build_dir = _build_dir(name)
-    try:
-        from torch.utils.cpp_extension import load
-
-        if not (build_dir / f"{name}.so").exists():
-            _log.warning("attnzoo: building the native gathered-attention kernel for this CPU in %s (once, about a minute)", build_dir)
-        build_dir.mkdir(parents=True, exist_ok=True)
-        return load(name=name, sources=[str(_SOURCE)], extra_cflags=_CFLAGS, build_directory=str(build_dir), verbose=False)
-    except Exception as exc:  # no compiler, no ninja, a failed build: fall back, say so once
-        warnings.warn(f"attnzoo: the native gathered-attention kernel could not be built ({exc}); using the PyTorch path", stacklevel=3)
-        return None
+    return load_kernel("gathered_attention", "gathered-attention")
 
 
 def native_available() -> bool:

@@ -39,7 +39,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ._native import load_kernel
+
 __all__ = [
+    "append_ones",
+    "fused_causal_forward",
+    "native_scan_usable",
     "decay_weights",
     "parallel_scores",
     "parallel_form",
@@ -51,6 +56,12 @@ __all__ = [
 ]
 
 DEFAULT_CHUNK = 64
+
+
+def append_ones(v: Tensor) -> Tensor:
+    """``[v, 1]``: with these values the last output column is ``sum_j w_ij s (q_i . k_j)``, the
+    normalizer of a normalized linear attention (what every form's ``normalizer=True`` means)."""
+    return torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -136,14 +147,25 @@ def _recurrent_causal(q: Tensor, k: Tensor, v: Tensor, log_decay: Optional[Tenso
 
 
 def recurrent_form(
-    q: Tensor, k: Tensor, v: Tensor, *, causal: bool, log_decay: Optional[Tensor] = None, state: Optional[Tensor] = None, scale: float = 1.0
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool,
+    log_decay: Optional[Tensor] = None,
+    state: Optional[Tensor] = None,
+    scale: float = 1.0,
+    normalizer: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Per-token state updates; returns ``(out, final state)`` (state: (B, H, F, Dv)).
 
     Causal: ``S_t = gamma S_(t-1) + k_t^T v_t``, ``out_t = q_t S_t`` from ``state`` (or zeros),
     queries bottom-right aligned. Bidirectional: that forward pass plus a backward pass that
     excludes the token itself (``state`` must be None; the returned state is the forward one).
+    ``normalizer``: the values are ``[v, 1]`` (:func:`append_ones`).
     """
+    if normalizer:
+        v = append_ones(v)
     if scale != 1.0:
         q = q * scale
     if causal:
@@ -174,7 +196,7 @@ def prefix_state(k: Tensor, v: Tensor, log_decay: Optional[Tensor] = None, state
     return kv + (state if gamma is None else gamma * state)
 
 
-def _aligned_causal(q, k, v, log_decay, state, run):
+def _aligned_causal(q, k, v, log_decay, state, run, normalizer=False):
     """Bottom-right causal alignment around ``run(q, k, v, state) -> (out, state)`` on Nq = Nk.
 
     More keys than queries: the first Nk - Nq keys are seen by every query, so they fold into
@@ -182,7 +204,8 @@ def _aligned_causal(q, k, v, log_decay, state, run):
     """
     nq, nk = q.shape[2], k.shape[2]
     if nk > nq:
-        state = prefix_state(k[:, :, : nk - nq], v[:, :, : nk - nq], log_decay, state)
+        prefix = v[:, :, : nk - nq]
+        state = prefix_state(k[:, :, : nk - nq], append_ones(prefix) if normalizer else prefix, log_decay, state)
         k, v = k[:, :, nk - nq :], v[:, :, nk - nq :]
     if nq > nk:
         if state is not None:
@@ -456,11 +479,78 @@ class _ChunkedCausal(torch.autograd.Function):
         return dq.view(q.shape), dk.view(k.shape), dvalue.view(v.shape), dstart, None, None, None, None
 
 
-def _chunked_causal(q, k, v, log_decay, state, chunk_size, scale, strict=False):
-    if q.shape[2] == 0:
-        empty = q.new_zeros(*q.shape[:3], v.shape[-1])
-        return empty, (q.new_zeros(*q.shape[:2], q.shape[-1], v.shape[-1]) if state is None else state)
+def _native_scan() -> Optional[object]:
+    return load_kernel("linear_scan", "linear-attention scan")
+
+
+def native_scan_usable(*tensors: Optional[Tensor]) -> bool:
+    """Whether the C++ forward (``csrc/linear_scan.cpp``) takes these inputs: float32 on the
+    CPU, nothing that needs a gradient (it has no backward), and the kernel built."""
+    present = [t for t in tensors if t is not None]
+    if any(t.device.type != "cpu" for t in present) or any(t.dtype != torch.float32 for t in present[:3]):
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in present):
+        return False
+    return _native_scan() is not None
+
+
+#: The pointwise feature maps the C++ kernel applies itself (its ``map`` codes).
+NATIVE_MAPS = {"identity": 0, "elu": 1, "relu": 2}
+
+
+def _native_causal(q, k, v, log_decay, state, length, scale, strict, normalizer, feature_map="identity", query_scale=1.0, eps=None):
+    """The causal chunked forward in C++: one row (batch, head) per task, its state in cache.
+
+    ``feature_map`` (a :data:`NATIVE_MAPS` name) is applied to ``query_scale * q`` and to ``k``
+    inside; ``eps`` (with ``normalizer``) divides by the normalizer inside and drops its column.
+    """
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    empty = q.new_empty(0)
+    state = empty if state is None else state
+    log_decay = empty if log_decay is None else log_decay
+    divide = eps is not None
+    return _native_scan().causal_forward(  # type: ignore[union-attr]
+        q, k, v, state, log_decay, float(scale), length, strict, normalizer, NATIVE_MAPS[feature_map], float(query_scale), divide, float(eps or 0.0)
+    )
+
+
+def fused_causal_forward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    feature_map: str = "identity",
+    query_scale: float = 1.0,
+    scale: float = 1.0,
+    log_decay: Optional[Tensor] = None,
+    chunk_size: int = DEFAULT_CHUNK,
+    eps: Optional[float] = None,
+) -> Optional[Tensor]:
+    """Causal self-attention (Nq = Nk) with the feature map and the normalization inside the C++
+    kernel: one pass over q, k and v, no temporary. None when the kernel cannot take the inputs
+    (see :func:`native_scan_usable`; other devices, dtypes or maps go through the other forms).
+
+    ``out_i = sum_(j <= i) gamma^(i-j) s (phi(c q_i) . phi(k_j)) v_j``, divided by the same sum
+    over ``[v_j = 1]`` plus ``eps`` when ``eps`` is given; ``phi`` one of :data:`NATIVE_MAPS`,
+    ``c = query_scale``, ``s = scale``. k and v may have fewer heads than q (GQA).
+    """
+    if feature_map not in NATIVE_MAPS or q.shape[2] != k.shape[2] or q.shape[2] == 0 or not native_scan_usable(q, k, v, log_decay):
+        return None
     length = min(chunk_size, q.shape[2])
+    out, _ = _native_causal(q, k, v, log_decay, None, length, scale, False, eps is not None, feature_map, query_scale, eps)
+    return out
+
+
+def _chunked_causal(q, k, v, log_decay, state, chunk_size, scale, strict=False, normalizer=False):
+    if q.shape[2] == 0:
+        cols = v.shape[-1] + normalizer
+        empty = q.new_zeros(*q.shape[:3], cols)
+        return empty, (q.new_zeros(*q.shape[:2], q.shape[-1], cols) if state is None else state)
+    length = min(chunk_size, q.shape[2])
+    if native_scan_usable(q, k, v, state, log_decay):
+        return _native_causal(q, k, v, log_decay, state, length, scale, strict, normalizer)
+    if normalizer:
+        v = append_ones(v)
     return _ChunkedCausal.apply(q.contiguous(), k.contiguous(), v.contiguous(), state, log_decay, length, strict, float(scale))
 
 
@@ -473,26 +563,45 @@ def chunked_scan(
     state: Optional[Tensor] = None,
     chunk_size: int = DEFAULT_CHUNK,
     scale: float = 1.0,
+    normalizer: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Causal chunked form from ``state`` (or zeros): ``(out, state after the last key)``.
 
     Queries are bottom-right aligned against the keys (Nk >= Nq when a state is given). Feeding
     a sequence in pieces, each starting from the previous state, equals one call on the whole.
+    ``normalizer``: the values are ``[v, 1]`` (:func:`append_ones`), the column never built on
+    the native path. Float32 CPU inputs that need no gradient run the C++ kernel
+    (:func:`native_scan_usable`), the rest :class:`_ChunkedCausal`; both compute the same tiling.
     """
-    return _aligned_causal(q, k, v, log_decay, state, lambda q_, k_, v_, s_: _chunked_causal(q_, k_, v_, log_decay, s_, chunk_size, scale))
+
+    def run(q_, k_, v_, s_):
+        return _chunked_causal(q_, k_, v_, log_decay, s_, chunk_size, scale, normalizer=normalizer)
+
+    return _aligned_causal(q, k, v, log_decay, state, run, normalizer)
 
 
 def chunked_form(
-    q: Tensor, k: Tensor, v: Tensor, *, causal: bool, log_decay: Optional[Tensor] = None, chunk_size: int = DEFAULT_CHUNK, scale: float = 1.0
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool,
+    log_decay: Optional[Tensor] = None,
+    chunk_size: int = DEFAULT_CHUNK,
+    scale: float = 1.0,
+    normalizer: bool = False,
 ) -> Tensor:
-    """The chunked (Lightning Attention-2) form of the module docstring; ``chunk_size`` tokens per chunk."""
+    """The chunked (Lightning Attention-2) form of the module docstring; ``chunk_size`` tokens per
+    chunk; ``normalizer`` as in :func:`chunked_scan`."""
     if causal:
-        return chunked_scan(q, k, v, log_decay=log_decay, chunk_size=chunk_size, scale=scale)[0]
+        return chunked_scan(q, k, v, log_decay=log_decay, chunk_size=chunk_size, scale=scale, normalizer=normalizer)[0]
+    if normalizer and (log_decay is None or not native_scan_usable(q, k, v, log_decay)):
+        v, normalizer = append_ones(v), False
     if log_decay is None:  # every weight is 1: attend to one state holding every key
         out = q @ (k.transpose(-1, -2) @ v)
         return out if scale == 1.0 else out * scale
     if q.shape[2] != k.shape[2]:
         raise ValueError(f"chunked_form: a decayed bidirectional pass needs as many queries as keys, got {q.shape[2]} and {k.shape[2]}")
-    forward, _ = _chunked_causal(q, k, v, log_decay, None, chunk_size, scale)
-    backward, _ = _chunked_causal(q.flip(2), k.flip(2), v.flip(2), log_decay, None, chunk_size, scale, strict=True)
+    forward, _ = _chunked_causal(q, k, v, log_decay, None, chunk_size, scale, normalizer=normalizer)
+    backward, _ = _chunked_causal(q.flip(2), k.flip(2), v.flip(2), log_decay, None, chunk_size, scale, strict=True, normalizer=normalizer)
     return forward + backward.flip(2)

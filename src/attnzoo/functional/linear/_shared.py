@@ -2,9 +2,10 @@
 
 A mechanism of this family is two functions around the engine (:mod:`attnzoo.kernels.linear_scan`):
 
-* ``operands(q, k, v, params) -> Operands``: feature-mapped queries and keys, the values (with a
-  column of ones appended when the output is normalized: the engine then returns the numerator
-  and the denominator in one pass), the per-head log-decay or None, all in the compute dtype;
+* ``operands(q, k, v, params) -> Operands``: feature-mapped queries and keys, the values, the
+  per-head log-decay or None, all in the compute dtype, and ``normalizer``: the engine then
+  takes the values as ``[v, 1]`` and returns the numerator and the denominator in one pass
+  (the C++ engine without building the column);
 * ``finish(out, params, nq, nk) -> Tensor``: from the engine's output to the mechanism's (split
   the normalizer off and divide, RetNet's normalizations...); ``nk`` counts every key seen so
   far, which places the queries (bottom-right) when decoding.
@@ -23,7 +24,7 @@ import torch
 from torch import Tensor
 
 from ...errors import ParameterError
-from ...kernels.linear_scan import DEFAULT_CHUNK, SCAN_BLOCK, chunked_form, chunked_scan, recurrent_form
+from ...kernels.linear_scan import DEFAULT_CHUNK, SCAN_BLOCK, append_ones, chunked_form, chunked_scan, recurrent_form
 from ...registry import Mechanism, Param, Problem
 
 __all__ = [
@@ -44,9 +45,10 @@ RECURRENT_NOTE = "a Python loop per token (the spec of the recurrence and the de
 
 @dataclass(frozen=True)
 class Operands:
-    """What the engine attends with: ``q`` (B, H, Nq, F), ``k`` (B, H, Nk, F), ``v`` (B, H, Nk, Dv'),
+    """What the engine attends with: ``q`` (B, H, Nq, F), ``k`` (B, H, Nk, F), ``v`` (B, H, Nk, Dv),
     ``log_decay`` (H,) or None, ``scale`` on every q . k (when it can stay outside the feature
-    map: free in the GEMMs), and ``dtype``, the dtype the output goes back to."""
+    map: free in the GEMMs), ``dtype``, the dtype the output goes back to, and ``normalizer``:
+    the values are ``[v, 1]``, so the output's last column is the denominator."""
 
     q: Tensor
     k: Tensor
@@ -54,10 +56,16 @@ class Operands:
     log_decay: Optional[Tensor]
     dtype: torch.dtype
     scale: float = 1.0
+    normalizer: bool = False
+
+    def engine_args(self) -> dict[str, Any]:
+        """The keyword arguments every form of the engine takes from these operands."""
+        return {"log_decay": self.log_decay, "scale": self.scale, "normalizer": self.normalizer}
 
 
 Prepare = Callable[[Tensor, Tensor, Tensor, dict], Operands]
 Finish = Callable[[Tensor, dict, int, int], Tensor]
+Fused = Callable[[Tensor, Tensor, Tensor, dict], Optional[Tensor]]
 
 
 def is_int(value: Any) -> bool:
@@ -76,8 +84,9 @@ def expand_heads(x: Tensor, heads: int) -> Tensor:
 
 
 def with_normalizer(v: Tensor) -> Tensor:
-    """``[v, 1]``: the engine's last output column becomes ``sum_j w_ij (q_i . k_j)``, the denominator."""
-    return torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)
+    """``[v, 1]``: the engine's last output column becomes ``sum_j w_ij (q_i . k_j)``, the denominator
+    (for the engine's own forms, pass ``normalizer=True`` instead: the C++ path never builds it)."""
+    return append_ones(v)
 
 
 class _DivideByLastColumn(torch.autograd.Function):
@@ -172,11 +181,14 @@ def _causal_in_pieces(decoder: "ScanDecoder", q: Tensor, k: Tensor, v: Tensor, p
     return torch.cat(pieces, dim=2)
 
 
-def add_form_backends(mech: Mechanism, operands: Prepare, finish: Finish) -> None:
+def add_form_backends(mech: Mechanism, operands: Prepare, finish: Finish, fused: Optional[Fused] = None) -> None:
     """Register ``chunked`` (the default) and ``recurrent`` on ``mech``; the mechanism registers its reference.
 
-    A causal self-attention forward without autograd runs in pieces of tokens
-    (:func:`_causal_in_pieces`); with autograd, one pass whose backward is tiled the same way.
+    A causal self-attention forward without autograd first tries ``fused(q, k, v, params)``,
+    the whole mechanism in one call of the C++ kernel
+    (:func:`~attnzoo.kernels.linear_scan.fused_causal_forward`; None when the inputs or the
+    parameters are beyond it), else runs in pieces of tokens (:func:`_causal_in_pieces`); with
+    autograd, one pass whose backward is tiled the same way.
     No torch.compile'd variant: fusing the element-wise work around the engine (feature maps,
     normalizer column, division) measured 0-10% faster warm at N = 16384 on the 2-core CPU,
     within the noise, for a 10-12 s first call per dtype and grad mode.
@@ -185,16 +197,19 @@ def add_form_backends(mech: Mechanism, operands: Prepare, finish: Finish) -> Non
 
     def chunked(q, k, v, **params):
         if params["causal"] and q.shape[2] == k.shape[2] and not _needs_grad(q, k, v, params):
+            out = None if fused is None else fused(q, k, v, params)
+            if out is not None:
+                return out
             tokens = _piece_tokens(q, v, params, q.shape[-1])
             if q.shape[2] > tokens:
                 return _causal_in_pieces(decoder, q, k, v, params, tokens)
         ops = operands(q, k, v, params)
-        out = chunked_form(ops.q, ops.k, ops.v, causal=params["causal"], log_decay=ops.log_decay, chunk_size=params["chunk_size"], scale=ops.scale)
+        out = chunked_form(ops.q, ops.k, ops.v, causal=params["causal"], chunk_size=params["chunk_size"], **ops.engine_args())
         return finish(out, params, q.shape[2], k.shape[2]).to(ops.dtype)
 
     def recurrent(q, k, v, **params):
         ops = operands(q, k, v, params)
-        out, _ = recurrent_form(ops.q, ops.k, ops.v, causal=params["causal"], log_decay=ops.log_decay, scale=ops.scale)
+        out, _ = recurrent_form(ops.q, ops.k, ops.v, causal=params["causal"], **ops.engine_args())
         return finish(out, params, q.shape[2], k.shape[2]).to(ops.dtype)
 
     mech.implementation(
@@ -244,8 +259,8 @@ class ScanDecoder:
             raise ParameterError(f"{self.name}: q: a decoding step takes at most as many queries as new keys, got {q.shape[2]} and {k.shape[2]}", argument="q")
         ops = self.operands(q, k, v, params)
         if k.shape[2] <= RECURRENT_STEP_TOKENS:  # the recurrence itself: a few small ops a token
-            out, state.kv = recurrent_form(ops.q, ops.k, ops.v, causal=True, log_decay=ops.log_decay, state=state.kv, scale=ops.scale)
+            out, state.kv = recurrent_form(ops.q, ops.k, ops.v, causal=True, state=state.kv, **ops.engine_args())
         else:  # the chunked form: ~30 ops a call, whatever its length
-            out, state.kv = chunked_scan(ops.q, ops.k, ops.v, log_decay=ops.log_decay, state=state.kv, chunk_size=params["chunk_size"], scale=ops.scale)
+            out, state.kv = chunked_scan(ops.q, ops.k, ops.v, state=state.kv, chunk_size=params["chunk_size"], **ops.engine_args())
         state.seen += k.shape[2]
         return self.finish(out, params, q.shape[2], state.seen).to(ops.dtype), state

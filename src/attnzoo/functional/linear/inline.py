@@ -47,7 +47,7 @@ from ...errors import ParameterError
 from ...kernels.linear_scan import chunked_form, chunked_scan, parallel_scores
 from ...registry import PATTERNS, Backend, Mechanism, Param, Problem, flag, positive_number, register
 from .feature_maps import feature_map_check, softplus
-from ._shared import chunk_size_param, compute_dtype, expand_heads, with_normalizer
+from ._shared import chunk_size_param, compute_dtype, expand_heads
 
 __all__ = ["inline_attention", "INLINE", "InLineState", "INLINE_FEATURE_MAPS"]
 
@@ -158,7 +158,7 @@ class InLineState:
 
 def _causal_step(fq: Tensor, fk: Tensor, v: Tensor, scale: float, chunk_size: int, state: InLineState) -> tuple[Tensor, InLineState]:
     """Causal InLine of the new tokens from ``state`` (phi applied), and the state after them."""
-    product, kv = chunked_scan(fq, fk, with_normalizer(v), state=state.kv, chunk_size=chunk_size, scale=scale)
+    product, kv = chunked_scan(fq, fk, v, state=state.kv, chunk_size=chunk_size, scale=scale, normalizer=True)
     value_sums = _aligned_prefix(v, fq.shape[2], state.values)
     count = _visible_counts(fq.shape[2], fk.shape[2], state.seen, product)
     values = v.sum(2) if state.values is None else state.values + v.sum(2)
@@ -172,7 +172,7 @@ def _chunked(q, k, v, **params):
     scale = _scale(params, q)
     if params["causal"]:
         return _causal_step(fq, fk, v, scale, params["chunk_size"], InLineState())[0].to(out_dtype)
-    product = chunked_form(fq, fk, with_normalizer(v), causal=False, scale=scale)
+    product = chunked_form(fq, fk, v, causal=False, scale=scale, normalizer=True)
     count = torch.full((1, 1), float(fk.shape[2]), dtype=product.dtype, device=product.device)
     return _combine(product, v.sum(2, keepdim=True), count).to(out_dtype)
 

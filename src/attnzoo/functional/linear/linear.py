@@ -25,7 +25,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
-from ...kernels.linear_scan import parallel_scores
+from ...kernels.linear_scan import NATIVE_MAPS, fused_causal_forward, parallel_scores
 from ...registry import PATTERNS, Backend, Mechanism, Param, Problem, flag, positive_number, register
 from ._shared import (
     Operands,
@@ -36,7 +36,6 @@ from ._shared import (
     divide_by_normalizer,
     expand_heads,
     is_int,
-    with_normalizer,
 )
 from .feature_maps import FEATURE_MAPS, MAP_PARAMETERS, SOFTMAX_KERNEL_PARAMS, feature_count, feature_map_for, feature_map_check, projection_conflict, softplus
 
@@ -146,7 +145,7 @@ def _check_combination(bound: dict[str, Any], p: Problem) -> Optional[tuple[str,
 # operands and output, shared by the backends and the decoder
 # --------------------------------------------------------------------------------------------
 def linear_operands(q: Tensor, k: Tensor, v: Tensor, params: dict) -> Operands:
-    """phi(s q), phi(k) and the values ([v, 1] when normalized), in float32 for half inputs."""
+    """phi(s q), phi(k) and the values (taken as [v, 1] when normalized), in float32 for half inputs."""
     out_dtype, dtype = q.dtype, compute_dtype(q.dtype)
     heads = q.shape[1]
     q, k, v = q.to(dtype), expand_heads(k, heads).to(dtype), expand_heads(v, heads).to(dtype)
@@ -158,14 +157,24 @@ def linear_operands(q: Tensor, k: Tensor, v: Tensor, params: dict) -> Operands:
         device=q.device,
         **{name: params[name] for names in MAP_PARAMETERS.values() for name in names},
     )
-    values = with_normalizer(v) if params["normalize"] else v
+    normalizer = params["normalize"]
     if params["feature_map"] == "identity":  # phi(s q) . k = s (q . k): the engine applies s for free
-        return Operands(q, k, values, None, out_dtype, scale)
-    return Operands(maps.query(q), maps.key(k), values, None, out_dtype)
+        return Operands(q, k, v, None, out_dtype, scale, normalizer)
+    return Operands(maps.query(q), maps.key(k), v, None, out_dtype, normalizer=normalizer)
 
 
 def linear_finish(out: Tensor, params: dict, nq: int, nk: int) -> Tensor:
     return divide_by_normalizer(out, params["eps"]) if params["normalize"] else out
+
+
+def _fused(q: Tensor, k: Tensor, v: Tensor, params: dict) -> Optional[Tensor]:
+    """The pointwise maps (identity, elu, relu) in one C++ call, map and division inside; else None."""
+    feature_map = params["feature_map"]
+    if not (isinstance(feature_map, str) and feature_map in NATIVE_MAPS):
+        return None
+    scale = params["scale"] or q.shape[-1] ** -0.5
+    eps = params["eps"] if params["normalize"] else None
+    return fused_causal_forward(q, k, v, feature_map=feature_map, query_scale=scale, chunk_size=params["chunk_size"], eps=eps)
 
 
 # --------------------------------------------------------------------------------------------
@@ -257,7 +266,7 @@ LINEAR = register(
     )
 )
 LINEAR.add_backend(Backend("reference", _reference, doc="the scores materialized: the parallel form, the spec", priority=-100, materializes_scores=True))
-add_form_backends(LINEAR, linear_operands, linear_finish)
+add_form_backends(LINEAR, linear_operands, linear_finish, _fused)
 
 
 def linear_attention(

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from ...kernels.linear_scan import chunked_form, parallel_scores
 from ...registry import Backend, Mechanism, Param, Problem, positive_number, register
-from ._shared import compute_dtype, divide_by_normalizer, expand_heads, with_normalizer
+from ._shared import compute_dtype, divide_by_normalizer, expand_heads
 from .feature_maps import feature_map_check, feature_map_for
 
 __all__ = ["linfusion_attention", "LINFUSION"]
@@ -79,7 +79,7 @@ def _reference(q, k, v, *, feature_map, eps):
 def _factorized(q, k, v, *, feature_map, eps):
     """phi(q) (phi(k)^T [v, 1]) / Nk in one product (the 1/Nk rides on the GEMM), then the division."""
     fq, fk, values = _features(q, k, v, feature_map)
-    out = chunked_form(fq, fk, with_normalizer(values), causal=False, scale=1.0 / k.shape[2])
+    out = chunked_form(fq, fk, values, causal=False, scale=1.0 / k.shape[2], normalizer=True)
     return divide_by_normalizer(out, eps).to(q.dtype)
 
 

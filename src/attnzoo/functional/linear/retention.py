@@ -28,9 +28,9 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from ...kernels.linear_scan import decay_row_sums, decay_weights
+from ...kernels.linear_scan import decay_row_sums, decay_weights, fused_causal_forward
 from ...registry import Backend, Mechanism, Param, Problem, flag, positive_number, register
-from ._shared import Operands, ScanDecoder, add_form_backends, chunk_size_param, compute_dtype, expand_heads, with_normalizer
+from ._shared import Operands, ScanDecoder, add_form_backends, chunk_size_param, compute_dtype, expand_heads
 
 __all__ = ["retention", "RETENTION", "retnet_gamma"]
 
@@ -104,8 +104,16 @@ def _operands(q: Tensor, k: Tensor, v: Tensor, params: dict) -> Operands:
     heads = q.shape[1]
     q, k, v = q.to(dtype), expand_heads(k, heads).to(dtype), expand_heads(v, heads).to(dtype)
     scale = params["scale"] or q.shape[-1] ** -0.5
-    values = with_normalizer(v) if params["normalize_scores"] else v
-    return Operands(q, k, values, _log_decay(params["gamma"], heads, q.device), out_dtype, scale)
+    return Operands(q, k, v, _log_decay(params["gamma"], heads, q.device), out_dtype, scale, params["normalize_scores"])
+
+
+def _fused(q: Tensor, k: Tensor, v: Tensor, params: dict) -> Optional[Tensor]:
+    """Without RetNet's normalizations: one C++ call on the inputs as they are; else None."""
+    if params["normalize_decay"] or params["normalize_scores"]:
+        return None
+    scale = params["scale"] or q.shape[-1] ** -0.5
+    log_decay = _log_decay(params["gamma"], q.shape[1], q.device)
+    return fused_causal_forward(q, k, v, scale=scale, log_decay=log_decay, chunk_size=params["chunk_size"])
 
 
 def _decay_norm(rows: Tensor) -> Tensor:
@@ -182,7 +190,7 @@ RETENTION = register(
     )
 )
 RETENTION.add_backend(Backend("reference", _reference, doc="D and R materialized: RetNet's parallel form, the spec", priority=-100, materializes_scores=True))
-add_form_backends(RETENTION, _operands, _finish)
+add_form_backends(RETENTION, _operands, _finish, _fused)
 
 
 def retention(
