@@ -1,9 +1,9 @@
-"""The C++ forward of the linear family (kernels/csrc/linear_scan.cpp) against the PyTorch path.
+"""The C++ kernel of the linear family (kernels/csrc/linear_scan.cpp) against the PyTorch path.
 
-Engine level: ``_native_causal`` against ``_ChunkedCausal`` (the torch tiling, autograd's path)
-over decay, strictness, the implicit normalizer column, a starting state, chunk sizes that do
-and do not divide N, feature and value widths off the 8/16-lane blocks, and strided token
-slices. Fused level: ``fused_causal_forward`` (feature map and division inside) against the same
+Engine level: ``_native_causal`` against ``_ChunkedCausal`` (the torch tiling) over decay,
+strictness, the implicit normalizer column, a starting state, chunk sizes that do and do not
+divide N, feature and value widths off the 8/16-lane blocks, and strided token slices; the
+backward of ``_NativeCausal`` (three kernel passes) against the tiling's gradients. Fused level: ``fused_causal_forward`` (feature map and division inside) against the same
 sums written with torch, GQA included. Mechanism level: the ``chunked`` backend of ``linear``
 and ``retention`` without autograd (the path that takes the fused kernel) against each
 mechanism's reference, and decoding from a state. All skip without a C++ toolchain.
@@ -187,3 +187,46 @@ def test_causal_forward_without_autograd_is_one_native_call(name, params, monkey
     with torch.no_grad():
         attnzoo.attention(q, k, v, name, causal=True, **params)
     assert calls == [q.shape]
+
+
+@pytest.mark.parametrize("decayed", [False, True], ids=["no_decay", "decay"])
+@pytest.mark.parametrize("normalizer", [False, True], ids=["bare", "normalizer"])
+@pytest.mark.parametrize("strict", [False, True], ids=["inclusive", "strict"])
+@pytest.mark.parametrize("final_state", [False, True], ids=["out", "out+state"])
+@pytest.mark.parametrize("n, length, f, dv", [(37, 16, 8, 16), (50, 7, 3, 5), (64, 64, 33, 24)], ids=lambda x: str(x))
+def test_native_backward_matches_torch_tiling(decayed, normalizer, strict, final_state, n, length, f, dv):
+    """Three reversed or not passes of the kernel give the gradients of the torch tiling, the
+    final state's gradient included."""
+    q, k = _positive(2, 3, n, f, seed=14), _positive(2, 3, n, f, seed=15)
+    v = torch.randn(2, 3, n, dv, generator=torch.Generator().manual_seed(16))
+    log_decay = LOG_DECAY if decayed else None
+    gen = torch.Generator().manual_seed(17)
+    weight = torch.randn(2, 3, n, dv + normalizer, generator=gen)
+    state_weight = torch.randn(2, 3, f, dv + normalizer, generator=gen) if final_state else None
+    results = []
+    for native in (True, False):
+        inputs = [x.clone().requires_grad_() for x in (q, k, v)]
+        if native:
+            out, end = linear_scan._NativeCausal.apply(*inputs, log_decay, length, strict, 0.6, normalizer)
+        else:
+            out, end = _torch_scan(*inputs, log_decay, None, length, 0.6, strict, normalizer)
+        loss = (out * weight).sum() + ((end * state_weight).sum() if final_state else 0)
+        results.append(torch.autograd.grad(loss, inputs))
+    for got, want in zip(*results):
+        _assert_close(got, want)
+
+
+def test_training_step_takes_the_native_backward(monkeypatch):
+    """With autograd on float32 CPU inputs, the chunked backend runs _NativeCausal, and its
+    gradients equal the reference's."""
+    calls = []
+    apply = linear_scan._NativeCausal.apply
+    monkeypatch.setattr(linear_scan._NativeCausal, "apply", lambda *a: calls.append(1) or apply(*a))
+    q, k, v = (x.float().requires_grad_() for x in random_qkv(1, 2, 90, 90, 8, 8, seed=18))
+    out = attnzoo.attention(q, k, v, "linear", backend="chunked", causal=True, chunk_size=16)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    assert calls == [1]
+    ref = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    out_ref = attnzoo.attention(*ref, "linear", backend="reference", causal=True)
+    for got, want in zip(grads, torch.autograd.grad(out_ref.square().sum(), ref)):
+        torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=1e-4)

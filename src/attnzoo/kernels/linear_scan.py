@@ -29,6 +29,15 @@ convention). The three forms agree to rounding:
 
 :func:`chunked_scan` is the causal chunked form with a state in and out (prefill, then steps of
 any length); :func:`prefix_state` folds a prefix of keys into a state.
+
+On float32 CPU inputs the causal chunked form runs in C++ (``csrc/linear_scan.cpp``, built on
+first use; ``ATTNZOO_NATIVE=0`` turns it off): each (batch, head) row walks its chunks in order
+with the state in cache, so nothing of size N F Dv / L is written. Without autograd it is the
+forward alone (:func:`_native_causal`); with autograd, :class:`_NativeCausal`, whose backward is
+three more passes of the same kernel. :func:`fused_causal_forward` also moves a pointwise
+feature map and the normalization inside (one pass for a whole normalized linear attention).
+Elsewhere (CUDA, other dtypes, a starting state with autograd) the torch tiling
+:class:`_ChunkedCausal` runs; both compute the same sums.
 """
 
 from __future__ import annotations
@@ -483,26 +492,32 @@ def _native_scan() -> Optional[object]:
     return load_kernel("linear_scan", "linear-attention scan")
 
 
-def native_scan_usable(*tensors: Optional[Tensor]) -> bool:
-    """Whether the C++ forward (``csrc/linear_scan.cpp``) takes these inputs: float32 on the
-    CPU, nothing that needs a gradient (it has no backward), and the kernel built."""
+def _native_takes(tensors: tuple[Optional[Tensor], ...]) -> bool:
+    """float32 CPU inputs (the state and decay may be anything on the CPU) and the kernel built."""
     present = [t for t in tensors if t is not None]
     if any(t.device.type != "cpu" for t in present) or any(t.dtype != torch.float32 for t in present[:3]):
         return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in present):
-        return False
     return _native_scan() is not None
+
+
+def native_scan_usable(*tensors: Optional[Tensor]) -> bool:
+    """Whether the C++ forward (``csrc/linear_scan.cpp``) takes these inputs as they are: float32
+    on the CPU, nothing that needs a gradient, and the kernel built."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return False
+    return _native_takes(tensors)
 
 
 #: The pointwise feature maps the C++ kernel applies itself (its ``map`` codes).
 NATIVE_MAPS = {"identity": 0, "elu": 1, "relu": 2}
 
 
-def _native_causal(q, k, v, log_decay, state, length, scale, strict, normalizer, feature_map="identity", query_scale=1.0, eps=None):
+def _native_causal(q, k, v, log_decay, state, length, scale, strict, normalizer, feature_map="identity", query_scale=1.0, eps=None, reverse=False):
     """The causal chunked forward in C++: one row (batch, head) per task, its state in cache.
 
     ``feature_map`` (a :data:`NATIVE_MAPS` name) is applied to ``query_scale * q`` and to ``k``
-    inside; ``eps`` (with ``normalizer``) divides by the normalizer inside and drops its column.
+    inside; ``eps`` (with ``normalizer``) divides by the normalizer inside and drops its column;
+    ``reverse`` runs from the last token to the first (anti-causal).
     """
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     empty = q.new_empty(0)
@@ -510,8 +525,55 @@ def _native_causal(q, k, v, log_decay, state, length, scale, strict, normalizer,
     log_decay = empty if log_decay is None else log_decay
     divide = eps is not None
     return _native_scan().causal_forward(  # type: ignore[union-attr]
-        q, k, v, state, log_decay, float(scale), length, strict, normalizer, NATIVE_MAPS[feature_map], float(query_scale), divide, float(eps or 0.0)
+        q, k, v, state, log_decay, float(scale), length, strict, normalizer, NATIVE_MAPS[feature_map], float(query_scale), divide, float(eps or 0.0), reverse
     )
+
+
+class _NativeCausal(torch.autograd.Function):
+    """Causal chunked linear attention (Nq = Nk, from no state) in C++ both ways.
+
+    The gradients of a causal linear attention are linear attentions themselves, so the backward
+    is three more passes of the same kernel, two of them anti-causal (``reverse``)::
+
+        dq_i = s sum_(j <= i) w_ij (dO_i . v_j) k_j       (q, k, v) <- (dO, v, k)
+        dk_j = s sum_(i >= j) w_ij (v_j . dO_i) q_i       (q, k, v) <- (v, dO, q), reversed
+        dv_j = s sum_(i >= j) w_ij (k_j . q_i) dO_i       (q, k, v) <- (k, q, dO), reversed
+
+    (strict: j < i throughout), plus the final state's gradient dE when it is used:
+    ``dk_j += gamma^(N-1-j) v_j dE^T``, ``dv_j += gamma^(N-1-j) k_j dE``. It saves q, k and v
+    only: no per-chunk states (the torch tiling, :class:`_ChunkedCausal`, saves N F Dv / L numbers
+    a row). With ``normalizer`` the values are ``[v, 1]``; the column's gradient is dropped.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, log_decay, length, strict, scale, normalizer):
+        ctx.set_materialize_grads(False)  # an unused final state gets no zero gradient to multiply
+        out, end = _native_causal(q, k, v, log_decay, None, length, scale, strict, normalizer)
+        ctx.save_for_backward(q, k, v, log_decay)
+        ctx.length, ctx.strict, ctx.scale, ctx.normalizer = length, strict, scale, normalizer
+        return out, end
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout, dend):
+        q, k, v, log_decay = ctx.saved_tensors
+        values = append_ones(v) if ctx.normalizer else v
+        if dout is None:
+            dout = values.new_zeros(*q.shape[:3], values.shape[-1])
+
+        def run(a, b, c, reverse):
+            return _native_causal(a, b, c, log_decay, None, ctx.length, ctx.scale, ctx.strict, False, reverse=reverse)[0]
+
+        dq = run(dout, values, k, False)
+        dk = run(values, dout, q, True)
+        dvalues = run(k, q, dout, True)
+        if dend is not None:  # end = sum_j gamma^(N-1-j) k_j^T v_j
+            age = torch.arange(q.shape[2] - 1, -1, -1, device=q.device, dtype=q.dtype)
+            weight = torch.ones_like(age).view(1, -1, 1) if log_decay is None else torch.exp(log_decay.to(q.dtype).view(-1, 1, 1) * age.view(-1, 1))
+            dk.add_((values * weight) @ dend.transpose(-1, -2))
+            dvalues.add_((k * weight) @ dend)
+        dv = dvalues[..., : v.shape[-1]] if ctx.normalizer else dvalues
+        return dq, dk, dv, None, None, None, None, None
 
 
 def fused_causal_forward(
@@ -549,6 +611,8 @@ def _chunked_causal(q, k, v, log_decay, state, chunk_size, scale, strict=False, 
     length = min(chunk_size, q.shape[2])
     if native_scan_usable(q, k, v, state, log_decay):
         return _native_causal(q, k, v, log_decay, state, length, scale, strict, normalizer)
+    if state is None and _native_takes((q, k, v, log_decay)):  # autograd, C++ both ways (no gradient for the decay, as below)
+        return _NativeCausal.apply(q, k, v, log_decay, length, strict, float(scale), normalizer)
     if normalizer:
         v = append_ones(v)
     return _ChunkedCausal.apply(q.contiguous(), k.contiguous(), v.contiguous(), state, log_decay, length, strict, float(scale))

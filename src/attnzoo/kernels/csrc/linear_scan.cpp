@@ -184,9 +184,10 @@ struct ChunkDecay {
 
 struct Options {
   int64_t n, f, dv, length;
-  int64_t ldq, ldk, ldv;  // the inputs' token strides (features are contiguous)
+  int64_t ldq, ldk, ldv;  // the inputs' token strides (features are contiguous; negative: reversed)
   int64_t state_cols;     // Dv + ones
   int64_t out_cols;       // Dv + ones, or Dv when the kernel divides
+  int64_t ldo;            // the output's token stride: out_cols, or -out_cols reversed
   bool ones, strict, divide;
   double scale, eps;
   Map map;
@@ -272,7 +273,7 @@ struct Row {
   // Rows of the output: [O, den], or O / (den + eps).
   void write(float* dst, int64_t len) const {
     for (int64_t i = 0; i < len; ++i) {
-      float* row = dst + i * o.out_cols;
+      float* row = dst + i * o.ldo;
       const float* src = &out[i * dvp];
       if (o.divide) {
         const float inv = 1.f / float(den[i] + o.eps);
@@ -295,7 +296,7 @@ void scan_row(const Options& o, const float* q, const float* k, const float* v, 
   for (int64_t t0 = 0; t0 < o.n; t0 += o.length) {
     const int64_t len = std::min(o.length, o.n - t0);
     row.load_chunk(q + t0 * o.ldq, k + t0 * o.ldk, v + t0 * o.ldv, len);
-    row.chunk(len == o.length ? full : tail, out + t0 * o.out_cols);
+    row.chunk(len == o.length ? full : tail, out + t0 * o.ldo);
   }
   row.store_state(state);
 }
@@ -304,11 +305,12 @@ void scan_row(const Options& o, const float* q, const float* k, const float* v, 
 // slices of a longer sequence go in without a copy), H a multiple of Hk (GQA); state (B, H, F,
 // Dv') or empty; log_gamma (H,) or empty. `map` (0 identity, 1 elu + 1, 2 relu) is applied to
 // query_scale * q and to k as each chunk is loaded; `divide` (with `ones`) returns
-// out[:, :Dv] / (out[:, Dv] + eps) instead of [out, den]. Returns (out (B, H, N, Dv' or Dv),
-// state after the last token (B, H, F, Dv')), Dv' = Dv + ones.
+// out[:, :Dv] / (out[:, Dv] + eps) instead of [out, den]; `reverse` runs the sequence from its
+// last token to its first (the anti-causal sums of the backward, without flipping copies).
+// Returns (out (B, H, N, Dv' or Dv), state after the last token (B, H, F, Dv')), Dv' = Dv + ones.
 std::vector<torch::Tensor> causal_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor state, torch::Tensor log_gamma,
                                           double scale, int64_t length, bool strict, bool ones, int64_t map, double query_scale,
-                                          bool divide, double eps) {
+                                          bool divide, double eps, bool reverse) {
   for (const auto& x : {q, k, v}) {
     TORCH_CHECK(x.dtype() == torch::kFloat32 && x.device().is_cpu() && x.dim() == 4, "linear_scan: float32 (B, H, N, .) CPU tensors");
     TORCH_CHECK(x.stride(3) == 1, "linear_scan: the last dim must be contiguous");
@@ -325,8 +327,25 @@ std::vector<torch::Tensor> causal_forward(torch::Tensor q, torch::Tensor k, torc
   TORCH_CHECK(!decayed || lg.numel() == H, "linear_scan: one log decay per head");
   const int64_t out_cols = divide ? Dv : cols;
   torch::Tensor out = torch::empty({B, H, N, out_cols}, q.options());
-  const Options o{N,    F,      Dv,     std::min(length, std::max<int64_t>(N, 1)), q.stride(2), k.stride(2), v.stride(2), cols, out_cols, ones,
-                  strict, divide, scale, eps, static_cast<Map>(map), float(query_scale)};
+  const int64_t sign = reverse ? -1 : 1;  // reversed: every row starts at its last token and walks back
+  const Options o{.n = N,
+                  .f = F,
+                  .dv = Dv,
+                  .length = std::min(length, std::max<int64_t>(N, 1)),
+                  .ldq = sign * q.stride(2),
+                  .ldk = sign * k.stride(2),
+                  .ldv = sign * v.stride(2),
+                  .state_cols = cols,
+                  .out_cols = out_cols,
+                  .ldo = sign * out_cols,
+                  .ones = ones,
+                  .strict = strict,
+                  .divide = divide,
+                  .scale = scale,
+                  .eps = eps,
+                  .map = static_cast<Map>(map),
+                  .query_scale = float(query_scale)};
+  const int64_t last = reverse ? N - 1 : 0;
   const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
   float *op = out.data_ptr<float>(), *sp = end.data_ptr<float>();
   const double* gp = decayed ? lg.data_ptr<double>() : nullptr;
@@ -334,8 +353,9 @@ std::vector<torch::Tensor> causal_forward(torch::Tensor q, torch::Tensor k, torc
   at::parallel_for(0, B * H, 1, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t b = r / H, h = r % H, hk = h / group;
-      scan_row(o, qp + b * q.stride(0) + h * q.stride(1), kp + b * k.stride(0) + hk * k.stride(1), vp + b * v.stride(0) + hk * v.stride(1),
-               sp + r * F * cols, op + r * N * out_cols, gp ? gp + h : nullptr);
+      scan_row(o, qp + b * q.stride(0) + h * q.stride(1) + last * q.stride(2), kp + b * k.stride(0) + hk * k.stride(1) + last * k.stride(2),
+               vp + b * v.stride(0) + hk * v.stride(1) + last * v.stride(2), sp + r * F * cols, op + (r * N + last) * out_cols,
+               gp ? gp + h : nullptr);
     }
   });
   return {out, end};
