@@ -1,4 +1,4 @@
-"""Linear attention with an optional per-head decay, in three exact forms (torch only).
+"""Linear attention with an optional per-head decay, in three exact forms (torch, and C++ on CPU).
 
 The engine of the linear family (catalog F): the caller applies its feature map, scale and
 normalizer first (a normalizer is one more column of ones in ``v``); this module computes, for
