@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from ._checks import odd_kernel, spatial_dims_1_or_2
 from ..errors import ParameterError, ShapeError
 from ..functional.linear import linear_attention
-from ..functional.linear._shared import with_normalizer
+from ..kernels.linear_scan import append_ones
 from .linear import _TokenMixer
 
 __all__ = ["LocalConcentrationModule", "L2ViTAttention", "DENOMINATOR_FLOOR"]
@@ -96,7 +96,7 @@ class _EnhancedLinearAttention(_TokenMixer):
     def forward(self, tokens: Tensor) -> Tensor:
         q, k, v = self.heads(tokens)
         # [numerator, denominator] in one pass: relu(q) sum relu(k)^T [v, 1], unnormalized, unscaled
-        both = linear_attention(q, k, with_normalizer(v), feature_map="relu", normalize=False, scale=1.0, backend=self.backend)
+        both = linear_attention(q, k, append_ones(v), feature_map="relu", normalize=False, scale=1.0, backend=self.backend)
         numerator, denominator = both[..., :-1], both[..., -1:]
         out = self.temperature * numerator / denominator.clamp(min=self.denominator_floor)
         return self.proj(self.merge(out))

@@ -24,14 +24,13 @@ import torch
 from torch import Tensor
 
 from ...errors import ParameterError
-from ...kernels.linear_scan import DEFAULT_CHUNK, SCAN_BLOCK, append_ones, chunked_form, chunked_scan, recurrent_form
+from ...kernels.linear_scan import DEFAULT_CHUNK, SCAN_BLOCK, chunked_form, chunked_scan, recurrent_form
 from ...registry import Mechanism, Param, Problem
 
 __all__ = [
     "Operands",
     "compute_dtype",
     "expand_heads",
-    "with_normalizer",
     "divide_by_normalizer",
     "chunk_size_param",
     "add_form_backends",
@@ -83,12 +82,6 @@ def expand_heads(x: Tensor, heads: int) -> Tensor:
     return x if group == 1 else x.repeat_interleave(group, dim=1)
 
 
-def with_normalizer(v: Tensor) -> Tensor:
-    """``[v, 1]``: the engine's last output column becomes ``sum_j w_ij (q_i . k_j)``, the denominator
-    (for the engine's own forms, pass ``normalizer=True`` instead: the C++ path never builds it)."""
-    return append_ones(v)
-
-
 class _DivideByLastColumn(torch.autograd.Function):
     """``y = x[..., :-1] / (x[..., -1:] + eps)`` with a two-pass backward.
 
@@ -113,7 +106,7 @@ class _DivideByLastColumn(torch.autograd.Function):
 
 
 def divide_by_normalizer(out: Tensor, eps: float) -> Tensor:
-    """``out[..., :-1] / (out[..., -1:] + eps)`` for the output of :func:`with_normalizer` values."""
+    """``out[..., :-1] / (out[..., -1:] + eps)`` for an output computed with ``normalizer`` (values ``[v, 1]``)."""
     return _DivideByLastColumn.apply(out, eps)
 
 

@@ -49,8 +49,9 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from ...kernels.linear_scan import append_ones
 from ...registry import Backend, Mechanism, Param, Problem, choice, flag, positive_number, register
-from ._shared import compute_dtype, expand_heads, with_normalizer
+from ._shared import compute_dtype, expand_heads
 from .feature_maps import SOFTMAX_KERNEL_PARAMS, feature_map_check, feature_map_for, projection_conflict
 
 __all__ = ["kernelized_rpe_attention", "KERNELIZED_RPE", "RPE_FEATURE_MAPS"]
@@ -174,7 +175,7 @@ def _reference(q, k, v, **params):
     nq, nk = fq.shape[2], fk.shape[2]
     shifted, top = _shifted_biases(params["rpe"], fq.shape[1], params["causal"], nq, fq.dtype)
     scores = (fq @ fk.transpose(-1, -2)) * _toeplitz(torch.exp(shifted), nq, nk)
-    values = with_normalizer(v) if params["normalize"] else v
+    values = append_ones(v) if params["normalize"] else v
     return _finish(scores @ values, top, params).to(out_dtype)
 
 
@@ -240,7 +241,7 @@ def _fft(q, k, v, **params):
     shifted, top = _shifted_biases(params["rpe"], fq.shape[1], params["causal"], nq, fq.dtype)
     size = _fft_length(nq + nk - 1)
     kernel_spectrum = torch.fft.rfft(torch.exp(shifted).flip(-1), n=size, dim=-1).view(-1, 1, 1, size // 2 + 1)  # (H|1, 1, 1, S')
-    values = (with_normalizer(v) if params["normalize"] else v).transpose(-1, -2).contiguous()  # (B, H, Dv', Nk)
+    values = (append_ones(v) if params["normalize"] else v).transpose(-1, -2).contiguous()  # (B, H, Dv', Nk)
     fq, fk = fq.transpose(-1, -2).contiguous(), fk.transpose(-1, -2).contiguous()  # (B, H, F, N)
     block = _feature_block(f, size, values.shape[-2], fq.shape[0] * fq.shape[1], fq.element_size())
     out = None
