@@ -305,7 +305,7 @@ def _neighborhood_mask(q: Tensor, *, kernel_size: Any, dilation: Any, stride: An
 
 
 #: Keys per query up to which dispatch prefers the neighbor table to the tiled engine (1D, 2D/3D).
-_GATHERED_MAX_SLOTS_1D = 128
+_GATHERED_MAX_SLOTS_1D = 512
 _GATHERED_MAX_SLOTS_ND = 1024
 
 # --------------------------------------------------------------------------------------------
@@ -422,12 +422,14 @@ def _gathered(q: Tensor, k: Tensor, v: Tensor, *, scale: Any, return_lse: bool, 
 def _gathered_prefers(p: Problem, params: dict) -> Optional[str]:
     """Dispatch takes the table over the tiles when the C++ kernel runs it and windows are small.
 
-    Measured (B=1, H=8, D=64, fp32, 2-core CPU, forward / forward+backward ms): 2D 64x64 with
-    7x7: tiled 180 / 418, table 20 / 74; 13x13: 303 / 2103 vs 57 / 220; 21x21 (441 keys): 393 /
-    1086 vs 160 / 711. 1D N=4096 with 63 keys: 96 / 251 vs 24 / 105; 255: 93 / 314 vs 81 / 353;
-    1023: 171 / 788 vs 412 / 1460. A 2D/3D window is scattered over many rows of the flattened
-    tokens, so tiles waste most of their work; a 1D window is contiguous and tiles only waste
-    their edges. The PyTorch path of the table was 5-40x slower than tiled: never preferred.
+    Measured (B=1, H=8, D=64, fp32, 2-core CPU, forward / forward+backward ms, the kernel on
+    both threads): 1D N=4096 with 63 keys: tiled 129 / 304, table 12 / 49; 127: 76 / 251 vs
+    28 / 116; 255: 88 / 229 vs 47 / 175; 511: 127 / 408 vs 100 / 407; 1023: 223 / 691 vs
+    181 / 874. 2D 64x64 with 7x7: 184 / 547 vs 13 / 50; 21x21: 418 / 1021 vs 98 / 440; 31x31
+    (961 keys): 520 / 1173 vs 181 / 867; 41x41 (1681): 460 / 1327 vs 374 / 1702. A 2D/3D window
+    is scattered over many rows of the flattened tokens, so tiles waste most of their work; a 1D
+    window is contiguous and tiles only waste their edges. The PyTorch path of the table was
+    5-40x slower than tiled: never preferred.
     """
     limit = _GATHERED_MAX_SLOTS_1D if len(p.q_shape) == 1 else _GATHERED_MAX_SLOTS_ND
     slots = math.prod(per_axis(params["kernel_size"], len(p.q_shape), int))
