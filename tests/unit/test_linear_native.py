@@ -142,6 +142,8 @@ def test_fused_declines_what_it_cannot_run():
         ("retention", {}),
         ("retention", {"normalize_decay": True, "normalize_scores": True}),  # not fused either
         ("based", {}),
+        ("transnormer", {}),
+        ("transnormer", {"feature_map": "relu", "norm": "rms", "norm_scope": "head"}),
     ],
     ids=lambda x: x if isinstance(x, str) else ",".join(f"{k}={v}" for k, v in x.items()) or "defaults",
 )
@@ -177,7 +179,7 @@ def test_decoding_from_a_state_matches_the_full_forward(name):
     torch.testing.assert_close(torch.cat(outs, dim=2), want.float(), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("name, params", [("linear", {}), ("retention", {})], ids=["linear", "retention"])
+@pytest.mark.parametrize("name, params", [("linear", {}), ("retention", {}), ("transnormer", {})], ids=["linear", "retention", "transnormer"])
 def test_causal_forward_without_autograd_is_one_native_call(name, params, monkeypatch):
     """The fast path is taken (and only one call: no pieces, no separate map or division)."""
     calls = []
