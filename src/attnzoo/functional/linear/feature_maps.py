@@ -162,11 +162,15 @@ def taylor_feature_count(feature_dim: int) -> int:
     return 1 + feature_dim + feature_dim * (feature_dim + 1) // 2
 
 
-def _upper_triangle(d: int, like: Tensor) -> tuple[Tensor, Tensor]:
-    """Flat indices of the pairs i <= j of a d x d matrix and their weights (1/sqrt 2 on the diagonal)."""
+def _pair_selectors(d: int, like: Tensor) -> tuple[Tensor, Tensor]:
+    """(d, P) matrices that pick, for each pair i <= j of d channels, x_i and w x_j (w = 1/sqrt 2 on
+    the diagonal): ``(x @ first) * (x @ second)`` is the pairs' features, as two small GEMMs."""
     i, j = torch.triu_indices(d, d, device=like.device)
+    pairs = torch.arange(i.numel(), device=like.device)
     weights = torch.ones(i.shape, dtype=like.dtype, device=like.device).masked_fill_(i == j, 0.5**0.5)
-    return i * d + j, weights
+    first = torch.zeros(d, i.numel(), dtype=like.dtype, device=like.device).index_put_((i, pairs), torch.ones_like(weights))
+    second = torch.zeros_like(first).index_put_((j, pairs), weights)
+    return first, second
 
 
 def taylor_features(x: Tensor, feature_dim: Optional[int] = None) -> Tensor:
@@ -175,15 +179,14 @@ def taylor_features(x: Tensor, feature_dim: Optional[int] = None) -> Tensor:
     ``phi(x) . phi(y) = 1 + x.y + (x.y)^2 / 2``: the square ``(x.y)^2 = sum_ij x_i x_j y_i y_j`` is
     symmetric in (i, j), so the pairs i < j count twice (weight 1 each side) and the diagonal
     once (weight 1/sqrt 2 each side); ``d(d+1)/2`` features instead of fla's flattened ``d^2``.
+    The pairs come from two GEMMs with 0/1 selection matrices, not from the d x d outer product:
+    no N x d^2 temporary, and autograd's backward is GEMMs too (fwd + bwd of one (8, 16384, 16)
+    tensor: 271 ms against 446 ms for the outer product and index_select, on the 2-core CPU).
     """
     if feature_dim is not None:
         x = x[..., :feature_dim]
-    d = x.shape[-1]
-    flat, weights = _upper_triangle(d, x)
-    # index_select on a 2D view: about 2x faster on the CPU than advanced indexing [..., flat]
-    outer = (x.unsqueeze(-1) * x.unsqueeze(-2)).reshape(-1, d * d)
-    squares = (outer.index_select(1, flat) * weights).view(*x.shape[:-1], flat.numel())
-    return torch.cat([torch.ones_like(x[..., :1]), x, squares], dim=-1)
+    first, second = _pair_selectors(x.shape[-1], x)
+    return torch.cat([torch.ones_like(x[..., :1]), x, (x @ first) * (x @ second)], dim=-1)
 
 
 def default_num_features(head_dim: int) -> int:
