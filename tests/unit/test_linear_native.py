@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 import attnzoo
 from attnzoo.kernels import linear_scan
+from attnzoo.functional.linear.feature_maps import taylor_features
 from attnzoo.kernels.linear_scan import NATIVE_MAPS, append_ones, chunked_scan, fused_causal_forward
 
 from .qkv import random_qkv
@@ -27,7 +28,7 @@ def _assert_close(got, want):
     """float32 against float32 with a different summation order: errors scale with the largest entry."""
     torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-6 * float(want.abs().max()))
 LOG_DECAY = torch.tensor([0.5, 0.9, 0.999]).log()
-PHI = {"identity": lambda x: x, "elu": lambda x: F.elu(x) + 1, "relu": torch.relu}
+PHI = {"identity": lambda x: x, "elu": lambda x: F.elu(x) + 1, "relu": torch.relu, "taylor": lambda x: taylor_features(x, 5)}
 
 
 def _torch_scan(q, k, v, log_decay, state, length, scale, strict, normalizer):
@@ -96,7 +97,10 @@ def test_fused_forward_matches_its_formula(feature_map, eps, decayed, kv_heads):
     q, k = q * 3, k * 3  # reach deep into elu's exponential branch
     log_decay = LOG_DECAY if decayed else None
     with torch.no_grad():
-        got = fused_causal_forward(q, k, v, feature_map=feature_map, query_scale=0.3, scale=0.8, log_decay=log_decay, chunk_size=16, eps=eps)
+        feature_dim = 5 if feature_map == "taylor" else None  # of 20 channels: the map reads a prefix
+        got = fused_causal_forward(
+            q, k, v, feature_map=feature_map, query_scale=0.3, scale=0.8, log_decay=log_decay, chunk_size=16, eps=eps, feature_dim=feature_dim
+        )
     phi = PHI[feature_map]
     heads = [x.repeat_interleave(3 // kv_heads, dim=1) for x in (k, v)]
     want, _ = chunked_scan(phi(0.3 * q).double(), phi(heads[0]).double(), heads[1].double(), log_decay=log_decay, scale=0.8, normalizer=eps is not None)
@@ -138,6 +142,7 @@ def test_fused_declines_what_it_cannot_run():
         ("linear", {}),
         ("linear", {"feature_map": "relu"}),
         ("linear", {"feature_map": "identity", "normalize": False}),
+        ("linear", {"feature_map": "taylor", "feature_dim": 6}),
         ("linear", {"feature_map": "softmax_kernel", "seed": 0}),  # not fused: pieces through the engine
         ("retention", {}),
         ("retention", {"normalize_decay": True, "normalize_scores": True}),  # not fused either
@@ -179,15 +184,15 @@ def test_decoding_from_a_state_matches_the_full_forward(name):
     torch.testing.assert_close(torch.cat(outs, dim=2), want.float(), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("name, params", [("linear", {}), ("retention", {}), ("transnormer", {})], ids=["linear", "retention", "transnormer"])
-def test_causal_forward_without_autograd_is_one_native_call(name, params, monkeypatch):
+@pytest.mark.parametrize("name", ["linear", "retention", "transnormer", "based"])
+def test_causal_forward_without_autograd_is_one_native_call(name, monkeypatch):
     """The fast path is taken (and only one call: no pieces, no separate map or division)."""
     calls = []
     native = linear_scan._native_causal
     monkeypatch.setattr(linear_scan, "_native_causal", lambda *a, **kw: calls.append(a[0].shape) or native(*a, **kw))
-    q, k, v = (x.float() for x in random_qkv(1, 2, 5000, 5000, 8, 8, seed=13))
+    q, k, v = (x.float() for x in random_qkv(1, 2, 5000, 5000, 16, 8, seed=13))  # based reads 16 channels
     with torch.no_grad():
-        attnzoo.attention(q, k, v, name, causal=True, **params)
+        attnzoo.attention(q, k, v, name, causal=True)
     assert calls == [q.shape]
 
 

@@ -508,16 +508,20 @@ def native_scan_usable(*tensors: Optional[Tensor]) -> bool:
     return _native_takes(tensors)
 
 
-#: The pointwise feature maps the C++ kernel applies itself (its ``map`` codes).
-NATIVE_MAPS = {"identity": 0, "elu": 1, "relu": 2}
+#: The feature maps the C++ kernel applies itself (its ``map`` codes): elu (+ 1) and relu
+#: pointwise, taylor Based's second-order map of ``feature_dim`` channels.
+NATIVE_MAPS = {"identity": 0, "elu": 1, "relu": 2, "taylor": 3}
 
 
-def _native_causal(q, k, v, log_decay, state, length, scale, strict, normalizer, feature_map="identity", query_scale=1.0, eps=None, reverse=False):
+def _native_causal(
+    q, k, v, log_decay, state, length, scale, strict, normalizer, feature_map="identity", query_scale=1.0, eps=None, reverse=False, feature_dim=None
+):
     """The causal chunked forward in C++: one row (batch, head) per task, its state in cache.
 
-    ``feature_map`` (a :data:`NATIVE_MAPS` name) is applied to ``query_scale * q`` and to ``k``
-    inside; ``eps`` (with ``normalizer``) divides by the normalizer inside and drops its column;
-    ``reverse`` runs from the last token to the first (anti-causal).
+    ``feature_map`` (a :data:`NATIVE_MAPS` name; taylor over ``feature_dim`` channels, None: all)
+    is applied to ``query_scale * q`` and to ``k`` inside; ``eps`` (with ``normalizer``) divides
+    by the normalizer inside and drops its column; ``reverse`` runs from the last token to the
+    first (anti-causal).
     """
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     empty = q.new_empty(0)
@@ -525,7 +529,8 @@ def _native_causal(q, k, v, log_decay, state, length, scale, strict, normalizer,
     log_decay = empty if log_decay is None else log_decay
     divide = eps is not None
     return _native_scan().causal_forward(  # type: ignore[union-attr]
-        q, k, v, state, log_decay, float(scale), length, strict, normalizer, NATIVE_MAPS[feature_map], float(query_scale), divide, float(eps or 0.0), reverse
+        q, k, v, state, log_decay, float(scale), length, strict, normalizer, NATIVE_MAPS[feature_map], feature_dim or q.shape[-1],
+        float(query_scale), divide, float(eps or 0.0), reverse,
     )
 
 
@@ -587,19 +592,21 @@ def fused_causal_forward(
     log_decay: Optional[Tensor] = None,
     chunk_size: int = DEFAULT_CHUNK,
     eps: Optional[float] = None,
+    feature_dim: Optional[int] = None,
 ) -> Optional[Tensor]:
     """Causal self-attention (Nq = Nk) with the feature map and the normalization inside the C++
     kernel: one pass over q, k and v, no temporary. None when the kernel cannot take the inputs
     (see :func:`native_scan_usable`; other devices, dtypes or maps go through the other forms).
 
     ``out_i = sum_(j <= i) gamma^(i-j) s (phi(c q_i) . phi(k_j)) v_j``, divided by the same sum
-    over ``[v_j = 1]`` plus ``eps`` when ``eps`` is given; ``phi`` one of :data:`NATIVE_MAPS`,
-    ``c = query_scale``, ``s = scale``. k and v may have fewer heads than q (GQA).
+    over ``[v_j = 1]`` plus ``eps`` when ``eps`` is given; ``phi`` one of :data:`NATIVE_MAPS`
+    (``taylor`` over the first ``feature_dim`` channels, None: all), ``c = query_scale``,
+    ``s = scale``. k and v may have fewer heads than q (GQA).
     """
     if feature_map not in NATIVE_MAPS or q.shape[2] != k.shape[2] or q.shape[2] == 0 or not native_scan_usable(q, k, v, log_decay):
         return None
     length = min(chunk_size, q.shape[2])
-    out, _ = _native_causal(q, k, v, log_decay, None, length, scale, False, eps is not None, feature_map, query_scale, eps)
+    out, _ = _native_causal(q, k, v, log_decay, None, length, scale, False, eps is not None, feature_map, query_scale, eps, feature_dim=feature_dim)
     return out
 
 

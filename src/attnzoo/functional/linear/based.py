@@ -44,7 +44,7 @@ from ...registry import PATTERNS, Backend, Mechanism, Param, Problem, flag, posi
 from ._shared import Operands, ScanDecoder, add_form_backends, chunk_size_param, compute_dtype, expand_heads, is_int
 from .feature_maps import MAP_PARAMETERS, taylor_feature_count
 # linear.py keeps these two private for now; based is linear with a fixed map, so it reuses them
-from .linear import linear_finish, linear_operands
+from .linear import linear_finish, linear_fused, linear_operands
 
 __all__ = ["based_attention", "BASED", "DEFAULT_FEATURE_DIM"]
 
@@ -115,6 +115,10 @@ def _finish(out: Tensor, params: dict, nq: int, nk: int) -> Tensor:
     return linear_finish(out, params, nq, nk)
 
 
+def _fused(q: Tensor, k: Tensor, v: Tensor, params: dict) -> Optional[Tensor]:
+    return linear_fused(q, k, v, _as_linear(params, q.shape[-1]))
+
+
 # --------------------------------------------------------------------------------------------
 # reference: the weights 1 + a + a^2/2 materialized, no feature map
 # --------------------------------------------------------------------------------------------
@@ -181,7 +185,7 @@ BASED = register(
     )
 )
 BASED.add_backend(Backend("reference", _reference, doc="w = 1 + a + a^2/2 materialized from q . k: the spec", priority=-100, materializes_scores=True))
-add_form_backends(BASED, _operands, _finish)
+add_form_backends(BASED, _operands, _finish, _fused)
 
 
 def based_attention(

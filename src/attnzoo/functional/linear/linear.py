@@ -39,7 +39,7 @@ from ._shared import (
 )
 from .feature_maps import FEATURE_MAPS, MAP_PARAMETERS, SOFTMAX_KERNEL_PARAMS, feature_count, feature_map_for, feature_map_check, projection_conflict, softplus
 
-__all__ = ["linear_attention", "LINEAR", "linear_operands", "linear_finish"]
+__all__ = ["linear_attention", "LINEAR", "linear_operands", "linear_finish", "linear_fused"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -167,14 +167,17 @@ def linear_finish(out: Tensor, params: dict, nq: int, nk: int) -> Tensor:
     return divide_by_normalizer(out, params["eps"]) if params["normalize"] else out
 
 
-def _fused(q: Tensor, k: Tensor, v: Tensor, params: dict) -> Optional[Tensor]:
-    """The pointwise maps (identity, elu, relu) in one C++ call, map and division inside; else None."""
+def linear_fused(q: Tensor, k: Tensor, v: Tensor, params: dict) -> Optional[Tensor]:
+    """The maps the C++ kernel knows (identity, elu, relu, taylor) in one call, map and division
+    inside; else None (the ``fused`` hook of :func:`add_form_backends`)."""
     feature_map = params["feature_map"]
     if not (isinstance(feature_map, str) and feature_map in NATIVE_MAPS):
         return None
     scale = params["scale"] or q.shape[-1] ** -0.5
     eps = params["eps"] if params["normalize"] else None
-    return fused_causal_forward(q, k, v, feature_map=feature_map, query_scale=scale, chunk_size=params["chunk_size"], eps=eps)
+    return fused_causal_forward(
+        q, k, v, feature_map=feature_map, query_scale=scale, chunk_size=params["chunk_size"], eps=eps, feature_dim=params["feature_dim"]
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -266,7 +269,7 @@ LINEAR = register(
     )
 )
 LINEAR.add_backend(Backend("reference", _reference, doc="the scores materialized: the parallel form, the spec", priority=-100, materializes_scores=True))
-add_form_backends(LINEAR, linear_operands, linear_finish, _fused)
+add_form_backends(LINEAR, linear_operands, linear_finish, linear_fused)
 
 
 def linear_attention(

@@ -135,8 +135,9 @@ inline f8 exp8_nonpositive(f8 x) {
   return p * scale;
 }
 
-// The pointwise feature maps the kernel applies as it loads a chunk (phi(s q), phi(k)).
-enum class Map : int64_t { identity = 0, elu_plus_one = 1, relu = 2 };
+// The feature maps the kernel applies as it loads a chunk (phi(s q), phi(k)): pointwise ones, and
+// Based's Taylor map.
+enum class Map : int64_t { identity = 0, elu_plus_one = 1, relu = 2, taylor = 3 };
 
 inline f8 apply(Map map, f8 x) {
   const f8 zero = splat(0.f);
@@ -155,8 +156,25 @@ inline float apply(Map map, float x) {
   }
 }
 
-// dst[0:n] = phi(scale * src[0:n]).
-inline void map_row(Map map, float scale, const float* src, float* dst, int64_t n) {
+// Based's second-order Taylor map of y = scale * src[0:d] (feature_maps.taylor_features):
+// [1, y, w_ij y_i y_j for i <= j], w = 1/sqrt 2 on the diagonal and 1 elsewhere, so that
+// phi(x) . phi(x') = 1 + y.y' + (y.y')^2 / 2 with 1 + d + d(d+1)/2 features.
+inline void taylor_row(float scale, const float* src, int64_t d, float* dst) {
+  constexpr float kRootHalf = 0.70710678118654752f;
+  float* y = dst + 1;
+  float* pair = y + d;
+  dst[0] = 1.f;
+  for (int64_t a = 0; a < d; ++a) y[a] = src[a] * scale;
+  for (int64_t i = 0; i < d; ++i) {
+    const float yi = y[i];
+    *pair++ = yi * (kRootHalf * yi);
+    for (int64_t j = i + 1; j < d; ++j) *pair++ = yi * y[j];
+  }
+}
+
+// dst[0:n] = phi(scale * src[0:n]); the Taylor map reads src[0:taylor_dim] and writes n features.
+inline void map_row(Map map, float scale, const float* src, float* dst, int64_t n, int64_t taylor_dim) {
+  if (map == Map::taylor) return taylor_row(scale, src, taylor_dim, dst);
   int64_t f = 0;
   for (; f + 8 <= n; f += 8) store8(dst + f, apply(map, load8(src + f) * splat(scale)));
   for (; f < n; ++f) dst[f] = apply(map, src[f] * scale);
@@ -191,6 +209,7 @@ struct Options {
   bool ones, strict, divide;
   double scale, eps;
   Map map;
+  int64_t taylor_dim;  // the channels the Taylor map reads
   float query_scale;
 };
 
@@ -227,8 +246,8 @@ struct Row {
   // phi(s q) row by row, phi(k) transposed, v padded to dvp columns.
   void load_chunk(const float* q, const float* k, const float* v, int64_t len) {
     for (int64_t j = 0; j < len; ++j) {
-      map_row(o.map, o.query_scale, q + j * o.ldq, &qb[j * o.f], o.f);
-      map_row(o.map, 1.f, k + j * o.ldk, &kb[j * o.f], o.f);
+      map_row(o.map, o.query_scale, q + j * o.ldq, &qb[j * o.f], o.f, o.taylor_dim);
+      map_row(o.map, 1.f, k + j * o.ldk, &kb[j * o.f], o.f, o.taylor_dim);
       std::memcpy(&vb[j * dvp], v + j * o.ldv, o.dv * sizeof(float));
     }
     for (int64_t f = 0; f < o.f; ++f)  // strided reads from L1 cost less than strided writes
@@ -301,24 +320,28 @@ void scan_row(const Options& o, const float* q, const float* k, const float* v, 
   row.store_state(state);
 }
 
-// q (B, H, N, F), k (B, Hk, N, F), v (B, Hk, N, Dv) float32 with a contiguous last dim (token
+// q (B, H, N, D), k (B, Hk, N, D), v (B, Hk, N, Dv) float32 with a contiguous last dim (token
 // slices of a longer sequence go in without a copy), H a multiple of Hk (GQA); state (B, H, F,
-// Dv') or empty; log_gamma (H,) or empty. `map` (0 identity, 1 elu + 1, 2 relu) is applied to
+// Dv') or empty; log_gamma (H,) or empty. `map` (0 identity, 1 elu + 1, 2 relu: F = D; 3 Based's
+// Taylor map of the first `taylor_dim` channels: F = 1 + d + d(d+1)/2) is applied to
 // query_scale * q and to k as each chunk is loaded; `divide` (with `ones`) returns
 // out[:, :Dv] / (out[:, Dv] + eps) instead of [out, den]; `reverse` runs the sequence from its
 // last token to its first (the anti-causal sums of the backward, without flipping copies).
 // Returns (out (B, H, N, Dv' or Dv), state after the last token (B, H, F, Dv')), Dv' = Dv + ones.
 std::vector<torch::Tensor> causal_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor state, torch::Tensor log_gamma,
-                                          double scale, int64_t length, bool strict, bool ones, int64_t map, double query_scale,
-                                          bool divide, double eps, bool reverse) {
+                                          double scale, int64_t length, bool strict, bool ones, int64_t map, int64_t taylor_dim,
+                                          double query_scale, bool divide, double eps, bool reverse) {
   for (const auto& x : {q, k, v}) {
     TORCH_CHECK(x.dtype() == torch::kFloat32 && x.device().is_cpu() && x.dim() == 4, "linear_scan: float32 (B, H, N, .) CPU tensors");
     TORCH_CHECK(x.stride(3) == 1, "linear_scan: the last dim must be contiguous");
   }
-  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), F = q.size(3), Hk = k.size(1), Dv = v.size(3);
-  TORCH_CHECK(k.size(0) == B && k.size(2) == N && k.size(3) == F && v.size(0) == B && v.size(1) == Hk && v.size(2) == N, "linear_scan: shapes");
+  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), D = q.size(3), Hk = k.size(1), Dv = v.size(3);
+  TORCH_CHECK(k.size(0) == B && k.size(2) == N && k.size(3) == D && v.size(0) == B && v.size(1) == Hk && v.size(2) == N, "linear_scan: shapes");
   TORCH_CHECK(Hk >= 1 && H % Hk == 0, "linear_scan: query heads a multiple of key heads");
-  TORCH_CHECK(length >= 1 && map >= 0 && map <= 2 && (!divide || ones), "linear_scan: options");
+  TORCH_CHECK(length >= 1 && map >= 0 && map <= 3 && (!divide || ones), "linear_scan: options");
+  const bool taylor = static_cast<Map>(map) == Map::taylor;
+  TORCH_CHECK(!taylor || (taylor_dim >= 1 && taylor_dim <= D), "linear_scan: the Taylor map reads 1..D channels");
+  const int64_t F = taylor ? 1 + taylor_dim + taylor_dim * (taylor_dim + 1) / 2 : D;
   const int64_t cols = Dv + (ones ? 1 : 0);
   torch::Tensor end = state.numel() ? state.to(torch::kFloat32).contiguous().clone() : torch::zeros({B, H, F, cols}, q.options());
   TORCH_CHECK(end.dim() == 4 && end.size(0) == B && end.size(1) == H && end.size(2) == F && end.size(3) == cols, "linear_scan: state shape");
@@ -344,6 +367,7 @@ std::vector<torch::Tensor> causal_forward(torch::Tensor q, torch::Tensor k, torc
                   .scale = scale,
                   .eps = eps,
                   .map = static_cast<Map>(map),
+                  .taylor_dim = taylor_dim,
                   .query_scale = float(query_scale)};
   const int64_t last = reverse ? N - 1 : 0;
   const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
