@@ -20,8 +20,8 @@
 // normalizer sum_j w_ij s (q_i . k_j) as their last column (Dv + 1), computed from the row sums
 // of A and a vector z = sum_j gamma^(.) k_j instead of a 65th GEMM column.
 //
-// Fused around it, so that a normalized linear attention is one pass over q, k and v: a
-// pointwise feature map (elu + 1, relu) applied to q (after a scale) and k as each chunk is
+// Fused around it, so that a normalized linear attention is one pass over q, k and v: a feature
+// map (elu + 1, relu, or Based's Taylor map) applied to q (after a scale) and k as each chunk is
 // loaded, and the division of the output by its normalizer (+ eps) as each chunk is stored.
 //
 // float32 only (the Python side sends other dtypes to the torch path). The GEMMs use 8-lane
