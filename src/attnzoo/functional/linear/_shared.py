@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from ...errors import ParameterError
-from ...kernels.linear_scan import DEFAULT_CHUNK, SCAN_BLOCK, chunked_form, chunked_scan, recurrent_form
+from ...kernels.linear_scan import DEFAULT_CHUNK, SCAN_BLOCK, chunked_form, chunked_scan, native_scan_usable, recurrent_form
 from ...registry import Mechanism, Param, Problem
 
 __all__ = [
@@ -234,9 +234,9 @@ class ScanState:
 class ScanDecoder:
     """Incremental decoding of a causal mechanism of the family: fold the new keys into the state.
 
-    A step of at most RECURRENT_STEP_TOKENS tokens runs the recurrence, a longer one the chunked
-    form from the state (both exact); time and memory per token do not depend on how many
-    tokens came before.
+    A step of at most RECURRENT_STEP_TOKENS tokens runs the recurrence, a longer one (or any one
+    the C++ kernel takes: one call) the chunked form from the state (both exact); time and
+    memory per token do not depend on how many tokens came before.
     """
 
     def __init__(self, name: str, operands: Prepare, finish: Finish):
@@ -251,7 +251,7 @@ class ScanDecoder:
         if q.shape[2] > k.shape[2]:
             raise ParameterError(f"{self.name}: q: a decoding step takes at most as many queries as new keys, got {q.shape[2]} and {k.shape[2]}", argument="q")
         ops = self.operands(q, k, v, params)
-        if k.shape[2] <= RECURRENT_STEP_TOKENS:  # the recurrence itself: a few small ops a token
+        if k.shape[2] <= RECURRENT_STEP_TOKENS and not native_scan_usable(ops.q, ops.k, ops.v, state.kv, ops.log_decay):  # a few small ops a token
             out, state.kv = recurrent_form(ops.q, ops.k, ops.v, causal=True, state=state.kv, **ops.engine_args())
         else:  # the chunked form: ~30 ops a call, whatever its length
             out, state.kv = chunked_scan(ops.q, ops.k, ops.v, state=state.kv, chunk_size=params["chunk_size"], **ops.engine_args())
