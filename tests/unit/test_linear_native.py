@@ -237,3 +237,29 @@ def test_training_step_takes_the_native_backward(monkeypatch):
     out_ref = attnzoo.attention(*ref, "linear", backend="reference", causal=True)
     for got, want in zip(grads, torch.autograd.grad(out_ref.square().sum(), ref)):
         torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_fused_forward_reads_16_bit_inputs_in_float32(dtype):
+    """16-bit inputs are widened in the kernel: the result is the float32 one, rounded once."""
+    q, k, v = (x.to(dtype) for x in random_qkv(2, 4, 150, 150, 16, 8, kv_heads=2, seed=19))
+    with torch.no_grad():
+        got = fused_causal_forward(q, k, v, feature_map="elu", query_scale=0.25, chunk_size=32, eps=1e-6)
+        wide = fused_causal_forward(q.float(), k.float(), v.float(), feature_map="elu", query_scale=0.25, chunk_size=32, eps=1e-6)
+        kept = fused_causal_forward(q, k, v, feature_map="elu", query_scale=0.25, chunk_size=32, eps=1e-6, dtype=torch.float32)
+    assert got.dtype == dtype and kept.dtype == torch.float32
+    torch.testing.assert_close(kept, wide, rtol=0, atol=0)
+    torch.testing.assert_close(got, wide.to(dtype), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["linear", "retention", "transnormer", "based"])
+def test_16_bit_causal_forward_is_one_native_call(name, monkeypatch):
+    calls = []
+    native = linear_scan._native_causal
+    monkeypatch.setattr(linear_scan, "_native_causal", lambda *a, **kw: calls.append(a[0].dtype) or native(*a, **kw))
+    q, k, v = (x.to(torch.bfloat16) for x in random_qkv(1, 2, 200, 200, 16, 8, seed=20))
+    with torch.no_grad():
+        got = attnzoo.attention(q, k, v, name, causal=True, chunk_size=32)
+        want = attnzoo.attention(q.double(), k.double(), v.double(), name, backend="reference", causal=True)
+    assert calls == [torch.bfloat16] and got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.double(), want, rtol=2e-2, atol=2e-2)

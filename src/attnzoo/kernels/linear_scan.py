@@ -492,12 +492,17 @@ def _native_scan() -> Optional[object]:
     return load_kernel("linear_scan", "linear-attention scan")
 
 
-def _native_takes(tensors: tuple[Optional[Tensor], ...]) -> bool:
-    """float32 CPU inputs (the state and decay may be anything on the CPU) and the kernel built."""
+def _native_takes(tensors: tuple[Optional[Tensor], ...], dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> bool:
+    """CPU inputs whose q, k and v have one of ``dtypes`` (the state and decay may be anything on
+    the CPU), and the kernel built."""
     present = [t for t in tensors if t is not None]
-    if any(t.device.type != "cpu" for t in present) or any(t.dtype != torch.float32 for t in present[:3]):
+    if any(t.device.type != "cpu" for t in present) or any(t.dtype not in dtypes for t in present[:3]):
         return False
     return _native_scan() is not None
+
+
+#: What the fused forward reads: it computes in float32 and returns the inputs' dtype.
+FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def native_scan_usable(*tensors: Optional[Tensor]) -> bool:
@@ -593,21 +598,26 @@ def fused_causal_forward(
     chunk_size: int = DEFAULT_CHUNK,
     eps: Optional[float] = None,
     feature_dim: Optional[int] = None,
+    dtype: Optional[torch.dtype] = None,
 ) -> Optional[Tensor]:
     """Causal self-attention (Nq = Nk) with the feature map and the normalization inside the C++
     kernel: one pass over q, k and v, no temporary. None when the kernel cannot take the inputs
-    (see :func:`native_scan_usable`; other devices, dtypes or maps go through the other forms).
+    (CPU tensors of one of :data:`FUSED_DTYPES`, computed in float32, nothing that needs a
+    gradient; other devices, dtypes or maps go through the other forms).
 
     ``out_i = sum_(j <= i) gamma^(i-j) s (phi(c q_i) . phi(k_j)) v_j``, divided by the same sum
     over ``[v_j = 1]`` plus ``eps`` when ``eps`` is given; ``phi`` one of :data:`NATIVE_MAPS`
     (``taylor`` over the first ``feature_dim`` channels, None: all), ``c = query_scale``,
-    ``s = scale``. k and v may have fewer heads than q (GQA).
+    ``s = scale``. k and v may have fewer heads than q (GQA). The output comes in ``dtype``
+    (None: the inputs'; float32 keeps the kernel's result unrounded for more work after it).
     """
-    if feature_map not in NATIVE_MAPS or q.shape[2] != k.shape[2] or q.shape[2] == 0 or not native_scan_usable(q, k, v, log_decay):
+    if feature_map not in NATIVE_MAPS or q.shape[2] != k.shape[2] or q.shape[2] == 0 or len({q.dtype, k.dtype, v.dtype}) != 1:
+        return None
+    if (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))) or not _native_takes((q, k, v, log_decay), FUSED_DTYPES):
         return None
     length = min(chunk_size, q.shape[2])
     out, _ = _native_causal(q, k, v, log_decay, None, length, scale, False, eps is not None, feature_map, query_scale, eps, feature_dim=feature_dim)
-    return out
+    return out.to(dtype or q.dtype)
 
 
 def _chunked_causal(q, k, v, log_decay, state, chunk_size, scale, strict=False, normalizer=False):

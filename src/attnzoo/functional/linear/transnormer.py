@@ -202,8 +202,8 @@ def _fused(q: Tensor, k: Tensor, v: Tensor, params: dict) -> Optional[Tensor]:
     feature_map = params["feature_map"]
     if not (isinstance(feature_map, str) and feature_map in NATIVE_MAPS):
         return None
-    out = fused_causal_forward(q, k, v, feature_map=feature_map, chunk_size=params["chunk_size"])
-    return None if out is None else _finish(out, params, q.shape[2], k.shape[2])
+    out = fused_causal_forward(q, k, v, feature_map=feature_map, chunk_size=params["chunk_size"], dtype=compute_dtype(q.dtype))
+    return None if out is None else _finish(out, params, q.shape[2], k.shape[2]).to(q.dtype)
 
 
 def _reference(q, k, v, **params):

@@ -24,7 +24,8 @@
 // map (elu + 1, relu, or Based's Taylor map) applied to q (after a scale) and k as each chunk is
 // loaded, and the division of the output by its normalizer (+ eps) as each chunk is stored.
 //
-// float32 only (the Python side sends other dtypes to the torch path). The GEMMs use 8-lane
+// Computed in float32: bfloat16 and float16 inputs are widened as each chunk is loaded, and the
+// output is float32 (float64 stays on the torch path). The GEMMs use 8-lane
 // vectors (GCC/Clang vector extensions: AVX with -march=native, emulated elsewhere) in 4 x 16
 // register blocks.
 
@@ -34,6 +35,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -202,6 +204,7 @@ struct ChunkDecay {
 
 struct Options {
   int64_t n, f, dv, length;
+  int64_t d_in;           // channels of each q and k row (F, or more for the Taylor map)
   int64_t ldq, ldk, ldv;  // the inputs' token strides (features are contiguous; negative: reversed)
   int64_t state_cols;     // Dv + ones
   int64_t out_cols;       // Dv + ones, or Dv when the kernel divides
@@ -220,12 +223,23 @@ struct Row {
   const Options& o;
   int64_t lp, dvp;
   std::vector<float> qb, kb, kt, vb, a, out, S, z, den;
+  std::vector<float> wide;  // one widened input row (16-bit inputs)
   bool empty_state = true;
+
+  template <typename T>
+  const float* widened(const T* src, int64_t n) {
+    if constexpr (std::is_same_v<T, float>) {
+      return src;
+    } else {
+      for (int64_t i = 0; i < n; ++i) wide[i] = static_cast<float>(src[i]);
+      return wide.data();
+    }
+  }
 
   explicit Row(const Options& opt)
       : o(opt), lp(round_up(opt.length, kNR)), dvp(round_up(opt.dv, kNR)), qb(opt.length * opt.f), kb(opt.length * opt.f),
         kt(opt.f * lp, 0.f), vb(opt.length * dvp, 0.f), a(opt.length * lp), out(opt.length * dvp), S(opt.f * dvp, 0.f), z(opt.f, 0.f),
-        den(opt.length) {}
+        den(opt.length), wide(std::max(opt.d_in, opt.dv)) {}
 
   void load_state(const float* state) {  // the normalizer column goes to z
     for (int64_t f = 0; f < o.f; ++f) {
@@ -243,12 +257,14 @@ struct Row {
     }
   }
 
-  // phi(s q) row by row, phi(k) transposed, v padded to dvp columns.
-  void load_chunk(const float* q, const float* k, const float* v, int64_t len) {
+  // phi(s q) row by row, phi(k) transposed, v padded to dvp columns; 16-bit inputs are widened
+  // to float32 row by row on the way in.
+  template <typename T>
+  void load_chunk(const T* q, const T* k, const T* v, int64_t len) {
     for (int64_t j = 0; j < len; ++j) {
-      map_row(o.map, o.query_scale, q + j * o.ldq, &qb[j * o.f], o.f, o.taylor_dim);
-      map_row(o.map, 1.f, k + j * o.ldk, &kb[j * o.f], o.f, o.taylor_dim);
-      std::memcpy(&vb[j * dvp], v + j * o.ldv, o.dv * sizeof(float));
+      map_row(o.map, o.query_scale, widened(q + j * o.ldq, o.d_in), &qb[j * o.f], o.f, o.taylor_dim);
+      map_row(o.map, 1.f, widened(k + j * o.ldk, o.d_in), &kb[j * o.f], o.f, o.taylor_dim);
+      std::memcpy(&vb[j * dvp], widened(v + j * o.ldv, o.dv), o.dv * sizeof(float));
     }
     for (int64_t f = 0; f < o.f; ++f)  // strided reads from L1 cost less than strided writes
       for (int64_t j = 0; j < len; ++j) kt[f * lp + j] = kb[j * o.f + f];
@@ -305,7 +321,8 @@ struct Row {
   }
 };
 
-void scan_row(const Options& o, const float* q, const float* k, const float* v, float* state, float* out, const double* log_gamma) {
+template <typename T>
+void scan_row(const Options& o, const T* q, const T* k, const T* v, float* state, float* out, const double* log_gamma) {
   Row row(o);
   row.load_state(state);
   const double lg = log_gamma ? *log_gamma : 0.0;
@@ -320,7 +337,8 @@ void scan_row(const Options& o, const float* q, const float* k, const float* v, 
   row.store_state(state);
 }
 
-// q (B, H, N, D), k (B, Hk, N, D), v (B, Hk, N, Dv) float32 with a contiguous last dim (token
+// q (B, H, N, D), k (B, Hk, N, D), v (B, Hk, N, Dv) of one dtype (float32, bfloat16 or float16:
+// computed in float32 either way, the output float32) with a contiguous last dim (token
 // slices of a longer sequence go in without a copy), H a multiple of Hk (GQA); state (B, H, F,
 // Dv') or empty; log_gamma (H,) or empty. `map` (0 identity, 1 elu + 1, 2 relu: F = D; 3 Based's
 // Taylor map of the first `taylor_dim` channels: F = 1 + d + d(d+1)/2) is applied to
@@ -331,8 +349,10 @@ void scan_row(const Options& o, const float* q, const float* k, const float* v, 
 std::vector<torch::Tensor> causal_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor state, torch::Tensor log_gamma,
                                           double scale, int64_t length, bool strict, bool ones, int64_t map, int64_t taylor_dim,
                                           double query_scale, bool divide, double eps, bool reverse) {
+  const auto dtype = q.scalar_type();
+  TORCH_CHECK(dtype == torch::kFloat32 || dtype == torch::kBFloat16 || dtype == torch::kHalf, "linear_scan: float32, bfloat16 or float16");
   for (const auto& x : {q, k, v}) {
-    TORCH_CHECK(x.dtype() == torch::kFloat32 && x.device().is_cpu() && x.dim() == 4, "linear_scan: float32 (B, H, N, .) CPU tensors");
+    TORCH_CHECK(x.scalar_type() == dtype && x.device().is_cpu() && x.dim() == 4, "linear_scan: (B, H, N, .) CPU tensors of one dtype");
     TORCH_CHECK(x.stride(3) == 1, "linear_scan: the last dim must be contiguous");
   }
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), D = q.size(3), Hk = k.size(1), Dv = v.size(3);
@@ -343,18 +363,20 @@ std::vector<torch::Tensor> causal_forward(torch::Tensor q, torch::Tensor k, torc
   TORCH_CHECK(!taylor || (taylor_dim >= 1 && taylor_dim <= D), "linear_scan: the Taylor map reads 1..D channels");
   const int64_t F = taylor ? 1 + taylor_dim + taylor_dim * (taylor_dim + 1) / 2 : D;
   const int64_t cols = Dv + (ones ? 1 : 0);
-  torch::Tensor end = state.numel() ? state.to(torch::kFloat32).contiguous().clone() : torch::zeros({B, H, F, cols}, q.options());
+  const auto f32 = q.options().dtype(torch::kFloat32);
+  torch::Tensor end = state.numel() ? state.to(torch::kFloat32).contiguous().clone() : torch::zeros({B, H, F, cols}, f32);
   TORCH_CHECK(end.dim() == 4 && end.size(0) == B && end.size(1) == H && end.size(2) == F && end.size(3) == cols, "linear_scan: state shape");
   const bool decayed = log_gamma.numel() > 0;
   torch::Tensor lg = decayed ? log_gamma.to(torch::kFloat64).contiguous() : log_gamma;
   TORCH_CHECK(!decayed || lg.numel() == H, "linear_scan: one log decay per head");
   const int64_t out_cols = divide ? Dv : cols;
-  torch::Tensor out = torch::empty({B, H, N, out_cols}, q.options());
+  torch::Tensor out = torch::empty({B, H, N, out_cols}, f32);
   const int64_t sign = reverse ? -1 : 1;  // reversed: every row starts at its last token and walks back
   const Options o{.n = N,
                   .f = F,
                   .dv = Dv,
                   .length = std::min(length, std::max<int64_t>(N, 1)),
+                  .d_in = D,
                   .ldq = sign * q.stride(2),
                   .ldk = sign * k.stride(2),
                   .ldv = sign * v.stride(2),
@@ -370,18 +392,25 @@ std::vector<torch::Tensor> causal_forward(torch::Tensor q, torch::Tensor k, torc
                   .taylor_dim = taylor_dim,
                   .query_scale = float(query_scale)};
   const int64_t last = reverse ? N - 1 : 0;
-  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
   float *op = out.data_ptr<float>(), *sp = end.data_ptr<float>();
   const double* gp = decayed ? lg.data_ptr<double>() : nullptr;
   const int64_t group = H / Hk;
-  at::parallel_for(0, B * H, 1, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t b = r / H, h = r % H, hk = h / group;
-      scan_row(o, qp + b * q.stride(0) + h * q.stride(1) + last * q.stride(2), kp + b * k.stride(0) + hk * k.stride(1) + last * k.stride(2),
-               vp + b * v.stride(0) + hk * v.stride(1) + last * v.stride(2), sp + r * F * cols, op + (r * N + last) * out_cols,
-               gp ? gp + h : nullptr);
-    }
-  });
+  auto run = [&](auto* qp, auto* kp, auto* vp) {
+    at::parallel_for(0, B * H, 1, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t b = r / H, h = r % H, hk = h / group;
+        scan_row(o, qp + b * q.stride(0) + h * q.stride(1) + last * q.stride(2), kp + b * k.stride(0) + hk * k.stride(1) + last * k.stride(2),
+                 vp + b * v.stride(0) + hk * v.stride(1) + last * v.stride(2), sp + r * F * cols, op + (r * N + last) * out_cols,
+                 gp ? gp + h : nullptr);
+      }
+    });
+  };
+  if (dtype == torch::kBFloat16)
+    run(q.data_ptr<at::BFloat16>(), k.data_ptr<at::BFloat16>(), v.data_ptr<at::BFloat16>());
+  else if (dtype == torch::kHalf)
+    run(q.data_ptr<at::Half>(), k.data_ptr<at::Half>(), v.data_ptr<at::Half>());
+  else
+    run(q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>());
   return {out, end};
 }
 
