@@ -131,6 +131,7 @@ def test_fused_declines_what_it_cannot_run():
     with torch.no_grad():
         assert fused_causal_forward(q.double(), k.double(), v.double()) is None  # float32 only
         assert fused_causal_forward(q, k, v, feature_map="softmax_kernel") is None
+        assert fused_causal_forward(q, k, v, feature_map=torch.sigmoid) is None  # a callable
         assert fused_causal_forward(q, k[:, :, :5], v[:, :, :5]) is None  # Nq != Nk
     with torch.enable_grad():
         assert fused_causal_forward(q.requires_grad_(), k, v) is None  # no backward in C++

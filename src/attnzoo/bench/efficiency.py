@@ -219,7 +219,7 @@ def _runner(forward: Callable[[], Any], config: EfficiencyConfig, qkv: tuple[tor
     """What one timed repeat does: the forward, or the forward and the backward."""
     if config.mode != "train":
         return forward
-    grads: list[torch.Tensor] = []  # drawn once: drawing 4M normals took ~35 ms a step on the 2-core CPU
+    grads: list[torch.Tensor] = []  # drawn once: drawing 4M normals took ~60 ms a step on the 2-core CPU
 
     def train_step() -> Any:
         out = forward()

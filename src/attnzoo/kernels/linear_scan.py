@@ -34,16 +34,17 @@ On float32 CPU inputs the causal chunked form runs in C++ (``csrc/linear_scan.cp
 first use; ``ATTNZOO_NATIVE=0`` turns it off): each (batch, head) row walks its chunks in order
 with the state in cache, so nothing of size N F Dv / L is written. Without autograd it is the
 forward alone (:func:`_native_causal`); with autograd, :class:`_NativeCausal`, whose backward is
-three more passes of the same kernel. :func:`fused_causal_forward` also moves a pointwise
-feature map and the normalization inside (one pass for a whole normalized linear attention).
-Elsewhere (CUDA, other dtypes, a starting state with autograd) the torch tiling
-:class:`_ChunkedCausal` runs; both compute the same sums.
+three more passes of the same kernel. :func:`fused_causal_forward` also moves the feature map
+(elu + 1, relu, Based's Taylor map) and the normalization inside, and reads bfloat16 and
+float16 inputs too (one pass for a whole normalized linear attention). Elsewhere (CUDA,
+float64, a starting state with autograd) the torch tiling :class:`_ChunkedCausal` runs; both
+compute the same sums.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -591,7 +592,7 @@ def fused_causal_forward(
     k: Tensor,
     v: Tensor,
     *,
-    feature_map: str = "identity",
+    feature_map: Any = "identity",
     query_scale: float = 1.0,
     scale: float = 1.0,
     log_decay: Optional[Tensor] = None,
@@ -606,12 +607,13 @@ def fused_causal_forward(
     gradient; other devices, dtypes or maps go through the other forms).
 
     ``out_i = sum_(j <= i) gamma^(i-j) s (phi(c q_i) . phi(k_j)) v_j``, divided by the same sum
-    over ``[v_j = 1]`` plus ``eps`` when ``eps`` is given; ``phi`` one of :data:`NATIVE_MAPS`
+    over ``[v_j = 1]`` plus ``eps`` when ``eps`` is given; ``phi`` one of :data:`NATIVE_MAPS` (any
+    other map, a callable included, gives None)
     (``taylor`` over the first ``feature_dim`` channels, None: all), ``c = query_scale``,
     ``s = scale``. k and v may have fewer heads than q (GQA). The output comes in ``dtype``
     (None: the inputs'; float32 keeps the kernel's result unrounded for more work after it).
     """
-    if feature_map not in NATIVE_MAPS or q.shape[2] != k.shape[2] or q.shape[2] == 0 or len({q.dtype, k.dtype, v.dtype}) != 1:
+    if not (isinstance(feature_map, str) and feature_map in NATIVE_MAPS) or q.shape[2] != k.shape[2] or q.shape[2] == 0 or len({q.dtype, k.dtype, v.dtype}) != 1:
         return None
     if (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))) or not _native_takes((q, k, v, log_decay), FUSED_DTYPES):
         return None

@@ -207,7 +207,7 @@ def add_form_backends(mech: Mechanism, operands: Prepare, finish: Finish, fused:
 
     mech.implementation(
         "chunked",
-        doc="Lightning Attention-2 tiling: quadratic inside chunks of chunk_size tokens, a state across them; chunked backward; C++ on float32 CPU inputs",
+        doc="Lightning Attention-2 tiling: quadratic inside chunks of chunk_size tokens, a state across them; chunked backward; C++ on CPU (float32; bfloat16/float16 too in the fused forward)",
         priority=50,
     )(chunked)
     mech.implementation(

@@ -43,7 +43,7 @@ from ...kernels.linear_scan import decay_weights
 from ...registry import PATTERNS, Backend, Mechanism, Param, Problem, flag, positive_number, register
 from ._shared import Operands, ScanDecoder, add_form_backends, chunk_size_param, compute_dtype, expand_heads, is_int
 from .feature_maps import MAP_PARAMETERS, taylor_feature_count
-# linear.py keeps these two private for now; based is linear with a fixed map, so it reuses them
+# based is linear with a fixed map (taylor), so it reuses linear's operands, finish and fused forward
 from .linear import linear_finish, linear_fused, linear_operands
 
 __all__ = ["based_attention", "BASED", "DEFAULT_FEATURE_DIM"]

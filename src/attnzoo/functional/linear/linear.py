@@ -25,7 +25,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
-from ...kernels.linear_scan import NATIVE_MAPS, fused_causal_forward, parallel_scores
+from ...kernels.linear_scan import fused_causal_forward, parallel_scores
 from ...registry import PATTERNS, Backend, Mechanism, Param, Problem, flag, positive_number, register
 from ._shared import (
     Operands,
@@ -170,13 +170,10 @@ def linear_finish(out: Tensor, params: dict, nq: int, nk: int) -> Tensor:
 def linear_fused(q: Tensor, k: Tensor, v: Tensor, params: dict) -> Optional[Tensor]:
     """The maps the C++ kernel knows (identity, elu, relu, taylor) in one call, map and division
     inside; else None (the ``fused`` hook of :func:`add_form_backends`)."""
-    feature_map = params["feature_map"]
-    if not (isinstance(feature_map, str) and feature_map in NATIVE_MAPS):
-        return None
     scale = params["scale"] or q.shape[-1] ** -0.5
     eps = params["eps"] if params["normalize"] else None
     return fused_causal_forward(
-        q, k, v, feature_map=feature_map, query_scale=scale, chunk_size=params["chunk_size"], eps=eps, feature_dim=params["feature_dim"]
+        q, k, v, feature_map=params["feature_map"], query_scale=scale, chunk_size=params["chunk_size"], eps=eps, feature_dim=params["feature_dim"]
     )
 
 

@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ...errors import ParameterError
-from ...kernels.linear_scan import NATIVE_MAPS, fused_causal_forward, parallel_scores
+from ...kernels.linear_scan import fused_causal_forward, parallel_scores
 from ...kernels.sdpa import sdpa
 from ...registry import PATTERNS, Backend, Mechanism, Param, Problem, choice, flag, positive_number, register
 from ._shared import Operands, ScanDecoder, add_form_backends, chunk_size_param, compute_dtype, expand_heads, is_int
@@ -198,11 +198,8 @@ def _finish(out: Tensor, params: dict, nq: int, nk: int) -> Tensor:
 
 
 def _fused(q: Tensor, k: Tensor, v: Tensor, params: dict) -> Optional[Tensor]:
-    """The pointwise maps (identity, elu, relu) in one C++ call, then the norm; else None."""
-    feature_map = params["feature_map"]
-    if not (isinstance(feature_map, str) and feature_map in NATIVE_MAPS):
-        return None
-    out = fused_causal_forward(q, k, v, feature_map=feature_map, chunk_size=params["chunk_size"], dtype=compute_dtype(q.dtype))
+    """The maps the C++ kernel knows in one call, then the norm; else None."""
+    out = fused_causal_forward(q, k, v, feature_map=params["feature_map"], chunk_size=params["chunk_size"], dtype=compute_dtype(q.dtype))
     return None if out is None else _finish(out, params, q.shape[2], k.shape[2]).to(q.dtype)
 
 

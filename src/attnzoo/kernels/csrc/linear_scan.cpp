@@ -204,7 +204,7 @@ struct ChunkDecay {
 
 struct Options {
   int64_t n, f, dv, length;
-  int64_t d_in;           // channels of each q and k row (F, or more for the Taylor map)
+  int64_t d_in;           // channels D of each q and k row (= F but for the Taylor map)
   int64_t ldq, ldk, ldv;  // the inputs' token strides (features are contiguous; negative: reversed)
   int64_t state_cols;     // Dv + ones
   int64_t out_cols;       // Dv + ones, or Dv when the kernel divides
