@@ -63,6 +63,55 @@ def test_no_crossing_for_good_gives_inf():
     assert crossing_length((-1e-6, 1.0, 0.0), (0.1, 0.0)) == math.inf
 
 
+# Rounding-level perturbations of both signs, as different BLAS builds leave them in a fit of exactly
+# linear costs (an AVX-512 Xeon's MKL left a = +1e-21 where an EPYC's left -7e-21): the answer must
+# not depend on which sign the machine produced.
+ROUNDING = (1 + 1e-15, 1 - 1e-15, 1 + 2e-15, 1, 1 - 2e-15, 1 + 1e-15, 1 - 1e-15)
+
+
+@pytest.mark.parametrize("sign", [1, -1])
+def test_linear_vanilla_is_a_line_whatever_the_rounding(sign):
+    vanilla = [(n, (0.5 * n + 1) * (1 + sign * (r - 1))) for n, r in zip(LENGTHS, ROUNDING)]
+    fit = fit_efficiency(vanilla, costs(lambda n: 2.0 * n))
+    assert fit.vanilla[0] == 0.0 and fit.vanilla[1:] == pytest.approx((0.5, 1.0), rel=1e-9)
+    assert fit.length == math.inf
+
+
+@pytest.mark.parametrize("curvature", [1e-21, -1e-21, 0.0])
+def test_a_curvature_within_tolerance_counts_as_zero(curvature):
+    assert crossing_length((curvature, 0.5, 1.0), (2.0, 0.0), zero_curvature=1e-18) == math.inf
+    assert crossing_length((curvature, 2.0, 0.0), (1.0, 100.0), zero_curvature=1e-18) == pytest.approx(100.0)
+    # without a tolerance a positive curvature is taken at its word: the crossing is astronomically far
+    if curvature > 0:
+        assert crossing_length((curvature, 0.5, 1.0), (2.0, 0.0)) > 1e20
+
+
+def test_equal_slopes_compare_their_offsets_whatever_the_rounding():
+    for wobble in (1 + 1e-15, 1 - 1e-15):
+        line = [(n, (2 * n + 5) * (wobble if i % 2 else 1)) for i, n in enumerate(LENGTHS)]
+        # same slope, mechanism 4 cheaper at every length
+        assert efficiency_length(line, costs(lambda n: 2 * n + 1)) == 0.0
+        # same slope, mechanism 4 dearer at every length
+        assert efficiency_length(line, costs(lambda n: 2 * n + 9)) == math.inf
+
+
+def test_a_small_real_curvature_is_kept():
+    # a n^2 adds 2.7e-4 at n = 16384 against costs of ~8000: 3e-8 of the scale, well above rounding
+    a = 1e-12
+    fit = fit_efficiency(costs(lambda n: a * n * n + 0.5 * n), costs(lambda n: 0.5 * n + 1e-4))
+    assert fit.vanilla[0] == pytest.approx(a, rel=1e-3)
+    assert fit.length == pytest.approx(math.sqrt(1e-4 / a), rel=1e-3)
+
+
+def test_curvature_within_the_noise_of_the_costs_counts_as_zero():
+    # linear costs with 1% noise: the quadratic term the fit finds is below 3 standard errors
+    wobble = [1.01, 0.99, 1.0, 1.01, 0.99, 1.01, 1.0]  # the quadratic term fits at -1.0 standard errors
+    vanilla = [(n, (0.5 * n + 100) * w) for n, w in zip(LENGTHS, wobble)]
+    fit = fit_efficiency(vanilla, costs(lambda n: 2.0 * n))
+    assert fit.vanilla[0] == 0.0
+    assert fit.length == math.inf
+
+
 def test_linear_vanilla_steeper_than_the_mechanism_crosses_where_the_lines_do():
     assert crossing_length((0.0, 2.0, 0.0), (1.0, 100.0)) == pytest.approx(100.0)
 
