@@ -11,6 +11,13 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
+from attnzoo.integrations._torchvision import ensure_importable as _ensure_torchvision_importable
+
+# timm needs torchvision, whose PyPI wheel (a CUDA build) cannot load its C++ ops beside our CPU
+# torch and then fails at import; define the two operators it needs first (see that module).
+# At conftest import, not in a fixture: test modules import timm/transformers while collected.
+_ensure_torchvision_importable()
+
 _COMMON = dict(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large],
