@@ -17,6 +17,7 @@ The reference stays each mechanism's own: the formula written with materialized 
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -24,7 +25,7 @@ import torch
 from torch import Tensor
 
 from ...errors import ParameterError
-from ...kernels.linear_scan import DEFAULT_CHUNK, SCAN_BLOCK, chunked_form, chunked_scan, native_scan_usable, recurrent_form
+from ...kernels.linear_scan import DEFAULT_CHUNK, SCAN_BLOCK, chunked_form, chunked_scan, native_scan_usable, parallel_scores, recurrent_form
 from ...registry import Mechanism, Param, Problem
 
 __all__ = [
@@ -37,6 +38,12 @@ __all__ = [
     "ScanState",
     "ScanDecoder",
     "is_int",
+    "key_padding_param",
+    "padded_keys",
+    "zero_padded",
+    "visible_keys",
+    "refuse_unless_right_padded",
+    "sample_padding",
 ]
 
 RECURRENT_NOTE = "a Python loop per token (the spec of the recurrence and the decoding form): chunked computes the same faster"
@@ -126,6 +133,90 @@ def chunk_size_param() -> Param:
 
 
 # --------------------------------------------------------------------------------------------
+# key padding: one parameter, one check and one way to drop keys for the whole family
+# --------------------------------------------------------------------------------------------
+PADDING_DOC = (
+    "(B, Nk) bool, True = ignore that key (torch.nn.MultiheadAttention's convention); "
+    "padded keys weigh nothing: their features are zeroed"
+)
+
+
+def _check_key_padding(value: Any, p: Problem) -> Optional[str]:
+    if value is None:
+        return None
+    expected = f"None or a bool tensor of shape (B={p.batch}, Nk={p.kv_len}) on {p.device} (True = ignore the key)"
+    if not isinstance(value, Tensor) or value.dtype != torch.bool or tuple(value.shape) != (p.batch, p.kv_len) or value.device != p.device:
+        return expected
+    return None
+
+
+def key_padding_param(doc: str = PADDING_DOC) -> Param:
+    """The family's ``key_padding_mask`` parameter (checked here once for every mechanism)."""
+    return Param(
+        "key_padding_mask",
+        None,
+        doc,
+        _check_key_padding,
+        (torch.zeros(1, dtype=torch.bool), torch.zeros(1, 1), torch.zeros(1, 10**6, dtype=torch.bool)),
+        "Tensor | None",
+    )
+
+
+def padded_keys(params: dict) -> Optional[Tensor]:
+    """The call's ``key_padding_mask`` (B, Nk), or None (also for callers that never pass one)."""
+    return params.get("key_padding_mask")
+
+
+def zero_padded(x: Tensor, mask: Optional[Tensor]) -> Tensor:
+    """``x`` (B, H, Nk, F) with the rows of padded keys set to 0 (their gradient is 0 too).
+
+    A zero feature row is a key that contributes nothing to ``phi(q) . sum_j phi(k_j)^T [v_j, 1]``,
+    numerator and normalizer alike, in every form (parallel, chunked, recurrent, decayed or
+    not): this is the whole of the family's padding. ``masked_fill`` rather than a product, so a
+    non-finite value at a pad stays out of the sums.
+    """
+    return x if mask is None else x.masked_fill(mask[:, None, :, None], 0)
+
+
+def visible_keys(mask: Optional[Tensor], n: int, like: Tensor) -> Tensor:
+    """1 for a real key, 0 for a pad, (B|1, 1, Nk, 1) in ``like``'s dtype and device (all ones without a mask)."""
+    if mask is None:
+        return torch.ones(1, 1, n, 1, dtype=like.dtype, device=like.device)
+    return (~mask).to(like.dtype)[:, None, :, None]
+
+
+def refuse_unless_right_padded(name: str, mask: Optional[Tensor], why: str) -> None:
+    """ParameterError naming ``key_padding_mask`` when a real key follows a pad in some row.
+
+    For mechanisms that place tokens by their absolute position (blocks, groups): padding on the
+    right leaves every real token where it was alone, padding before it moves it. One host sync.
+    """
+    if mask is None or mask.shape[1] < 2:
+        return
+    if bool((mask[:, :-1] & ~mask[:, 1:]).any()):
+        raise ParameterError(f"{name}: key_padding_mask: only padding on the right is exact here: {why}", argument="key_padding_mask")
+
+
+def sample_padding(p: Problem, rng: random.Random, *, right_only: bool = False, chance: float = 0.3) -> Optional[Tensor]:
+    """A random ``key_padding_mask`` for the conformance suite (or None): right, left or scattered
+    pads, sometimes a batch entry with every key padded."""
+    if rng.random() >= chance:
+        return None
+    gen = torch.Generator().manual_seed(rng.randrange(2**31))
+    n = p.kv_len
+    kind = "right" if right_only else rng.choice(("right", "left", "scattered"))
+    if kind == "scattered":
+        pad = torch.rand(p.batch, n, generator=gen) < rng.choice((0.2, 0.6))
+    else:
+        lengths = torch.randint(0, n + 1, (p.batch, 1), generator=gen)
+        pos = torch.arange(n).view(1, -1)
+        pad = pos >= lengths if kind == "right" else pos < n - lengths
+    if rng.random() < 0.2:
+        pad[0] = True  # a batch entry whose keys are all padded: a finite output, never NaN
+    return pad.to(p.device)
+
+
+# --------------------------------------------------------------------------------------------
 # backends
 # --------------------------------------------------------------------------------------------
 RECURRENT_MAX_QUERIES = 2048
@@ -174,19 +265,41 @@ def _causal_in_pieces(decoder: "ScanDecoder", q: Tensor, k: Tensor, v: Tensor, p
     return torch.cat(pieces, dim=2)
 
 
+def engine_weights(operands: Prepare, finish: Finish, q: Tensor, k: Tensor, v: Tensor, params: dict) -> tuple[Tensor, bool]:
+    """``Mechanism.weights`` of the family (for attnzoo.hooks): the engine's ``w_ij q_i . k_j``, (B, H, Nq, Nk).
+
+    With a normalizer, ``finish`` is applied to ``[w, row sums]`` (values = the identity), which
+    gives the matrix whose product with v is the output; without one, the bare ``w`` (a
+    normalization ``finish`` applies to the output, such as TransNormer's norm, is not in it).
+    The rows are a distribution when normalized, non-negative and summing to 1.
+    """
+    ops = operands(q, k, v, params)
+    w = parallel_scores(ops.q, ops.k, causal=params.get("causal", False), log_decay=ops.log_decay, scale=ops.scale)
+    if not ops.normalizer:
+        return w, False
+    w = finish(torch.cat([w, w.sum(-1, keepdim=True)], dim=-1), params, q.shape[2], k.shape[2])
+    sums = w.sum(-1)
+    distribution = bool((w >= 0).all()) and bool(torch.allclose(sums, torch.ones_like(sums), atol=1e-3))
+    return w, distribution
+
+
 def add_form_backends(mech: Mechanism, operands: Prepare, finish: Finish, fused: Optional[Fused] = None) -> None:
     """Register ``chunked`` (the default) and ``recurrent`` on ``mech``; the mechanism registers its reference.
 
     A causal self-attention forward without autograd first tries ``fused(q, k, v, params)``,
     the whole mechanism in one call of the C++ kernel
     (:func:`~attnzoo.kernels.linear_scan.fused_causal_forward`; None when the inputs or the
-    parameters are beyond it), else runs in pieces of tokens (:func:`_causal_in_pieces`); with
-    autograd, one pass whose backward is tiled the same way.
+    parameters are beyond it), else runs in pieces of tokens (:func:`_causal_in_pieces`; one
+    pass with a ``key_padding_mask``); with autograd, one pass whose backward is tiled the same
+    way. ``operands`` applies the padding mask (:func:`zero_padded` on phi(k)), so every form,
+    the C++ kernel's included, sees the pads as zero keys.
     No torch.compile'd variant: fusing the element-wise work around the engine (feature maps,
     normalizer column, division) measured 0-10% faster warm at N = 16384 on the 2-core CPU,
     within the noise, for a 10-12 s first call per dtype and grad mode.
     """
     decoder = ScanDecoder(mech.name, operands, finish)
+    if mech.weights is None:
+        mech.weights = lambda q, k, v, **params: engine_weights(operands, finish, q, k, v, params)
 
     def chunked(q, k, v, **params):
         if params["causal"] and q.shape[2] == k.shape[2] and not _needs_grad(q, k, v, params):
@@ -194,7 +307,8 @@ def add_form_backends(mech: Mechanism, operands: Prepare, finish: Finish, fused:
             if out is not None:
                 return out
             tokens = _piece_tokens(q, v, params, q.shape[-1])
-            if q.shape[2] > tokens:
+            # with a padding mask: one pass (a mechanism's finish may need the whole mask, e.g. retention's normalize_decay)
+            if q.shape[2] > tokens and padded_keys(params) is None:
                 return _causal_in_pieces(decoder, q, k, v, params, tokens)
         ops = operands(q, k, v, params)
         out = chunked_form(ops.q, ops.k, ops.v, causal=params["causal"], chunk_size=params["chunk_size"], **ops.engine_args())

@@ -41,7 +41,19 @@ from torch import Tensor
 
 from ...kernels.linear_scan import decay_weights
 from ...registry import PATTERNS, Backend, Mechanism, Param, Problem, flag, positive_number, register
-from ._shared import Operands, ScanDecoder, add_form_backends, chunk_size_param, compute_dtype, expand_heads, is_int
+from ._shared import (
+    Operands,
+    ScanDecoder,
+    add_form_backends,
+    chunk_size_param,
+    compute_dtype,
+    expand_heads,
+    is_int,
+    key_padding_param,
+    padded_keys,
+    sample_padding,
+    visible_keys,
+)
 from .feature_maps import MAP_PARAMETERS, taylor_feature_count
 # based is linear with a fixed map (taylor), so it reuses linear's operands, finish and fused forward
 from .linear import linear_finish, linear_fused, linear_operands
@@ -77,6 +89,7 @@ BASED_PARAMS = (
         default=1e-6,
     ),
     positive_number("scale", "multiplies q . k inside the Taylor map; default feature_dim ** -0.5 (Based's exp(q.k / sqrt d))"),
+    key_padding_param(),
     chunk_size_param(),
 )
 _DEFAULTS = {p.name: p.default for p in BASED_PARAMS}
@@ -132,6 +145,8 @@ def _reference(q, k, v, **params):
     visible = decay_weights(q.shape[2], k.shape[2], causal=params["causal"], log_decay=None, like=weights)
     if visible is not None:
         weights = weights * visible
+    if padded_keys(params) is not None:  # w_ij >= 1/2 everywhere: a padded key's weight is set to 0
+        weights = weights * visible_keys(padded_keys(params), k.shape[2], weights).transpose(-1, -2)
     out = weights @ v
     if params["normalize"]:
         out = out / (weights.sum(-1, keepdim=True) + params["eps"])
@@ -153,6 +168,7 @@ def _sample_params(p: Problem, pattern: str, rng: Optional[random.Random]) -> di
     if rng.random() < 0.2:
         params["eps"] = rng.choice((1e-12, 1e-3))
     params["chunk_size"] = rng.choice((1, 2, 3, 7, 16, 64))
+    params["key_padding_mask"] = sample_padding(p, rng)
     return params
 
 
@@ -198,6 +214,7 @@ def based_attention(
     causal: bool = True,
     eps: float = 1e-6,
     scale: Optional[float] = None,
+    key_padding_mask: Optional[Tensor] = None,
     chunk_size: int = 64,
     backend: Optional[str] = None,
 ) -> Tensor:
@@ -221,6 +238,9 @@ def based_attention(
         normalize: divide by the row sum of w (+ ``eps``).
         causal: each query sees the keys up to its position (default), bottom-right aligned.
         scale: s, default d^-0.5.
+        key_padding_mask: (B, Nk) bool, **True = ignore that key**: its weight w_ij is 0 (its
+            Taylor features zeroed), so a padded batch equals each sequence alone on its real
+            rows; a query that sees no real key outputs 0.
         chunk_size: tokens per chunk of the ``chunked`` backend (need not divide N).
         backend: force ``chunked`` (default), ``reference`` or ``recurrent``.
 
@@ -237,7 +257,19 @@ def based_attention(
         >>> out = based_attention(q, k, v)                           # causal, d = 16
         >>> out = based_attention(q, k, v, feature_dim=8)            # a smaller state
     """
-    return BASED(q, k, v, backend=backend, feature_dim=feature_dim, normalize=normalize, causal=causal, eps=eps, scale=scale, chunk_size=chunk_size)
+    return BASED(
+        q,
+        k,
+        v,
+        backend=backend,
+        feature_dim=feature_dim,
+        normalize=normalize,
+        causal=causal,
+        eps=eps,
+        scale=scale,
+        key_padding_mask=key_padding_mask,
+        chunk_size=chunk_size,
+    )
 
 
 BASED.function = based_attention

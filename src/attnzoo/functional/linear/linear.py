@@ -36,6 +36,10 @@ from ._shared import (
     divide_by_normalizer,
     expand_heads,
     is_int,
+    key_padding_param,
+    padded_keys,
+    sample_padding,
+    zero_padded,
 )
 from .feature_maps import FEATURE_MAPS, MAP_PARAMETERS, SOFTMAX_KERNEL_PARAMS, feature_count, feature_map_for, feature_map_check, projection_conflict, softplus
 
@@ -114,6 +118,7 @@ LINEAR_PARAMS = (
         "Tensor | None",
     ),
     Param("feature_bias", None, "hedgehog: the map's bias b, (F,) or (H, F)", _check_bias, (torch.zeros(2, 2, 2), 1.0), "Tensor | None"),
+    key_padding_param(),
     chunk_size_param(),
 )
 _DEFAULTS = {p.name: p.default for p in LINEAR_PARAMS}
@@ -157,10 +162,10 @@ def linear_operands(q: Tensor, k: Tensor, v: Tensor, params: dict) -> Operands:
         device=q.device,
         **{name: params[name] for names in MAP_PARAMETERS.values() for name in names},
     )
-    normalizer = params["normalize"]
+    normalizer, pad = params["normalize"], padded_keys(params)
     if params["feature_map"] == "identity":  # phi(s q) . k = s (q . k): the engine applies s for free
-        return Operands(q, k, v, None, out_dtype, scale, normalizer)
-    return Operands(maps.query(q), maps.key(k), v, None, out_dtype, normalizer=normalizer)
+        return Operands(q, zero_padded(k, pad), v, None, out_dtype, scale, normalizer)
+    return Operands(maps.query(q), zero_padded(maps.key(k), pad), v, None, out_dtype, normalizer=normalizer)
 
 
 def linear_finish(out: Tensor, params: dict, nq: int, nk: int) -> Tensor:
@@ -169,7 +174,17 @@ def linear_finish(out: Tensor, params: dict, nq: int, nk: int) -> Tensor:
 
 def linear_fused(q: Tensor, k: Tensor, v: Tensor, params: dict) -> Optional[Tensor]:
     """The maps the C++ kernel knows (identity, elu, relu, taylor) in one call, map and division
-    inside; else None (the ``fused`` hook of :func:`add_form_backends`)."""
+    inside; else None (the ``fused`` hook of :func:`add_form_backends`).
+
+    Padding: the kernel maps the raw keys as it loads them, so zeroing a padded key there gives
+    phi(0), which is 0 only for identity and relu (elu + 1 and Taylor give 1): those two take the
+    masked keys in the kernel (one masked_fill pass), the others return None (the unfused path
+    zeroes phi(k) instead, still on the C++ scan)."""
+    pad = padded_keys(params)
+    if pad is not None:
+        if params["feature_map"] not in ("identity", "relu"):
+            return None
+        k = zero_padded(k, pad)
     scale = params["scale"] or q.shape[-1] ** -0.5
     eps = params["eps"] if params["normalize"] else None
     return fused_causal_forward(
@@ -230,6 +245,7 @@ def _sample_params(p: Problem, pattern: str, rng: Optional[random.Random]) -> di
     if rng.random() < 0.2:
         params["eps"] = rng.choice((1e-12, 1e-3))
     params["chunk_size"] = rng.choice((1, 2, 3, 7, 16, 64))
+    params["key_padding_mask"] = sample_padding(p, rng)
     return params
 
 
@@ -285,6 +301,7 @@ def linear_attention(
     feature_dim: Optional[int] = None,
     feature_weights: Optional[Tensor] = None,
     feature_bias: Optional[Tensor] = None,
+    key_padding_mask: Optional[Tensor] = None,
     chunk_size: int = 64,
     backend: Optional[str] = None,
 ) -> Tensor:
@@ -310,6 +327,10 @@ def linear_attention(
         causal: each query sees the keys up to its position, bottom-right aligned.
         scale: multiplies q before phi, default D^-0.5 (``softmax_kernel`` splits it as
             sqrt(scale) on q and k: the same kernel exp(scale q.k), lower variance).
+        key_padding_mask: (B, Nk) bool, **True = ignore that key** (nn.MultiheadAttention's
+            convention): the padded keys' features are zeroed (numerator and denominator), so a
+            padded batch equals each sequence alone on its real rows, padded on either side;
+            a query that sees no real key outputs 0 (0 / eps with ``normalize``).
         chunk_size: tokens per chunk of the ``chunked`` backend (need not divide N).
         backend: force ``chunked`` (default), ``reference`` or ``recurrent``.
 
@@ -342,6 +363,7 @@ def linear_attention(
         feature_dim=feature_dim,
         feature_weights=feature_weights,
         feature_bias=feature_bias,
+        key_padding_mask=key_padding_mask,
         chunk_size=chunk_size,
     )
 

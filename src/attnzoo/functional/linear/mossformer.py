@@ -54,7 +54,7 @@ from torch import Tensor
 
 from ...errors import ParameterError
 from ...registry import Backend, Mechanism, Param, Problem, flag, register
-from ._shared import compute_dtype, expand_heads, is_int
+from ._shared import compute_dtype, expand_heads, is_int, key_padding_param, refuse_unless_right_padded, sample_padding, visible_keys, zero_padded
 
 __all__ = ["joint_chunk_attention", "JOINT_CHUNK", "JointChunkState"]
 
@@ -111,25 +111,41 @@ JOINT_CHUNK_PARAMS = (
         (torch.zeros(3), torch.zeros(1, 1, 1, 1), "k"),
         "Tensor | None",
     ),
+    key_padding_param(
+        "(B, N) bool, True = ignore that key (torch.nn.MultiheadAttention's convention): padded values are zeroed and "
+        "the non-causal 1/N counts the real tokens; padding on the right only (the groups are cut from position 0)"
+    ),
 )
+_PADDING_WHY = "the groups are cut from position 0 of the padded sequence, so pads before a real token move its group boundaries"
 
 
-def _operands(q: Tensor, k: Tensor, v: Tensor, linear_q: Optional[Tensor], linear_k: Optional[Tensor]) -> tuple[Tensor, ...]:
-    """q, k, v, lq, lk in the compute dtype, key/value heads repeated to the query heads (GQA)."""
+def _operands(
+    q: Tensor, k: Tensor, v: Tensor, linear_q: Optional[Tensor], linear_k: Optional[Tensor], pad: Optional[Tensor] = None
+) -> tuple[Tensor, ...]:
+    """q, k, v, lq, lk in the compute dtype, key/value heads repeated to the query heads (GQA).
+
+    A padded key's value is zeroed: both parts weigh v_j (relu^2 scores and lq . lk), so a zero
+    value removes the key from the quadratic sum and from the linear state alike."""
     dtype, heads = compute_dtype(q.dtype), q.shape[1]
     lq = q if linear_q is None else linear_q
     lk = k if linear_k is None else linear_k
     k, v, lk = (expand_heads(t, heads).to(dtype) for t in (k, v, lk))
-    return q.to(dtype), k, v, lq.to(dtype), lk
+    return q.to(dtype), k, zero_padded(v, pad), lq.to(dtype), lk
+
+
+def _real_length(n: int, pad: Optional[Tensor], like: Tensor) -> Tensor:
+    """N for the non-causal linear part's 1/N: the real tokens of each sequence (at least 1), (B|1, 1, 1, 1)."""
+    return visible_keys(pad, n, like).sum(2, keepdim=True).clamp(min=1)
 
 
 # --------------------------------------------------------------------------------------------
 # reference: the (N, N) weight matrix materialized
 # --------------------------------------------------------------------------------------------
-def _reference(q, k, v, *, group_size, causal, linear_q, linear_k):
+def _reference(q, k, v, *, group_size, causal, linear_q, linear_k, key_padding_mask=None):
     """W = relu(q k^T / g)^2 on the group blocks + c (lq lk^T) on the linear pairs; out = W v."""
+    refuse_unless_right_padded("joint_chunk", key_padding_mask, _PADDING_WHY)
     out_dtype = q.dtype
-    q, k, v, lq, lk = _operands(q, k, v, linear_q, linear_k)
+    q, k, v, lq, lk = _operands(q, k, v, linear_q, linear_k, key_padding_mask)
     n, g = q.shape[2], group_size
     pos = torch.arange(n, device=q.device)
     group = pos // g
@@ -139,7 +155,7 @@ def _reference(q, k, v, *, group_size, causal, linear_q, linear_k):
         linear_pairs, linear_scale = group[:, None] > group[None, :], 1.0 / g
     else:
         quadratic_pairs = same_group
-        linear_pairs, linear_scale = torch.ones_like(same_group), 1.0 / n
+        linear_pairs, linear_scale = torch.ones_like(same_group), 1.0 / _real_length(n, key_padding_mask, q)
     quadratic = torch.relu(q @ k.transpose(-1, -2) / g).square()
     linear = (lq @ lk.transpose(-1, -2)) * linear_scale
     zero = quadratic.new_zeros(())
@@ -179,17 +195,18 @@ def _linear_part_causal(lq: Tensor, lk: Tensor, v: Tensor, g: int) -> Tensor:
     return _grouped(lq, g) @ (earlier / g)
 
 
-def _chunked(q, k, v, *, group_size, causal, linear_q, linear_k):
+def _chunked(q, k, v, *, group_size, causal, linear_q, linear_k, key_padding_mask=None):
     """Groups as one batched GEMM of (g, g) relu^2 scores; linear part as lq (lk^T v) / N, or its causal per-group prefix / g."""
+    refuse_unless_right_padded("joint_chunk", key_padding_mask, _PADDING_WHY)
     out_dtype = q.dtype
-    q, k, v, lq, lk = _operands(q, k, v, linear_q, linear_k)
+    q, k, v, lq, lk = _operands(q, k, v, linear_q, linear_k, key_padding_mask)
     n, g = q.shape[2], group_size
     out = _quadratic_part(q, k, v, g, causal)
     if causal:
         out = out + _linear_part_causal(lq, lk, v, g)
         return out.flatten(2, 3)[:, :, :n].to(out_dtype)
     out = out.flatten(2, 3)[:, :, :n]
-    return (out + lq @ (lk.transpose(-1, -2) @ v / n)).to(out_dtype)
+    return (out + lq @ (lk.transpose(-1, -2) @ v / _real_length(n, key_padding_mask, v))).to(out_dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -269,6 +286,7 @@ def _sample_params(p: Problem, pattern: str, rng: Optional[random.Random]) -> di
         gen = torch.Generator().manual_seed(rng.randrange(2**31))
         for name, heads in (("linear_q", p.q_heads), ("linear_k", p.kv_heads)):
             params[name] = torch.randn(p.batch, heads, p.q_len, p.head_dim, generator=gen).to(device=p.device, dtype=p.dtype)
+    params["key_padding_mask"] = sample_padding(p, rng, right_only=True)
     return params
 
 
@@ -327,6 +345,7 @@ def joint_chunk_attention(
     causal: bool = False,
     linear_q: Optional[Tensor] = None,
     linear_k: Optional[Tensor] = None,
+    key_padding_mask: Optional[Tensor] = None,
     backend: Optional[str] = None,
 ) -> Tensor:
     """Joint chunk attention: MossFormer's joint local/global attention, FLASH's mixed chunk
@@ -346,6 +365,11 @@ def joint_chunk_attention(
         group_size: g, tokens per group (the official models: 256); need not divide N.
         causal: mask the group to j <= i and read only the earlier groups' linear state.
         linear_q: lq, shaped like q; None: q. linear_k: lk, shaped like k; None: k.
+        key_padding_mask: (B, N) bool, **True = ignore that key**: its value is zeroed (it
+            weighs nothing in either part) and the non-causal 1/N counts the real tokens, so a
+            batch padded on the right equals each sequence alone on its real rows. Padding on
+            the left is refused (the groups are cut from position 0). Decoding steps do not
+            take it (the decoder reads ``linear_q``/``linear_k`` and the tokens only).
         backend: force ``chunked`` (default) or ``reference``.
 
     Returns:
@@ -359,7 +383,9 @@ def joint_chunk_attention(
         >>> v = torch.randn(1, 1, 4096, 512)
         >>> out = joint_chunk_attention(q, k, v, linear_q=lq, linear_k=lk, group_size=256)
     """
-    return JOINT_CHUNK(q, k, v, backend=backend, group_size=group_size, causal=causal, linear_q=linear_q, linear_k=linear_k)
+    return JOINT_CHUNK(
+        q, k, v, backend=backend, group_size=group_size, causal=causal, linear_q=linear_q, linear_k=linear_k, key_padding_mask=key_padding_mask
+    )
 
 
 JOINT_CHUNK.function = joint_chunk_attention

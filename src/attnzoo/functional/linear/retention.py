@@ -28,9 +28,22 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from ...kernels.linear_scan import decay_row_sums, decay_weights, fused_causal_forward
+from ...errors import ParameterError
+from ...kernels.linear_scan import chunked_form, decay_row_sums, decay_weights, fused_causal_forward
 from ...registry import Backend, Mechanism, Param, Problem, flag, positive_number, register
-from ._shared import Operands, ScanDecoder, add_form_backends, chunk_size_param, compute_dtype, expand_heads
+from ._shared import (
+    Operands,
+    ScanDecoder,
+    add_form_backends,
+    chunk_size_param,
+    compute_dtype,
+    expand_heads,
+    key_padding_param,
+    padded_keys,
+    sample_padding,
+    visible_keys,
+    zero_padded,
+)
 
 __all__ = ["retention", "RETENTION", "retnet_gamma"]
 
@@ -81,6 +94,10 @@ RETENTION_PARAMS = (
     positive_number("scale", "multiplies q; default head_dim ** -0.5"),
     flag("normalize_decay", False, "RetNet's D_ij / sqrt(sum_j D_ij)"),
     flag("normalize_scores", False, "RetNet's R_ij / max(|sum_j R_ij|, 1)"),
+    key_padding_param(
+        "(B, Nk) bool, True = ignore that key (torch.nn.MultiheadAttention's convention): padded keys are zeroed, "
+        "and normalize_decay sums the decay over the real keys; exact on either side, the decay being relative"
+    ),
     chunk_size_param(),
 )
 _DEFAULTS = {p.name: p.default for p in RETENTION_PARAMS}
@@ -104,6 +121,7 @@ def _operands(q: Tensor, k: Tensor, v: Tensor, params: dict) -> Operands:
     heads = q.shape[1]
     q, k, v = q.to(dtype), expand_heads(k, heads).to(dtype), expand_heads(v, heads).to(dtype)
     scale = params["scale"] or q.shape[-1] ** -0.5
+    k = zero_padded(k, padded_keys(params))
     return Operands(q, k, v, _log_decay(params["gamma"], heads, q.device), out_dtype, scale, params["normalize_scores"])
 
 
@@ -113,6 +131,7 @@ def _fused(q: Tensor, k: Tensor, v: Tensor, params: dict) -> Optional[Tensor]:
         return None
     scale = params["scale"] or q.shape[-1] ** -0.5
     log_decay = _log_decay(params["gamma"], q.shape[1], q.device)
+    k = zero_padded(k, padded_keys(params))  # no feature map: a zero key is a key that adds nothing
     return fused_causal_forward(q, k, v, scale=scale, log_decay=log_decay, chunk_size=params["chunk_size"])
 
 
@@ -121,10 +140,33 @@ def _decay_norm(rows: Tensor) -> Tensor:
     return torch.where(rows > 0, rows.sqrt(), torch.ones_like(rows))
 
 
+def _padded_decay_rows(pad: Tensor, nq: int, causal: bool, log_decay: Tensor, like: Tensor) -> Tensor:
+    """sum_(j visible, real) gamma^(i-j) per row, (B, H, Nq, 1): the engine with one feature (q = 1,
+    k = 1 for a real key and 0 for a pad, v = 1), O(N) per head, any padding."""
+    b, h, nk = pad.shape[0], log_decay.shape[0], pad.shape[1]
+    keys = visible_keys(pad, nk, like).expand(b, h, nk, 1)
+    ones_q, ones_v = like.new_ones(b, h, nq, 1), like.new_ones(b, h, nk, 1)
+    return chunked_form(ones_q, keys.contiguous(), ones_v, causal=causal, log_decay=log_decay.to(like.dtype))
+
+
+def _decay_rows(params: dict, nq: int, nk: int, log_decay: Tensor, like: Tensor) -> Tensor:
+    """The decay's row sums over the keys each query sees (float64 in closed form), real keys only when padded."""
+    pad = padded_keys(params)
+    if pad is None:
+        return decay_row_sums(nq, nk, causal=params["causal"], log_decay=log_decay, device=like.device)
+    if pad.shape[1] != nk:  # a decoding step: its mask covers the new keys, the sums need every earlier one
+        raise ParameterError(
+            "retention: key_padding_mask: not supported with normalize_decay while decoding (the decay's row sums over "
+            "the real keys need the mask of every earlier key): pass None, or run the whole sequence at once",
+            argument="key_padding_mask",
+        )
+    return _padded_decay_rows(pad, nq, params["causal"], log_decay, like)
+
+
 def _finish(out: Tensor, params: dict, nq: int, nk: int) -> Tensor:
     if params["normalize_decay"]:
         log_decay = _log_decay(params["gamma"], out.shape[1], out.device)
-        out = out / _decay_norm(decay_row_sums(nq, nk, causal=params["causal"], log_decay=log_decay, device=out.device)).to(out.dtype)
+        out = out / _decay_norm(_decay_rows(params, nq, nk, log_decay, out.detach())).to(out.dtype)
     if params["normalize_scores"]:
         out = out[..., :-1] / out[..., -1:].abs().clamp(min=1)
     return out
@@ -137,6 +179,8 @@ def _reference(q, k, v, **params):
     """D materialized (and normalized), R = (s Q K^T) * D (and normalized), out = R V."""
     ops = _operands(q, k, v, {**params, "normalize_scores": False})
     decay = decay_weights(q.shape[2], k.shape[2], causal=params["causal"], log_decay=ops.log_decay, like=ops.q)
+    if padded_keys(params) is not None:  # the pads leave the decay's row sums too
+        decay = decay * visible_keys(padded_keys(params), k.shape[2], decay).transpose(-1, -2)
     if params["normalize_decay"]:
         decay = decay / _decay_norm(decay.sum(-1, keepdim=True))
     scores = (ops.scale * ops.q @ ops.k.transpose(-1, -2)) * decay
@@ -159,6 +203,7 @@ def _sample_params(p: Problem, pattern: str, rng: Optional[random.Random]) -> di
     if rng.random() < 0.3:  # below D^-0.5 only: the bare decayed sum's rounding grows with its terms
         params["scale"] = rng.choice((0.02, 0.1))
     params["chunk_size"] = rng.choice((1, 2, 3, 7, 16, 64))
+    params["key_padding_mask"] = sample_padding(p, rng)
     return params
 
 
@@ -203,6 +248,7 @@ def retention(
     scale: Optional[float] = None,
     normalize_decay: bool = False,
     normalize_scores: bool = False,
+    key_padding_mask: Optional[Tensor] = None,
     chunk_size: int = 64,
     backend: Optional[str] = None,
 ) -> Tensor:
@@ -223,6 +269,10 @@ def retention(
         scale: multiplies q, default D^-0.5.
         normalize_decay: RetNet's ``D_ij / sqrt(sum_j D_ij)``.
         normalize_scores: RetNet's ``R_ij / max(|sum_j R_ij|, 1)``.
+        key_padding_mask: (B, Nk) bool, **True = ignore that key**: padded keys are zeroed and
+            leave ``normalize_decay``'s row sums; the decay gamma^(i-j) is relative, so a batch
+            padded on the left or the right equals each sequence alone on its real rows. A
+            query that sees no real key outputs 0.
         chunk_size: tokens per chunk of the ``chunked`` backend (Lightning Attention-2).
         backend: force ``chunked`` (default), ``reference`` or ``recurrent``.
 
@@ -245,6 +295,7 @@ def retention(
         scale=scale,
         normalize_decay=normalize_decay,
         normalize_scores=normalize_scores,
+        key_padding_mask=key_padding_mask,
         chunk_size=chunk_size,
     )
 

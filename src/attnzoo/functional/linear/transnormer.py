@@ -61,7 +61,21 @@ from ...errors import ParameterError
 from ...kernels.linear_scan import fused_causal_forward, parallel_scores
 from ...kernels.sdpa import sdpa
 from ...registry import PATTERNS, Backend, Mechanism, Param, Problem, choice, flag, positive_number, register
-from ._shared import Operands, ScanDecoder, add_form_backends, chunk_size_param, compute_dtype, expand_heads, is_int
+from ._shared import (
+    Operands,
+    ScanDecoder,
+    add_form_backends,
+    chunk_size_param,
+    compute_dtype,
+    expand_heads,
+    is_int,
+    key_padding_param,
+    padded_keys,
+    refuse_unless_right_padded,
+    sample_padding,
+    visible_keys,
+    zero_padded,
+)
 from .feature_maps import feature_count, feature_map_check, feature_map_for, softplus
 
 __all__ = [
@@ -172,6 +186,7 @@ TRANSNORMER_PARAMS = (
     Param("norm_weight", None, "the norm's gain, (Dv,) or (H, Dv) (attnzoo.nn.TransNormerAttention holds it)", _check_gain, (torch.zeros(2, 2, 2), 1.0), "Tensor | None"),
     Param("norm_bias", None, "the norm's bias, (Dv,) or (H, Dv)", _check_gain, (torch.zeros(2, 2, 2), 1.0), "Tensor | None"),
     Param("norm_eps", None, "added to the variance (mean square); None: 1e-5 (layer), 1e-8 (rms)", _check_norm_eps, (0.0, -1.0, float("nan"), "1"), "float | None"),
+    key_padding_param(),
     chunk_size_param(),
 )
 _NORM_DEFAULTS = {p.name: p.default for p in TRANSNORMER_PARAMS}
@@ -183,12 +198,12 @@ _NORM_DEFAULTS = {p.name: p.default for p in TRANSNORMER_PARAMS}
 def _operands(q: Tensor, k: Tensor, v: Tensor, params: dict) -> Operands:
     """phi(q), phi(k), v (no normalizer column: there is no denominator), float32 for half inputs."""
     out_dtype, dtype = q.dtype, compute_dtype(q.dtype)
-    heads = q.shape[1]
+    heads, pad = q.shape[1], padded_keys(params)
     q, k, v = q.to(dtype), expand_heads(k, heads).to(dtype), expand_heads(v, heads).to(dtype)
     if params["feature_map"] == "identity":
-        return Operands(q, k, v, None, out_dtype)
+        return Operands(q, zero_padded(k, pad), v, None, out_dtype)
     maps = feature_map_for(params["feature_map"], head_dim=q.shape[-1], scale=1.0, device=q.device)
-    return Operands(maps.query(q), maps.key(k), v, None, out_dtype)
+    return Operands(maps.query(q), zero_padded(maps.key(k), pad), v, None, out_dtype)
 
 
 def _finish(out: Tensor, params: dict, nq: int, nk: int) -> Tensor:
@@ -198,7 +213,12 @@ def _finish(out: Tensor, params: dict, nq: int, nk: int) -> Tensor:
 
 
 def _fused(q: Tensor, k: Tensor, v: Tensor, params: dict) -> Optional[Tensor]:
-    """The maps the C++ kernel knows in one call, then the norm; else None."""
+    """The maps the C++ kernel knows in one call, then the norm; else None. Padded keys are
+    zeroed before the kernel's map where phi(0) = 0 (identity, relu); elu + 1 gives None."""
+    if padded_keys(params) is not None:
+        if params["feature_map"] not in ("identity", "relu"):
+            return None
+        k = zero_padded(k, padded_keys(params))
     out = fused_causal_forward(q, k, v, feature_map=params["feature_map"], chunk_size=params["chunk_size"], dtype=compute_dtype(q.dtype))
     return None if out is None else _finish(out, params, q.shape[2], k.shape[2]).to(q.dtype)
 
@@ -231,6 +251,7 @@ def _sample_norm_params(p: Problem, pattern: str, rng: Optional[random.Random]) 
     if rng.random() < 0.2:
         params["norm_eps"] = rng.choice((1e-6, 1e-3))
     params["chunk_size"] = rng.choice((1, 2, 3, 7, 16, 64))
+    params["key_padding_mask"] = sample_padding(p, rng)
     return params
 
 
@@ -276,6 +297,7 @@ def transnormer_attention(
     norm_weight: Optional[Tensor] = None,
     norm_bias: Optional[Tensor] = None,
     norm_eps: Optional[float] = None,
+    key_padding_mask: Optional[Tensor] = None,
     chunk_size: int = 64,
     backend: Optional[str] = None,
 ) -> Tensor:
@@ -299,6 +321,9 @@ def transnormer_attention(
             layer, a norm over the merged heads), ``"head"`` each head's Dv channels.
         norm_weight, norm_bias: the norm's gain and bias, (Dv,) or (H, Dv), or None.
         norm_eps: added under the root; None: 1e-5 (layer), 1e-8 (rms).
+        key_padding_mask: (B, Nk) bool, **True = ignore that key**: its features phi(k) are
+            zeroed, so a padded batch equals each sequence alone on its real rows (either side).
+            A query that sees no real key normalizes a zero vector: ``norm_bias`` (0 without).
         chunk_size: tokens per chunk of the ``chunked`` backend (need not divide N).
         backend: force ``chunked`` (default), ``reference`` or ``recurrent``.
 
@@ -325,6 +350,7 @@ def transnormer_attention(
         norm_weight=norm_weight,
         norm_bias=norm_bias,
         norm_eps=norm_eps,
+        key_padding_mask=key_padding_mask,
         chunk_size=chunk_size,
     )
 
@@ -348,7 +374,12 @@ DIAG_PARAMS = (
     flag("causal", False, "causal inside each block"),
     choice("kernel", KERNELS, "softmax", "weights inside a block: softmax (the paper) or unnormalized relu (the official configs' local_act_fun)"),
     positive_number("scale", "multiplies q . k; default head_dim ** -0.5 (the official code scales q)"),
+    key_padding_param(
+        "(B, N) bool, True = ignore that key (torch.nn.MultiheadAttention's convention): masked inside the blocks; "
+        "padding on the right only (the blocks are cut from position 0, pads before a sequence would move them)"
+    ),
 )
+_DIAG_PADDING_WHY = "the blocks are cut from position 0 of the padded sequence, so pads before a real token move its block boundaries"
 
 
 def _scale(q: Tensor, scale: Optional[float]) -> float:
@@ -358,8 +389,9 @@ def _scale(q: Tensor, scale: Optional[float]) -> float:
 # --------------------------------------------------------------------------------------------
 # DiagAttention: reference, blocks, decoding
 # --------------------------------------------------------------------------------------------
-def _diag_reference(q, k, v, *, block_size, causal, kernel, scale):
-    """All Nq x Nk scores, the pairs outside the query's block (or in its future) masked."""
+def _diag_reference(q, k, v, *, block_size, causal, kernel, scale, key_padding_mask=None):
+    """All Nq x Nk scores, the pairs outside the query's block (or in its future, or padded) masked."""
+    refuse_unless_right_padded("transnormer_diag", key_padding_mask, _DIAG_PADDING_WHY)
     out_dtype, dtype = q.dtype, compute_dtype(q.dtype)
     heads, n = q.shape[1], q.shape[2]
     q, k, v = q.to(dtype), expand_heads(k, heads).to(dtype), expand_heads(v, heads).to(dtype)
@@ -367,22 +399,38 @@ def _diag_reference(q, k, v, *, block_size, causal, kernel, scale):
     visible = (pos.view(-1, 1) // block_size) == (pos.view(1, -1) // block_size)
     if causal:
         visible &= pos.view(1, -1) <= pos.view(-1, 1)
+    if key_padding_mask is not None:
+        visible = visible & ~key_padding_mask[:, None, None, :]
     scores = (q @ k.transpose(-1, -2)) * _scale(q, scale)
     if kernel == "softmax":
-        weights = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+        seen = visible.any(-1, keepdim=True)  # a row with no visible key outputs 0, not NaN
+        weights = torch.softmax(scores.masked_fill(~visible, float("-inf")).masked_fill(~seen, 0), dim=-1) * seen
     else:
         weights = torch.relu(scores) * visible
     return (weights @ v).to(out_dtype)
 
 
-def _attend_blocks(q: Tensor, k: Tensor, v: Tensor, causal: bool, kernel: str, scale: float) -> Tensor:
-    """(..., w, D) blocks attended inside themselves: SDPA for softmax, two GEMMs for relu."""
+def _attend_blocks(q: Tensor, k: Tensor, v: Tensor, causal: bool, kernel: str, scale: float, keep: Optional[Tensor] = None) -> Tensor:
+    """(..., w, D) blocks attended inside themselves: SDPA for softmax, two GEMMs for relu.
+
+    ``keep`` (..., 1, w) bool marks the real keys of each block (None: all). A softmax row with
+    no visible key attends to its whole block instead (so SDPA sees no all -inf row, whose NaN
+    would reach the gradients) and is then set to 0."""
     if kernel == "softmax":
-        return sdpa(q, k, v, is_causal=causal, scale=scale)
+        if keep is None:
+            return sdpa(q, k, v, is_causal=causal, scale=scale)
+        w = k.shape[-2]
+        allowed = keep.expand(*keep.shape[:-2], q.shape[-2], w)
+        if causal:
+            allowed = allowed & torch.ones(q.shape[-2], w, dtype=torch.bool, device=q.device).tril()
+        seen = allowed.any(-1, keepdim=True)
+        return sdpa(q, k, v, attn_mask=allowed | ~seen, scale=scale).masked_fill(~seen, 0)
     dtype = compute_dtype(q.dtype)
     weights = torch.relu((q.to(dtype) @ k.to(dtype).transpose(-1, -2)) * scale)
     if causal:
         weights = weights.tril()  # relu saved its output: no in-place mask
+    if keep is not None:
+        weights = weights * keep
     return (weights @ v.to(dtype)).to(q.dtype)
 
 
@@ -393,23 +441,39 @@ def _split(x: Tensor, full: int, block_size: int) -> tuple[Tensor, Tensor]:
     return blocks, x[:, :, full:]
 
 
-def _diag_blocks(q, k, v, *, block_size, causal, kernel, scale):
-    """Full blocks in one batched call, the short last block in a second: no padding, no mask."""
+def _block_keep(pad: Optional[Tensor], n: int, heads: int, full: int, w: int) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """The real keys of the full blocks, (B, H * full // w, 1, w), and of the tail, (B, 1, 1, N - full).
+
+    A decoding step's mask covers its new keys only: the cached keys before them (the open
+    block's start) are real, since with padding on the right no real token follows a pad."""
+    if pad is None:
+        return None, None
+    keep = ~pad
+    if keep.shape[1] < n:
+        keep = torch.cat([keep.new_ones(keep.shape[0], n - keep.shape[1]), keep], dim=1)
+    blocks = keep[:, :full].reshape(keep.shape[0], 1, full // w, 1, w).expand(-1, heads, -1, -1, -1).reshape(keep.shape[0], -1, 1, w)
+    return blocks, keep[:, None, None, full:]
+
+
+def _diag_blocks(q, k, v, *, block_size, causal, kernel, scale, key_padding_mask=None):
+    """Full blocks in one batched call, the short last block in a second: no padding of the blocks."""
+    refuse_unless_right_padded("transnormer_diag", key_padding_mask, _DIAG_PADDING_WHY)
     heads, n = q.shape[1], q.shape[2]
     k, v = expand_heads(k, heads), expand_heads(v, heads)
     s = _scale(q, scale)
     w = min(block_size, n)
     full = n // w * w
+    keep_blocks, keep_tail = _block_keep(key_padding_mask, n, heads, full, w)
     parts = []
     if full:
         qb, q_tail = _split(q, full, w)
         kb, k_tail = _split(k, full, w)
         vb, v_tail = _split(v, full, w)
-        parts.append(_attend_blocks(qb, kb, vb, causal, kernel, s).reshape(q.shape[0], heads, full, v.shape[-1]))
+        parts.append(_attend_blocks(qb, kb, vb, causal, kernel, s, keep_blocks).reshape(q.shape[0], heads, full, v.shape[-1]))
     else:
         q_tail, k_tail, v_tail = q, k, v
     if full < n:
-        parts.append(_attend_blocks(q_tail, k_tail, v_tail, causal, kernel, s))
+        parts.append(_attend_blocks(q_tail, k_tail, v_tail, causal, kernel, s, keep_tail))
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
 
 
@@ -457,6 +521,7 @@ def _sample_diag_params(p: Problem, pattern: str, rng: Optional[random.Random]) 
     params["kernel"] = rng.choice(KERNELS)
     if rng.random() < 0.3:
         params["scale"] = rng.choice((0.05, 0.5, 1.0))
+    params["key_padding_mask"] = sample_padding(p, rng, right_only=True)
     return params
 
 
@@ -506,6 +571,7 @@ def transnormer_diag_attention(
     causal: bool = False,
     kernel: str = "softmax",
     scale: Optional[float] = None,
+    key_padding_mask: Optional[Tensor] = None,
     backend: Optional[str] = None,
 ) -> Tensor:
     """TransNormer's DiagAttention (Qin et al., EMNLP 2022, Sec. 4; catalog F7).
@@ -526,6 +592,10 @@ def transnormer_diag_attention(
         kernel: ``"softmax"`` (the paper) or ``"relu"`` (the official configs' ReLU weights,
             unnormalized: the layer's output norm follows, see :class:`attnzoo.nn.TransNormerAttention`).
         scale: multiplies q . k, default D^-0.5.
+        key_padding_mask: (B, N) bool, **True = ignore that key**, masked inside the blocks
+            (a row whose block holds no visible key outputs 0). Padding on the right only: the
+            blocks are cut from position 0, so a pad before a real token moves the block
+            boundaries, which is refused (ParameterError).
         backend: force ``blocks`` (default) or ``reference``.
 
     Returns:
@@ -539,7 +609,9 @@ def transnormer_diag_attention(
         >>> q = k = v = torch.randn(1, 8, 4096, 64)
         >>> out = transnormer_diag_attention(q, k, v, block_size=64, causal=True)
     """
-    return TRANSNORMER_DIAG(q, k, v, backend=backend, block_size=block_size, causal=causal, kernel=kernel, scale=scale)
+    return TRANSNORMER_DIAG(
+        q, k, v, backend=backend, block_size=block_size, causal=causal, kernel=kernel, scale=scale, key_padding_mask=key_padding_mask
+    )
 
 
 TRANSNORMER_DIAG.function = transnormer_diag_attention
