@@ -151,6 +151,9 @@ class Backend:
     device_priority: Mapping[str, int] = field(default_factory=dict)
     compiles: bool = False  # first call per shape pays a torch.compile; tests use fixed shapes
     materializes_scores: bool = False  # holds an Nq x Nk tensor: O(Nq * Nk) memory
+    # torch.compile can trace it whole (no value-dependent Python, no opaque C++ call); while
+    # compiling, dispatch passes the others over so fullgraph=True compiles
+    traceable: bool = True
 
     def __repr__(self) -> str:
         return f"Backend({self.name!r})"
@@ -178,6 +181,8 @@ class Backend:
     def skip_reason(self, problem: Problem, params: Mapping[str, Any]) -> str | None:
         """Why automatic dispatch passes this backend over (a refusal or a preference), or None."""
         reason = self.decline_reason(problem, params)
+        if reason is None and not self.traceable and torch.compiler.is_compiling():
+            reason = "not preferred: torch.compile cannot trace it (a graph break); compiled code takes a traceable backend"
         if reason is None and self.prefers is not None:
             reason = self.prefers(problem, params)
             if reason is not None:
@@ -204,6 +209,7 @@ class Backend:
             "compiles": "yes (torch.compile on the first call per shape)" if self.compiles else "no",
             "memory": "O(Nq * Nk): materializes the scores" if self.materializes_scores else "O(N)",
             "preference": _first_line(self.prefers.__doc__) if self.prefers is not None else "-",
+            "torch.compile": "traced" if self.traceable else "passed over while compiling (graph break)",
         }
 
 
@@ -431,6 +437,10 @@ class Mechanism:
     # ---- decoding ----------------------------------------------------------------------
     def init_state(self, q: Any, k: Any, v: Any, **params: Any) -> Any:
         """An empty decoding state for inputs shaped like q, k, v (their lengths are ignored)."""
+        if torch.compiler.is_compiling():
+            # Under torch.compile the test is skipped: branching on a tensor's value is a graph
+            # break (and a host sync); fullgraph=True would refuse the whole call.
+            return
         if self.decoder is None:
             raise ParameterError(f"{self.name}: does not support incremental decoding", argument="mechanism")
         problem = self.describe(q, k, v)

@@ -384,7 +384,8 @@ SOFTMAX.implementation(
     priority=60,
     materializes_scores=True,  # Nq x Nk, small for the few queries it is meant for
 )(_split_kv)
-SOFTMAX.implementation("tiled", accepts=_tiled_accepts, priority=20)(_tiled)
+# traceable=False: its BlockPlan is built from tensor values (torch.compile would break the graph)
+SOFTMAX.implementation("tiled", accepts=_tiled_accepts, priority=20, traceable=False)(_tiled)
 SOFTMAX.implementation("flex", accepts=_flex_accepts, **FLEX_CAPABILITIES)(_flex)
 
 

@@ -495,7 +495,10 @@ def _native_scan() -> Optional[object]:
 
 def _native_takes(tensors: tuple[Optional[Tensor], ...], dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> bool:
     """CPU inputs whose q, k and v have one of ``dtypes`` (the state and decay may be anything on
-    the CPU), and the kernel built."""
+    the CPU), and the kernel built. Never while torch.compile traces: the extension is opaque to it
+    (a graph break), so compiled code takes the torch tiling."""
+    if torch.compiler.is_compiling():
+        return False
     present = [t for t in tensors if t is not None]
     if any(t.device.type != "cpu" for t in present) or any(t.dtype not in dtypes for t in present[:3]):
         return False

@@ -90,7 +90,8 @@ def _add_pattern_backends(mech: Mechanism, pattern_of: PatternOf, *, flex: bool 
     mech.add_backend(
         Backend("reference", reference, doc="the pattern as a dense mask over materialized scores: the spec", priority=-100, materializes_scores=True)
     )
-    mech.add_backend(Backend("tiled", tiled, doc="the tiled FA2 engine over the key tiles the pattern touches (gives the LSE)", priority=20))
+    # traceable=False: the BlockPlan is built from tensor values (a graph break under torch.compile)
+    mech.add_backend(Backend("tiled", tiled, doc="the tiled FA2 engine over the key tiles the pattern touches (gives the LSE)", priority=20, traceable=False))
     if flex:
         mech.add_backend(Backend("flex", flex_backend, doc="compiled FlexAttention with the pattern as a BlockMask", accepts=_flex_accepts, **FLEX_CAPABILITIES))
 
