@@ -240,6 +240,12 @@ class _Checks:
 
 _CHECKS = _Checks()
 
+#: Call interceptors, set only by :mod:`attnzoo.hooks` while a capture/edit context is open
+#: (the registry never imports it). ``Mechanism.__call__`` tests this tuple once: empty, the
+#: default, a call does no other work. The last one takes the call as
+#: ``interceptor(mechanism, q, k, v, backend, params)`` and returns its result.
+_INTERCEPTORS: tuple[Callable[..., Any], ...] = ()
+
 
 def set_checks(*, finite: bool | None = None) -> dict[str, bool]:
     """Turn optional input checks on or off globally; returns the previous settings.
@@ -299,6 +305,10 @@ class Mechanism:
     # state_size(head_dim, value_dim=None, **params): elements of the recurrent (decoding) state per
     # batch entry and head; None when the mechanism keeps no fixed-size state (a KV cache grows)
     state_size: Callable[..., int] | None = None
+    # weights(q, k, v, **bound) -> (w, is_distribution): the (B, Hq, Nq, Nk) matrix the output
+    # is w @ v of (before any output normalization), for attnzoo.hooks; None: hooks derive it
+    # from the reference when that is one call of kernels/reference.py's materialized softmax
+    weights: Callable[..., tuple[torch.Tensor, bool]] | None = None
 
     def __post_init__(self) -> None:
         self.patterns = frozenset(self.patterns)
@@ -413,6 +423,8 @@ class Mechanism:
         return problem, bound
 
     def __call__(self, q: Any, k: Any, v: Any, *, backend: str | None = None, **params: Any) -> Any:
+        if _INTERCEPTORS:  # attnzoo.hooks capturing or editing
+            return _INTERCEPTORS[-1](self, q, k, v, backend, params)
         problem, bound = self.prepare(q, k, v, params)
         chosen = self.select(problem, bound, backend)
         result = chosen.fn(q, k, v, **bound)

@@ -19,6 +19,13 @@ from torch import Tensor
 
 __all__ = ["default_scale", "index_grids", "materialized_attention", "stable_softmax_lse"]
 
+#: A tap on :func:`materialized_attention`, set only by ``attnzoo.hooks`` while it re-runs a
+#: mechanism's reference to capture or edit its weights: ``tap.scores(s, k, v)`` sees the masked
+#: scores (and the keys and values, to tell the mechanism's own from derived ones) and
+#: ``tap.probs(p)`` the probabilities, each returning what the call goes on with. None (the
+#: default) costs one test per call.
+TAP = None
+
 
 def default_scale(q: Tensor, scale: Optional[float]) -> float:
     """``scale``, or the library-wide default ``D ** -0.5`` when it is None."""
@@ -78,5 +85,9 @@ def materialized_attention(
         s = score_mod(s, *index_grids(q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.device))
     if allowed is not None:
         s = s.masked_fill(~allowed, float("-inf"))
+    if TAP is not None:
+        s = TAP.scores(s, k, v)
     p, lse = stable_softmax_lse(s)
+    if TAP is not None:
+        p = TAP.probs(p)
     return torch.matmul(p, vv).to(q.dtype), lse
