@@ -249,3 +249,34 @@ def test_token_count_off_the_grid_and_mechanism_without_lse():
     with pytest.raises(ParameterError, match="log-sum-exp") as info:
         varying(images(64, 64))
     assert info.value.argument == "mechanism"
+
+
+# ---- the torchvision shim ---------------------------------------------------------------------
+def test_timm_and_transformers_import_in_a_fresh_process():
+    """What a user runs: attnzoo's integrations first, then timm, torchvision and transformers' models."""
+    import subprocess
+    import sys
+
+    script = (
+        "import importlib.util\n"
+        "import attnzoo.integrations.timm\n"
+        "import timm, torchvision\n"
+        "if importlib.util.find_spec('transformers'):\n"
+        "    from transformers import BertModel\n"
+        "print('imported', torchvision.extension._has_ops())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("imported")
+
+
+def test_torchvision_ops_without_their_library_fail_with_torchvision_error():
+    import torchvision
+
+    from attnzoo.integrations._torchvision import ensure_importable
+
+    assert ensure_importable() is False  # idempotent: torchvision is imported by now
+    if torchvision.extension._has_ops():
+        pytest.skip("torchvision's C++ ops load here: the shim defined nothing")
+    with pytest.raises(RuntimeError, match="Couldn't load custom C\\+\\+ ops"):
+        torchvision.ops.nms(torch.rand(3, 4), torch.rand(3), 0.5)
