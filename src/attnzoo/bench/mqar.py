@@ -196,7 +196,7 @@ class _Block(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.conv is not None and self.conv_norm is not None:
             x = x + self.conv(self.conv_norm(x))
-        return x + self.mixer(self.mixer_norm(x))
+        return x + self.mixer(self.mixer_norm(x))[0]  # (output, weights=None), torch's convention
 
 
 class MQARModel(nn.Module):
@@ -235,7 +235,7 @@ class MQARModel(nn.Module):
         self.positions = nn.Embedding(max_len, d_model) if max_len else None
         params = dict(mechanism_params or {})
         self.layers = nn.ModuleList(
-            _Block(d_model, MultiheadAttention(d_model, num_heads, mechanism, True, backend=backend, example_params=True, **params), conv_kernel)
+            _Block(d_model, MultiheadAttention(d_model, num_heads, batch_first=True, mechanism=mechanism, causal=True, backend=backend, example_params=True, **params), conv_kernel)
             for _ in range(num_layers)
         )
         self.norm = nn.LayerNorm(d_model)
