@@ -6,6 +6,7 @@
     attnzoo bench                              the quick efficiency run over every mechanism, then its report
     attnzoo bench efficiency [...]             time and peak memory, CAB's four patterns, into the results database
     attnzoo report [--db] [--out] [--readme]   the database as Markdown, PNG plots and one HTML page
+    attnzoo analyze [SENTENCE ...] [--out]     attention analyses on MiniLM: report.md, heatmaps
 
 Everything shown is read from the registry, so a newly registered mechanism appears here (and
 in the README table, which is ``attnzoo list --markdown``) without extra code. This package is
@@ -26,6 +27,7 @@ from rich.text import Text
 
 from .. import __version__
 from ..errors import AttnZooError
+from .analyze import add_analyze_parser
 from .bench import add_bench_parser, add_report_parser, normalize_bench_argv
 from .catalog import (
     catalog_ids_covered,
@@ -67,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(handler=cmd_info)
     add_bench_parser(sub)
     add_report_parser(sub)
+    add_analyze_parser(sub)
     return parser
 
 
