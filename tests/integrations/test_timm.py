@@ -144,6 +144,24 @@ def test_neighborhood_equals_masked_original(name, kwargs, prefix):
     assert_same_model_outputs(swapped, original, images(48, 64), dict(attn_mask=mask), atol=1e-10)
 
 
+def test_neighborhood_rpb_equals_additive_masked_original():
+    """NAT's relative position bias rpb[h, y - x + k - 1] on patch pairs; 0 to and from the prefix."""
+    original = make("vit_tiny_patch16_224", img_size=(48, 64))
+    rpb = torch.randn(3, 5, 5, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    swapped = swap_attention(copy.deepcopy(original), "neighborhood", kernel_size=3, rpb=rpb)
+    allowed = neighborhood_pairs(3, 4, 3)
+    bias = torch.full((3, 13, 13), float("-inf"), dtype=torch.float64)
+    bias[:, :1, :] = bias[:, :, :1] = 0.0
+    for qi, ki in allowed.nonzero().tolist():
+        dy, dx = ki // 4 - qi // 4, ki % 4 - qi % 4
+        bias[:, 1 + qi, 1 + ki] = rpb[:, dy + 2, dx + 2]
+    assert_same_model_outputs(swapped, original, images(48, 64), dict(attn_mask=bias[None]), atol=1e-10)
+    learnable = swap_attention(copy.deepcopy(original), "neighborhood", kernel_size=3, rpb=rpb.clone().requires_grad_())
+    with pytest.raises(ParameterError, match="no gradient") as info:
+        learnable(images(48, 64))
+    assert info.value.argument == "rpb"
+
+
 def test_window_equals_masked_original():
     original = make("vit_tiny_patch16_224", img_size=64)  # 4x4 patches, 2x2 windows
     swapped = swap_attention(copy.deepcopy(original), "window", window_size=2)

@@ -29,7 +29,8 @@ distillation tokens, which timm puts first; the patches follow in row-major (H, 
   mechanism's output over its patches and its log-sum-exp are merged with softmax attention over
   the p prefix keys (:func:`attnzoo.merge_attention_states`), so a mechanism must be able to
   return its LSE when ``p > 0`` (all spatial ones but varying_window can). Cost: the mechanism's,
-  plus O(N p D) for the prefix rows and columns.
+  plus O(N p D) for the prefix rows and columns; with autograd one more call of the mechanism
+  (values = keys), which gives the LSE its gradient (see ``_with_lse_grad``).
 
 The grid is the model's ``patch_embed.grid_size``; :func:`track_grid` (which
 :func:`swap_attention` calls) also follows dynamic image sizes (``dynamic_img_size=True``) by
@@ -279,6 +280,14 @@ class AttnzooAttention(nn.Module):
 
         if p == 0:
             return self._call(grid(q), grid(k), grid(v)).reshape(B, H, N, -1)
+        if torch.is_grad_enabled():
+            for name, value in self.mechanism_params.items():
+                if isinstance(value, Tensor) and value.requires_grad:
+                    raise ParameterError(
+                        f"{type(self).__name__}: {name}: a learnable score term would get no gradient through the "
+                        f"log-sum-exp that joins the {p} prefix token(s); detach it or use a model without prefix tokens",
+                        argument=name,
+                    )
         qg, kg = grid(q), grid(k)
         local, lse_local = self._call(qg, kg, grid(v), return_lse=True)
         lse_local = _with_lse_grad(self._call, qg, kg, lse_local, scale)
