@@ -80,6 +80,21 @@ def test_capture_2d_local_mechanism_flattens_tokens():
     assert int((w[0, 0, 0] > 0).sum()) == 9  # a corner query sees a 3x3 window
 
 
+def test_capture_gqa_and_padding():
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 4, 5, 8, generator=gen, dtype=F64)
+    k, v = (torch.randn(2, 2, 6, 8, generator=gen, dtype=F64) for _ in range(2))
+    pad = torch.zeros(2, 6, dtype=torch.bool)
+    pad[1, 4:] = True
+    with hooks.attention_hooks() as h:
+        out = attnzoo.attention(q, k, v, "softmax", key_padding_mask=pad)
+    w = h.records[0].weights
+    expected = softmax_probs(q, k.repeat_interleave(2, dim=1), allowed=~pad.view(2, 1, 1, 6))
+    torch.testing.assert_close(w, expected, rtol=1e-12, atol=1e-12)
+    assert bool((w[1, ..., 4:] == 0).all())
+    torch.testing.assert_close(w @ v.repeat_interleave(2, dim=1), out, rtol=1e-10, atol=1e-12)
+
+
 def test_capture_layers_named_by_module_and_occurrence():
     q, k, v = qkv()
     model = TwoLayers()
@@ -277,3 +292,23 @@ def test_weights_of_one_call():
     torch.testing.assert_close(w, softmax_probs(q, k, allowed=torch.ones(7, 7, dtype=torch.bool).tril()))
     with pytest.raises(ParameterError, match="inline"):
         hooks.weights_of(attnzoo.get("inline"), q, k, v)
+
+
+def test_readme_example_runs():
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    body = re.search(r"^## Hooks and analysis\n(.*?)(?=^## )", readme, re.S | re.M).group(1)
+    (code,) = re.findall(r"^```python\n(.*?)^```$", body, re.S | re.M)
+    namespace: dict = {}
+    exec(compile(code, "README.md:hooks", "exec"), namespace)
+    maps, x = namespace["maps"], namespace["x"]
+    assert list(maps) == ["0.attn", "1.attn"] and maps["0.attn"].shape == (2, 4, 10, 10)
+    assert namespace["entropy"].shape == (4,)
+    torch.testing.assert_close(namespace["flow"].sum(-1), torch.ones(2, 10, dtype=F64))
+    assert not torch.allclose(namespace["y_edited"], namespace["y"])
+    # replace_maps with run 1's maps and x's own values would give y again
+    with hooks.attention_hooks(namespace["model"], edits=[hooks.replace_maps(namespace["run1"])]):
+        again = namespace["model"](x)
+    torch.testing.assert_close(again, namespace["y"], rtol=1e-5, atol=1e-5)
