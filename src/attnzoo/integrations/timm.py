@@ -205,10 +205,15 @@ class AttnzooAttention(nn.Module):
         mech = _mechanism(mechanism)
         _check_params(mech, params)
         self.mechanism, self.backend, self.mechanism_params = mech.name, backend, dict(params)
-        self._mech = mech
+
+    @property
+    def _mech(self) -> Mechanism:
+        # looked up per call, not stored: copying or pickling the model must not copy the registry
+        return get(self.mechanism)
 
     def extra_repr(self) -> str:
-        params = "".join(f", {k}={v!r}" for k, v in self.mechanism_params.items())
+        shown = {k: f"Tensor{tuple(v.shape)}" if isinstance(v, Tensor) else repr(v) for k, v in self.mechanism_params.items()}
+        params = "".join(f", {k}={v}" for k, v in shown.items())
         backend = f", backend={self.backend!r}" if self.backend else ""
         return f"mechanism={self.mechanism!r}{params}{backend}, num_heads={self.num_heads}"
 
