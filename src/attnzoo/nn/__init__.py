@@ -6,6 +6,7 @@ from .inline import InLineAttention
 from .kernelized_rpe import KernelizedRPEAttention
 from .l2vit import L2ViTAttention, LocalConcentrationModule
 from .linfusion import LinFusionAttention
+from .heads import AttentiveProbe, PointerHead
 from .mha import MultiheadAttention, ShortConvolution
 from .mossformer import MossFormerAttention
 from .transnormer import TransNormerAttention
@@ -36,4 +37,6 @@ __all__ = [
     "L2ViTAttention",
     "LocalConcentrationModule",
     "ShortConvolution",
+    "AttentiveProbe",
+    "PointerHead",
 ]
