@@ -138,8 +138,14 @@ class Edit:
     output: Optional[TensorEdit] = None
     layers: Layers = None
 
+    def __post_init__(self) -> None:
+        for name in ("scores", "probs", "output"):
+            if getattr(self, name) is not None and not callable(getattr(self, name)):
+                raise ParameterError(f"{name}: expected None or a callable (tensor, record) -> tensor", argument=name)
+        object.__setattr__(self, "_selects", _layer_filter(self.layers, "layers"))
+
     def applies(self, record: AttentionRecord) -> bool:
-        return _layer_filter(self.layers, "layers")(record)
+        return self._selects(record)
 
     @property
     def inside(self) -> bool:
@@ -147,14 +153,27 @@ class Edit:
         return self.scores is not None or self.probs is not None
 
 
-def _heads_index(heads: Heads) -> Any:
+def _heads_index(heads: Heads) -> Optional[list[int]]:
+    """The chosen heads as a list (None: all), checked for type here and for range by :func:`_head_mask`."""
     if heads is None:
-        return slice(None)
+        return None
     if isinstance(heads, int) and not isinstance(heads, bool):
         return [heads]
     if isinstance(heads, Sequence) and all(isinstance(h, int) and not isinstance(h, bool) for h in heads):
         return list(heads)
     raise ParameterError(f"heads: expected None, an int or a sequence of ints, got {heads!r}", argument="heads")
+
+
+def _head_mask(heads: Optional[list[int]], x: Tensor, record: AttentionRecord) -> Tensor:
+    """(1, H, 1, 1) bool: True for the chosen heads of ``x`` (B, H, ...)."""
+    n = x.shape[1]
+    chosen = torch.ones(n, dtype=torch.bool, device=x.device)
+    if heads is not None:
+        if any(not -n <= h < n for h in heads):
+            raise ParameterError(f"heads: {record.name} ({record.mechanism}) has {n} heads, got {heads}", argument="heads")
+        chosen = torch.zeros_like(chosen)
+        chosen[heads] = True
+    return chosen.view(1, n, *([1] * (x.dim() - 2)))
 
 
 def _keys_index(keys: Any, n_keys: int, like: Tensor) -> Tensor:
@@ -200,9 +219,7 @@ def mask_keys(keys: Any, *, heads: Heads = None, layers: Layers = None) -> Edit:
 
     def scores(s: Tensor, record: AttentionRecord) -> Tensor:
         hide = _keys_index(keys, s.shape[-1], s)
-        selected = torch.zeros(s.shape[1], dtype=torch.bool, device=s.device)
-        selected[head_index] = True
-        return s.masked_fill(hide & selected.view(1, -1, 1, 1), float("-inf"))
+        return s.masked_fill(hide & _head_mask(head_index, s, record), float("-inf"))
 
     return Edit(scores=scores, layers=layers)
 
@@ -218,9 +235,7 @@ def reweight_keys(keys: Any, factor: Union[float, Tensor], *, heads: Heads = Non
 
     def probs(p: Tensor, record: AttentionRecord) -> Tensor:
         scale = _column_scale(keys, factor, p)
-        selected = torch.zeros(p.shape[1], 1, 1, dtype=torch.bool, device=p.device)
-        selected[head_index] = True
-        out = torch.where(selected, p * scale, p)
+        out = torch.where(_head_mask(head_index, p, record), p * scale, p)
         if renormalize:
             total = out.sum(-1, keepdim=True)
             out = out / torch.where(total == 0, torch.ones_like(total), total)
@@ -253,9 +268,7 @@ def replace_maps(source: Union["attention_hooks", Iterable[AttentionRecord], Map
             raise ParameterError(
                 f"source: the map recorded for {record.name} is {tuple(recorded.shape)}, this call's is {tuple(p.shape)}", argument="source"
             )
-        out = p.clone()
-        out[:, head_index] = recorded.to(p.device, p.dtype)[:, head_index]
-        return out
+        return torch.where(_head_mask(head_index, p, record), recorded.to(p.device, p.dtype), p)
 
     return Edit(probs=probs, layers=lambda rec: wanted(rec) and rec.key in stored)
 
@@ -265,9 +278,7 @@ def ablate_heads(heads: Heads, *, layers: Layers = None) -> Edit:
     head_index = _heads_index(heads)
 
     def output(o: Tensor, record: AttentionRecord) -> Tensor:
-        out = o.clone()
-        out[:, head_index] = 0
-        return out
+        return o.masked_fill(_head_mask(head_index, o, record), 0.0)
 
     return Edit(output=output, layers=layers)
 

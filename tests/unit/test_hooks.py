@@ -278,11 +278,18 @@ def test_argument_errors_name_the_argument():
     with pytest.raises(ParameterError) as err:
         hooks.mask_keys([0], heads="all")
     assert err.value.argument == "heads"
-    q, k, v = qkv()
     with pytest.raises(ParameterError) as err:
-        with hooks.attention_hooks(edits=[hooks.mask_keys([9])]):
-            attnzoo.attention(q, k, v, "softmax")
-    assert err.value.argument == "keys"
+        hooks.Edit(scores=3)
+    assert err.value.argument == "scores"
+    with pytest.raises(ParameterError) as err:
+        hooks.ablate_heads(0, layers=5)
+    assert err.value.argument == "layers"
+    q, k, v = qkv()
+    for edit, argument in ((hooks.mask_keys([9]), "keys"), (hooks.ablate_heads([3]), "heads"), (hooks.reweight_keys([0, 1], torch.ones(3)), "factor")):
+        with pytest.raises(ParameterError) as err:
+            with hooks.attention_hooks(edits=[edit]):
+                attnzoo.attention(q, k, v, "softmax")
+        assert err.value.argument == argument
 
 
 def test_weights_of_one_call():
