@@ -319,3 +319,47 @@ def test_readme_example_runs():
     with hooks.attention_hooks(namespace["model"], edits=[hooks.replace_maps(namespace["run1"])]):
         again = namespace["model"](x)
     torch.testing.assert_close(again, namespace["y"], rtol=1e-5, atol=1e-5)
+
+
+# ---- every registered mechanism -----------------------------------------------------------
+OUTPUT_NORMALIZED_AFTER_WEIGHTS = {"transnormer"}  # its norm acts on w @ v: the weights do not give the output
+SHAPES = {1: (12,), 2: (3, 4), 3: (2, 2, 3)}
+
+
+def _sweep_cases():
+    import random
+
+    for mech in attnzoo.list_mechanisms():
+        for pattern in ("noncausal_self", "causal_self"):
+            if pattern in mech.patterns:
+                for dims in mech.spatial_dims:
+                    for seed in range(2):
+                        yield pytest.param(mech.name, pattern, dims, seed, id=f"{mech.name}-{pattern}-{dims}d-seed{seed}")
+
+
+@pytest.mark.parametrize("name, pattern, dims, seed", list(_sweep_cases()))
+def test_every_mechanism_is_captured_exactly_or_says_why(name, pattern, dims, seed):
+    import random
+
+    mech = attnzoo.get(name)
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(2, 2, *SHAPES[dims], 8, generator=gen, dtype=F64) for _ in range(3))
+    params = mech.example_params(mech.describe(q, k, v), pattern, random.Random(seed))
+    with hooks.attention_hooks() as h:
+        result = mech(q, k, v, **params)
+    out = result[0] if isinstance(result, tuple) else result
+    (record,) = h.records
+    if record.weights is None:
+        assert record.distribution is None and record.note.startswith(name + ":")
+        return
+    w = record.weights
+    n = q[0, 0, ..., 0].numel()
+    assert w.shape == (2, 2, n, n)
+    if record.distribution:
+        live = w.sum(-1) > 0  # a query whose keys are all padded sees nothing
+        assert bool((w >= 0).all())
+        torch.testing.assert_close(w.sum(-1)[live], torch.ones_like(w.sum(-1)[live]), rtol=0, atol=1e-3)
+    if name not in OUTPUT_NORMALIZED_AFTER_WEIGHTS:
+        torch.testing.assert_close(w @ v.reshape(2, 2, n, 8), out.reshape(2, 2, n, 8), rtol=1e-9, atol=1e-10)
+    else:
+        assert record.distribution is False

@@ -266,21 +266,32 @@ def _causal_in_pieces(decoder: "ScanDecoder", q: Tensor, k: Tensor, v: Tensor, p
 
 
 def engine_weights(operands: Prepare, finish: Finish, q: Tensor, k: Tensor, v: Tensor, params: dict) -> tuple[Tensor, bool]:
-    """``Mechanism.weights`` of the family (for attnzoo.hooks): the engine's ``w_ij q_i . k_j``, (B, H, Nq, Nk).
+    """``Mechanism.weights`` of the family (for attnzoo.hooks): the (B, H, Nq, Nk) matrix W with out = W v.
 
-    With a normalizer, ``finish`` is applied to ``[w, row sums]`` (values = the identity), which
-    gives the matrix whose product with v is the output; without one, the bare ``w`` (a
-    normalization ``finish`` applies to the output, such as TransNormer's norm, is not in it).
-    The rows are a distribution when normalized, non-negative and summing to 1.
+    W is ``finish`` applied to the engine's ``w_ij q_i . k_j`` taken as values (with their row sums
+    as the normalizer column), which is exact when ``finish`` scales each row (the division,
+    RetNet's normalizations): checked here against ``finish(w [v, 1])``. Where it is not (a norm
+    over the channels, TransNormer's), the bare ``w`` comes back. The rows are a distribution
+    when non-negative and summing to 1.
     """
     ops = operands(q, k, v, params)
+    nq, nk = q.shape[2], k.shape[2]
     w = parallel_scores(ops.q, ops.k, causal=params.get("causal", False), log_decay=ops.log_decay, scale=ops.scale)
-    if not ops.normalizer:
+
+    def with_normalizer(x: Tensor) -> Tensor:
+        return torch.cat([x, w.sum(-1, keepdim=True)], dim=-1) if ops.normalizer else x
+
+    values = torch.cat([ops.v, torch.ones_like(ops.v[..., :1])], dim=-1) if ops.normalizer else ops.v
+    try:
+        rows = finish(with_normalizer(w), params, nq, nk)
+        direct = finish(w @ values, params, nq, nk)
+        exact = rows.shape == w.shape and torch.allclose(rows @ ops.v, direct, rtol=1e-4, atol=1e-6)
+    except (RuntimeError, ValueError):  # a finish over the channels may not take Nk of them
+        exact = False
+    if not exact:
         return w, False
-    w = finish(torch.cat([w, w.sum(-1, keepdim=True)], dim=-1), params, q.shape[2], k.shape[2])
-    sums = w.sum(-1)
-    distribution = bool((w >= 0).all()) and bool(torch.allclose(sums, torch.ones_like(sums), atol=1e-3))
-    return w, distribution
+    sums = rows.sum(-1)
+    return rows, bool((rows >= 0).all()) and bool(torch.allclose(sums, torch.ones_like(sums), atol=1e-3))
 
 
 def add_form_backends(mech: Mechanism, operands: Prepare, finish: Finish, fused: Optional[Fused] = None) -> None:
