@@ -124,6 +124,20 @@ def test_nothing_captured_outside_and_no_work_when_unused(monkeypatch):
     assert h.records == []
 
 
+def test_weights_materialized_only_when_asked(monkeypatch):
+    q, k, v = qkv()
+    calls = []
+    real = hooks._materialize
+    monkeypatch.setattr(hooks, "_materialize", lambda *args: calls.append(1) or real(*args))
+    with hooks.attention_hooks(capture=False) as h:
+        attnzoo.attention(q, k, v, "softmax")
+    assert calls == [] and h.records[0].weights is None and h.records[0].mechanism == "softmax"
+    with hooks.attention_hooks(layers=lambda rec: rec.index == 1) as h:
+        attnzoo.attention(q, k, v, "softmax")
+        attnzoo.attention(q, k, v, "softmax")
+    assert calls == [1] and h.records[0].weights is None and h.records[1].weights is not None
+
+
 def test_capture_restores_after_an_error():
     q, k, v = qkv()
     with pytest.raises(ParameterError):
@@ -327,7 +341,6 @@ SHAPES = {1: (12,), 2: (3, 4), 3: (2, 2, 3)}
 
 
 def _sweep_cases():
-    import random
 
     for mech in attnzoo.list_mechanisms():
         for pattern in ("noncausal_self", "causal_self"):
