@@ -331,11 +331,13 @@ class _Tap:
             if edit.probs is not None:
                 p = edit.probs(p, self.record)
         if self.keep:
-            self.weights = p.detach().clone()
+            self.weights = p.detach()  # nothing writes into p after this
         return p
 
     def refusal(self, mechanism: str) -> Optional[str]:
         """Why the reference is not one softmax over the call's keys, or None."""
+        if self.calls < 0:
+            return f"{mechanism}: it has no reference backend"
         if self.calls == 0:
             return f"{mechanism}: its reference computes no softmax over materialized scores"
         if self.calls != 1 or self.matched != 1:
@@ -346,6 +348,9 @@ class _Tap:
 def _run_tapped(mech: registry.Mechanism, q: Tensor, k: Tensor, v: Tensor, bound: Mapping[str, Any], tap: _Tap) -> Any:
     if _reference_kernel.TAP is not None:
         raise RuntimeError("attnzoo.hooks: the reference tap is already in use (one forward at a time)")
+    if "reference" not in mech.backends:
+        tap.calls = -1  # refusal() says so
+        return None
     _reference_kernel.TAP = tap
     try:
         return mech.reference.fn(q, k, v, **bound)
