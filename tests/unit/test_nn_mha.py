@@ -11,12 +11,15 @@ non-causal default; padded batches for other mechanisms (each sequence alone giv
 output); clear errors naming the argument (a mechanism without key_padding_mask, attn_mask or
 need_weights for a mechanism without scores, dropout beyond softmax, a positional mechanism name,
 extra keys with causal, a missing pattern, unknown mechanisms and parameters, shapes); per-length
-example parameters and state sizes; the short convolution against a depthwise Conv1d.
+example parameters and state sizes; the README example (which asserts torch parity itself); the
+short convolution against a depthwise Conv1d.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -385,3 +388,15 @@ def test_short_convolution_is_a_causal_depthwise_conv1d():
     changed = x.clone()
     changed[:, 7:] += 1.0
     torch.testing.assert_close(conv(changed)[:, :7], conv(x)[:, :7])
+
+
+def test_readme_example_runs():
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    body = re.search(r"^## MultiheadAttention and heads\n(.*?)(?=^## )", readme, re.S | re.M)
+    assert body, "README has no '## MultiheadAttention and heads' section"
+    blocks = re.findall(r"^```python\n(.*?)^```$", body.group(1), re.S | re.M)
+    assert len(blocks) == 1
+    scope: dict = {}
+    exec(compile(blocks[0], "README.md", "exec"), scope)  # noqa: S102 - the README's own example; it asserts parity itself
+    assert scope["logits"].shape == (2, 10) and scope["log_p"].shape == (2, 3, 10)
+    assert torch.isneginf(scope["log_p"][1, :, 7:]).all()
