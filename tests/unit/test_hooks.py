@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -376,3 +378,26 @@ def test_every_mechanism_is_captured_exactly_or_says_why(name, pattern, dims, se
         torch.testing.assert_close(w @ v.reshape(2, 2, n, 8), out.reshape(2, 2, n, 8), rtol=1e-9, atol=1e-10)
     else:
         assert record.distribution is False
+
+
+# ---- through an integration ----------------------------------------------------------------
+def test_capture_through_a_swapped_timm_vit():
+    timm_integration = pytest.importorskip("attnzoo.integrations.timm")
+    timm = pytest.importorskip("timm")
+    from attnzoo import analysis
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2).eval()
+    timm_integration.swap_attention(model, "softmax")
+    seen = {}
+    model.blocks[1].attn.register_forward_pre_hook(lambda module, args: seen.setdefault("x", args[0]))
+    with torch.no_grad(), hooks.attention_hooks(model) as h:
+        model(torch.randn(1, 3, 32, 32))
+    assert [r.name for r in h.records] == ["blocks.0.attn", "blocks.1.attn"]
+    attn, x = model.blocks[1].attn, seen["x"]
+    b, n, c = x.shape
+    q, k, _ = attn.qkv(x).reshape(b, n, 3, 3, c // 3).permute(2, 0, 3, 1, 4)
+    expected = torch.softmax(q @ k.transpose(-1, -2) * (c // 3) ** -0.5, dim=-1)
+    torch.testing.assert_close(h.maps()["blocks.1.attn"], expected, rtol=1e-4, atol=1e-6)
+    distance = analysis.attention_distance(h.maps()["blocks.0.attn"], (4, 4), prefix=1, patch_size=8)
+    assert distance.shape == (3,) and bool((distance > 0).all()) and bool((distance < 8 * math.sqrt(18)).all())
