@@ -250,7 +250,9 @@ def replace_maps(source: Union["attention_hooks", Iterable[AttentionRecord], Map
     ``source``: the hooks (or records) of run 1, or ``{(layer, occurrence): weights}``. A call of
     run 2 whose ``(layer, occurrence)`` has a recorded map attends with it instead of its own
     (the chosen ``heads`` only); its output is then ``P_run1 @ V_run2``. Calls with no recorded
-    map are left alone; a map of another shape is an error.
+    map are left alone; a map of another shape is an error. ``layers`` may be a predicate on the
+    record: ``lambda rec: rec.occurrence < 20`` replaces during the first 20 denoising steps
+    only (P2P's ``n_cross_replace``), when each step calls every layer once.
     """
     if isinstance(source, attention_hooks):
         source = source.records

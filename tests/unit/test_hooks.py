@@ -263,6 +263,14 @@ def test_replace_maps_reproduces_the_other_run():
     first = run1.records[0].weights @ v
     torch.testing.assert_close(run3.records[1].weights, softmax_probs(first, k2, allowed=(torch.arange(7)[:, None] - torch.arange(7)).abs() <= 2))
     torch.testing.assert_close(out3, run3.records[1].weights @ v, rtol=1e-10, atol=1e-12)
+    # diffusion control: replace in the first of two "steps" only
+    with hooks.attention_hooks(model) as record_two:
+        model(q1, k1, v)
+        model(q1, k1, v)
+    with hooks.attention_hooks(model, edits=[hooks.replace_maps(record_two, layers=lambda rec: rec.occurrence < 1)]):
+        first_step, second_step = model(q2, k2, v), model(q2, k2, v)
+    torch.testing.assert_close(first_step, out1, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(second_step, model(q2, k2, v))
     wrong = {("first", 0): torch.zeros(1, 1, 2, 2, dtype=F64)}
     with pytest.raises(ParameterError, match="source"):
         with hooks.attention_hooks(model, edits=[hooks.replace_maps(wrong)]):
