@@ -119,7 +119,9 @@ class MultiheadAttention(nn.Module):
       for it, torch does the same when it drops);
     * returns ``(output, weights)``; ``weights`` is None unless ``need_weights=True`` (softmax
       only: (B, L, S) averaged over heads, (B, H, L, S) with ``average_attn_weights=False``,
-      after dropout, as torch returns them);
+      after dropout, as torch returns them). With ``need_weights`` or dropout the layer computes
+      ``P @ V`` itself instead of calling the mechanism (``backend`` does not apply, and
+      ``attnzoo.hooks`` sees no call: capture with ``need_weights=False`` in eval mode);
     * ``add_bias_kv`` (a learned key and value appended to the sequence) and ``add_zero_attn``
       (a zero key and value appended per head), for non-causal layers and mechanisms with a
       cross pattern (the keys then outnumber the queries).
