@@ -437,6 +437,10 @@ class Mechanism:
         # harmless. Its sum is non-finite whenever an entry is (NaN and inf propagate), and costs
         # a twentieth of isfinite(out).all(), which writes a bool per entry; a sum that merely
         # overflows costs a scan of the inputs that finds nothing and raises nothing.
+        if torch.compiler.is_compiling():
+            # Under torch.compile the test is skipped: branching on a tensor's value is a graph
+            # break (and a host sync); fullgraph=True would refuse the whole call.
+            return
         out = result[0] if isinstance(result, tuple) else result
         if not isinstance(out, torch.Tensor) or not out.is_floating_point():
             return
@@ -449,10 +453,6 @@ class Mechanism:
     # ---- decoding ----------------------------------------------------------------------
     def init_state(self, q: Any, k: Any, v: Any, **params: Any) -> Any:
         """An empty decoding state for inputs shaped like q, k, v (their lengths are ignored)."""
-        if torch.compiler.is_compiling():
-            # Under torch.compile the test is skipped: branching on a tensor's value is a graph
-            # break (and a host sync); fullgraph=True would refuse the whole call.
-            return
         if self.decoder is None:
             raise ParameterError(f"{self.name}: does not support incremental decoding", argument="mechanism")
         problem = self.describe(q, k, v)
