@@ -32,7 +32,7 @@ from torch import Tensor
 from ...kernels.reference import default_scale, materialized_attention
 from ...kernels.sdpa import sdpa
 from ...registry import Backend, Mechanism, Param, Problem, positive_number, register
-from ._shared import compute_dtype, expand_heads
+from ._shared import compute_dtype, expand_heads, key_padding_param, sample_padding
 
 __all__ = ["agent_attention", "AGENT"]
 
@@ -104,6 +104,10 @@ AGENT_PARAMS = (
         (torch.zeros(3), torch.zeros(1, 1, 10**6, 2), "b"),
         "Tensor | None",
     ),
+    key_padding_param(
+        "(B, Nk) bool, True = ignore that key (torch.nn.MultiheadAttention's convention): masked in the agents' softmax "
+        "over the keys (a sequence with no real key gives its agents zero values)"
+    ),
 )
 
 
@@ -115,15 +119,29 @@ def _operands(q: Tensor, k: Tensor, v: Tensor, agents: Tensor) -> tuple[Tensor, 
     return q.to(dtype), expand_heads(k, heads).to(dtype), expand_heads(v, heads).to(dtype), agents
 
 
+def _aggregation_mask(pad: Optional[Tensor]) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """The keys the agents may attend, (B, 1, 1, Nk) bool, and the sequences with no real key, (B, 1, 1, 1).
+
+    Such a sequence attends every key (no all -inf softmax row, whose NaN would reach the
+    gradients) and its agents' values are then set to 0, so its queries output 0."""
+    if pad is None:
+        return None, None
+    empty = pad.all(-1).view(-1, 1, 1, 1)
+    return (~pad).view(pad.shape[0], 1, 1, -1) | empty, empty
+
+
 # --------------------------------------------------------------------------------------------
 # reference: the spec
 # --------------------------------------------------------------------------------------------
-def _reference(q, k, v, *, agents, scale, agent_bias, query_bias):
-    """softmax(s A K^T + agent_bias) V materialized (n x Nk), then softmax(s Q A^T + query_bias) (Nq x n) times it."""
+def _reference(q, k, v, *, agents, scale, agent_bias, query_bias, key_padding_mask=None):
+    """softmax(s A K^T + agent_bias) V materialized (n x Nk, pads masked), then softmax(s Q A^T + query_bias) (Nq x n) times it."""
     out_dtype = q.dtype
     q, k, v, agents = _operands(q, k, v, agents)
     s = default_scale(q, scale)
-    agent_values, _ = materialized_attention(agents, k, v, scale=s, bias=agent_bias)
+    allowed, empty = _aggregation_mask(key_padding_mask)
+    agent_values, _ = materialized_attention(agents, k, v, scale=s, bias=agent_bias, allowed=allowed)
+    if empty is not None:
+        agent_values = agent_values.masked_fill(empty, 0)
     out, _ = materialized_attention(q, agents, agent_values, scale=s, bias=query_bias)
     return out.to(out_dtype)
 
@@ -131,13 +149,18 @@ def _reference(q, k, v, *, agents, scale, agent_bias, query_bias):
 # --------------------------------------------------------------------------------------------
 # fast: two fused softmax-attention calls
 # --------------------------------------------------------------------------------------------
-def _sdpa(q, k, v, *, agents, scale, agent_bias, query_bias):
+def _sdpa(q, k, v, *, agents, scale, agent_bias, query_bias, key_padding_mask=None):
     """Two calls of ``F.scaled_dot_product_attention``: agents over K/V, then Q over the agents (biases as float masks)."""
     out_dtype = q.dtype
     q, k, v, agents = _operands(q, k, v, agents)
     s = default_scale(q, scale)
     agent_bias, query_bias = (None if b is None else b.to(q.dtype) for b in (agent_bias, query_bias))
+    allowed, empty = _aggregation_mask(key_padding_mask)
+    if allowed is not None:  # pads as -inf on the aggregation scores (with the bias when there is one)
+        agent_bias = allowed if agent_bias is None else agent_bias.masked_fill(~allowed, float("-inf"))
     agent_values = sdpa(agents, k, v, attn_mask=agent_bias, scale=s)
+    if empty is not None:
+        agent_values = agent_values.masked_fill(empty, 0)
     return sdpa(q, agents, agent_values, attn_mask=query_bias, scale=s).to(out_dtype)
 
 
@@ -146,8 +169,8 @@ def _sdpa(q, k, v, *, agents, scale, agent_bias, query_bias):
 # --------------------------------------------------------------------------------------------
 def _sample_params(p: Problem, pattern: str, rng: Optional[random.Random]) -> dict[str, Any]:
     """Random agents (B or 1 of them, n in 1..9) with ``rng``; 49 fixed ones (seed 0) without."""
-    if rng is None:
-        gen, batch, count = torch.Generator().manual_seed(0), p.batch, DEFAULT_AGENTS
+    if rng is None:  # one set of agents for the batch: a sequence run alone takes the same ones
+        gen, batch, count = torch.Generator().manual_seed(0), 1, DEFAULT_AGENTS
     else:
         gen, batch, count = torch.Generator().manual_seed(rng.randrange(2**31)), rng.choice((1, p.batch)), rng.randrange(1, 10)
     agents = torch.randn(batch, p.q_heads, count, p.head_dim, generator=gen).to(device=p.device, dtype=p.dtype)
@@ -160,6 +183,7 @@ def _sample_params(p: Problem, pattern: str, rng: Optional[random.Random]) -> di
         if rng.random() < 0.4:
             lead = (rng.choice((1, p.batch)), rng.choice((1, p.q_heads)))
             params[name] = (0.5 * torch.randn(*lead, *last_two, generator=gen)).to(device=p.device, dtype=p.dtype)
+    params["key_padding_mask"] = sample_padding(p, rng)
     return params
 
 
@@ -199,6 +223,7 @@ def agent_attention(
     scale: Optional[float] = None,
     agent_bias: Optional[Tensor] = None,
     query_bias: Optional[Tensor] = None,
+    key_padding_mask: Optional[Tensor] = None,
     backend: Optional[str] = None,
 ) -> Tensor:
     """Agent attention (catalog F4; Han et al., ECCV 2024, Sec. 3.2, eq. 3).
@@ -218,6 +243,10 @@ def agent_attention(
         scale: s, default D^-0.5, on both score matrices.
         agent_bias: None or (B|1, H|1, n, Nk), added to s A K^T (the paper's agent bias, Sec. 3.3).
         query_bias: None or (B|1, H|1, Nq, n), added to s Q A^T.
+        key_padding_mask: (B, Nk) bool, **True = ignore that key**: masked in the agents'
+            softmax over the keys, so with the same agents a padded batch equals each sequence
+            alone (either side, self or cross). A sequence with no real key outputs 0. The
+            agents are an input: pooled from padded queries (as the module does) they differ.
         backend: force ``sdpa`` (default) or ``reference``.
 
     Returns:
@@ -231,7 +260,9 @@ def agent_attention(
         >>> agents = torch.nn.functional.adaptive_avg_pool1d(q.flatten(0, 1).transpose(1, 2), 49)
         >>> out = agent_attention(q, k, v, agents.transpose(1, 2).view(1, 8, 49, 64))
     """
-    return AGENT(q, k, v, backend=backend, agents=agents, scale=scale, agent_bias=agent_bias, query_bias=query_bias)
+    return AGENT(
+        q, k, v, backend=backend, agents=agents, scale=scale, agent_bias=agent_bias, query_bias=query_bias, key_padding_mask=key_padding_mask
+    )
 
 
 AGENT.function = agent_attention

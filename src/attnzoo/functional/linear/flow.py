@@ -48,7 +48,7 @@ from torch import Tensor
 from ...errors import ParameterError
 from ...kernels.linear_scan import chunked_form, chunked_scan
 from ...registry import Backend, Mechanism, Problem, flag, positive_number, register
-from ._shared import chunk_size_param, compute_dtype, expand_heads
+from ._shared import chunk_size_param, compute_dtype, expand_heads, key_padding_param, sample_padding, zero_padded
 
 __all__ = ["flow_attention", "FLOW", "FlowState"]
 
@@ -58,6 +58,10 @@ FLOW_PARAMS = (
         positive_number("eps", "added to the incoming and outgoing flows (their reciprocals are taken)", optional=False), default=1e-6
     ),
     chunk_size_param(),
+    key_padding_param(
+        "(B, Nk) bool, True = ignore that key (torch.nn.MultiheadAttention's convention): padded sources leave every flow, "
+        "softmax and count; in self-attention (Nq = Nk) the same positions' queries leave the sinks too"
+    ),
 )
 
 
@@ -76,15 +80,45 @@ def _phi(x: Tensor) -> Tensor:
     return torch.sigmoid(x) + x * 0
 
 
-def _operands(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """sigmoid(q), sigmoid(k) and v in the compute dtype, key/value heads repeated (GQA)."""
+def _operands(q: Tensor, k: Tensor, v: Tensor, pad: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """sigmoid(q), sigmoid(k) and v in the compute dtype, key/value heads repeated (GQA); with
+    ``pad``, the padded sources' features are zeroed, and in self-attention (Nq = Nk) the padded
+    sinks' too (a pad query would otherwise draw flow from the real sources)."""
     dtype, heads = compute_dtype(q.dtype), q.shape[1]
-    return _phi(q.to(dtype)), _phi(expand_heads(k, heads).to(dtype)), expand_heads(v, heads).to(dtype)
+    fq, fk = _phi(q.to(dtype)), _phi(expand_heads(k, heads).to(dtype))
+    return zero_padded(fq, _sink_padding(pad, q.shape[2])), zero_padded(fk, pad), expand_heads(v, heads).to(dtype)
 
 
-def _positions(n: int, like: Tensor, start: int = 0) -> Tensor:
-    """start + 1 .. start + n: each token's position, the number of terms of its prefix sums."""
-    return torch.arange(start + 1, start + n + 1, device=like.device, dtype=like.dtype)
+def _sink_padding(pad: Optional[Tensor], nq: int) -> Optional[Tensor]:
+    """The padded queries: the keys' mask in self-attention (Nq = Nk), none in cross-attention."""
+    return pad if pad is not None and pad.shape[1] == nq else None
+
+
+def _real(pad: Optional[Tensor], like: Tensor) -> Optional[Tensor]:
+    """1 for a real token, 0 for a pad, (B, 1, N) in ``like``'s dtype; None without a mask."""
+    return None if pad is None else (~pad).to(like.dtype).unsqueeze(1)
+
+
+def _counts(pad: Optional[Tensor], n: int, like: Tensor) -> Tensor | int:
+    """How many tokens a full sum runs over: N, or each sequence's real count (>= 1), (B, 1, 1)."""
+    return n if pad is None else _real(pad, like).sum(-1, keepdim=True).clamp(min=1)
+
+
+def _masked_softmax(x: Tensor, real: Optional[Tensor]) -> Tensor:
+    """softmax over the last axis on the real tokens (0 at pads, and everywhere in a sequence
+    with no real token). x is clamped to [-1, 1] by the caller, so exp cannot overflow."""
+    if real is None:
+        return torch.softmax(x, dim=-1)
+    e = x.exp() * real
+    return e / e.sum(-1, keepdim=True).clamp(min=torch.finfo(e.dtype).tiny)
+
+
+def _positions(n: int, like: Tensor, start: int = 0, real: Optional[Tensor] = None) -> Tensor:
+    """start + 1 .. start + n: each token's position, the number of terms of its prefix sums; with
+    ``real`` (B, 1, N), the count of real tokens up to each one (B, 1, N), at least 1 (a pad's is unused)."""
+    if real is None:
+        return torch.arange(start + 1, start + n + 1, device=like.device, dtype=like.dtype)
+    return (real.cumsum(-1) + start).clamp(min=1)
 
 
 def _clamped_exp(conserved_out: Tensor) -> Tensor:
@@ -95,14 +129,15 @@ def _clamped_exp(conserved_out: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------------
 # reference: the equations read off the materialized flow matrix
 # --------------------------------------------------------------------------------------------
-def _reference(q, k, v, *, causal, eps, chunk_size):
-    """A = phi(Q) phi(K)^T materialized; its row and column sums are the flows."""
+def _reference(q, k, v, *, causal, eps, chunk_size, key_padding_mask=None):
+    """A = phi(Q) phi(K)^T materialized (pads' rows and columns 0); its row and column sums are the flows."""
     out_dtype = q.dtype
-    q, k, v = _operands(q, k, v)
+    q, k, v = _operands(q, k, v, key_padding_mask)
     nq, nk = q.shape[2], k.shape[2]
+    real = _real(key_padding_mask, q)  # (B, 1, Nk) or None
     a = q @ k.transpose(-1, -2)  # (B, H, Nq, Nk): A_ij, flow from source j to sink i
     if causal:
-        t = _positions(nq, q)
+        t = _positions(nq, q, real=real)
         seen, emitted = a.tril(), a.triu()  # sinks read keys j <= i; source j counts sinks i <= j
         incoming = seen.sum(-1) + eps
         outgoing = emitted.sum(-2) + eps
@@ -110,15 +145,20 @@ def _reference(q, k, v, *, causal, eps, chunk_size):
         conserved_out = (emitted * (t / incoming).unsqueeze(-1)).sum(-2) / t
         allocation = torch.sigmoid(conserved_in)
         e = _clamped_exp(conserved_out)
-        competition = e / (e @ torch.ones(nk, nk, dtype=e.dtype, device=e.device).triu()) * t  # softmax over sources j' <= j
+        if real is not None:  # pads leave the running softmax; a pad's own share is 0
+            e = e * real
+        prefix = e @ torch.ones(nk, nk, dtype=e.dtype, device=e.device).triu()
+        competition = e / (prefix if real is None else prefix.clamp(min=torch.finfo(e.dtype).tiny)) * t  # softmax over sources j' <= j
     else:
         seen = a
         incoming = a.sum(-1) + eps
         outgoing = a.sum(-2) + eps
         conserved_in = (a / outgoing.unsqueeze(-2)).sum(-1)
         conserved_out = (a / incoming.unsqueeze(-1)).sum(-2)
-        allocation = torch.sigmoid(conserved_in * (nq / nk))
-        competition = torch.softmax(conserved_out.clamp(-1.0, 1.0), dim=-1) * nk
+        sinks = _counts(_sink_padding(key_padding_mask, nq), nq, q)
+        sources = _counts(key_padding_mask, nk, q)
+        allocation = torch.sigmoid(conserved_in * (sinks / sources))
+        competition = _masked_softmax(conserved_out.clamp(-1.0, 1.0), real) * sources
     out = (seen / incoming.unsqueeze(-1)) @ (v * competition.unsqueeze(-1))
     return (allocation.unsqueeze(-1) * out).to(out_dtype)
 
@@ -153,9 +193,13 @@ def _prefix(x: Tensor, carried: Optional[Tensor], dim: int = 2) -> Tensor:
     return sums if carried is None else sums + carried.unsqueeze(dim)
 
 
-def _causal_step(q: Tensor, k: Tensor, v: Tensor, eps: float, chunk_size: int, state: FlowState) -> tuple[Tensor, FlowState]:
-    """Causal flows of the tokens after ``state`` (phi applied; q and k at the same positions), and the state after them."""
-    t = _positions(q.shape[2], q, state.seen)
+def _causal_step(
+    q: Tensor, k: Tensor, v: Tensor, eps: float, chunk_size: int, state: FlowState, real: Optional[Tensor] = None
+) -> tuple[Tensor, FlowState]:
+    """Causal flows of the tokens after ``state`` (phi applied, pads zeroed; q and k at the same
+    positions), and the state after them. ``real`` (B, 1, N): 1 for a real token; the positions
+    then count the real tokens, and the pads leave the running softmax."""
+    t = _positions(q.shape[2], q, state.seen, real)
     keys, queries = _prefix(k, state.keys), _prefix(q, state.queries)
     incoming = _dot(q, keys) + eps
     outgoing = _dot(k, queries) + eps
@@ -163,8 +207,10 @@ def _causal_step(q: Tensor, k: Tensor, v: Tensor, eps: float, chunk_size: int, s
     queries_in = _prefix(q * (t / incoming).unsqueeze(-1), state.queries_in)
     conserved_in, conserved_out = _dot(q, keys_out) / t, _dot(k, queries_in) / t
     e = _clamped_exp(conserved_out)
+    if real is not None:
+        e = e * real
     exp_sum = _prefix(e, state.exp_sum, dim=-1)
-    competition = e / exp_sum * t
+    competition = e / (exp_sum if real is None else exp_sum.clamp(min=torch.finfo(e.dtype).tiny)) * t
     out, kv = chunked_scan(q / incoming.unsqueeze(-1), k, v * competition.unsqueeze(-1), state=state.kv, chunk_size=chunk_size)
     after = FlowState(
         state.seen + q.shape[2], keys[:, :, -1], queries[:, :, -1], keys_out[:, :, -1], queries_in[:, :, -1], exp_sum[..., -1], kv
@@ -172,19 +218,22 @@ def _causal_step(q: Tensor, k: Tensor, v: Tensor, eps: float, chunk_size: int, s
     return torch.sigmoid(conserved_in).unsqueeze(-1) * out, after
 
 
-def _chunked(q, k, v, *, causal, eps, chunk_size):
+def _chunked(q, k, v, *, causal, eps, chunk_size, key_padding_mask=None):
     """O(N D) flows (sums, or prefix sums when causal), then ``chunked_form(phi(q) / I, phi(k), c v)``."""
     out_dtype = q.dtype
-    q, k, v = _operands(q, k, v)
+    q, k, v = _operands(q, k, v, key_padding_mask)
+    real = _real(key_padding_mask, q)
     if causal:
-        return _causal_step(q, k, v, eps, chunk_size, FlowState())[0].to(out_dtype)
+        return _causal_step(q, k, v, eps, chunk_size, FlowState(), real)[0].to(out_dtype)
     nq, nk = q.shape[2], k.shape[2]
     incoming = _dot(q, k.sum(2, keepdim=True)) + eps
     outgoing = _dot(k, q.sum(2, keepdim=True)) + eps
     conserved_in = _dot(q, (k / outgoing.unsqueeze(-1)).sum(2, keepdim=True))
     conserved_out = _dot(k, (q / incoming.unsqueeze(-1)).sum(2, keepdim=True))
-    allocation = torch.sigmoid(conserved_in * (nq / nk))
-    competition = torch.softmax(conserved_out.clamp(-1.0, 1.0), dim=-1) * nk
+    sinks = _counts(_sink_padding(key_padding_mask, nq), nq, q)
+    sources = _counts(key_padding_mask, nk, q)
+    allocation = torch.sigmoid(conserved_in * (sinks / sources))
+    competition = _masked_softmax(conserved_out.clamp(-1.0, 1.0), real) * sources
     out = chunked_form(q / incoming.unsqueeze(-1), k, v * competition.unsqueeze(-1), causal=False)
     return (allocation.unsqueeze(-1) * out).to(out_dtype)
 
@@ -220,6 +269,7 @@ def _sample_params(p: Problem, pattern: str, rng: Optional[random.Random]) -> di
         params["chunk_size"] = rng.choice((1, 2, 3, 7, 16, 64))
         if rng.random() < 0.2:
             params["eps"] = rng.choice((1e-12, 1e-3))
+        params["key_padding_mask"] = sample_padding(p, rng)
     return params
 
 
@@ -265,7 +315,15 @@ FLOW.add_backend(
 
 
 def flow_attention(
-    q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, eps: float = 1e-6, chunk_size: int = 64, backend: Optional[str] = None
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = False,
+    eps: float = 1e-6,
+    chunk_size: int = 64,
+    key_padding_mask: Optional[Tensor] = None,
+    backend: Optional[str] = None,
 ) -> Tensor:
     """Flow attention (Flowformer, Wu et al., ICML 2022, Sec. 3.2-3.3, eqs. 5-9; catalog F6).
 
@@ -282,6 +340,12 @@ def flow_attention(
         causal: the official causal variant (prefix flows rescaled by their length); Nq = Nk.
         eps: added to the incoming and outgoing flows.
         chunk_size: tokens per chunk of the causal ``chunked`` product.
+        key_padding_mask: (B, Nk) bool, **True = ignore that key**: padded sources leave every
+            flow, the competition softmax and the counts (Nk, the causal positions t). In
+            self-attention (Nq = Nk) the same positions are taken as padded sinks too (their
+            features zeroed, Nq counting the real ones), so a padded batch equals each sequence
+            alone on its real rows, on either side. A padded query row outputs 0; a sequence
+            with no real key outputs 0. Decoding steps do not read it.
         backend: force ``chunked`` (default) or ``reference``.
 
     Returns:
@@ -294,7 +358,7 @@ def flow_attention(
         >>> q = k = v = torch.randn(1, 8, 4096, 64)
         >>> out = flow_attention(q, k, v, causal=True)
     """
-    return FLOW(q, k, v, backend=backend, causal=causal, eps=eps, chunk_size=chunk_size)
+    return FLOW(q, k, v, backend=backend, causal=causal, eps=eps, chunk_size=chunk_size, key_padding_mask=key_padding_mask)
 
 
 FLOW.function = flow_attention

@@ -47,7 +47,7 @@ from ...errors import ParameterError
 from ...kernels.linear_scan import chunked_form, chunked_scan, parallel_scores
 from ...registry import PATTERNS, Backend, Mechanism, Param, Problem, flag, positive_number, register
 from .feature_maps import feature_map_check, softplus
-from ._shared import chunk_size_param, compute_dtype, expand_heads
+from ._shared import chunk_size_param, compute_dtype, expand_heads, key_padding_param, sample_padding, visible_keys, zero_padded
 
 __all__ = ["inline_attention", "INLINE", "InLineState", "INLINE_FEATURE_MAPS"]
 
@@ -77,6 +77,10 @@ INLINE_PARAMS = (
     positive_number("scale", "s on phi(q) . phi(k) (the official head_dim ** -0.5, the default)"),
     flag("causal", False, "each query uses its visible keys j <= i + Nk - Nq: mean, 1/n and v_bar over them"),
     chunk_size_param(),
+    key_padding_param(
+        "(B, Nk) bool, True = ignore that key (torch.nn.MultiheadAttention's convention): padded keys are not visible, "
+        "so the row mean, 1/n and v_bar run over the real keys"
+    ),
 )
 
 
@@ -84,10 +88,12 @@ def _phi(feature_map: Any) -> Callable[[Tensor], Tensor]:
     return INLINE_FEATURE_MAPS[feature_map] if isinstance(feature_map, str) else feature_map
 
 
-def _operands(q: Tensor, k: Tensor, v: Tensor, feature_map: Any) -> tuple[Tensor, Tensor, Tensor]:
-    """phi(q), phi(k), v in the compute dtype, key/value heads repeated (GQA)."""
+def _operands(q: Tensor, k: Tensor, v: Tensor, feature_map: Any, pad: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """phi(q), phi(k), v in the compute dtype, key/value heads repeated (GQA); a padded key's
+    phi(k) and v zeroed (it leaves S, K and the value sum; the counts are the caller's)."""
     dtype, heads, phi = compute_dtype(q.dtype), q.shape[1], _phi(feature_map)
-    return phi(q.to(dtype)), phi(expand_heads(k, heads).to(dtype)), expand_heads(v, heads).to(dtype)
+    fk, v = phi(expand_heads(k, heads).to(dtype)), expand_heads(v, heads).to(dtype)
+    return phi(q.to(dtype)), zero_padded(fk, pad), zero_padded(v, pad)
 
 
 def _scale(params: dict, q: Tensor) -> float:
@@ -100,12 +106,15 @@ def _scale(params: dict, q: Tensor) -> float:
 def _reference(q, k, v, **params):
     """W_ij = (A_ij - mean_visible A_i + 1) / n_i on the visible keys, 0 elsewhere; out = W v."""
     out_dtype = q.dtype
-    fq, fk, v = _operands(q, k, v, params["feature_map"])
+    pad = params.get("key_padding_mask")
+    fq, fk, v = _operands(q, k, v, params["feature_map"], pad)
     nq, nk = fq.shape[2], fk.shape[2]
     scores = parallel_scores(fq, fk, causal=False, scale=_scale(params, q))
     visible = torch.ones(nq, nk, dtype=torch.bool, device=q.device)
     if params["causal"]:
         visible = visible.tril(nk - nq)
+    if pad is not None:  # a padded key is not visible: it leaves the mean and the count
+        visible = visible & ~pad[:, None, None, :]
     count = visible.sum(-1, keepdim=True).to(scores.dtype)  # n_i
     n = count.clamp(min=1)
     scores = scores.masked_fill(~visible, 0)
@@ -156,11 +165,17 @@ class InLineState:
     values: Optional[Tensor] = None
 
 
-def _causal_step(fq: Tensor, fk: Tensor, v: Tensor, scale: float, chunk_size: int, state: InLineState) -> tuple[Tensor, InLineState]:
-    """Causal InLine of the new tokens from ``state`` (phi applied), and the state after them."""
+def _causal_step(
+    fq: Tensor, fk: Tensor, v: Tensor, scale: float, chunk_size: int, state: InLineState, real: Optional[Tensor] = None
+) -> tuple[Tensor, InLineState]:
+    """Causal InLine of the new tokens from ``state`` (phi applied, pads zeroed), and the state after
+    them. ``real`` (B, 1, Nk, 1), 1 for a real key: the counts n_i are then its aligned prefix sums."""
     product, kv = chunked_scan(fq, fk, v, state=state.kv, chunk_size=chunk_size, scale=scale, normalizer=True)
     value_sums = _aligned_prefix(v, fq.shape[2], state.values)
-    count = _visible_counts(fq.shape[2], fk.shape[2], state.seen, product)
+    if real is None:
+        count = _visible_counts(fq.shape[2], fk.shape[2], state.seen, product)
+    else:
+        count = _aligned_prefix(real, fq.shape[2], None) + state.seen  # keys before the state: counted as real
     values = v.sum(2) if state.values is None else state.values + v.sum(2)
     return _combine(product, value_sums, count), InLineState(state.seen + fk.shape[2], kv, values)
 
@@ -168,12 +183,17 @@ def _causal_step(fq: Tensor, fk: Tensor, v: Tensor, scale: float, chunk_size: in
 def _chunked(q, k, v, **params):
     """``chunked_form(phi(q), phi(k), [v, 1])`` gives s phi(q) S and s phi(q) . K in one pass."""
     out_dtype = q.dtype
-    fq, fk, v = _operands(q, k, v, params["feature_map"])
+    pad = params.get("key_padding_mask")
+    fq, fk, v = _operands(q, k, v, params["feature_map"], pad)
     scale = _scale(params, q)
+    real = None if pad is None else visible_keys(pad, fk.shape[2], fk)
     if params["causal"]:
-        return _causal_step(fq, fk, v, scale, params["chunk_size"], InLineState())[0].to(out_dtype)
+        return _causal_step(fq, fk, v, scale, params["chunk_size"], InLineState(), real)[0].to(out_dtype)
     product = chunked_form(fq, fk, v, causal=False, scale=scale, normalizer=True)
-    count = torch.full((1, 1), float(fk.shape[2]), dtype=product.dtype, device=product.device)
+    if real is None:
+        count = torch.full((1, 1), float(fk.shape[2]), dtype=product.dtype, device=product.device)
+    else:  # the real keys of each sequence, (B, 1, 1, 1)
+        count = real.sum(2, keepdim=True)
     return _combine(product, v.sum(2, keepdim=True), count).to(out_dtype)
 
 
@@ -214,6 +234,7 @@ def _sample_params(p: Problem, pattern: str, rng: Optional[random.Random]) -> di
     if rng.random() < 0.3:
         params["scale"] = rng.choice((0.1, 0.5, 1.0))
     params["chunk_size"] = rng.choice((1, 2, 3, 7, 16, 64))
+    params["key_padding_mask"] = sample_padding(p, rng)
     return params
 
 
@@ -272,6 +293,7 @@ def inline_attention(
     scale: Optional[float] = None,
     causal: bool = False,
     chunk_size: int = 64,
+    key_padding_mask: Optional[Tensor] = None,
     backend: Optional[str] = None,
 ) -> Tensor:
     """Injective linear attention, InLine (Han et al., NeurIPS 2024, eq. 5; catalog F8).
@@ -291,6 +313,10 @@ def inline_attention(
         scale: s on phi(q) . phi(k), default D^-0.5.
         causal: prefix variant, bottom-right aligned; a query seeing no key outputs 0.
         chunk_size: tokens per chunk of the causal ``chunked`` product.
+        key_padding_mask: (B, Nk) bool, **True = ignore that key**: a padded key is not
+            visible, so the row mean, the 1/n and v_bar run over the real keys (the count
+            changes), and a padded batch equals each sequence alone on its real rows, on either
+            side. A query that sees no real key outputs 0.
         backend: force ``chunked`` (default) or ``reference``.
 
     Returns:
@@ -305,7 +331,9 @@ def inline_attention(
         >>> out = inline_attention(q, k, v)                        # identity map, as InLine-Swin
         >>> out = inline_attention(q, k, v, feature_map="relu", causal=True)
     """
-    return INLINE(q, k, v, backend=backend, feature_map=feature_map, scale=scale, causal=causal, chunk_size=chunk_size)
+    return INLINE(
+        q, k, v, backend=backend, feature_map=feature_map, scale=scale, causal=causal, chunk_size=chunk_size, key_padding_mask=key_padding_mask
+    )
 
 
 INLINE.function = inline_attention

@@ -51,7 +51,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ...kernels.linear_scan import append_ones
 from ...registry import Backend, Mechanism, Param, Problem, choice, flag, positive_number, register
-from ._shared import compute_dtype, expand_heads
+from ._shared import compute_dtype, expand_heads, key_padding_param, padded_keys, sample_padding, zero_padded
 from .feature_maps import SOFTMAX_KERNEL_PARAMS, feature_map_check, feature_map_for, projection_conflict
 
 __all__ = ["kernelized_rpe_attention", "KERNELIZED_RPE", "RPE_FEATURE_MAPS"]
@@ -107,6 +107,10 @@ KERNELIZED_RPE_PARAMS = (
         "dtype of the fft backend's transforms for float32/half inputs; auto: float64 when causal (small prefix sums), else float32",
     ),
     dataclasses.replace(positive_number("eps", "added to the denominator (normalize=True)", optional=False), default=1e-6),
+    key_padding_param(
+        "(B, Nk) bool, True = ignore that key (torch.nn.MultiheadAttention's convention): padded keys' features are zeroed; "
+        "the biases b_(j-i) are relative, so padding on either side is exact given the sequence's own table"
+    ),
 )
 _MAP_ONLY = ("num_features", "seed", "projection")
 
@@ -128,17 +132,20 @@ def _check_combination(bound: dict[str, Any], p: Problem) -> Optional[tuple[str,
 # operands
 # --------------------------------------------------------------------------------------------
 def _operands(q: Tensor, k: Tensor, v: Tensor, params: dict) -> tuple[Tensor, Tensor, Tensor]:
-    """phi(s q), phi(k) (B, H, N, F) and v, in the compute dtype, key/value heads repeated."""
+    """phi(s q), phi(k) (B, H, N, F; zero for padded keys) and v, in the compute dtype, key/value heads repeated.
+
+    A zero phi(k_j) removes key j from every channel of phi(k)^T [v, 1] before the Toeplitz
+    product, so the RPE weights e^(b_(j-i)) multiply nothing there (numerator and normalizer)."""
     dtype, heads = compute_dtype(q.dtype), q.shape[1]
     q, k, v = q.to(dtype), expand_heads(k, heads).to(dtype), expand_heads(v, heads).to(dtype)
     scale = params["scale"] or q.shape[-1] ** -0.5
-    fmap = params["feature_map"]
+    fmap, pad = params["feature_map"], padded_keys(params)
     if callable(fmap):
-        return fmap(q * scale), fmap(k), v
+        return fmap(q * scale), zero_padded(fmap(k), pad), v
     maps = feature_map_for(
         fmap, head_dim=q.shape[-1], scale=scale, device=q.device, **{n: params[n] for n in _MAP_ONLY if fmap == "softmax_kernel"}
     )
-    return maps.query(q), maps.key(k), v
+    return maps.query(q), zero_padded(maps.key(k), pad), v
 
 
 def _shifted_biases(rpe: Tensor, heads: int, causal: bool, nq: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -292,6 +299,7 @@ def _sample_params(p: Problem, pattern: str, rng: Optional[random.Random]) -> di
         params["scale"] = rng.choice((0.02, 0.1))
     elif rng.random() < 0.3:
         params["scale"] = rng.choice((0.1, 0.5, 1.0))
+    params["key_padding_mask"] = sample_padding(p, rng)
     return params
 
 
@@ -364,6 +372,7 @@ def kernelized_rpe_attention(
     normalize: bool = True,
     fft_precision: str = "auto",
     eps: float = 1e-6,
+    key_padding_mask: Optional[Tensor] = None,
     backend: Optional[str] = None,
 ) -> Tensor:
     """Kernelized attention with relative positional encoding (Luo et al., NeurIPS 2021, Sec. 3.2; catalog F9).
@@ -386,6 +395,11 @@ def kernelized_rpe_attention(
         normalize: divide by the weighted row sum (+ ``eps``).
         fft_precision: ``"auto"`` (float64 transforms when causal, the input's float32
             otherwise), ``"float32"`` or ``"float64"``; float64 inputs always use float64.
+        key_padding_mask: (B, Nk) bool, **True = ignore that key**: its features are zeroed.
+            The weights depend on the offset j - i only, so a padded self-attention batch (pads
+            on either side) equals each sequence of length L alone with the padded table's
+            middle ``rpe[..., N - L : N + L - 1]``, on its real rows. A query that sees no real
+            key outputs 0 (its sums are exactly zero).
         backend: force ``fft`` (default) or ``reference``.
 
     Returns:
@@ -417,6 +431,7 @@ def kernelized_rpe_attention(
         normalize=normalize,
         fft_precision=fft_precision,
         eps=eps,
+        key_padding_mask=key_padding_mask,
     )
 
 

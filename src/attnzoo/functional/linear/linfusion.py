@@ -35,7 +35,7 @@ from torch import Tensor
 
 from ...kernels.linear_scan import chunked_form, parallel_scores
 from ...registry import Backend, Mechanism, Param, Problem, positive_number, register
-from ._shared import compute_dtype, divide_by_normalizer, expand_heads
+from ._shared import compute_dtype, divide_by_normalizer, expand_heads, key_padding_param, sample_padding, visible_keys, zero_padded
 from .feature_maps import feature_map_check, feature_map_for
 
 __all__ = ["linfusion_attention", "LINFUSION"]
@@ -58,28 +58,43 @@ LINFUSION_PARAMS = (
         positive_number("eps", "added to the mean-normalized denominator phi(q_i) . mean_j phi(k_j) (the official 1e-4)", optional=False),
         default=1e-4,
     ),
+    key_padding_param(
+        "(B, Nk) bool, True = ignore that key (torch.nn.MultiheadAttention's convention): padded keys' features are zeroed "
+        "and both means run over the real keys (their count per sequence)"
+    ),
 )
 
 
-def _features(q: Tensor, k: Tensor, v: Tensor, feature_map: Any) -> tuple[Tensor, Tensor, Tensor]:
-    """phi(q), phi(k) (no scale on q) and v, key/value heads repeated, float32 for half inputs."""
+def _features(q: Tensor, k: Tensor, v: Tensor, feature_map: Any, pad: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """phi(q), phi(k) (no scale on q; zero for padded keys) and v, key/value heads repeated, float32 for half inputs."""
     dtype, heads = compute_dtype(q.dtype), q.shape[1]
     q, k, v = q.to(dtype), expand_heads(k, heads).to(dtype), expand_heads(v, heads).to(dtype)
     maps = feature_map_for(feature_map, head_dim=q.shape[-1], scale=1.0, device=q.device)
-    return maps.query(q), maps.key(k), v
+    return maps.query(q), zero_padded(maps.key(k), pad), v
 
 
-def _reference(q, k, v, *, feature_map, eps):
+def _key_count(k: Tensor, pad: Optional[Tensor], like: Tensor) -> Tensor | float:
+    """Nk, the count the means divide by: the real keys of each sequence (B, 1, 1, 1) when padded
+    (at least 1: a sequence with no real key has zero sums, and outputs 0)."""
+    if pad is None:
+        return float(k.shape[2])
+    return visible_keys(pad, k.shape[2], like).sum(2, keepdim=True).clamp(min=1)
+
+
+def _reference(q, k, v, *, feature_map, eps, key_padding_mask=None):
     """The weights phi(q_i) . phi(k_j) / Nk materialized; out = weights @ v / (row sum + eps)."""
-    fq, fk, values = _features(q, k, v, feature_map)
-    weights = parallel_scores(fq, fk, causal=False) / k.shape[2]
+    fq, fk, values = _features(q, k, v, feature_map, key_padding_mask)
+    weights = parallel_scores(fq, fk, causal=False) / _key_count(k, key_padding_mask, fq)
     return (weights @ values / (weights.sum(-1, keepdim=True) + eps)).to(q.dtype)
 
 
-def _factorized(q, k, v, *, feature_map, eps):
-    """phi(q) (phi(k)^T [v, 1]) / Nk in one product (the 1/Nk rides on the GEMM), then the division."""
-    fq, fk, values = _features(q, k, v, feature_map)
-    out = chunked_form(fq, fk, values, causal=False, scale=1.0 / k.shape[2], normalizer=True)
+def _factorized(q, k, v, *, feature_map, eps, key_padding_mask=None):
+    """phi(q) (phi(k)^T [v, 1]) / Nk in one product (the 1/Nk rides on the GEMM; on phi(k) per sequence when padded), then the division."""
+    fq, fk, values = _features(q, k, v, feature_map, key_padding_mask)
+    count = _key_count(k, key_padding_mask, fq)
+    if isinstance(count, Tensor):
+        fk, count = fk / count, 1.0
+    out = chunked_form(fq, fk, values, causal=False, scale=1.0 / count, normalizer=True)
     return divide_by_normalizer(out, eps).to(q.dtype)
 
 
@@ -87,6 +102,7 @@ def _sample_params(p: Problem, pattern: str, rng: Optional[random.Random]) -> di
     if rng is None:
         return {}
     params: dict[str, Any] = {"feature_map": rng.choice(LINFUSION_MAPS + (torch.sigmoid, (torch.sigmoid, torch.exp)))}
+    params["key_padding_mask"] = sample_padding(p, rng)
     if params["feature_map"] == "relu":  # relu rows can be all zero: keep a denominator of eps away from 1e-4 rounding
         params["eps"] = 1e-2
     elif rng.random() < 0.3:
@@ -114,7 +130,16 @@ LINFUSION.add_backend(Backend("reference", _reference, doc="the weights material
 LINFUSION.add_backend(Backend("factorized", _factorized, doc="phi(q) (phi(k)^T [v, 1]) / Nk on the linear engine: O(N F Dv)", priority=50))
 
 
-def linfusion_attention(q: Tensor, k: Tensor, v: Tensor, *, feature_map: Any = "elu", eps: float = 1e-4, backend: Optional[str] = None) -> Tensor:
+def linfusion_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    feature_map: Any = "elu",
+    eps: float = 1e-4,
+    key_padding_mask: Optional[Tensor] = None,
+    backend: Optional[str] = None,
+) -> Tensor:
     """LinFusion's normalized non-causal linear attention (Liu et al., 2024; catalog F8).
 
     ::
@@ -130,6 +155,9 @@ def linfusion_attention(q: Tensor, k: Tensor, v: Tensor, *, feature_map: Any = "
         feature_map: ``"elu"`` (elu + 1), ``"relu"``, a callable ``phi(x)`` or a pair
             ``(phi_q, phi_k)`` (non-negative features keep the denominator positive).
         eps: added to the mean-normalized denominator (official: 1e-4).
+        key_padding_mask: (B, Nk) bool, **True = ignore that key**: its features are zeroed
+            and both means run over the real keys, so a padded batch equals each sequence alone
+            on its real rows; a sequence with no real key outputs 0.
         backend: force ``factorized`` (default) or ``reference``.
 
     Returns:
@@ -142,7 +170,7 @@ def linfusion_attention(q: Tensor, k: Tensor, v: Tensor, *, feature_map: Any = "
         >>> q = k = v = torch.randn(2, 8, 4096, 64)      # a 64 x 64 latent, 8 heads
         >>> out = linfusion_attention(q, k, v)
     """
-    return LINFUSION(q, k, v, backend=backend, feature_map=feature_map, eps=eps)
+    return LINFUSION(q, k, v, backend=backend, feature_map=feature_map, eps=eps, key_padding_mask=key_padding_mask)
 
 
 LINFUSION.function = linfusion_attention
