@@ -11,6 +11,8 @@ import attnzoo
 from attnzoo.errors import ParameterError, ShapeError
 from attnzoo.functional import agent_attention
 from attnzoo.nn import AgentAttention
+from .padding import N as PAD_N, assert_padded_equals_alone
+from .qkv import random_qkv as _padding_qkv
 
 BACKENDS = ("reference", "sdpa")
 
@@ -214,3 +216,24 @@ def test_module_bad_arguments_are_named():
         AgentAttention(16, 2, agent_num=4, spatial_dims=1, grid_size=(4, 4))
     with pytest.raises(ParameterError, match="grid_size"):
         AgentAttention(16, 2, agent_num=4, grid_size=(4, 0))
+
+
+# --------------------------------------------------------------------------------------------
+# key_padding_mask (True = ignore the key): a padded batch equals each sequence alone
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ("reference", "sdpa"))
+@pytest.mark.parametrize("side", ("right", "left"))
+@pytest.mark.parametrize("cross", (False, True), ids=("self", "cross"))
+@pytest.mark.parametrize("biased", (False, True), ids=("plain", "agent_bias"))
+def test_padded_batch_equals_each_sequence_alone(backend, side, cross, biased):
+    """The pads are masked in the agents' softmax over the keys (with the same agents)."""
+    q, k, v = _padding_qkv(3, 4, 5 if cross else PAD_N, PAD_N, 6, 5, kv_heads=2)
+    gen = torch.Generator().manual_seed(7)
+    agents = torch.randn(1, 4, 3, 6, generator=gen, dtype=torch.float64)
+    bias = torch.randn(1, 4, 3, PAD_N, generator=gen, dtype=torch.float64) * 0.5
+
+    def per_length(length, positions):
+        return {"agent_bias": bias[..., positions]} if biased else {}
+
+    attend = lambda q, k, v, **kw: agent_attention(q, k, v, agents, backend=backend, **kw)  # noqa: E731
+    assert_padded_equals_alone(attend, q, k, v, side, cross=cross, per_length=per_length)

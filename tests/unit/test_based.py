@@ -20,6 +20,8 @@ from attnzoo.errors import ParameterError
 from attnzoo.functional.linear.based import based_attention
 from attnzoo.nn.based import MIXER_KINDS, BaseConv, BasedMixer, SlidingWindowAttention, TaylorLinearAttention
 from attnzoo.nn.mha import ShortConvolution
+from .padding import N as PAD_N, assert_padded_equals_alone
+from .qkv import random_qkv as _padding_qkv
 
 BASED = attnzoo.get("based")
 F64 = torch.float64
@@ -251,3 +253,20 @@ def test_mixer_kinds_options_and_state_sizes():
         BasedMixer(64, "linear", feature_dims=8)
     with pytest.raises(ParameterError, match="num_heads"):
         TaylorLinearAttention(30, num_heads=4)
+
+
+# --------------------------------------------------------------------------------------------
+# key_padding_mask (True = ignore the key): a padded batch equals each sequence alone
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ("reference", "chunked", "recurrent"))
+@pytest.mark.parametrize("causal", (False, True), ids=("bidirectional", "causal"))
+@pytest.mark.parametrize("side", ("right", "left"))
+@pytest.mark.parametrize("normalize", (True, False), ids=("normalized", "bare"))
+def test_padded_batch_equals_each_sequence_alone(backend, causal, side, normalize):
+    """w_ij >= 1/2 for every pair: without the mask a pad would weigh as much as a real key."""
+    q, k, v = _padding_qkv(3, 4, PAD_N, PAD_N, 6, 5, kv_heads=2)
+
+    def attend(q, k, v, **kw):
+        return based_attention(q, k, v, feature_dim=3, causal=causal, normalize=normalize, chunk_size=4, backend=backend, **kw)
+
+    assert_padded_equals_alone(attend, q, k, v, side)

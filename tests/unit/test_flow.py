@@ -12,6 +12,7 @@ from attnzoo.errors import NonFiniteError, ParameterError
 from attnzoo.functional import flow_attention
 
 from .qkv import random_qkv
+from .padding import N as PAD_N, assert_padded_equals_alone
 
 BACKENDS = ("reference", "chunked")
 TINY = 1e-300  # eps must be positive: a float64 eps that changes nothing at these magnitudes
@@ -153,3 +154,34 @@ def test_decoding_refuses_what_it_cannot_do():
         mech.step(q, k, v, state, causal=False)
     with pytest.raises(ParameterError, match="q"):
         mech.step(q[:, :, :1], k, v, state, causal=True)
+
+
+# --------------------------------------------------------------------------------------------
+# key_padding_mask (True = ignore the key): a padded batch equals each sequence alone
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("causal", (False, True), ids=("noncausal", "causal"))
+@pytest.mark.parametrize("side", ("right", "left"))
+def test_padded_batch_equals_each_sequence_alone(backend, causal, side):
+    """Pads leave the sources and (self-attention) the sinks: every flow, the competition
+    softmax, the counts Nq, Nk and the causal positions t are the sequence's own."""
+    q, k, v = random_qkv(3, 4, PAD_N, PAD_N, 6, 5, kv_heads=2)
+    assert_padded_equals_alone(lambda q, k, v, **kw: flow_attention(q, k, v, causal=causal, chunk_size=4, backend=backend, **kw), q, k, v, side)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("side", ("right", "left"))
+def test_cross_attention_with_padded_keys(backend, side):
+    """Nq != Nk: every query is a real sink; only the sources are padded."""
+    q, _, _ = random_qkv(3, 2, 6, 6, 5, 4, seed=1)
+    _, k, v = random_qkv(3, 2, PAD_N, PAD_N, 5, 4, seed=2)
+    assert_padded_equals_alone(lambda q, k, v, **kw: flow_attention(q, k, v, backend=backend, **kw), q, k, v, side, cross=True)
+
+
+def test_padded_query_rows_output_zero():
+    q, k, v = random_qkv(2, 2, 7, 7, 4, 3)
+    pad = torch.zeros(2, 7, dtype=torch.bool)
+    pad[1, 4:] = True
+    for backend in BACKENDS:
+        out = flow_attention(q, k, v, key_padding_mask=pad, backend=backend)
+        assert torch.all(out[1, :, 4:] == 0)

@@ -15,6 +15,7 @@ from attnzoo.functional.linear.inline import inline_attention
 from attnzoo.nn.inline import InLineAttention
 
 from .qkv import random_qkv
+from .padding import N as PAD_N, assert_padded_equals_alone
 
 MAPS = ("identity", "relu", "leaky_relu", "exp")
 KERNEL_FUNCS = {"identity": lambda x: x, "relu": torch.relu, "leaky_relu": F.leaky_relu, "exp": lambda x: (0.2 * x).exp()}
@@ -178,3 +179,31 @@ def test_module_bad_arguments_are_named():
             InLineAttention(16, kwargs.pop("num_heads", 2), **kwargs)
     with pytest.raises(ShapeError, match="x"):
         InLineAttention(16, 2)(torch.randn(2, 9, 16))
+
+
+# --------------------------------------------------------------------------------------------
+# key_padding_mask (True = ignore the key): a padded batch equals each sequence alone
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ("reference", "chunked"))
+@pytest.mark.parametrize("causal", (False, True), ids=("noncausal", "causal"))
+@pytest.mark.parametrize("side", ("right", "left"))
+@pytest.mark.parametrize("feature_map", ("identity", "relu"))
+def test_padded_batch_equals_each_sequence_alone(backend, causal, side, feature_map):
+    """The mean, 1/n and v_bar run over the visible real keys: the count is the sequence's."""
+    q, k, v = random_qkv(3, 4, PAD_N, PAD_N, 6, 5, kv_heads=2)
+
+    def attend(q, k, v, **kw):
+        return inline_attention(q, k, v, feature_map=feature_map, causal=causal, chunk_size=4, backend=backend, **kw)
+
+    assert_padded_equals_alone(attend, q, k, v, side)
+
+
+@pytest.mark.parametrize("backend", ("reference", "chunked"))
+@pytest.mark.parametrize("causal", (False, True), ids=("noncausal", "causal"))
+def test_cross_attention_with_padded_keys(backend, causal):
+    """Causal cross-attention is bottom-right aligned to the last key: padded on the left, the
+    real keys end where the sequence alone ends (exact); padded on the right they would not."""
+    q, _, _ = random_qkv(3, 2, 5, 5, 5, 4, seed=1)
+    _, k, v = random_qkv(3, 2, PAD_N, PAD_N, 5, 4, seed=2)
+    attend = lambda q, k, v, **kw: inline_attention(q, k, v, causal=causal, backend=backend, **kw)  # noqa: E731
+    assert_padded_equals_alone(attend, q, k, v, "left" if causal else "right", cross=True)

@@ -19,6 +19,7 @@ from attnzoo.nn.kernelized_rpe import KernelizedRPEAttention
 from attnzoo.nn.linear import RandomFeatureMap
 
 from .qkv import random_qkv
+from .padding import N as PAD_N, assert_padded_equals_alone
 
 
 def _inputs(b=2, hq=4, hkv=2, nq=13, nk=13, d=8, dv=5, seed=0, dtype=torch.float64, grad=False):
@@ -173,3 +174,26 @@ def test_module_options_and_errors():
     before = redrawn.feature_map.projection.clone()
     redrawn.train()(torch.randn(1, 4, 16))
     assert not torch.equal(before, redrawn.feature_map.projection)
+
+
+# --------------------------------------------------------------------------------------------
+# key_padding_mask (True = ignore the key): a padded batch equals each sequence alone
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ("reference", "fft"))
+@pytest.mark.parametrize("causal", (False, True), ids=("noncausal", "causal"))
+@pytest.mark.parametrize("side", ("right", "left"))
+@pytest.mark.parametrize("feature_map", ("softmax_kernel", "elu"))
+def test_padded_batch_equals_each_sequence_alone(backend, causal, side, feature_map):
+    """Zeroed features under relative weights e^(b_(j-i)): a sequence of length L alone uses the
+    middle of the padded table, rpe[..., N - L : N + L - 1] (the same offsets)."""
+    q, k, v = random_qkv(3, 2, PAD_N, PAD_N, 6, 5)
+    table = torch.randn(2, 2 * PAD_N - 1, generator=torch.Generator().manual_seed(5), dtype=torch.float64) * 0.5
+    options = {"num_features": 8, "seed": 2} if feature_map == "softmax_kernel" else {}
+
+    def per_length(length, positions):
+        return {"rpe": table[:, PAD_N - length : PAD_N + length - 1]}
+
+    def attend(q, k, v, **kw):
+        return kernelized_rpe_attention(q, k, v, feature_map=feature_map, causal=causal, backend=backend, **options, **kw)
+
+    assert_padded_equals_alone(attend, q, k, v, side, per_length=per_length, atol=1e-9, rtol=1e-7)

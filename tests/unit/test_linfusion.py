@@ -16,6 +16,7 @@ from attnzoo.functional.linear.linfusion import linfusion_attention
 from attnzoo.nn.linfusion import LinFusionAttention
 
 from .qkv import random_qkv
+from .padding import N as PAD_N, assert_padded_equals_alone
 
 BACKENDS = ("reference", "factorized")
 
@@ -146,3 +147,16 @@ def test_module_cross_attention_and_no_mlp():
         with pytest.raises(ParameterError) as info:
             LinFusionAttention(16, **{"num_heads": 2, **kwargs})
         assert info.value.argument == name
+
+
+# --------------------------------------------------------------------------------------------
+# key_padding_mask (True = ignore the key): a padded batch equals each sequence alone
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ("reference", "factorized"))
+@pytest.mark.parametrize("side", ("right", "left"))
+@pytest.mark.parametrize("cross", (False, True), ids=("self", "cross"))
+def test_padded_batch_equals_each_sequence_alone(backend, side, cross):
+    """Both means (numerator and denominator) over the real keys: eps weighs as for the sequence alone."""
+    q, k, v = random_qkv(3, 4, 5 if cross else PAD_N, PAD_N, 6, 5, kv_heads=2)
+    attend = lambda q, k, v, **kw: linfusion_attention(q, k, v, backend=backend, **kw)  # noqa: E731
+    assert_padded_equals_alone(attend, q, k, v, side, cross=cross)

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from attnzoo.errors import ParameterError, ShapeError
 from attnzoo.functional.linear.mossformer import JOINT_CHUNK, joint_chunk_attention
 from attnzoo.nn.mossformer import MossFormerAttention
+from .padding import N as PAD_N, assert_padded_equals_alone, padding
+from .qkv import random_qkv as _padding_qkv
 
 D64 = torch.float64
 
@@ -298,3 +300,39 @@ def test_module_bad_arguments(kwargs, argument):
 def test_module_bad_input_shape():
     with pytest.raises(ShapeError, match="x"):
         MossFormerAttention(16, group_size=4)(torch.randn(2, 10, 8))
+
+
+# --------------------------------------------------------------------------------------------
+# key_padding_mask (True = ignore the key): a padded batch equals each sequence alone
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ("reference", "chunked"))
+@pytest.mark.parametrize("causal", (False, True), ids=("noncausal", "causal"))
+@pytest.mark.parametrize("group_size", (1, 4, 64))
+@pytest.mark.parametrize("separate", (False, True), ids=("shared", "linear_qk"))
+def test_right_padded_batch_equals_each_sequence_alone(backend, causal, group_size, separate):
+    """Pads' values zeroed (no weight in either part), the non-causal 1/N over the real tokens."""
+    q, k, v = _padding_qkv(3, 2, PAD_N, PAD_N, 6, 5, seed=3)
+    lq, lk, _ = _padding_qkv(3, 2, PAD_N, PAD_N, 6, 5, seed=4)
+
+    if separate:  # the linear operands follow the sequence: run each alone with its own slice
+        pad = padding("right")
+        out = joint_chunk_attention(q, k, v, group_size=group_size, causal=causal, linear_q=lq, linear_k=lk, key_padding_mask=pad, backend=backend)
+        for b, length in enumerate((13, 9, 4)):
+            alone = joint_chunk_attention(
+                q[b : b + 1, :, :length], k[b : b + 1, :, :length], v[b : b + 1, :, :length], group_size=group_size, causal=causal,
+                linear_q=lq[b : b + 1, :, :length], linear_k=lk[b : b + 1, :, :length], backend=backend,
+            )
+            torch.testing.assert_close(out[b : b + 1, :, :length], alone, atol=1e-10, rtol=1e-8)
+        return
+    assert_padded_equals_alone(
+        lambda q, k, v, **kw: joint_chunk_attention(q, k, v, group_size=group_size, causal=causal, backend=backend, **kw), q, k, v, "right"
+    )
+
+
+@pytest.mark.parametrize("backend", ("reference", "chunked"))
+def test_left_padding_is_refused_naming_the_mask(backend):
+    """The groups are cut from position 0: pads before a sequence would move its groups."""
+    q, k, v = _padding_qkv(3, 2, PAD_N, PAD_N, 6, 5)
+    with pytest.raises(ParameterError) as info:
+        joint_chunk_attention(q, k, v, group_size=4, key_padding_mask=padding("left"), backend=backend)
+    assert info.value.argument == "key_padding_mask" and "right" in str(info.value)

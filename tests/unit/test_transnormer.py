@@ -16,6 +16,7 @@ from attnzoo.functional.linear.transnormer import transnormer_attention, transno
 from attnzoo.nn.transnormer import TransNormerAttention
 
 from .qkv import random_qkv
+from .padding import N as PAD_N, assert_padded_equals_alone, padding
 
 TINY = 1e-300  # a positive norm eps that changes nothing: the oracle's norms take eps = 0
 NORM = attnzoo.get("transnormer")
@@ -301,3 +302,47 @@ def test_module_bad_arguments():
         assert info.value.argument == name
     with pytest.raises(ShapeError):
         TransNormerAttention(24, 3)(torch.randn(2, 5, 12))
+
+
+# --------------------------------------------------------------------------------------------
+# key_padding_mask (True = ignore the key): a padded batch equals each sequence alone
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ("reference", "chunked", "recurrent"))
+@pytest.mark.parametrize("causal", (False, True), ids=("noncausal", "causal"))
+@pytest.mark.parametrize("side", ("right", "left"))
+@pytest.mark.parametrize("feature_map, scope", [("elu", "token"), ("relu", "head"), ("identity", "token")])
+def test_norm_attention_padded_batch_equals_each_sequence_alone(backend, causal, side, feature_map, scope):
+    q, k, v = random_qkv(3, 4, PAD_N, PAD_N, 6, 5, kv_heads=2)
+
+    def attend(q, k, v, **kw):
+        return transnormer_attention(q, k, v, feature_map=feature_map, norm_scope=scope, causal=causal, chunk_size=4, backend=backend, **kw)
+
+    assert_padded_equals_alone(attend, q, k, v, side)
+
+
+@pytest.mark.parametrize("backend", ("reference", "blocks"))
+@pytest.mark.parametrize("causal", (False, True), ids=("noncausal", "causal"))
+@pytest.mark.parametrize("kernel", ("softmax", "relu"))
+@pytest.mark.parametrize("block_size", (1, 4, 64))
+def test_diag_attention_right_padded_batch_equals_each_sequence_alone(backend, causal, kernel, block_size):
+    q, k, v = random_qkv(3, 4, PAD_N, PAD_N, 6, 5, kv_heads=2)
+
+    def attend(q, k, v, **kw):
+        return transnormer_diag_attention(q, k, v, block_size=block_size, causal=causal, kernel=kernel, backend=backend, **kw)
+
+    assert_padded_equals_alone(attend, q, k, v, "right")
+
+
+@pytest.mark.parametrize("backend", ("reference", "blocks"))
+def test_diag_attention_refuses_left_padding_and_zeroes_rows_without_keys(backend):
+    """Left: the blocks are cut from position 0, so pads would move them: refused. A row whose
+    block holds only pads (block 2 of entry 1 here) outputs 0, not NaN, and its gradient is finite."""
+    q, k, v = random_qkv(2, 2, 12, 12, 4, 3, grad=True)
+    with pytest.raises(ParameterError) as info:
+        transnormer_diag_attention(q, k, v, block_size=4, key_padding_mask=padding("left", (12, 5), 12), backend=backend)
+    assert info.value.argument == "key_padding_mask"
+    pad = padding("right", (12, 5), 12)
+    out = transnormer_diag_attention(q, k, v, block_size=4, key_padding_mask=pad, backend=backend)
+    assert torch.all(out[1, :, 8:] == 0)
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    assert all(torch.isfinite(g).all() for g in grads)
