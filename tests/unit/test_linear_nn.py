@@ -124,3 +124,41 @@ def test_layers_name_bad_arguments():
     with pytest.raises(ParameterError) as info:
         RandomFeatureMap(8, num_features=0)
     assert info.value.argument == "num_features"
+
+
+# --------------------------------------------------------------------------------------------
+# key_padding_mask through the family's sequence modules: real rows equal each sequence alone
+# --------------------------------------------------------------------------------------------
+def _padded_module_cases():
+    from attnzoo.nn.based import TaylorLinearAttention
+    from attnzoo.nn.kernelized_rpe import KernelizedRPEAttention
+    from attnzoo.nn.linfusion import LinFusionAttention
+    from attnzoo.nn.transnormer import TransNormerAttention
+
+    return [
+        pytest.param(lambda: LinearAttention(16, 2, causal=True), ("right", "left"), id="LinearAttention"),
+        pytest.param(lambda: Retention(16, 2, group_norm=False, normalize_decay=True), ("right", "left"), id="Retention"),
+        pytest.param(lambda: TaylorLinearAttention(16, 2, feature_dim=4), ("right", "left"), id="TaylorLinearAttention"),
+        pytest.param(lambda: TransNormerAttention(16, 2, kind="norm", causal=True), ("right", "left"), id="TransNormer-norm"),
+        pytest.param(lambda: TransNormerAttention(16, 2, kind="diag", block_size=4), ("right",), id="TransNormer-diag"),
+        pytest.param(lambda: LinFusionAttention(16, 2), ("right", "left"), id="LinFusionAttention"),
+        pytest.param(lambda: KernelizedRPEAttention(16, 2, max_len=32, num_features=8), ("right", "left"), id="KernelizedRPEAttention"),
+    ]
+
+
+@pytest.mark.parametrize("make, sides", _padded_module_cases())
+def test_modules_pass_the_padding_mask_through(make, sides):
+    torch.manual_seed(0)
+    module = make().double().eval()
+    lengths, n = (11, 7, 3), 11
+    x = torch.randn(3, n, 16, dtype=torch.float64)
+    for side in sides:
+        pad = torch.ones(3, n, dtype=torch.bool)
+        rows = [slice(0, length) if side == "right" else slice(n - length, n) for length in lengths]
+        for b, r in enumerate(rows):
+            pad[b, r] = False
+        with torch.no_grad():
+            out = module(x, key_padding_mask=pad)
+            for b, r in enumerate(rows):
+                alone = module(x[b : b + 1, r])
+                torch.testing.assert_close(out[b : b + 1, r], alone, atol=1e-10, rtol=1e-8, msg=lambda m: f"{side}, sequence {b}: {m}")

@@ -336,3 +336,14 @@ def test_left_padding_is_refused_naming_the_mask(backend):
     with pytest.raises(ParameterError) as info:
         joint_chunk_attention(q, k, v, group_size=4, key_padding_mask=padding("left"), backend=backend)
     assert info.value.argument == "key_padding_mask" and "right" in str(info.value)
+
+
+def test_module_passes_the_mask_to_the_joint_attention():
+    """The attention takes it (left padding refused there, naming it); the convolutions around it read the pads."""
+    module = MossFormerAttention(16, group_size=4, query_key_dim=8, kernel_size=3).eval()
+    x = torch.randn(3, PAD_N, 16)
+    with pytest.raises(ParameterError) as info:
+        module(x, key_padding_mask=padding("left"))
+    assert info.value.argument == "key_padding_mask"
+    with torch.no_grad():
+        assert module(x, key_padding_mask=padding("right")).shape == x.shape

@@ -136,9 +136,10 @@ class TaylorLinearAttention(nn.Module):
     def attention_params(self) -> dict[str, Any]:
         return {"feature_dim": self.feature_dim, "causal": self.causal, "eps": self.eps, "chunk_size": self.chunk_size, "backend": self.backend}
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, key_padding_mask: Optional[Tensor] = None) -> Tensor:
+        """(B, N, d_model) -> (B, N, d_model); ``key_padding_mask`` (B, N) bool, True = a padded token (ignored as a key)."""
         q, k, v = self.project(x)
-        return self.out_proj(merge_heads(based_attention(q, k, v, **self.attention_params())))
+        return self.out_proj(merge_heads(based_attention(q, k, v, key_padding_mask=key_padding_mask, **self.attention_params())))
 
     def state_size(self) -> int:
         """H x (1 + d + d(d+1)/2) x (head_dim + 1): the Taylor state and its normalizer."""

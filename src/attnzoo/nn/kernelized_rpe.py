@@ -79,14 +79,18 @@ class KernelizedRPEAttention(_TokenMixer):
             return self.feature_map.attention_params()
         return {"feature_map": self.feature_map}
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, key_padding_mask: Optional[Tensor] = None) -> Tensor:
+        """(B, N, C) -> (B, N, C); ``key_padding_mask`` (B, N) bool, True = a padded token (ignored as a
+        key; the biases are relative, so padding on either side leaves the real rows as alone)."""
         q, k, v = self.heads(x)
         n = x.shape[1]
         if n > self.max_len:
             raise ShapeError(
                 f"{type(self).__name__}: x: {n} tokens, more than max_len={self.max_len} (the bias table's reach)", argument="x"
             )
-        out = kernelized_rpe_attention(q, k, v, self.biases(n), causal=self.causal, backend=self.backend, **self._map_params())
+        out = kernelized_rpe_attention(
+            q, k, v, self.biases(n), causal=self.causal, backend=self.backend, key_padding_mask=key_padding_mask, **self._map_params()
+        )
         return self.proj(self.merge(out))
 
     def extra_repr(self) -> str:

@@ -195,10 +195,19 @@ class LinearAttention(_TokenMixer):
             return self.feature_map.attention_params()
         return {"feature_map": self.feature_map}
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, key_padding_mask: Optional[Tensor] = None) -> Tensor:
+        """(B, N, C) -> (B, N, C); ``key_padding_mask`` (B, N) bool, True = a padded token (ignored as a key)."""
         q, k, v = self.heads(x)
         out = linear_attention(
-            q, k, v, causal=self.causal, normalize=self.normalize, chunk_size=self.chunk_size, backend=self.backend, **self._map_params()
+            q,
+            k,
+            v,
+            causal=self.causal,
+            normalize=self.normalize,
+            chunk_size=self.chunk_size,
+            backend=self.backend,
+            key_padding_mask=key_padding_mask,
+            **self._map_params(),
         )
         return self.proj(self.merge(out))
 
@@ -236,10 +245,22 @@ class Retention(_TokenMixer):
         self.chunk_size, self.backend = chunk_size, backend
         self.norm = nn.GroupNorm(num_heads, dim) if group_norm else None
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, key_padding_mask: Optional[Tensor] = None) -> Tensor:
+        """(B, N, C) -> (B, N, C); ``key_padding_mask`` (B, N) bool, True = a padded token, ignored
+        as a key by retention. The GroupNorm's statistics run over every token of the sequence
+        axis (nn.GroupNorm on (B, C, N)), pads included: only ``group_norm=False`` keeps the
+        real rows equal to the unpadded run."""
         q, k, v = self.heads(x)
         out = retention(
-            q, k, v, gamma=self.gamma, causal=self.causal, normalize_decay=self.normalize_decay, chunk_size=self.chunk_size, backend=self.backend
+            q,
+            k,
+            v,
+            gamma=self.gamma,
+            causal=self.causal,
+            normalize_decay=self.normalize_decay,
+            chunk_size=self.chunk_size,
+            backend=self.backend,
+            key_padding_mask=key_padding_mask,
         )
         out = self.merge(out)
         if self.norm is not None:

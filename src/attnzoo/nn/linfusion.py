@@ -90,7 +90,9 @@ class LinFusionAttention(nn.Module):
         b, n, _ = x.shape
         return x.view(b, n, self.num_heads, self.dim // self.num_heads).transpose(1, 2)
 
-    def forward(self, x: Tensor, context: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, context: Optional[Tensor] = None, key_padding_mask: Optional[Tensor] = None) -> Tensor:
+        """(B, N, C) -> (B, N, C), attending ``context`` (B, M, context_dim) or x itself;
+        ``key_padding_mask`` (B, M) bool, True = a padded key token (the means run over the real ones)."""
         name = type(self).__name__
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ShapeError(f"{name}: x: expected (B, N, C={self.dim}), got shape {tuple(x.shape)}", argument="x")
@@ -100,7 +102,7 @@ class LinFusionAttention(nn.Module):
         q = self._heads(self.to_q(self._mixed(x, self.to_q_)))
         k = self._heads(self.to_k(self._mixed(c, self.to_k_)))
         v = self._heads(self.to_v(c))
-        out = linfusion_attention(q, k, v, feature_map=self.feature_map, eps=self.eps, backend=self.backend)
+        out = linfusion_attention(q, k, v, feature_map=self.feature_map, eps=self.eps, backend=self.backend, key_padding_mask=key_padding_mask)
         return self.to_out(out.transpose(1, 2).reshape(x.shape))
 
     def extra_repr(self) -> str:

@@ -171,7 +171,11 @@ class MossFormerAttention(nn.Module):
             q, lq, k, lk = (rotate(t, self.rotary_dims) for t in (q, lq, k, lk))
         return q, lq, k, lk
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, key_padding_mask: Optional[Tensor] = None) -> Tensor:
+        """(B, N, C) -> (B, N, C); ``key_padding_mask`` (B, N) bool, True = a padded token, passed to the
+        joint attention (padding on the right only). The FFConvM convolutions around it still
+        read the pad tokens: the last real tokens (within the kernel's reach of a pad) differ
+        from an unpadded run; the attention itself does not."""
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ShapeError(f"{type(self).__name__}: x: expected (B, N, C) with C={self.dim}, got shape {tuple(x.shape)}", argument="x")
         normed = self.shifted(x) if self.shift_tokens else x
@@ -179,7 +183,8 @@ class MossFormerAttention(nn.Module):
         q, lq, k, lk = (t.unsqueeze(1) for t in self.queries_and_keys(self.to_qk(normed)))  # one head
         values = torch.cat((v, u), dim=-1).unsqueeze(1)  # one weight matrix attends both (the "shared A")
         attended = joint_chunk_attention(
-            q, k, values, linear_q=lq, linear_k=lk, group_size=self.group_size, causal=self.causal, backend=self.backend
+            q, k, values, linear_q=lq, linear_k=lk, group_size=self.group_size, causal=self.causal, backend=self.backend,
+            key_padding_mask=key_padding_mask,
         )
         att_v, att_u = attended.squeeze(1).chunk(2, dim=-1)
         return x + self.to_out((att_u * v) * torch.sigmoid(att_v * u))

@@ -85,20 +85,23 @@ class TransNormerAttention(_TokenMixer):
         self.norm_weight = nn.Parameter(torch.ones(num_heads, head_dim))
         self.norm_bias = nn.Parameter(torch.zeros(num_heads, head_dim)) if norm == "layer" else None
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """(B, H, N, D) heads -> the normalized attention output (B, H, N, D)."""
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor] = None) -> Tensor:
+        """(B, H, N, D) heads -> the normalized attention output (B, H, N, D); pads (True) ignored as keys."""
         norm = {"norm": self.norm, "norm_scope": self.norm_scope, "norm_eps": self.norm_eps}
+        pad = {"key_padding_mask": key_padding_mask}
         if self.kind == "norm":
             weights = {"norm_weight": self.norm_weight, "norm_bias": self.norm_bias}
             return transnormer_attention(
-                q, k, v, causal=self.causal, feature_map=self.feature_map, chunk_size=self.chunk_size, backend=self.backend, **norm, **weights
+                q, k, v, causal=self.causal, feature_map=self.feature_map, chunk_size=self.chunk_size, backend=self.backend, **norm, **weights, **pad
             )
-        out = transnormer_diag_attention(q, k, v, block_size=self.block_size, causal=self.causal, kernel=self.kernel, backend=self.backend)
+        out = transnormer_diag_attention(q, k, v, block_size=self.block_size, causal=self.causal, kernel=self.kernel, backend=self.backend, **pad)
         return normalize_output(out, norm=self.norm, scope=self.norm_scope, weight=self.norm_weight, bias=self.norm_bias, eps=self.norm_eps)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, key_padding_mask: Optional[Tensor] = None) -> Tensor:
+        """(B, N, C) -> (B, N, C); ``key_padding_mask`` (B, N) bool, True = a padded token (ignored as a
+        key; kind="diag" takes padding on the right only)."""
         q, k, v = self.heads(x)
-        return self.proj(self.merge(self.attend(q, k, v)))
+        return self.proj(self.merge(self.attend(q, k, v, key_padding_mask)))
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_heads={self.num_heads}, kind={self.kind!r}, causal={self.causal}, norm={self.norm!r}, norm_scope={self.norm_scope!r}"
