@@ -243,6 +243,49 @@ def test_user_4d_masks():
     assert err.value.argument == "attention_mask"
 
 
+def test_gemma2_softcap_scaling_and_hybrid_layers_match_eager():
+    """Gemma 2: logit soft-capping (softmax's score_mod), query_pre_attn_scalar (scaling is not
+    head_dim ** -0.5), and sliding and full layers alternating, each with its own mask."""
+    config = transformers.Gemma2Config(
+        **llama_config().to_diff_dict() | dict(model_type="gemma2", head_dim=16, sliding_window=4,
+                                               attn_logit_softcapping=5.0, query_pre_attn_scalar=32),
+    )  # fmt: skip
+    assert config.layer_types == ["sliding_attention", "full_attention"]
+    eager = build(transformers.Gemma2ForCausalLM, config, "eager")  # sdpa has no soft-capping
+    ours = twin(eager, hf.register("softmax"))
+    ids, mask, positions = padded_batch("left")
+    real = mask.bool()
+    torch.testing.assert_close(logits(ours, ids, mask, positions)[real], logits(eager, ids, mask, positions)[real], atol=ATOL, rtol=0)
+    kwargs = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(ours.generate(ids, **kwargs), eager.generate(ids, **kwargs))
+    linear = twin(eager, hf.register("linear"))
+    with pytest.raises(ParameterError) as err:
+        logits(linear, ids)
+    assert err.value.argument in ("sliding_window", "softcap")
+
+
+class _Recorder:
+    """A stand-in mechanism that records the K/V heads it receives and runs softmax."""
+
+    def __init__(self, gqa: bool):
+        self.name, self.gqa, self.params, self.kv_heads = "recorder", gqa, (), []
+
+    def __call__(self, q, k, v, **params):
+        self.kv_heads.append(k.shape[1])
+        return attnzoo.softmax_attention(q, k, v, **params)
+
+
+@pytest.mark.parametrize("gqa", [True, False])
+def test_kv_heads_repeated_only_without_gqa(gqa):
+    gen = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(2, h, 5, 8, generator=gen, dtype=torch.float64) for h in (4, 2, 2))
+    mech = _Recorder(gqa)
+    out = hf._run(mech, {}, q, hf._Call(k, v, causal=False), None, None)
+    assert mech.kv_heads == [2 if gqa else 4]
+    expected = attnzoo.softmax_attention(q, k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1))
+    torch.testing.assert_close(out, expected)
+
+
 # ---- the mask function's three answers -----------------------------------------------------
 def test_mask_function_answers():
     keep = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]], dtype=torch.bool)

@@ -273,18 +273,31 @@ def _resolve_mask(
             argument="attention_mask",
         )
     # A 4D mask states the whole pattern (transformers' sdpa convention): no causal, no window on top.
-    mask = mask[..., : key.shape[-2]]
-    factored = _factor(mask, query.shape[-2], key.shape[-2])
-    if factored is not None:
-        causal, padding = factored
-        return _Call(key, value, causal, None, padding)
-    if "bias" not in {p.name for p in mech.params}:
+    causal, padding, bias = _read_dense(mask, query.shape[-2], key.shape[-2], query.dtype)
+    if bias is not None and "bias" not in {p.name for p in mech.params}:
         raise ParameterError(
             f"attnzoo:{mech.name}: attention_mask: this 4D mask is not key padding plus a causal pattern, and "
             f"{mech.name} takes no arbitrary mask (softmax does)",
             argument="attention_mask",
         )
-    return _Call(key, value, False, None, None, _additive(mask, query.dtype))
+    return _Call(key, value, causal, None, padding, bias)
+
+
+def _read_dense(mask: Tensor, nq: int, nk: int, dtype: torch.dtype) -> tuple[bool, Optional[Tensor], Optional[Tensor]]:
+    """``(causal, key_padding_mask, bias)`` of a 4D mask, memoized on the mask.
+
+    Every layer receives the same mask tensor, so it is read once per forward, not once per
+    layer; the memo is keyed by the tensor's version counter, so an in-place edit re-reads it.
+    """
+    key = (mask._version, nq, nk, dtype)
+    memo = getattr(mask, "_attnzoo_read", None)
+    if memo is not None and memo[0] == key:
+        return memo[1]
+    sliced = mask[..., :nk]
+    factored = _factor(sliced, nq, nk)
+    read = (factored[0], factored[1], None) if factored is not None else (False, None, _additive(sliced, dtype))
+    mask._attnzoo_read = (key, read)
+    return read
 
 
 def _attend_of(mask: Tensor) -> Optional[Tensor]:
