@@ -210,3 +210,19 @@ def test_retention_refuses_a_mask_with_normalize_decay_while_decoding():
     with pytest.raises(ParameterError) as info:
         _decode(mech, q, k, v, ((0, 2), (2, 4)), (None, torch.zeros(2, 2, dtype=torch.bool)), normalize_decay=True)
     assert info.value.argument == "key_padding_mask" and "decoding" in str(info.value)
+
+
+def test_fused_kernel_keys_for_padding():
+    """The raw key whose feature is 0 under each fused map: 0 for identity and relu, -inf for
+    elu + 1 (the kernel's exp flushes it to 0); Taylor and callables have none (unfused path)."""
+    from attnzoo.functional.linear.linear import keys_with_zero_features
+
+    k = torch.randn(2, 1, 5, 3)
+    pad = torch.tensor([[False, False, True, True, True], [True, False, False, False, False]])
+    assert keys_with_zero_features(k, {"key_padding_mask": None, "feature_map": "taylor"}) is k
+    for fmap, fill in (("identity", 0.0), ("relu", 0.0), ("elu", float("-inf"))):
+        masked = keys_with_zero_features(k, {"key_padding_mask": pad, "feature_map": fmap})
+        assert torch.equal(masked[~pad[:, None, :, None].expand_as(k)], k[~pad[:, None, :, None].expand_as(k)])
+        assert torch.all(masked[pad[:, None, :, None].expand_as(k)] == fill)
+    for fmap in ("taylor", torch.sigmoid):
+        assert keys_with_zero_features(k, {"key_padding_mask": pad, "feature_map": fmap}) is None

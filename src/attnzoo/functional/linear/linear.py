@@ -43,7 +43,7 @@ from ._shared import (
 )
 from .feature_maps import FEATURE_MAPS, MAP_PARAMETERS, SOFTMAX_KERNEL_PARAMS, feature_count, feature_map_for, feature_map_check, projection_conflict, softplus
 
-__all__ = ["linear_attention", "LINEAR", "linear_operands", "linear_finish", "linear_fused"]
+__all__ = ["linear_attention", "LINEAR", "linear_operands", "linear_finish", "linear_fused", "keys_with_zero_features"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -172,19 +172,32 @@ def linear_finish(out: Tensor, params: dict, nq: int, nk: int) -> Tensor:
     return divide_by_normalizer(out, params["eps"]) if params["normalize"] else out
 
 
+#: the raw key whose feature is exactly 0 under each map the fused kernel applies: elu + 1 is
+#: exp(x) for x <= 0, and the kernel's exp flushes x below -87 to 0 (csrc/linear_scan.cpp); the
+#: Taylor map's constant feature 1 has no such key
+_ZERO_FEATURE_KEY = {"identity": 0.0, "relu": 0.0, "elu": float("-inf")}
+
+
+def keys_with_zero_features(k: Tensor, params: dict) -> Optional[Tensor]:
+    """The raw keys for the fused kernel with the padded ones replaced by a key whose feature is 0
+    (one masked_fill pass; the kernel then runs as without a mask), or None when the map has none."""
+    pad = padded_keys(params)
+    if pad is None:
+        return k
+    fill = _ZERO_FEATURE_KEY.get(params["feature_map"]) if isinstance(params["feature_map"], str) else None
+    return None if fill is None else k.masked_fill(pad[:, None, :, None], fill)
+
+
 def linear_fused(q: Tensor, k: Tensor, v: Tensor, params: dict) -> Optional[Tensor]:
     """The maps the C++ kernel knows (identity, elu, relu, taylor) in one call, map and division
     inside; else None (the ``fused`` hook of :func:`add_form_backends`).
 
-    Padding: the kernel maps the raw keys as it loads them, so zeroing a padded key there gives
-    phi(0), which is 0 only for identity and relu (elu + 1 and Taylor give 1): those two take the
-    masked keys in the kernel (one masked_fill pass), the others return None (the unfused path
-    zeroes phi(k) instead, still on the C++ scan)."""
-    pad = padded_keys(params)
-    if pad is not None:
-        if params["feature_map"] not in ("identity", "relu"):
-            return None
-        k = zero_padded(k, pad)
+    Padding: the kernel maps the raw keys as it loads them, so a padded key is replaced by one
+    whose feature is 0 (:func:`keys_with_zero_features`); Taylor has none and returns None (the
+    unfused path zeroes phi(k) instead, still on the C++ scan)."""
+    k = keys_with_zero_features(k, params)
+    if k is None:
+        return None
     scale = params["scale"] or q.shape[-1] ** -0.5
     eps = params["eps"] if params["normalize"] else None
     return fused_causal_forward(
