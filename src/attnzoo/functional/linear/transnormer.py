@@ -77,6 +77,7 @@ from ._shared import (
     zero_padded,
 )
 from .feature_maps import feature_count, feature_map_check, feature_map_for, softplus
+from .linear import keys_with_zero_features
 
 __all__ = [
     "transnormer_attention",
@@ -213,12 +214,11 @@ def _finish(out: Tensor, params: dict, nq: int, nk: int) -> Tensor:
 
 
 def _fused(q: Tensor, k: Tensor, v: Tensor, params: dict) -> Optional[Tensor]:
-    """The maps the C++ kernel knows in one call, then the norm; else None. Padded keys are
-    zeroed before the kernel's map where phi(0) = 0 (identity, relu); elu + 1 gives None."""
-    if padded_keys(params) is not None:
-        if params["feature_map"] not in ("identity", "relu"):
-            return None
-        k = zero_padded(k, padded_keys(params))
+    """The maps the C++ kernel knows in one call, then the norm; else None. Padded raw keys are
+    replaced by keys whose feature is 0 (:func:`~.linear.keys_with_zero_features`)."""
+    k = keys_with_zero_features(k, params)
+    if k is None:
+        return None
     out = fused_causal_forward(q, k, v, feature_map=params["feature_map"], chunk_size=params["chunk_size"], dtype=compute_dtype(q.dtype))
     return None if out is None else _finish(out, params, q.shape[2], k.shape[2]).to(q.dtype)
 
