@@ -286,6 +286,33 @@ def test_kv_heads_repeated_only_without_gqa(gqa):
     torch.testing.assert_close(out, expected)
 
 
+def test_4d_masks_broadcast_and_edited_in_place():
+    """(B, 1, 1, Nk) and (1, 1, Nq, Nk) masks broadcast; a mask edited in place between forwards
+    is read again (every layer shares one reading of it per forward); integer masks are refused."""
+    n = 6
+    ids = torch.randint(3, VOCAB, (2, n), generator=torch.Generator().manual_seed(8))
+    keep = torch.ones(2, n, dtype=torch.bool)
+    keep[0, :3] = False
+    model = build(LlamaForCausalLM, llama_config(), hf.register("linear"))
+    # keys only, no causal part (B, 1, 1, Nk): row 0 equals its 3 real tokens run alone, bidirectionally
+    positions = (keep.long().cumsum(-1) - 1).clamp(min=0)
+    padded = logits(model, ids, keep[:, None, None, :], positions)
+    alone = logits(model, ids[:1, 3:], torch.ones(1, 1, 3, 3, dtype=torch.bool))
+    torch.testing.assert_close(padded[0, 3:], alone[0], atol=ATOL, rtol=0)
+    torch.testing.assert_close(padded[1], logits(model, ids[1:], torch.ones(1, 1, n, n, dtype=torch.bool))[0], atol=ATOL, rtol=0)
+    causal = torch.ones(1, 1, n, n, dtype=torch.bool).tril()
+    torch.testing.assert_close(logits(model, ids, causal), logits(model, ids), atol=ATOL, rtol=0)
+    user = causal.clone()
+    first = logits(model, ids, user)
+    user[..., 0, 0] = False  # no longer causal-plus-padding: the edit must be seen
+    with pytest.raises(ParameterError, match="not key padding plus a causal pattern"):
+        logits(model, ids, user)
+    torch.testing.assert_close(first, logits(model, ids, causal))
+    with pytest.raises(ParameterError, match="bool, True = attend") as err:
+        logits(model, ids, causal.long())
+    assert err.value.argument == "attention_mask"
+
+
 # ---- the mask function's three answers -----------------------------------------------------
 def test_mask_function_answers():
     keep = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]], dtype=torch.bool)

@@ -266,14 +266,14 @@ def _resolve_mask(
         keep = mask.to(torch.bool)
         padding = None if bool(keep.all()) else ~keep
         return _Call(key[..., :length, :], value[..., :length, :], causal, window, padding)
-    if mask.dim() != 4:
+    if mask.dim() != 4 or not (mask.dtype == torch.bool or mask.is_floating_point()):
         raise ParameterError(
-            f"attnzoo:{mech.name}: attention_mask: expected a 2D mask from attnzoo's mask function or a 4D mask, "
-            f"got shape {tuple(mask.shape)}",
+            f"attnzoo:{mech.name}: attention_mask: expected a 2D mask from attnzoo's mask function or a 4D mask "
+            f"(bool, True = attend, or additive float), got {tuple(mask.shape)} {mask.dtype}",
             argument="attention_mask",
         )
     # A 4D mask states the whole pattern (transformers' sdpa convention): no causal, no window on top.
-    causal, padding, bias = _read_dense(mask, query.shape[-2], key.shape[-2], query.dtype)
+    causal, padding, bias = _read_dense(mask, query.shape[0], query.shape[-2], key.shape[-2], query.dtype)
     if bias is not None and "bias" not in {p.name for p in mech.params}:
         raise ParameterError(
             f"attnzoo:{mech.name}: attention_mask: this 4D mask is not key padding plus a causal pattern, and "
@@ -283,19 +283,23 @@ def _resolve_mask(
     return _Call(key, value, causal, None, padding, bias)
 
 
-def _read_dense(mask: Tensor, nq: int, nk: int, dtype: torch.dtype) -> tuple[bool, Optional[Tensor], Optional[Tensor]]:
+def _read_dense(mask: Tensor, batch: int, nq: int, nk: int, dtype: torch.dtype) -> tuple[bool, Optional[Tensor], Optional[Tensor]]:
     """``(causal, key_padding_mask, bias)`` of a 4D mask, memoized on the mask.
 
     Every layer receives the same mask tensor, so it is read once per forward, not once per
     layer; the memo is keyed by the tensor's version counter, so an in-place edit re-reads it.
     """
-    key = (mask._version, nq, nk, dtype)
+    key = (mask._version, batch, nq, nk, dtype)
     memo = getattr(mask, "_attnzoo_read", None)
     if memo is not None and memo[0] == key:
         return memo[1]
     sliced = mask[..., :nk]
     factored = _factor(sliced, nq, nk)
-    read = (factored[0], factored[1], None) if factored is not None else (False, None, _additive(sliced, dtype))
+    if factored is None:
+        read = (False, None, _additive(sliced, dtype))
+    else:  # a mask broadcast over the batch gives one padding row: the mechanisms want (B, Nk)
+        causal, padding = factored
+        read = (causal, None if padding is None else padding.expand(batch, nk), None)
     mask._attnzoo_read = (key, read)
     return read
 
