@@ -31,6 +31,7 @@ __all__ = [
     "Param",
     "Backend",
     "Decoder",
+    "DecodingState",
     "Mechanism",
     "register",
     "get",
@@ -216,18 +217,94 @@ class Backend:
 # --------------------------------------------------------------------------------------------
 # decoding
 # --------------------------------------------------------------------------------------------
+@dataclass
+class DecodingState:
+    """Base of every decoding state: a value, never updated in place once a step returned it.
+
+    ``params`` are the mechanism's parameters bound at ``init_state`` (all but the decoder's
+    ``per_step`` ones), ``mechanism`` the name of the mechanism that made it; both are set by
+    :meth:`Mechanism.init_state` and carried to every later state (subclasses make new states
+    with ``dataclasses.replace``). :meth:`tensors` is the state's content, :meth:`clone` a copy
+    that shares no storage, :attr:`nbytes` the memory it keeps alive.
+    """
+
+    params: Mapping[str, Any] = field(default_factory=dict, kw_only=True, repr=False, compare=False)
+    mechanism: str = field(default="", kw_only=True, repr=False, compare=False)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors the state holds, by field name (what a step reads from it)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if isinstance(getattr(self, f.name), torch.Tensor)}
+
+    def clone(self) -> "DecodingState":
+        """A copy whose tensors share no storage with this state's (the bound parameters are shared: never written)."""
+        return dataclasses.replace(self, **{name: t.clone() for name, t in self.tensors().items()})
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of tensor storage the state keeps alive, each storage counted once (a buffer with
+        room to grow counts whole; storage shared with another state or with the inputs counts too)."""
+        storages = {}
+        for t in self.tensors().values():
+            storage = t.untyped_storage()
+            storages[(t.device, storage.data_ptr())] = storage.nbytes()
+        return sum(storages.values())
+
+
 class Decoder(Protocol):
     """Incremental decoding of a causal mechanism.
 
-    ``init_state(problem, **params)`` makes an empty state for inputs shaped like ``problem``;
-    ``step(q_t, k_t, v_t, state, **params)`` appends ``T >= 1`` new tokens and returns their
-    outputs (causal, bottom-right aligned against everything seen) and the new state. Feeding
-    a sequence through ``step`` in any split equals the full causal forward.
+    ``init_state(problem, **params)`` makes an empty :class:`DecodingState` for inputs shaped
+    like ``problem``; ``step(q_t, k_t, v_t, state, **params)`` appends ``T >= 1`` new tokens and
+    returns their outputs (causal, bottom-right aligned against everything seen) and a *new*
+    state. Feeding a sequence through ``step`` in any split equals the full causal forward.
+
+    ``step`` never changes its input state (nor any tensor it holds), so a state can branch:
+    stepping the same state twice gives two independent continuations (beam search, rollback,
+    speculative decoding). Recurrent states are replaced, not updated in place; a KV cache
+    appends in place only into the part of its buffer no other state sees (copy-on-write).
+
+    ``per_step`` names the parameters a step may change (data about the step's own tokens,
+    tiling choices that change only the rounding) or that decoding does not read; every other
+    parameter is bound at ``init_state``: :meth:`Mechanism.step` fills it from the state when
+    omitted and refuses a different value (:class:`~attnzoo.errors.ParameterError`).
     """
 
-    def init_state(self, problem: Problem, **params: Any) -> Any: ...
+    per_step: frozenset[str]
+
+    def init_state(self, problem: Problem, **params: Any) -> DecodingState: ...
 
     def step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: Any, **params: Any) -> tuple[Any, Any]: ...
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Whether a parameter given at a step is the one bound at init_state (tensors by value)."""
+    if a is b:
+        return True
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (
+            isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+            and a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and bool(torch.equal(a, b))
+        )
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):  # (3, 0) and [3, 0] are one window
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    try:
+        return bool(a == b)
+    except (TypeError, ValueError, RuntimeError):  # objects with no equality of their own
+        return False
+
+
+def _with_bound(name: str, state: DecodingState, params: Mapping[str, Any]) -> dict[str, Any]:
+    """The step's parameters: the bound ones filled in from ``state``, a different one refused."""
+    merged = dict(params)
+    for key, value in state.params.items():
+        if key not in merged:
+            merged[key] = value
+        elif not _same(merged[key], value):
+            raise ParameterError(
+                f"{name}: {key}: bound at init_state to {value!r}, got {merged[key]!r} (omit it at step, or start a new state)",
+                argument=key,
+            )
+    return merged
 
 
 # --------------------------------------------------------------------------------------------
@@ -451,19 +528,35 @@ class Mechanism:
             check_finite_inputs(self.name, tensors)
 
     # ---- decoding ----------------------------------------------------------------------
-    def init_state(self, q: Any, k: Any, v: Any, **params: Any) -> Any:
-        """An empty decoding state for inputs shaped like q, k, v (their lengths are ignored)."""
+    def init_state(self, q: Any, k: Any, v: Any, **params: Any) -> DecodingState:
+        """An empty decoding state for inputs shaped like q, k, v (their lengths are ignored).
+
+        The parameters given here (defaults filled in) are bound to the state and to every state
+        stepped from it, except the decoder's ``per_step`` ones (see :class:`Decoder`).
+        """
         if self.decoder is None:
             raise ParameterError(f"{self.name}: does not support incremental decoding", argument="mechanism")
         problem = self.describe(q, k, v)
-        return self.decoder.init_state(problem, **self.bind(problem, params))
+        bound = self.bind(problem, params)
+        state = self.decoder.init_state(problem, **bound)
+        per_step = getattr(self.decoder, "per_step", frozenset())
+        kept = {key: value for key, value in bound.items() if key not in per_step}
+        return dataclasses.replace(state, params=kept, mechanism=self.name)
 
     def step(self, q: Any, k: Any, v: Any, state: Any, **params: Any) -> tuple[Any, Any]:
-        """Append the tokens k, v to ``state`` and attend q to everything seen (causal)."""
+        """Append the tokens k, v to ``state`` and attend q to everything seen (causal).
+
+        Returns ``(out, new state)``; ``state`` itself is left as it was, so it can be stepped
+        again (branching). Parameters bound at ``init_state`` may be omitted; given, they must
+        equal the bound values.
+        """
         if self.decoder is None:
             raise ParameterError(f"{self.name}: does not support incremental decoding", argument="mechanism")
+        if not isinstance(state, DecodingState) or state.mechanism not in ("", self.name):
+            made = f"{state.mechanism!r}'s" if isinstance(state, DecodingState) else type(state).__name__
+            raise ParameterError(f"{self.name}: state: expected a state of {self.name}'s init_state or step, got {made}", argument="state")
         problem = self.describe(q, k, v)
-        return self.decoder.step(q, k, v, state, **self.bind(problem, params))
+        return self.decoder.step(q, k, v, state, **self.bind(problem, _with_bound(self.name, state, params)))
 
     # ---- documentation -----------------------------------------------------------------
     def info(self) -> dict[str, Any]:

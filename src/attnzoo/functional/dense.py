@@ -21,6 +21,7 @@ LSE -inf, never NaN.
 from __future__ import annotations
 
 import random
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -34,7 +35,7 @@ from ..kernels.reference import materialized_attention
 from ..kernels.split_kv import split_kv_attention
 from ..kernels.tiled import score_mod_grad_captures, tiled_attention
 from ..kernels.sdpa import sdpa
-from ..registry import PATTERNS, Backend, Mechanism, Param, Problem, choice, flag, positive_number, register
+from ..registry import PATTERNS, Backend, DecodingState, Mechanism, Param, Problem, choice, flag, positive_number, register
 
 __all__ = ["softmax_attention", "SOFTMAX"]
 
@@ -275,46 +276,106 @@ def _flex(q, k, v, *, causal, causal_alignment, key_padding_mask, bias, mask_mod
 # --------------------------------------------------------------------------------------------
 # decoding: a KV cache
 # --------------------------------------------------------------------------------------------
+class KVBuffer:
+    """Storage shared by the KV states of one decoding history: ``k``, ``v`` (B, Hkv, capacity,
+    D), of which the first ``written`` rows are filled. A state of length ``written`` is the
+    newest owner and may append in place; rows past a state's length belong to other states."""
+
+    __slots__ = ("k", "v", "written")
+
+    def __init__(self, k: Tensor, v: Tensor, written: int):
+        self.k, self.v, self.written = k, v, written
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
+
 @dataclass
-class KVState:
-    """The decoding state of softmax attention: a growing key/value cache."""
+class KVState(DecodingState):
+    """The decoding state of softmax attention: the first ``length`` rows of a :class:`KVBuffer`.
 
-    k: Optional[Tensor] = None  # (B, Hkv, capacity, D)
-    v: Optional[Tensor] = None
+    Appending is copy-on-write, so a state is never changed by a later step: the newest state of
+    a history writes its new rows past its own length, where no other state looks, and doubles
+    the capacity when full (amortized O(1) per token, O(log n) reallocations over n steps); an
+    older state (a branch point) first copies its rows into a fresh buffer. Under autograd every
+    append copies (``torch.cat``), so the rows an earlier output saved for its backward are never
+    written again.
+    """
+
     length: int = 0
+    buffer: Optional[KVBuffer] = None
 
-    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Store the new keys/values (capacity doubles when full) and return views of the cache."""
+    @property
+    def k(self) -> Optional[Tensor]:
+        """The cached keys (B, Hkv, length, D), a view of the buffer; None before the first step."""
+        return None if self.buffer is None else self.buffer.k[:, :, : self.length]
+
+    @property
+    def v(self) -> Optional[Tensor]:
+        return None if self.buffer is None else self.buffer.v[:, :, : self.length]
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {} if self.buffer is None else {"k": self.k, "v": self.v}
+
+    def clone(self) -> "KVState":
+        if self.buffer is None:
+            return dataclasses.replace(self)
+        return dataclasses.replace(self, buffer=KVBuffer(self.k.clone(), self.v.clone(), self.length))
+
+    def append(self, k: Tensor, v: Tensor, copy: bool = False) -> "KVState":
+        """The state after the new keys/values (B, Hkv, T, D); ``copy``: into new tensors (autograd)."""
         n = self.length + k.shape[2]
-        if self.k is None or n > self.k.shape[2]:
-            cap = max(n, 2 * (0 if self.k is None else self.k.shape[2]), 16)
-            new_k = k.new_empty(k.shape[0], k.shape[1], cap, k.shape[3])
-            new_v = v.new_empty(v.shape[0], v.shape[1], cap, v.shape[3])
-            if self.k is not None and self.length:
-                new_k[:, :, : self.length] = self.k[:, :, : self.length]
-                new_v[:, :, : self.length] = self.v[:, :, : self.length]
-            self.k, self.v = new_k, new_v
-        self.k[:, :, self.length : n] = k
-        self.v[:, :, self.length : n] = v
-        self.length = n
-        return self.k[:, :, :n], self.v[:, :, :n]
+        if self.buffer is None and copy:
+            return dataclasses.replace(self, length=n, buffer=KVBuffer(k, v, n))
+        if copy:
+            keys, values = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
+            return dataclasses.replace(self, length=n, buffer=KVBuffer(keys, values, n))
+        buffer = self.buffer
+        if buffer is None or buffer.written != self.length or n > buffer.capacity:
+            buffer = self._grown(k, v, max(16, n, 2 * self.length))
+        buffer.k[:, :, self.length : n] = k
+        buffer.v[:, :, self.length : n] = v
+        buffer.written = n
+        return dataclasses.replace(self, length=n, buffer=buffer)
+
+    def _grown(self, k: Tensor, v: Tensor, capacity: int) -> KVBuffer:
+        """A fresh buffer of ``capacity`` rows holding this state's rows (the only copy an append makes)."""
+        new_k = k.new_empty(k.shape[0], k.shape[1], capacity, k.shape[3])
+        new_v = v.new_empty(v.shape[0], v.shape[1], capacity, v.shape[3])
+        if self.length:
+            new_k[:, :, : self.length] = self.k
+            new_v[:, :, : self.length] = self.v
+        return KVBuffer(new_k, new_v, self.length)
 
 
 class _SoftmaxDecoder:
-    """Incremental decoding: append to the cache, attend causally (bottom-right) over it."""
+    """Incremental decoding: append to the cache, attend causally (bottom-right) over it.
+
+    ``causal`` and ``causal_alignment`` are not read (decoding is causal, bottom-right);
+    ``scale`` and ``score_mod`` are bound at init_state.
+    """
+
+    per_step = frozenset({"causal", "causal_alignment", "key_padding_mask", "bias", "mask_mod", "return_lse"})
 
     def init_state(self, problem: Problem, **params: Any) -> KVState:
+        _refuse_while_decoding(params)
         return KVState()
 
     def step(self, q: Tensor, k: Tensor, v: Tensor, state: KVState, **params: Any) -> tuple[Any, KVState]:
-        for name in ("key_padding_mask", "bias", "mask_mod"):
-            if params.get(name) is not None:
-                raise ParameterError(f"softmax: {name}: not supported while decoding (pass None)", argument=name)
-        keys, values = state.append(k, v)
+        _refuse_while_decoding(params)
+        copy = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        state = state.append(k, v, copy=copy)
         out = SOFTMAX(
-            q, keys, values, causal=True, scale=params.get("scale"), score_mod=params.get("score_mod"), return_lse=params.get("return_lse", False)
+            q, state.k, state.v, causal=True, scale=params.get("scale"), score_mod=params.get("score_mod"), return_lse=params.get("return_lse", False)
         )
         return out, state
+
+
+def _refuse_while_decoding(params: dict) -> None:
+    for name in ("key_padding_mask", "bias", "mask_mod"):
+        if params.get(name) is not None:
+            raise ParameterError(f"softmax: {name}: not supported while decoding (pass None)", argument=name)
 
 
 # --------------------------------------------------------------------------------------------

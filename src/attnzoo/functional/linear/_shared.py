@@ -17,6 +17,7 @@ The reference stays each mechanism's own: the formula written with materialized 
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -26,7 +27,7 @@ from torch import Tensor
 
 from ...errors import ParameterError
 from ...kernels.linear_scan import DEFAULT_CHUNK, SCAN_BLOCK, chunked_form, chunked_scan, native_scan_usable, parallel_scores, recurrent_form
-from ...registry import Mechanism, Param, Problem
+from ...registry import DecodingState, Mechanism, Param, Problem
 
 __all__ = [
     "Operands",
@@ -347,10 +348,18 @@ def add_form_backends(mech: Mechanism, operands: Prepare, finish: Finish, fused:
 # --------------------------------------------------------------------------------------------
 # decoding: a state, not a cache
 # --------------------------------------------------------------------------------------------
+def refuse_padding_while_decoding(name: str, params: dict) -> None:
+    """ParameterError naming ``key_padding_mask`` for a decoder whose running sums count every token
+    it is given (positions, group boundaries): a pad would be silently counted."""
+    if padded_keys(params) is not None:
+        raise ParameterError(f"{name}: key_padding_mask: not supported while decoding (pass None; give only the real tokens)", argument="key_padding_mask")
+
+
 @dataclass
-class ScanState:
+class ScanState(DecodingState):
     """The decoding state: ``kv`` (B, H, F, Dv') = ``sum_j gamma^(t-1-j) phi(k_j)^T [v_j, 1]`` and
-    ``seen``, the number of keys folded into it. Its size does not grow with the context."""
+    ``seen``, the number of keys folded into it. Its size does not grow with the context; a
+    step replaces ``kv`` (the forms return a new tensor), never writes into it."""
 
     kv: Optional[Tensor] = None
     seen: int = 0
@@ -363,6 +372,9 @@ class ScanDecoder:
     the C++ kernel takes: one call) the chunked form from the state (both exact); time and
     memory per token do not depend on how many tokens came before.
     """
+
+    #: ``chunk_size`` changes only the rounding; the padding mask is about the step's own keys.
+    per_step = frozenset({"chunk_size", "key_padding_mask"})
 
     def __init__(self, name: str, operands: Prepare, finish: Finish):
         self.name, self.operands, self.finish = name, operands, finish
@@ -377,8 +389,8 @@ class ScanDecoder:
             raise ParameterError(f"{self.name}: q: a decoding step takes at most as many queries as new keys, got {q.shape[2]} and {k.shape[2]}", argument="q")
         ops = self.operands(q, k, v, params)
         if k.shape[2] <= RECURRENT_STEP_TOKENS and not native_scan_usable(ops.q, ops.k, ops.v, state.kv, ops.log_decay):  # a few small ops a token
-            out, state.kv = recurrent_form(ops.q, ops.k, ops.v, causal=True, state=state.kv, **ops.engine_args())
+            out, kv = recurrent_form(ops.q, ops.k, ops.v, causal=True, state=state.kv, **ops.engine_args())
         else:  # the chunked form: ~30 ops a call, whatever its length
-            out, state.kv = chunked_scan(ops.q, ops.k, ops.v, state=state.kv, chunk_size=params["chunk_size"], **ops.engine_args())
-        state.seen += k.shape[2]
-        return self.finish(out, params, q.shape[2], state.seen).to(ops.dtype), state
+            out, kv = chunked_scan(ops.q, ops.k, ops.v, state=state.kv, chunk_size=params["chunk_size"], **ops.engine_args())
+        after = dataclasses.replace(state, kv=kv, seen=state.seen + k.shape[2])
+        return self.finish(out, params, q.shape[2], after.seen).to(ops.dtype), after

@@ -47,8 +47,8 @@ from torch import Tensor
 
 from ...errors import ParameterError
 from ...kernels.linear_scan import chunked_form, chunked_scan
-from ...registry import Backend, Mechanism, Problem, flag, positive_number, register
-from ._shared import chunk_size_param, compute_dtype, expand_heads, key_padding_param, sample_padding, zero_padded
+from ...registry import Backend, DecodingState, Mechanism, Problem, flag, positive_number, register
+from ._shared import chunk_size_param, compute_dtype, expand_heads, key_padding_param, refuse_padding_while_decoding, sample_padding, zero_padded
 
 __all__ = ["flow_attention", "FLOW", "FlowState"]
 
@@ -172,7 +172,7 @@ def _dot(x: Tensor, y: Tensor) -> Tensor:
 
 
 @dataclass
-class FlowState:
+class FlowState(DecodingState):
     """The causal recurrence's state after ``seen`` tokens, per batch entry and head: the running
     sums ``keys`` = sum phi(k_j), ``queries`` = sum phi(q_i), ``keys_out`` = sum phi(k_j) j / O_j,
     ``queries_in`` = sum phi(q_i) i / I_i (each (B, H, D)), ``exp_sum`` = sum exp(clamp(O^_j))
@@ -212,9 +212,9 @@ def _causal_step(
     exp_sum = _prefix(e, state.exp_sum, dim=-1)
     competition = e / (exp_sum if real is None else exp_sum.clamp(min=torch.finfo(e.dtype).tiny)) * t
     out, kv = chunked_scan(q / incoming.unsqueeze(-1), k, v * competition.unsqueeze(-1), state=state.kv, chunk_size=chunk_size)
-    after = FlowState(
-        state.seen + q.shape[2], keys[:, :, -1], queries[:, :, -1], keys_out[:, :, -1], queries_in[:, :, -1], exp_sum[..., -1], kv
-    )
+    last = {"keys": keys[:, :, -1], "queries": queries[:, :, -1], "keys_out": keys_out[:, :, -1], "queries_in": queries_in[:, :, -1], "exp_sum": exp_sum[..., -1]}
+    # copies of the last prefix sums: views would keep the step's whole (B, H, T, D) sums alive
+    after = dataclasses.replace(state, seen=state.seen + q.shape[2], kv=kv, **{name: x.clone() for name, x in last.items()})
     return torch.sigmoid(conserved_in).unsqueeze(-1) * out, after
 
 
@@ -242,7 +242,11 @@ def _chunked(q, k, v, *, causal, eps, chunk_size, key_padding_mask=None):
 # decoding: the running sums, not a cache
 # --------------------------------------------------------------------------------------------
 class FlowDecoder:
-    """Causal decoding from a :class:`FlowState`: the same step as the ``chunked`` backend, from the carried sums."""
+    """Causal decoding from a :class:`FlowState`: the same step as the ``chunked`` backend, from the carried sums.
+
+    ``causal`` and ``eps`` are bound at init_state; each step makes a new state."""
+
+    per_step = frozenset({"chunk_size", "key_padding_mask"})
 
     def init_state(self, problem: Problem, **params: Any) -> FlowState:
         return FlowState()
@@ -254,6 +258,7 @@ class FlowDecoder:
             )
         if q.shape[2] != k.shape[2]:
             raise ParameterError(f"flow: q: a decoding step takes one query per new key, got {q.shape[2]} and {k.shape[2]}", argument="q")
+        refuse_padding_while_decoding("flow", params)
         out_dtype = q.dtype
         q, k, v = _operands(q, k, v)
         out, state = _causal_step(q, k, v, params["eps"], params["chunk_size"], state)

@@ -35,6 +35,7 @@ materializes A.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -45,9 +46,9 @@ from torch import Tensor
 
 from ...errors import ParameterError
 from ...kernels.linear_scan import chunked_form, chunked_scan, parallel_scores
-from ...registry import PATTERNS, Backend, Mechanism, Param, Problem, flag, positive_number, register
+from ...registry import PATTERNS, Backend, DecodingState, Mechanism, Param, Problem, flag, positive_number, register
 from .feature_maps import feature_map_check, softplus
-from ._shared import chunk_size_param, compute_dtype, expand_heads, key_padding_param, sample_padding, visible_keys, zero_padded
+from ._shared import chunk_size_param, compute_dtype, expand_heads, key_padding_param, refuse_padding_while_decoding, sample_padding, visible_keys, zero_padded
 
 __all__ = ["inline_attention", "INLINE", "InLineState", "INLINE_FEATURE_MAPS"]
 
@@ -156,7 +157,7 @@ def _aligned_prefix(v: Tensor, nq: int, carried: Optional[Tensor]) -> Tensor:
 
 
 @dataclass
-class InLineState:
+class InLineState(DecodingState):
     """The causal recurrence's state after ``seen`` keys: ``kv`` = sum phi(k_j)^T [v_j, 1]
     (B, H, F, Dv + 1) and ``values`` = sum v_j (B, H, Dv); None before the first key."""
 
@@ -177,7 +178,7 @@ def _causal_step(
     else:
         count = _aligned_prefix(real, fq.shape[2], None) + state.seen  # keys before the state: counted as real
     values = v.sum(2) if state.values is None else state.values + v.sum(2)
-    return _combine(product, value_sums, count), InLineState(state.seen + fk.shape[2], kv, values)
+    return _combine(product, value_sums, count), dataclasses.replace(state, seen=state.seen + fk.shape[2], kv=kv, values=values)
 
 
 def _chunked(q, k, v, **params):
@@ -201,7 +202,10 @@ def _chunked(q, k, v, **params):
 # decoding
 # --------------------------------------------------------------------------------------------
 class InLineDecoder:
-    """Causal decoding from an :class:`InLineState`: running sums, not a cache."""
+    """Causal decoding from an :class:`InLineState`: running sums, not a cache; each step makes a
+    new state. ``feature_map``, ``scale`` and ``causal`` are bound at init_state."""
+
+    per_step = frozenset({"chunk_size", "key_padding_mask"})
 
     def init_state(self, problem: Problem, **params: Any) -> InLineState:
         return InLineState()
@@ -215,6 +219,7 @@ class InLineDecoder:
             raise ParameterError(
                 f"inline: q: a decoding step takes at most as many queries as new keys, got {q.shape[2]} and {k.shape[2]}", argument="q"
             )
+        refuse_padding_while_decoding("inline", params)
         out_dtype = q.dtype
         fq, fk, v = _operands(q, k, v, params["feature_map"])
         out, state = _causal_step(fq, fk, v, _scale(params, q), params["chunk_size"], state)

@@ -44,6 +44,7 @@ Self-attention only (queries and keys are one sequence cut into the same groups)
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -53,8 +54,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ...errors import ParameterError
-from ...registry import Backend, Mechanism, Param, Problem, flag, register
-from ._shared import compute_dtype, expand_heads, is_int, key_padding_param, refuse_unless_right_padded, sample_padding, visible_keys, zero_padded
+from ...registry import Backend, DecodingState, Mechanism, Param, Problem, flag, register
+from ._shared import compute_dtype, expand_heads, is_int, key_padding_param, refuse_padding_while_decoding, refuse_unless_right_padded, sample_padding, visible_keys, zero_padded
 
 __all__ = ["joint_chunk_attention", "JOINT_CHUNK", "JointChunkState"]
 
@@ -213,7 +214,7 @@ def _chunked(q, k, v, *, group_size, causal, linear_q, linear_k, key_padding_mas
 # decoding: the complete groups' linear state, the current group's keys
 # --------------------------------------------------------------------------------------------
 @dataclass
-class JointChunkState:
+class JointChunkState(DecodingState):
     """After ``seen`` tokens, per batch entry and head: ``before`` = sum of lk_j^T v_j over the
     complete groups (B, H, D, Dv), ``current`` = the same sum over the current, incomplete group,
     and that group's quadratic keys ``keys`` (B, H, m, D) and ``values`` (B, H, m, Dv), m < g.
@@ -227,32 +228,36 @@ class JointChunkState:
 
 
 def _append(cache: Optional[Tensor], new: Tensor) -> Tensor:
-    return new if cache is None else torch.cat([cache, new], dim=2)
+    # a copy either way: a view of the step's input would keep the whole input alive in the state
+    return new.clone() if cache is None else torch.cat([cache, new], dim=2)
 
 
 def _add(total: Optional[Tensor], term: Tensor) -> Tensor:
     return term if total is None else total + term
 
 
-def _step_within_group(q, k, v, lq, lk, g: int, state: JointChunkState) -> Tensor:
-    """Tokens that all fall in the current group: attend to its keys so far, read the earlier groups' state; update."""
+def _step_within_group(q, k, v, lq, lk, g: int, state: JointChunkState) -> tuple[Tensor, JointChunkState]:
+    """Tokens that all fall in the current group: attend to its keys so far, read the earlier
+    groups' state; returns the outputs and a new state (``state`` is not changed)."""
     keys, values = _append(state.keys, k), _append(state.values, v)
     weights = torch.relu(q @ keys.transpose(-1, -2) / g).square()
     weights = weights.tril(keys.shape[2] - q.shape[2])  # query t sees the group's keys up to itself (bottom-right)
     out = weights @ values
     if state.before is not None:
         out = out + lq @ (state.before / g)
-    state.current = _add(state.current, lk.transpose(-1, -2) @ v)
-    state.seen += q.shape[2]
-    if state.seen % g == 0:  # the group is complete: fold it into the linear state
-        state.before, state.current, state.keys, state.values = _add(state.before, state.current), None, None, None
-    else:
-        state.keys, state.values = keys, values
-    return out
+    current, seen = _add(state.current, lk.transpose(-1, -2) @ v), state.seen + q.shape[2]
+    if seen % g == 0:  # the group is complete: fold it into the linear state
+        return out, dataclasses.replace(state, seen=seen, before=_add(state.before, current), current=None, keys=None, values=None)
+    return out, dataclasses.replace(state, seen=seen, current=current, keys=keys, values=values)
 
 
 class JointChunkDecoder:
-    """Causal decoding: each step is cut at group boundaries; within a group, relu^2 over the group's keys plus the linear state."""
+    """Causal decoding: each step is cut at group boundaries; within a group, relu^2 over the group's keys plus the linear state.
+
+    ``group_size`` and ``causal`` are bound at init_state; ``linear_q``/``linear_k`` are the
+    step's own tokens' operands. Each step makes a new state."""
+
+    per_step = frozenset({"linear_q", "linear_k", "key_padding_mask"})
 
     def init_state(self, problem: Problem, **params: Any) -> JointChunkState:
         return JointChunkState()
@@ -262,13 +267,15 @@ class JointChunkDecoder:
             raise ParameterError(
                 "joint_chunk: causal: decoding needs causal=True (a bidirectional output depends on later tokens)", argument="causal"
             )
+        refuse_padding_while_decoding("joint_chunk", params)
         out_dtype, g = q.dtype, params["group_size"]
         q, k, v, lq, lk = _operands(q, k, v, params["linear_q"], params["linear_k"])
         outs, start = [], 0
         while start < q.shape[2]:
             stop = min(q.shape[2], start + g - state.seen % g)  # to the end of the current group
             part = slice(start, stop)
-            outs.append(_step_within_group(q[:, :, part], k[:, :, part], v[:, :, part], lq[:, :, part], lk[:, :, part], g, state))
+            out, state = _step_within_group(q[:, :, part], k[:, :, part], v[:, :, part], lq[:, :, part], lk[:, :, part], g, state)
+            outs.append(out)
             start = stop
         return torch.cat(outs, dim=2).to(out_dtype), state
 

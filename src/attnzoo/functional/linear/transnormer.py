@@ -49,6 +49,7 @@ decay (TransNormerLLM) is ``retention`` with its decays; not repeated here.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -60,7 +61,7 @@ from torch import Tensor
 from ...errors import ParameterError
 from ...kernels.linear_scan import fused_causal_forward, parallel_scores
 from ...kernels.sdpa import sdpa
-from ...registry import PATTERNS, Backend, Mechanism, Param, Problem, choice, flag, positive_number, register
+from ...registry import PATTERNS, Backend, DecodingState, Mechanism, Param, Problem, choice, flag, positive_number, register
 from ._shared import (
     Operands,
     ScanDecoder,
@@ -478,7 +479,7 @@ def _diag_blocks(q, k, v, *, block_size, causal, kernel, scale, key_padding_mask
 
 
 @dataclass
-class DiagState:
+class DiagState(DecodingState):
     """Causal decoding state: the keys and values of the current, unfinished block (at most
     block_size - 1 tokens, (B, H, t, ·)), and ``seen``, the tokens folded in so far."""
 
@@ -489,7 +490,11 @@ class DiagState:
 
 class DiagDecoder:
     """Append tokens to the current block: the cached tokens start at a block boundary, so
-    [cache, new] runs through the ``blocks`` path (cached positions with zero queries, dropped)."""
+    [cache, new] runs through the ``blocks`` path (cached positions with zero queries, dropped).
+    ``block_size``, ``kernel``, ``scale`` and ``causal`` are bound at init_state; each step makes
+    a new state."""
+
+    per_step = frozenset({"key_padding_mask"})
 
     def init_state(self, problem: Problem, **params: Any) -> DiagState:
         return DiagState()
@@ -510,7 +515,9 @@ class DiagDecoder:
         out = _diag_blocks(q, k, v, **params)[:, :, cached:]
         seen = state.seen + out.shape[2]
         keep = seen % params["block_size"]  # tokens of the block still open
-        return out, DiagState(seen, k[:, :, k.shape[2] - keep :] if keep else None, v[:, :, v.shape[2] - keep :] if keep else None)
+        # copies: views would keep the whole step's keys (or the caller's tensors) alive in the state
+        tail_k, tail_v = (k[:, :, k.shape[2] - keep :].clone(), v[:, :, v.shape[2] - keep :].clone()) if keep else (None, None)
+        return out, dataclasses.replace(state, seen=seen, k=tail_k, v=tail_v)
 
 
 def _sample_diag_params(p: Problem, pattern: str, rng: Optional[random.Random]) -> dict[str, Any]:

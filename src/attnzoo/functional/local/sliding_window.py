@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -13,7 +14,7 @@ from ... import masks
 from ...errors import ParameterError
 from ...kernels.band import band_supported, causal_band_attention
 from ...kernels.reference import default_scale, materialized_attention
-from ...registry import PATTERNS, Backend, Mechanism, Param, Problem, choice, flag, positive_number, register
+from ...registry import PATTERNS, Backend, DecodingState, Mechanism, Param, Problem, choice, flag, positive_number, register
 from ._shared import (
     _is_extent,
     _result,
@@ -93,11 +94,12 @@ def _sliding_pattern(q: Tensor, k: Tensor, *, window: Any, causal: bool, sinks: 
 # decoding: a rolling cache of the sinks and the last `left` keys (StreamingLLM)
 # --------------------------------------------------------------------------------------------
 @dataclass
-class RollingKV:
+class RollingKV(DecodingState):
     """The keys a causal sliding window can still need: the sinks and the last ``left`` keys.
 
     Memory stays O((sinks + left) * D) however long the stream; ``positions`` are the keys'
-    absolute positions.
+    absolute positions. Each step makes new tensors (a concatenation, then the kept rows), so
+    the state a step read is never changed.
     """
 
     k: Optional[Tensor] = None
@@ -107,10 +109,16 @@ class RollingKV:
 
 
 class _SlidingWindowDecoder:
+    """StreamingLLM decoding; ``window``, ``sinks``, ``scale`` and ``causal`` are bound at init_state."""
+
+    per_step = frozenset({"causal_alignment", "return_lse", "key_padding_mask"})  # decoding is bottom-right whatever the alignment
+
     def init_state(self, problem: Problem, **params: Any) -> RollingKV:
         return RollingKV()
 
     def step(self, q: Tensor, k: Tensor, v: Tensor, state: RollingKV, **params: Any) -> tuple[Any, RollingKV]:
+        if params.get("key_padding_mask") is not None:
+            raise ParameterError("sliding_window: key_padding_mask: not supported while decoding (pass None)", argument="key_padding_mask")
         left, right = _extents(params["window"], True)
         if not params["causal"] or right != 0:
             raise ParameterError("sliding_window: causal: decoding needs causal=True (no key after the query)", argument="causal")
@@ -123,11 +131,13 @@ class _SlidingWindowDecoder:
         pattern = _pattern(0, 0, params["window"], True, sinks, "top_left")
         allowed = pattern(None, None, new_pos[:, None], pos[None, :])
         out, lse = materialized_attention(q, keys, values, scale=params["scale"], allowed=allowed.to(q.device))
-        state.seen += t
-        keep = torch.ones_like(pos, dtype=torch.bool) if left is None else (pos < sinks) | (pos >= state.seen - left)
+        seen = state.seen + t
+        keep = torch.ones_like(pos, dtype=torch.bool) if left is None else (pos < sinks) | (pos >= seen - left)
         keep_idx = keep.nonzero().flatten().to(keys.device)
-        state.k, state.v, state.positions = keys.index_select(2, keep_idx), values.index_select(2, keep_idx), pos[keep]
-        return _result(out, lse, params["return_lse"]), state
+        after = dataclasses.replace(
+            state, k=keys.index_select(2, keep_idx), v=values.index_select(2, keep_idx), positions=pos[keep], seen=seen
+        )
+        return _result(out, lse, params["return_lse"]), after
 
 
 # --------------------------------------------------------------------------------------------
