@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import random
 
 import pytest
 import torch
@@ -72,11 +73,30 @@ def _cat(*parts):
     return tuple(torch.cat(p, dim=2) for p in zip(*parts))
 
 
+#: Random options left out of the branching sweep: tensors about one call's tokens (a step has its
+#: own), what softmax refuses while decoding, and score_mods (ALiBi's offset is per call).
+NOT_BOUND_ONCE = {"key_padding_mask", "linear_q", "linear_k", "bias", "mask_mod", "score_mod"}
+
+
 @pytest.mark.parametrize("mech", DECODERS, ids=lambda m: m.name)
 def test_two_branches_from_one_state_each_equal_their_full_forward(mech):
     prefix = _tokens(mech, 11, 0)
+    _check_branches(mech, prefix, _params(mech, *prefix))
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("mech", DECODERS, ids=lambda m: m.name)
+def test_branches_with_random_options(mech, seed):
+    """Feature maps, decays, sinks, group and block sizes, scales: every option is bound the same way."""
+    prefix = _tokens(mech, 11, 100 + seed)
+    options = mech.example_params(mech.describe(*prefix), "causal_self", random.Random(seed))
+    _check_branches(mech, prefix, {name: x for name, x in options.items() if name not in NOT_BOUND_ONCE})
+
+
+def _check_branches(mech, prefix, params):
+    """From the state after ``prefix``: two branches stepped in turns and, after both, the parent
+    once more; each equals the full forward over the prefix and its own continuation."""
     branch_a, branch_b, branch_c = _tokens(mech, 7, 1), _tokens(mech, 7, 2), _tokens(mech, 5, 3)
-    params = _params(mech, *prefix)
     state = mech.init_state(*prefix, **params)
     out_prefix, parent = _run(mech, state, *prefix, (3, 1, 4), **params)
     # interleave the branches token by token: each one's appends must not reach the other
@@ -276,4 +296,18 @@ def test_gradients_through_decoding_steps_equal_the_full_forward(mech):
     full = grads(lambda q_, k_, v_: _out(mech(q_, k_, v_, **params)))
     stepped = grads(lambda q_, k_, v_: _run(mech, mech.init_state(q_, k_, v_, **params), q_, k_, v_, (1, 3, 1), **params)[0])
     for name, g, e in zip("qkv", stepped, full):
-        torch.testing.assert_close(g, e, **TOL, msg=lambda m: f"d{name}: {m}")
+        torch.testing.assert_close(g, e, **TOL, msg=lambda m, name=name: f"d{name}: {m}")
+
+
+def test_a_bound_tensor_compares_by_value():
+    """retention's per-head gamma as a tensor: an equal copy is accepted, another value refused."""
+    retention = attnzoo.get("retention")
+    q, k, v = _tokens(retention, 4, 14)
+    gamma = torch.tensor([0.9, 0.6, 0.8, 0.7], dtype=torch.float64)[: q.shape[1]]
+    state = retention.init_state(q, k, v, causal=True, gamma=gamma)
+    same, _ = _run(retention, state, q, k, v, (1,), causal=True, gamma=gamma.clone())
+    torch.testing.assert_close(same, retention(q, k, v, causal=True, gamma=gamma), **TOL)
+    for other in (gamma.flip(0), 0.9):
+        with pytest.raises(ParameterError, match="gamma: bound at init_state") as err:
+            retention.step(q, k, v, state, causal=True, gamma=other)
+        assert err.value.argument == "gamma"
