@@ -168,6 +168,25 @@ def test_minilm_bert_matches_stock():
     torch.testing.assert_close(got[real], eager[real], atol=ATOL, rtol=0)
 
 
+def test_encoder_decoder_cross_attention_matches_sdpa():
+    """Bart: bidirectional encoder, causal decoder, cross-attention over the padded encoder keys."""
+    config = transformers.BartConfig(
+        vocab_size=VOCAB, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, max_position_embeddings=64,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=None,
+    )  # fmt: skip
+    sdpa = build(transformers.BartForConditionalGeneration, config, "sdpa")
+    ours = twin(sdpa, hf.register("softmax"))
+    ids, mask, _ = padded_batch("right")
+    decoder_ids = torch.randint(3, VOCAB, (len(LENGTHS), 5), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        expected = sdpa(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids).logits
+        got = ours(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids).logits
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+    kwargs = dict(attention_mask=mask, max_new_tokens=5, min_new_tokens=5, do_sample=False, num_beams=1)
+    assert torch.equal(ours.generate(ids, **kwargs), sdpa.generate(ids, **kwargs))
+
+
 # ---- (d) other mechanisms end to end -------------------------------------------------------
 def mistral(implementation: str, window: int = 4):
     config = MistralConfig(**llama_config().to_diff_dict() | dict(sliding_window=window, model_type="mistral", head_dim=16))
