@@ -266,7 +266,7 @@ def test_diag_bad_inputs_are_named():
     with pytest.raises(ShapeError):  # blocks pair queries and keys of one sequence
         transnormer_diag_attention(q, k[:, :, :7], v[:, :, :7])
     with pytest.raises(ParameterError, match="causal"):
-        DIAG.step(q, k, v, DIAG.init_state(q, k, v), block_size=4)
+        DIAG.step(q, k, v, DIAG.init_state(q, k, v, block_size=4))  # causal=False bound at init_state
 
 
 # --------------------------------------------------------------------------------------------
