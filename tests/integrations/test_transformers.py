@@ -14,14 +14,15 @@ import copy
 import pytest
 import torch
 
-pytest.importorskip("transformers")  # the hf extra; tests/conftest.py made torchvision importable first
+pytest.importorskip("transformers")  # the hf extra
+from attnzoo.integrations import transformers as hf  # noqa: E402  (first: it makes torchvision importable)
+
 import transformers  # noqa: E402
 from transformers import AttentionInterface, BertModel, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM  # noqa: E402
 from transformers.masking_utils import causal_mask_function, sliding_window_causal_mask_function  # noqa: E402
 
 import attnzoo  # noqa: E402
 from attnzoo.errors import ParameterError, UnknownMechanismError  # noqa: E402
-from attnzoo.integrations import transformers as hf  # noqa: E402
 
 ATOL = 1e-5
 VOCAB = 128
