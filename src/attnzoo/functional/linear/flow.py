@@ -350,7 +350,7 @@ def flow_attention(
             self-attention (Nq = Nk) the same positions are taken as padded sinks too (their
             features zeroed, Nq counting the real ones), so a padded batch equals each sequence
             alone on its real rows, on either side. A padded query row outputs 0; a sequence
-            with no real key outputs 0. Decoding steps do not read it.
+            with no real key outputs 0. A decoding step refuses it (ParameterError).
         backend: force ``chunked`` (default) or ``reference``.
 
     Returns:

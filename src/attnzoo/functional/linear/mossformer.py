@@ -375,8 +375,8 @@ def joint_chunk_attention(
         key_padding_mask: (B, N) bool, **True = ignore that key**: its value is zeroed (it
             weighs nothing in either part) and the non-causal 1/N counts the real tokens, so a
             batch padded on the right equals each sequence alone on its real rows. Padding on
-            the left is refused (the groups are cut from position 0). Decoding steps do not
-            take it (the decoder reads ``linear_q``/``linear_k`` and the tokens only).
+            the left is refused (the groups are cut from position 0), and so is a mask at a
+            decoding step (ParameterError).
         backend: force ``chunked`` (default) or ``reference``.
 
     Returns:
