@@ -155,7 +155,8 @@ def test_minilm_bert_matches_stock():
     except (ImportError, FileNotFoundError) as err:
         pytest.skip(str(err))
     stock = BertModel.from_pretrained(directory, attn_implementation="sdpa").eval()
-    ours = twin(stock, hf.register("softmax"))
+    ours = BertModel.from_pretrained(directory, attn_implementation=hf.register("softmax")).eval()
+    assert ours.config._attn_implementation == "attnzoo:softmax"
     ids = torch.randint(1000, 2000, (3, 9), generator=torch.Generator().manual_seed(4))
     mask = torch.ones_like(ids)
     mask[1, 6:] = 0
@@ -331,6 +332,28 @@ def test_4d_masks_broadcast_and_edited_in_place():
     with pytest.raises(ParameterError, match="bool, True = attend") as err:
         logits(model, ids, causal.long())
     assert err.value.argument == "attention_mask"
+
+
+def test_attention_function_contract():
+    """(B, H, S, D) in, (B, S, H, D) out; is_causal from the call, else the module; scaling is the scale."""
+    gen = torch.Generator().manual_seed(10)
+    q, k, v = (torch.randn(2, h, 5, 8, generator=gen, dtype=torch.float64) for h in (4, 2, 2))
+    attend = hf._attention_function("softmax", {})
+    module = torch.nn.Module()
+    module.is_causal = True
+    out, weights = attend(module, q, k, v, None, scaling=0.3)
+    assert weights is None and out.shape == (2, 5, 4, 8)
+    reference = attnzoo.softmax_attention(q, k, v, causal=True, scale=0.3)
+    torch.testing.assert_close(out, reference.transpose(1, 2))
+    out, _ = attend(module, q, k, v, None, scaling=0.3, is_causal=False)
+    torch.testing.assert_close(out, attnzoo.softmax_attention(q, k, v, scale=0.3).transpose(1, 2))
+
+
+def test_from_config_takes_the_key():
+    key = hf.register("softmax")
+    model = transformers.AutoModelForCausalLM.from_config(llama_config(), attn_implementation=key)
+    assert model.config._attn_implementation == key
+    assert model.model.layers[0].self_attn.config._attn_implementation == key
 
 
 # ---- the mask function's three answers -----------------------------------------------------
