@@ -192,7 +192,8 @@ class _Prefix(MaskMod):
     cacheable = True
 
     def __call__(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-        return (kv_idx < self.length) & (q_idx >= 0)
+        # every query, whatever its index (a padded sequence may shift queries below 0): q_idx == q_idx only broadcasts
+        return (kv_idx < self.length) & (q_idx == q_idx)
 
     def _tile_grid(self, qf: Tensor, ql: Tensor, kf: Tensor, kl: Tensor) -> TileGrid:
         visit = (kf < self.length)[None, :].expand(len(qf), -1)

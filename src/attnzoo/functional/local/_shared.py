@@ -1,8 +1,11 @@
-"""What the local mechanisms share: the backend factory, flattening, tile plans, partitions."""
+"""What the local mechanisms share: the backend factory, flattening, tile plans, partitions,
+and key padding."""
 
 from __future__ import annotations
 
 import math
+import random
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
@@ -14,7 +17,7 @@ from ...kernels.reference import materialized_attention
 from ...kernels.sdpa import sdpa
 from ...kernels.tiled import tiled_attention
 from ..._validate import per_axis
-from ...registry import Backend, Mechanism, Problem
+from ...registry import Backend, Mechanism, Param, Problem
 
 
 def _is_extent(x: Any) -> bool:
@@ -58,33 +61,170 @@ def _flex_accepts(p: Problem, params: dict) -> Optional[str]:
 PatternOf = Callable[..., masks.MaskMod]  # (q, k, **the mechanism's pattern parameters) -> predicate
 
 
-def _add_pattern_backends(mech: Mechanism, pattern_of: PatternOf, *, flex: bool = False) -> None:
+# --------------------------------------------------------------------------------------------
+# key padding
+# --------------------------------------------------------------------------------------------
+PADDING_DOC = (
+    "(B, Nk) bool, or (B, *spatial_k) for spatial inputs (row-major, the same keys); True = ignore "
+    "that key (torch.nn.MultiheadAttention's convention)"
+)
+
+
+def key_padding_param(one_d_refusal: Optional[str] = None, doc: str = PADDING_DOC) -> Param:
+    """The family's ``key_padding_mask`` parameter: a bool tensor (B, Nk) or (B, *spatial_k).
+
+    ``one_d_refusal``: why a mechanism whose partitions are placed by the sequence length cannot
+    pad 1D sequences exactly; a mask on 1D inputs is then refused with that reason (the check
+    runs before any backend, so the refusal is the same on every backend).
+    """
+
+    def check(value: Any, p: Problem) -> Optional[str]:
+        if value is None:
+            return None
+        shapes = {(p.batch, p.kv_len), (p.batch, *p.kv_shape)}
+        if not isinstance(value, Tensor) or value.dtype != torch.bool or tuple(value.shape) not in shapes or value.device != p.device:
+            spatial = "" if len(p.kv_shape) == 1 else f" or (B, *spatial_k) = {(p.batch, *p.kv_shape)}"
+            return f"None or a bool tensor of shape (B, Nk) = {(p.batch, p.kv_len)}{spatial} on {p.device} (True = ignore the key)"
+        if one_d_refusal is not None and len(p.kv_shape) == 1:
+            return f"None on 1D sequences: {one_d_refusal}"
+        return None
+
+    invalid = (torch.zeros(1, dtype=torch.bool), torch.zeros(1, 1), torch.zeros(1, 10**6, dtype=torch.bool))
+    return Param("key_padding_mask", None, doc, check, invalid, "Tensor | None")
+
+
+def flat_padding(mask: Optional[Tensor], batch: int) -> Optional[Tensor]:
+    """The mask as (B, Nk) over the flattened keys (row-major, like :func:`_flat`)."""
+    return None if mask is None else mask.reshape(batch, -1)
+
+
+def sample_padding(p: Problem, rng: random.Random, *, pattern: str = "", chance: float = 0.3) -> Optional[Tensor]:
+    """A random ``key_padding_mask`` for the conformance suite (or None): pads on the right, on the
+    left or scattered, sometimes a batch entry with every key padded (finite, zero output).
+
+    ``causal_cross``: right pads only. Sequence patterns count key positions from each sequence's
+    first real key (:func:`span_shifted`), so with pads before it, causality holds in those
+    positions, not in the absolute ones the suite's "outputs ignore the future" test perturbs.
+    """
+    if rng.random() >= chance:
+        return None
+    gen = torch.Generator().manual_seed(rng.randrange(2**31))
+    n = p.kv_len
+    kind = "right" if pattern == "causal_cross" else rng.choice(("right", "left", "scattered"))
+    if kind == "scattered":
+        pad = torch.rand(p.batch, n, generator=gen) < rng.choice((0.2, 0.6))
+    else:
+        lengths = torch.randint(0, n + 1, (p.batch, 1), generator=gen)
+        pos = torch.arange(n).view(1, -1)
+        pad = pos >= lengths if kind == "right" else pos < n - lengths
+    if rng.random() < 0.2:
+        pad[0] = True
+    if len(p.kv_shape) > 1 and rng.random() < 0.5:
+        pad = pad.view(p.batch, *p.kv_shape)  # the spatial form
+    return pad.to(p.device)
+
+
+@dataclass(frozen=True, eq=False)
+class _SpanShifted(masks.MaskMod):
+    """A 1D pattern placed on each batch entry's real span of keys, as if the sequence ran alone.
+
+    Batch entry b's real keys span ``[first_b, stop_b)`` (its first and last unpadded key); key
+    ``j`` is key ``j - first_b`` of the sequence alone, query ``i`` is its query ``i + q_shift_b``.
+    ``inner`` is the pattern built for the padded lengths; a shift makes its positions those of the
+    run alone (pads inside a span are masked by the padding itself, not here).
+    """
+
+    inner: masks.MaskMod
+    q_shift: Tensor  # (B,) long
+    k_shift: Tensor  # (B,) long
+    batch_head_dependent = True
+
+    def __call__(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        return self.inner(b, h, q_idx + self.q_shift[b], kv_idx - self.k_shift[b])
+
+    def _tile_grid(self, qf: Tensor, ql: Tensor, kf: Tensor, kl: Tensor) -> Optional[masks.TileGrid]:
+        """The union over batch entries of the inner pattern's tiles, shifted (O(B * tiles))."""
+        visit = full = None
+        for dq, dk in sorted(set(zip(self.q_shift.tolist(), self.k_shift.tolist()))):
+            grid = self.inner._tile_grid(qf + dq, ql + dq, kf - dk, kl - dk)
+            if grid is None:
+                return None
+            visit = grid[0] if visit is None else visit | grid[0]
+            full = grid[1] if full is None else full & grid[1]
+        return visit, full
+
+
+def span_shifted(pattern: masks.MaskMod, mask: Optional[Tensor], nq: int, alignment: str = "bottom_right") -> masks.MaskMod:
+    """``pattern`` (built for Nq = ``nq`` queries over the padded Nk keys) placed on each
+    sequence's real keys, so a padded batch equals each sequence run alone.
+
+    Self-attention (Nq == Nk): the queries are padded like the keys, query i is query
+    ``i - first_b`` alone. Cross-attention (Nq != Nk): every query is real; bottom-right alignment
+    puts query i at key ``i + L_b - Nq`` of the sequence alone (``L_b = stop_b - first_b``), so
+    its shift is ``L_b - Nk``; top-left needs none. One host sync (the spans).
+    """
+    if mask is None:
+        return pattern
+    nk = mask.shape[1]
+    real = ~mask
+    any_real = real.any(dim=1)
+    first = torch.where(any_real, real.int().argmax(dim=1), torch.zeros_like(any_real, dtype=torch.long))
+    stop = torch.where(any_real, nk - real.flip(1).int().argmax(dim=1), torch.zeros_like(first))
+    if nq == nk:
+        q_shift = -first
+    elif alignment == "bottom_right":
+        q_shift = stop - first - nk
+    else:
+        q_shift = torch.zeros_like(first)
+    q_shift, k_shift = q_shift.long().cpu(), first.long().cpu()
+    if not bool(q_shift.any()) and not bool(k_shift.any()):
+        return pattern  # right padding, self-attention: the pattern already sits where it would alone
+    return _SpanShifted(pattern, q_shift.to(mask.device), k_shift.to(mask.device))
+
+
+def _add_pattern_backends(mech: Mechanism, pattern_of: PatternOf, *, flex: bool = False, spans: bool = False) -> None:
     """Register the backends every fixed-pattern mechanism shares, over its flattened tokens.
 
     ``reference``: the pattern as a dense mask over materialized scores (the spec); ``tiled``:
     the FA2 engine over the tiles the pattern touches (gives the LSE); ``flex``: compiled
-    FlexAttention with the pattern as a BlockMask. Backends receive ``scale``, ``return_lse``
-    and the pattern's parameters, which go to ``pattern_of``.
+    FlexAttention with the pattern as a BlockMask. Backends receive ``scale``, ``return_lse``,
+    ``key_padding_mask`` and the pattern's parameters, which go to ``pattern_of``.
+
+    ``key_padding_mask`` is ANDed into the pattern (a query with no visible key outputs 0, LSE
+    -inf). ``spans`` (1D sequence patterns): the pattern is also placed on each sequence's real
+    span (:func:`span_shifted`), so a padded batch equals each sequence run alone.
     """
 
-    def reference(q: Tensor, k: Tensor, v: Tensor, *, scale: Any, return_lse: bool, **params: Any) -> Any:
+    def padded_pattern(q: Tensor, k: Tensor, key_padding_mask: Optional[Tensor], params: dict) -> tuple[masks.MaskMod, Optional[Tensor]]:
         pattern = pattern_of(q, k, **params)
+        pad = flat_padding(key_padding_mask, q.shape[0])
+        if spans and pad is not None:
+            pattern = span_shifted(pattern, pad, q.shape[2], params.get("causal_alignment", "bottom_right"))
+        return pattern, pad
+
+    def reference(q: Tensor, k: Tensor, v: Tensor, *, scale: Any, return_lse: bool, key_padding_mask: Optional[Tensor] = None, **params: Any) -> Any:
+        pattern, pad = padded_pattern(q, k, key_padding_mask, params)
         nq, nk = math.prod(q.shape[2:-1]), math.prod(k.shape[2:-1])
-        allowed = masks.dense_mask(pattern, nq, nk, heads=q.shape[1], device=q.device)
+        allowed = masks.dense_mask(pattern, nq, nk, batch=q.shape[0], heads=q.shape[1], device=q.device)
+        if pad is not None:
+            allowed = allowed & ~pad.view(q.shape[0], 1, 1, nk)
         out, lse = materialized_attention(_flat(q), _flat(k), _flat(v), scale=scale, allowed=allowed)
         return _unflat(_result(out, lse, return_lse), q, v, return_lse)
 
-    def tiled(q: Tensor, k: Tensor, v: Tensor, *, scale: Any, return_lse: bool, **params: Any) -> Any:
-        pattern = pattern_of(q, k, **params)
+    def tiled(q: Tensor, k: Tensor, v: Tensor, *, scale: Any, return_lse: bool, key_padding_mask: Optional[Tensor] = None, **params: Any) -> Any:
+        pattern, pad = padded_pattern(q, k, key_padding_mask, params)
         qf, kf, vf = _flat(q), _flat(k), _flat(v)
         plan = masks.plan_for(pattern, qf.shape[2], kf.shape[2], batch=q.shape[0], heads=q.shape[1])
-        out, lse = tiled_attention(qf, kf, vf, plan=plan, scale=scale, mask_mod=pattern)
+        out, lse = tiled_attention(qf, kf, vf, plan=plan, scale=scale, mask_mod=pattern, key_padding_mask=pad)
         return _unflat(_result(out, lse, return_lse), q, v, return_lse)
 
-    def flex_backend(q: Tensor, k: Tensor, v: Tensor, *, scale: Any, return_lse: bool, **params: Any) -> Any:
-        pattern = pattern_of(q, k, **params)
+    def flex_backend(q: Tensor, k: Tensor, v: Tensor, *, scale: Any, return_lse: bool, key_padding_mask: Optional[Tensor] = None, **params: Any) -> Any:
+        pattern, pad = padded_pattern(q, k, key_padding_mask, params)
         qf, kf, vf = _flat(q), _flat(k), _flat(v)
-        block_mask = masks.flex_block_mask(pattern, qf.shape[2], kf.shape[2], heads=q.shape[1], device=q.device)
+        batch = None
+        if pad is not None:
+            pattern, batch = masks.and_masks(pattern, _KeepKeys(pad)), q.shape[0]
+        block_mask = masks.flex_block_mask(pattern, qf.shape[2], kf.shape[2], batch=batch, heads=q.shape[1], device=q.device)
         return _unflat(flex_forward(qf, kf, vf, block_mask=block_mask, scale=scale, return_lse=return_lse), q, v, return_lse)
 
     mech.add_backend(
@@ -94,6 +234,23 @@ def _add_pattern_backends(mech: Mechanism, pattern_of: PatternOf, *, flex: bool 
     mech.add_backend(Backend("tiled", tiled, doc="the tiled FA2 engine over the key tiles the pattern touches (gives the LSE)", priority=20, traceable=False))
     if flex:
         mech.add_backend(Backend("flex", flex_backend, doc="compiled FlexAttention with the pattern as a BlockMask", accepts=_flex_accepts, **FLEX_CAPABILITIES))
+
+
+class _KeepKeys(masks.MaskMod):
+    """The unpadded keys as a predicate (FlexAttention takes padding only through its mask)."""
+
+    batch_head_dependent = True
+
+    def __init__(self, pad: Tensor):
+        self.pad = pad
+
+    def __call__(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        return ~self.pad[b, kv_idx]
+
+
+def no_padding(p: Problem, params: dict) -> Optional[str]:
+    """``accepts`` of a fast path that has no place for key padding (tiled takes it)."""
+    return "takes no key_padding_mask (use tiled)" if params.get("key_padding_mask") is not None else None
 
 
 def ints_per_axis(minimum: int) -> Callable[[Any, Problem], Optional[str]]:

@@ -14,6 +14,8 @@ from ...registry import PATTERNS, Mechanism, Param, Problem, choice, flag, posit
 from ._shared import (
     _is_extent,
     _add_pattern_backends,
+    key_padding_param,
+    sample_padding,
 )
 
 
@@ -119,6 +121,7 @@ PER_HEAD_PARAMS = (
     Param("head_patterns", None, "per query head: a HeadPattern (window, sinks, stride shard, shifted block), or one for all", _check_head_patterns, (None, [], [{}], [{"window": (-1, 0)}], "window"), "list[HeadPattern]"),
     flag("causal", False, "no key after the query"),
     choice("causal_alignment", ("bottom_right", "top_left"), "bottom_right", "when Nq != Nk, where query i sits among the keys: i + Nk - Nq (bottom_right) or i (top_left)"),
+    key_padding_param(),
     positive_number("scale", "multiplies q.k; default head_dim ** -0.5"),
     flag("return_lse", False, "also return the log-sum-exp of each row, (B, H, Nq)"),
 )
@@ -156,6 +159,9 @@ def _per_head_sample_params(p: Problem, pattern: str, rng: Optional[random.Rando
         params["causal_alignment"] = "top_left"
     if rng.random() < 0.3:
         params["return_lse"] = True
+    pad = sample_padding(p, rng, pattern=pattern)
+    if pad is not None:
+        params["key_padding_mask"] = pad
     return params
 
 
@@ -174,7 +180,7 @@ PER_HEAD = register(
         sample_params=_per_head_sample_params,
     )
 )
-_add_pattern_backends(PER_HEAD, _per_head_mask, flex=True)
+_add_pattern_backends(PER_HEAD, _per_head_mask, flex=True, spans=True)
 
 
 def per_head_patterns_attention(
@@ -185,6 +191,7 @@ def per_head_patterns_attention(
     head_patterns: Any,
     causal: bool = False,
     causal_alignment: str = "bottom_right",
+    key_padding_mask: Optional[Tensor] = None,
     scale: Optional[float] = None,
     return_lse: bool = False,
     backend: Optional[str] = None,
@@ -207,6 +214,10 @@ def per_head_patterns_attention(
         q: (B, Hq, Nq, D); k, v: (B, Hkv, Nk, D|Dv) (GQA allowed).
         head_patterns: one pattern per query head (or a single one for all), HeadPattern or dict.
         causal, causal_alignment: as in ``softmax_attention`` (bottom_right by default).
+        key_padding_mask: (B, Nk) bool, True = ignore that key. As in ``sliding_window_attention``,
+            each sequence's patterns are placed on its real keys (positions, sinks, shards and
+            blocks counted from its first unpadded key; bottom-right cross alignment to its
+            last), so a batch padded on either side equals each sequence run alone.
         scale: defaults to ``D ** -0.5``. return_lse: also return lse (B, Hq, Nq).
         backend: ``tiled`` (the union of the heads' tiles, per-head element masks), ``flex``
             or ``reference``.
@@ -220,7 +231,8 @@ def per_head_patterns_attention(
         >>> out = per_head_patterns_attention(q, k, v, head_patterns=heads, causal=True)
     """
     return PER_HEAD(
-        q, k, v, backend=backend, head_patterns=head_patterns, causal=causal, causal_alignment=causal_alignment, scale=scale, return_lse=return_lse
+        q, k, v, backend=backend, head_patterns=head_patterns, causal=causal, causal_alignment=causal_alignment,
+        key_padding_mask=key_padding_mask, scale=scale, return_lse=return_lse,
     )
 
 

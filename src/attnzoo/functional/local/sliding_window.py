@@ -19,6 +19,9 @@ from ._shared import (
     _is_extent,
     _result,
     _add_pattern_backends,
+    key_padding_param,
+    no_padding,
+    sample_padding,
 )
 
 
@@ -68,6 +71,7 @@ SLIDING_WINDOW_PARAMS = (
         "bottom_right",
         "when Nq != Nk, where query i sits among the keys: i + Nk - Nq (bottom_right) or i (top_left)",
     ),
+    key_padding_param(),
     positive_number("scale", "multiplies q.k; default head_dim ** -0.5"),
     flag("return_lse", False, "also return the log-sum-exp of each row, (B, H, Nq)"),
 )
@@ -157,6 +161,9 @@ def _sample_params(p: Problem, pattern: str, rng: Optional[random.Random]) -> di
         params["causal_alignment"] = "top_left"
     if rng.random() < 0.3:
         params["return_lse"] = True
+    pad = sample_padding(p, rng, pattern=pattern)
+    if pad is not None:
+        params["key_padding_mask"] = pad
     return params
 
 
@@ -180,7 +187,7 @@ SLIDING_WINDOW = register(
         check_params=_check_combination,
     )
 )
-_add_pattern_backends(SLIDING_WINDOW, _sliding_pattern, flex=True)
+_add_pattern_backends(SLIDING_WINDOW, _sliding_pattern, flex=True, spans=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -203,7 +210,7 @@ def _band_accepts(p: Problem, params: dict) -> Optional[str]:
     if params["return_lse"] and p.dtype != torch.float32:
         # the fused kernel scales q in the input dtype: its bf16 LSE was measured 4e-4 off (relative)
         return "returns a float32-exact LSE only for float32 inputs (use tiled)"
-    return band_supported(p.device, p.dtype)
+    return no_padding(p, params) or band_supported(p.device, p.dtype)
 
 
 def _band_prefers(p: Problem, params: dict) -> Optional[str]:
@@ -243,6 +250,7 @@ def sliding_window_attention(
     causal: bool = False,
     sinks: int = 0,
     causal_alignment: str = "bottom_right",
+    key_padding_mask: Optional[Tensor] = None,
     scale: Optional[float] = None,
     return_lse: bool = False,
     backend: Optional[str] = None,
@@ -261,6 +269,13 @@ def sliding_window_attention(
             side), or an int for both sides (with ``causal``, left only).
         causal: no key after the query (the right extent must then be 0).
         sinks: every query also sees the first ``sinks`` keys (StreamingLLM); causally if causal.
+        key_padding_mask: (B, Nk) bool, True = ignore that key. Each sequence's pattern is placed
+            on its real keys (from its first to its last unpadded key) as if it ran alone: the
+            sinks are its first real keys and positions count from there; in cross-attention
+            (Nq != Nk) bottom-right alignment is to its last real key. So a batch padded on the
+            right or the left equals each sequence run alone (self-attention: on its real
+            query rows); pads inside a span are simply masked. A query with no visible key
+            outputs 0. One host sync per call (the spans).
         scale: defaults to ``D ** -0.5``. return_lse: also return lse (B, Hq, Nq), float32.
         backend: force ``reference``, ``tiled`` or ``flex``.
 
@@ -275,7 +290,7 @@ def sliding_window_attention(
     """
     return SLIDING_WINDOW(
         q, k, v, backend=backend, window=window, causal=causal, sinks=sinks,
-        causal_alignment=causal_alignment, scale=scale, return_lse=return_lse,
+        causal_alignment=causal_alignment, key_padding_mask=key_padding_mask, scale=scale, return_lse=return_lse,
     )
 
 
