@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import attnzoo
+from attnzoo import masks
 from attnzoo.errors import ParameterError
 from attnzoo.registry import DecodingState
 
@@ -311,3 +312,12 @@ def test_a_bound_tensor_compares_by_value():
         with pytest.raises(ParameterError, match="gamma: bound at init_state") as err:
             retention.step(q, k, v, state, causal=True, gamma=other)
         assert err.value.argument == "gamma"
+
+
+def test_softmax_decoding_places_alibi_at_absolute_positions():
+    """ALiBi's distance is query position minus key position: a step's queries are not at 0..T-1."""
+    softmax = attnzoo.get("softmax")
+    q, k, v = _tokens(softmax, 9, 15)
+    for score_mod in (masks.alibi(q.shape[1]), masks.alibi(q.shape[1], offset=2), masks.softcap(2.0)):
+        out, _ = _run(softmax, softmax.init_state(q, k, v, score_mod=score_mod), q, k, v, (1, 3, 2))
+        torch.testing.assert_close(out, softmax(q, k, v, causal=True, score_mod=score_mod), **TOL)

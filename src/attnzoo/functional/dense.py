@@ -366,10 +366,18 @@ class _SoftmaxDecoder:
         _refuse_while_decoding(params)
         copy = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
         state = state.append(k, v, copy=copy)
-        out = SOFTMAX(
-            q, state.k, state.v, causal=True, scale=params.get("scale"), score_mod=params.get("score_mod"), return_lse=params.get("return_lse", False)
-        )
+        score_mod = _at_absolute_positions(params.get("score_mod"), state.length - q.shape[2])
+        out = SOFTMAX(q, state.k, state.v, causal=True, scale=params.get("scale"), score_mod=score_mod, return_lse=params.get("return_lse", False))
         return out, state
+
+
+def _at_absolute_positions(score_mod: Any, shift: int) -> Any:
+    """A score_mod that places queries by an ``offset`` field (``masks.alibi``: query i at key
+    position i + offset) moved by ``shift``, so the step's queries sit where they do in the whole
+    sequence; other score_mods see the step's own query indices (0..T-1)."""
+    if not shift or not (dataclasses.is_dataclass(score_mod) and isinstance(getattr(score_mod, "offset", None), int)):
+        return score_mod
+    return dataclasses.replace(score_mod, offset=score_mod.offset + shift)
 
 
 def _refuse_while_decoding(params: dict) -> None:
