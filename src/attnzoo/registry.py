@@ -300,9 +300,11 @@ def _with_bound(name: str, state: DecodingState, params: Mapping[str, Any]) -> d
         if key not in merged:
             merged[key] = value
         elif not _same(merged[key], value):
+            bound, given = _short_repr(value), _short_repr(merged[key])
+            if given == bound:  # tensors (or long reprs) alike in what the message shows
+                given += " with other values"
             raise ParameterError(
-                f"{name}: {key}: bound at init_state to {value!r}, got {merged[key]!r} (omit it at step, or start a new state)",
-                argument=key,
+                f"{name}: {key}: bound at init_state to {bound}, got {given} (omit it at step, or start a new state)", argument=key
             )
     return merged
 
