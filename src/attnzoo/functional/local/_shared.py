@@ -278,14 +278,40 @@ def _crop(x: Tensor, shape: tuple[int, ...]) -> Tensor:
     return x[(slice(None), slice(None)) + tuple(slice(0, size) for size in shape)]
 
 
-def _attend_groups(q: Tensor, k: Tensor, v: Tensor, keys: Optional[Tensor], batch: int, scale: Optional[float]) -> Tensor:
+def _attend_groups(
+    q: Tensor, k: Tensor, v: Tensor, keys: Optional[Tensor], batch: int, scale: Optional[float], unpadded: Optional[Tensor] = None
+) -> Tensor:
     """One SDPA over partitioned groups (B * n_groups, H, members, D).
 
     ``keys`` (n_groups, members|1, members) bool says which keys each query of a group sees,
     the same for every batch entry (groups are batch-major); None or all True: no mask.
+    ``unpadded`` (B * n_groups, members) bool: the keys ``key_padding_mask`` leaves (the same
+    partition of :func:`unpadded_keys`); a query left with no key then outputs 0.
     """
-    mask = None if keys is None or bool(keys.all()) else keys.repeat(batch, 1, 1).unsqueeze(1)
-    return sdpa(q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    if unpadded is None:
+        mask = None if keys is None or bool(keys.all()) else keys.repeat(batch, 1, 1).unsqueeze(1)
+        return sdpa(q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    allowed = unpadded[:, None, None, :]
+    if keys is not None:
+        allowed = allowed & keys.repeat(batch, 1, 1).unsqueeze(1)
+    return masked_sdpa(q, k, v, allowed, scale)
+
+
+def masked_sdpa(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, scale: Optional[float]) -> Tensor:
+    """SDPA under a bool mask (True = attend) where a row may have no key: that row outputs 0.
+
+    Such rows are let see every key (finite on every SDPA kernel), then zeroed, so their
+    gradient is exactly 0 too (the convention of softmax's ``sdpa`` backend).
+    """
+    empty = ~allowed.any(-1, keepdim=True)
+    out = sdpa(q, k, v, attn_mask=allowed | empty, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    return out.masked_fill(empty, 0.0)
+
+
+def unpadded_keys(key_padding_mask: Tensor, k: Tensor) -> Tensor:
+    """(B, 1, *spatial_k, 1) float, 1 at a real key: to go through the partition k goes through
+    (pad, roll, split, unfold), where 0 then also marks the partition's own padding."""
+    return (~key_padding_mask).reshape(k.shape[0], 1, *k.shape[2:-1], 1).to(torch.float32)
 
 
 def _split_groups(x: Tensor, splits: list[tuple[int, int]], group_is_inner: bool) -> Tensor:

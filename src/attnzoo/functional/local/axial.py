@@ -7,6 +7,7 @@ import random
 from dataclasses import dataclass
 from typing import Any, Optional
 
+import torch
 from torch import Tensor
 
 from ... import masks
@@ -16,6 +17,10 @@ from ._shared import (
     _no_lse,
     _check_self,
     _add_pattern_backends,
+    key_padding_param,
+    masked_sdpa,
+    sample_padding,
+    unpadded_keys,
 )
 
 
@@ -46,6 +51,7 @@ def _check_axis(value: Any, p: Problem) -> Optional[str]:
 AXIAL_PARAMS = (
     Param("axis", None, "the spatial axis to attend along (negative counts from the last)", _check_axis, (None, 3, -4, "0", 1.0), "int"),
     flag("causal", False, "only earlier tokens of the line (along the axis)"),
+    key_padding_param(),
     positive_number("scale", "multiplies q.k; default head_dim ** -0.5"),
     flag("return_lse", False, "also return the log-sum-exp of each query, (B, H, *spatial)"),
 )
@@ -71,13 +77,20 @@ def _unlines(out: Tensor, batch: int, other: tuple[int, ...], axis: int) -> Tens
     return lines.movedim(d - 3, 1).movedim(d - 2, 2 + axis)
 
 
-def _axial_sdpa(q, k, v, *, axis, causal, scale, return_lse):
+def _axial_sdpa(q, k, v, *, axis, causal, scale, return_lse, key_padding_mask=None):
     """Each line along the axis becomes one SDPA problem (other axes folded into the batch): exact, O(N * L_axis)."""
     axis = axis % (q.dim() - 3)
     ql, other = _lines(q, axis)
     kl, _ = _lines(k, axis)
     vl, _ = _lines(v, axis)
-    out = sdpa(ql, kl, vl, is_causal=causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    if key_padding_mask is None:
+        out = sdpa(ql, kl, vl, is_causal=causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    else:  # the padding through the same lines: (B * other, 1, 1, L) keys kept
+        allowed = (_lines(unpadded_keys(key_padding_mask, k), axis)[0] > 0.5).transpose(-1, -2)
+        if causal:
+            length = ql.shape[2]
+            allowed = allowed & torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
+        out = masked_sdpa(ql, kl, vl, allowed, scale)
     return _unlines(out, q.shape[0], other, axis)
 
 
@@ -86,6 +99,9 @@ def _axial_sample_params(p: Problem, pattern: str, rng: Optional[random.Random])
     params: dict[str, Any] = {"axis": -1 if rng is None else rng.randrange(-n, n), "causal": pattern.startswith("causal")}
     if rng is not None and rng.random() < 0.3:
         params["return_lse"] = True
+    pad = None if rng is None else sample_padding(p, rng)
+    if pad is not None:
+        params["key_padding_mask"] = pad
     return params
 
 
@@ -117,6 +133,7 @@ def axial_attention(
     *,
     axis: int,
     causal: bool = False,
+    key_padding_mask: Optional[Tensor] = None,
     scale: Optional[float] = None,
     return_lse: bool = False,
     backend: Optional[str] = None,
@@ -134,6 +151,10 @@ def axial_attention(
         q, k, v: (B, H, *spatial, D), 1-3 spatial axes, k/v may have fewer heads (GQA).
         axis: which spatial axis (0 = the first after the heads; negative from the last).
         causal: along the axis. scale: defaults to ``D ** -0.5``. return_lse: also return lse.
+        key_padding_mask: (B, Nk) or (B, *spatial) bool, True = ignore that key: pads are masked
+            out of their line (a query left with no key outputs 0). A line is the whole
+            sequence in 1D and causality is relative, so a 1D batch padded on either side
+            equals each sequence alone.
         backend: ``sdpa`` (lines folded into the batch), ``tiled`` (gives the LSE) or ``reference``.
 
     Cost: O(N * S_axis * D). Paper: Axial Attention in Multidimensional Transformers.
@@ -144,7 +165,7 @@ def axial_attention(
         >>> rows = axial_attention(x, x, x, axis=-1)   # along the width
         >>> cols = axial_attention(x, x, x, axis=0)    # along the height
     """
-    return AXIAL(q, k, v, backend=backend, axis=axis, causal=causal, scale=scale, return_lse=return_lse)
+    return AXIAL(q, k, v, backend=backend, axis=axis, causal=causal, key_padding_mask=key_padding_mask, scale=scale, return_lse=return_lse)
 
 
 AXIAL.function = axial_attention

@@ -21,6 +21,9 @@ from ._shared import (
     _pad_to,
     _split_groups,
     _merge_groups,
+    key_padding_param,
+    sample_padding,
+    unpadded_keys,
 )
 
 
@@ -65,8 +68,15 @@ def _check_grid_size(value: Any, p: Problem) -> Optional[str]:
     return None
 
 
+#: Why key padding is refused on 1D sequences (2D/3D: pads masked out of each group).
+_PAD_1D = (
+    "a group's stride ceil(N / grid_size) is set by the padded length N, so a padded sequence is "
+    "not grouped as it would be alone; pad 2D/3D grids, or run 1D sequences unpadded"
+)
+
 GRID_PARAMS = (
     Param("grid_size", None, "tokens per group along each axis (MaxViT's G), spaced size // G apart", _check_grid_size, (None, 0, "7", 10**6), "int | tuple"),
+    key_padding_param(_PAD_1D),
     positive_number("scale", "multiplies q.k; default head_dim ** -0.5"),
     flag("return_lse", False, "also return the log-sum-exp of each query, (B, H, *spatial)"),
 )
@@ -77,7 +87,7 @@ def _grid_mask(q: Tensor, k: Tensor, *, grid_size: Any) -> GridMask:
     return GridMask(shape, per_axis(grid_size, len(shape), int))
 
 
-def _grid_sdpa(q, k, v, *, grid_size, scale, return_lse):
+def _grid_sdpa(q, k, v, *, grid_size, scale, return_lse, key_padding_mask=None):
     """MaxViT's grid partition (timm's grid_partition): pad, group by offset, one SDPA over the groups."""
     pattern = _grid_mask(q, k, grid_size=grid_size)
     splits = _grid_splits(pattern.shape, pattern.grid)
@@ -87,7 +97,10 @@ def _grid_sdpa(q, k, v, *, grid_size, scale, return_lse):
     real = _pad_to(torch.ones(1, 1, *pattern.shape, 1, device=q.device), padded)
     real_g = _split_groups(real, splits, group_is_inner=True)[:, 0, :, 0] > 0.5  # (groups, members)
     keys = real_g[:, None, :] | torch.diag_embed(~real_g)
-    out = _attend_groups(qg, kg, vg, keys, q.shape[0], scale)
+    unpadded = None
+    if key_padding_mask is not None:
+        unpadded = _split_groups(_pad_to(unpadded_keys(key_padding_mask, k), padded), splits, group_is_inner=True)[:, 0, :, 0] > 0.5
+    out = _attend_groups(qg, kg, vg, keys, q.shape[0], scale, unpadded)
     return _crop(_merge_groups(out, splits, True, q.shape[0]), pattern.shape)
 
 
@@ -97,6 +110,10 @@ def _grid_sample_params(p: Problem, pattern: str, rng: Optional[random.Random]) 
     params: dict[str, Any] = {"grid_size": tuple(rng.randrange(1, s + 1) for s in p.q_shape)}
     if rng.random() < 0.3:
         params["return_lse"] = True
+    if len(p.kv_shape) > 1:  # refused on 1D sequences
+        pad = sample_padding(p, rng)
+        if pad is not None:
+            params["key_padding_mask"] = pad
     return params
 
 
@@ -127,6 +144,7 @@ def grid_attention(
     v: Tensor,
     *,
     grid_size: Any,
+    key_padding_mask: Optional[Tensor] = None,
     scale: Optional[float] = None,
     return_lse: bool = False,
     backend: Optional[str] = None,
@@ -145,6 +163,9 @@ def grid_attention(
     Args:
         q, k, v: (B, H, *spatial, D), 1-3 spatial axes, k/v may have fewer heads (GQA).
         grid_size: int or one per axis (MaxViT uses 7), at most the axis size.
+        key_padding_mask: (B, Nk) or (B, *spatial) bool, True = ignore that key (2D/3D only):
+            pads are masked out of every group they fall in, the partition is unchanged (a
+            query left with no key outputs 0). Refused on 1D sequences: a group's stride ceil(N / grid_size) is set by the padded length N, so a padded sequence is grouped differently from the sequence alone.
         scale: defaults to ``D ** -0.5``. return_lse: also return lse (B, H, *spatial).
         backend: ``sdpa`` (timm's grid partition + one SDPA), ``tiled`` (LSE) or ``reference``.
 
@@ -155,7 +176,7 @@ def grid_attention(
         >>> x = torch.randn(2, 4, 56, 56, 32)
         >>> out = grid_attention(x, x, x, grid_size=7)  # 7x7 tokens per group, 8 apart
     """
-    return GRID(q, k, v, backend=backend, grid_size=grid_size, scale=scale, return_lse=return_lse)
+    return GRID(q, k, v, backend=backend, grid_size=grid_size, key_padding_mask=key_padding_mask, scale=scale, return_lse=return_lse)
 
 
 GRID.function = grid_attention

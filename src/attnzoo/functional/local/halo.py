@@ -24,6 +24,9 @@ from ._shared import (
     _split_groups,
     _merge_groups,
     _window_splits,
+    key_padding_param,
+    sample_padding,
+    unpadded_keys,
 )
 
 
@@ -54,9 +57,17 @@ class HaloMask(masks.MaskMod):
         return ok
 
 
+#: Why key padding is refused on 1D sequences (2D/3D: pads masked out of each block's keys).
+_PAD_1D = (
+    "blocks are laid from the first position of the padded sequence, so pads before a sequence "
+    "move its blocks and halos away from where they would be alone; pad 2D/3D grids, or run 1D "
+    "sequences unpadded"
+)
+
 HALO_PARAMS = (
     Param("block_size", None, "query block size per axis (int or tuple); the last block may be shorter", ints_per_axis(1), (None, 0, "8", 2.5), "int | tuple"),
     Param("halo_size", None, "keys beyond the block on each side, per axis (HaloNet's h)", ints_per_axis(0), (None, -1, "3"), "int | tuple"),
+    key_padding_param(_PAD_1D),
     positive_number("scale", "multiplies q.k; default head_dim ** -0.5"),
     flag("return_lse", False, "also return the log-sum-exp of each query, (B, H, *spatial)"),
 )
@@ -82,14 +93,15 @@ def _halo_windows(x: Tensor, pattern: HaloMask) -> Tensor:
     return x.reshape(-1, h, math.prod(x.shape[2 + n : 2 + 2 * n]), x.shape[-1])
 
 
-def _halo_sdpa(q, k, v, *, block_size, halo_size, scale, return_lse):
+def _halo_sdpa(q, k, v, *, block_size, halo_size, scale, return_lse, key_padding_mask=None):
     """HaloNet's recipe: blocked queries, each block's keys unfolded with the halo, one masked SDPA."""
     pattern = _halo_mask(q, k, block_size=block_size, halo_size=halo_size)
     splits = _window_splits(pattern.shape, pattern.block)
     qb = _split_groups(_pad_to(q, [o * i for o, i in splits]), splits, group_is_inner=False)
     kb, vb = _halo_windows(k, pattern), _halo_windows(v, pattern)
     real = _halo_windows(torch.ones(1, 1, *pattern.shape, 1, device=q.device), pattern)[:, 0, :, 0] > 0.5  # (n_blocks, W)
-    out = _attend_groups(qb, kb, vb, real[:, None, :], q.shape[0], scale)  # beyond the border is no key
+    unpadded = None if key_padding_mask is None else _halo_windows(unpadded_keys(key_padding_mask, k), pattern)[:, 0, :, 0] > 0.5
+    out = _attend_groups(qb, kb, vb, real[:, None, :], q.shape[0], scale, unpadded)  # beyond the border is no key
     return _crop(_merge_groups(out, splits, False, q.shape[0]), pattern.shape)
 
 
@@ -102,6 +114,10 @@ def _halo_sample_params(p: Problem, pattern: str, rng: Optional[random.Random]) 
     }
     if rng.random() < 0.3:
         params["return_lse"] = True
+    if len(p.kv_shape) > 1:  # refused on 1D sequences
+        pad = sample_padding(p, rng)
+        if pad is not None:
+            params["key_padding_mask"] = pad
     return params
 
 
@@ -133,6 +149,7 @@ def halo_attention(
     *,
     block_size: Any,
     halo_size: Any,
+    key_padding_mask: Optional[Tensor] = None,
     scale: Optional[float] = None,
     return_lse: bool = False,
     backend: Optional[str] = None,
@@ -150,6 +167,9 @@ def halo_attention(
     Args:
         q, k, v: (B, H, *spatial, D), 1-3 spatial axes, k/v may have fewer heads (GQA).
         block_size: int or one per axis. halo_size: int or one per axis (>= 0).
+        key_padding_mask: (B, Nk) or (B, *spatial) bool, True = ignore that key (2D/3D only):
+            pads are masked out of every block's keys they fall in, the partition is unchanged (a
+            query left with no key outputs 0). Refused on 1D sequences: blocks are laid from the first position of the padded sequence, so pads before a sequence move its blocks and halos.
         scale: defaults to ``D ** -0.5``. return_lse: also return lse (B, H, *spatial).
         backend: ``sdpa`` (keys unfolded per block + one SDPA), ``tiled`` (LSE) or ``reference``.
 
@@ -160,7 +180,7 @@ def halo_attention(
         >>> x = torch.randn(2, 4, 32, 32, 32)
         >>> out = halo_attention(x, x, x, block_size=8, halo_size=3)
     """
-    return HALO(q, k, v, backend=backend, block_size=block_size, halo_size=halo_size, scale=scale, return_lse=return_lse)
+    return HALO(q, k, v, backend=backend, block_size=block_size, halo_size=halo_size, key_padding_mask=key_padding_mask, scale=scale, return_lse=return_lse)
 
 
 HALO.function = halo_attention

@@ -23,6 +23,9 @@ from ._shared import (
     _split_groups,
     _merge_groups,
     _window_splits,
+    key_padding_param,
+    sample_padding,
+    unpadded_keys,
 )
 
 
@@ -72,9 +75,16 @@ def _check_window_shift(bound: dict[str, Any], p: Problem) -> Optional[tuple[str
     return _check_self(bound, p)
 
 
+#: Why key padding is refused on 1D sequences (2D/3D: pads masked out of each window).
+_PAD_1D = (
+    "Swin's windows (and their shift) are laid over the padded length N, so a padded sequence is "
+    "not partitioned as it would be alone; pad 2D/3D grids, or run 1D sequences unpadded"
+)
+
 WINDOW_PARAMS = (
     Param("window_size", None, "window size per axis (int or tuple); inputs are padded to a multiple, padding masked", ints_per_axis(1), (None, 0, "7", 1.5), "int | tuple"),
     Param("shift_size", 0, "Swin's cyclic shift per axis (< window_size; Swin uses window_size // 2)", ints_per_axis(0), (-1, "3", 0.5), "int | tuple"),
+    key_padding_param(_PAD_1D),
     positive_number("scale", "multiplies q.k; default head_dim ** -0.5"),
     flag("return_lse", False, "also return the log-sum-exp of each query, (B, H, *spatial)"),
 )
@@ -120,11 +130,12 @@ def _window_keys(pattern: WindowMask, device: torch.device) -> Tensor:
     return seen | torch.diag_embed(~real_w)
 
 
-def _win_sdpa(q, k, v, *, window_size, shift_size, scale, return_lse):
+def _win_sdpa(q, k, v, *, window_size, shift_size, scale, return_lse, key_padding_mask=None):
     """Swin's recipe: pad, roll, partition into windows, one SDPA over all windows with the shift mask."""
     pattern = _window_mask(q, k, window_size=window_size, shift_size=shift_size)
     qw, kw, vw = (_to_windows(x, pattern) for x in (q, k, v))
-    out = _attend_groups(qw, kw, vw, _window_keys(pattern, q.device), q.shape[0], scale)
+    unpadded = None if key_padding_mask is None else _to_windows(unpadded_keys(key_padding_mask, k), pattern)[:, 0, :, 0] > 0.5
+    out = _attend_groups(qw, kw, vw, _window_keys(pattern, q.device), q.shape[0], scale, unpadded)
     return _from_windows(out, pattern, q.shape[0])
 
 
@@ -136,6 +147,10 @@ def _win_sample_params(p: Problem, pattern: str, rng: Optional[random.Random]) -
     params: dict[str, Any] = {"window_size": window, "shift_size": shift}
     if rng.random() < 0.3:
         params["return_lse"] = True
+    if len(p.kv_shape) > 1:  # refused on 1D sequences
+        pad = sample_padding(p, rng)
+        if pad is not None:
+            params["key_padding_mask"] = pad
     return params
 
 
@@ -167,6 +182,7 @@ def window_attention(
     *,
     window_size: Any,
     shift_size: Any = 0,
+    key_padding_mask: Optional[Tensor] = None,
     scale: Optional[float] = None,
     return_lse: bool = False,
     backend: Optional[str] = None,
@@ -184,6 +200,9 @@ def window_attention(
         q, k, v: (B, H, *spatial, D), 1-3 spatial axes, k/v may have fewer heads (GQA).
         window_size: int or one per axis (larger than an axis: that axis is one padded window).
         shift_size: int or one per axis, each < window_size (Swin alternates 0 and window // 2).
+        key_padding_mask: (B, Nk) or (B, *spatial) bool, True = ignore that key (2D/3D only):
+            pads are masked out of every window they fall in, the partition is unchanged (a
+            query left with no key outputs 0). Refused on 1D sequences: Swin's windows and shift are laid over the padded length N, so a shorter sequence alone is partitioned differently.
         scale: defaults to ``D ** -0.5``. return_lse: also return lse (B, H, *spatial).
         backend: ``sdpa`` (Swin's pad/roll/partition + one SDPA), ``tiled`` (LSE) or ``reference``.
 
@@ -195,7 +214,9 @@ def window_attention(
         >>> x = torch.randn(2, 4, 56, 56, 32)  # (B, H, height, width, D)
         >>> out = window_attention(x, x, x, window_size=7, shift_size=3)
     """
-    return WINDOW(q, k, v, backend=backend, window_size=window_size, shift_size=shift_size, scale=scale, return_lse=return_lse)
+    return WINDOW(q, k, v, backend=backend, window_size=window_size, shift_size=shift_size, key_padding_mask=key_padding_mask,
+        scale=scale, return_lse=return_lse,
+    )
 
 
 WINDOW.function = window_attention
