@@ -15,7 +15,8 @@ triangle), with none of the tile waste or the per-tile masks of the generic tile
 
 Backward: the flash backward of each part, given the *merged* output and LSE, returns that
 part's exact share of dQ, dK, dV (``dS = P (dP - rowsum(dO O))`` with the global P), as in
-ring attention; the shares are added.
+ring attention; the shares are added. The LSE is differentiable too (its gradient rides in one
+extra head-dim column, only when it is used).
 
 Cost: O(N * w * D) time, O(N * D) memory (plus one LSE per part).
 """
@@ -79,13 +80,17 @@ class _CausalBand(torch.autograd.Function):
             out, lse = _merge(o1, l1, o2.flip(2), l2.flip(2))
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.c, ctx.scale = c, scale
-        ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)  # an unused LSE costs nothing in the backward
         return out.reshape(q.shape[:-1] + v.shape[-1:]), lse.reshape(q.shape[:-1])
 
     @staticmethod
-    def backward(ctx: Any, dout: Tensor, _dlse: Any) -> tuple[Any, ...]:
+    def backward(ctx: Any, dout: Optional[Tensor], dlse: Optional[Tensor]) -> tuple[Any, ...]:
         q, k, v, out, lse = ctx.saved_tensors
         c, scale = ctx.c, ctx.scale
+        if dout is None:
+            dout = torch.zeros_like(out).reshape(q.shape[:-1] + v.shape[-1:])
+        if dlse is not None:
+            q, k, v, out, dout = _with_lse_column(q, k, v, out, dout, dlse, lse)
         qc, kc, vc, doc = _chunks(q, c), _chunks(k, c), _chunks(v, c), _chunks(dout.contiguous(), c)
         dq, dk, dv = _flash_backward(doc, qc, kc, vc, out, lse, 0.0, True, scale=scale)
         if qc.shape[1] > 1:  # flip copies, so the parts below are contiguous; dq, dk, dv are ours to add into
@@ -93,7 +98,27 @@ class _CausalBand(torch.autograd.Function):
             dq[:, 1:] += dq2.flip(2)
             dk[:, :-1] += dk2.flip(2)
             dv[:, :-1] += dv2.flip(2)
-        return dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape), None, None
+        dq, dk, dv = dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape)
+        if dlse is not None:  # drop the extra column
+            dq, dk, dv = dq[..., :-1], dk[..., :-1], dv[..., :-1]
+        return dq, dk, dv, None, None
+
+
+def _with_lse_column(q: Tensor, k: Tensor, v: Tensor, out: Tensor, dout: Tensor, dlse: Tensor, lse: Tensor) -> tuple[Tensor, ...]:
+    """The flash backward's inputs with one extra head-dim column that carries the LSE's gradient.
+
+    d lse_i / d s_ij = P_ij, so the LSE's gradient g adds g_i P_ij to dS_ij = P_ij (dP_ij - D_i).
+    A value column of ones with output 0 and output gradient g gives exactly that: dP_ij gains
+    g_i and D_i = rowsum(dO * O) gains nothing. q and k get a zero column (scores unchanged) so
+    every head dim stays equal, as the fused kernel wants.
+    """
+    zero = q.new_zeros(q.shape[:-1] + (1,))
+    g = dlse.reshape(q.shape[:-1] + (1,)).masked_fill(~torch.isfinite(lse.reshape(q.shape[:-1] + (1,))), 0.0)
+    q2, k2 = torch.cat((q, zero), -1), torch.cat((k, k.new_zeros(k.shape[:-1] + (1,))), -1)
+    v2 = torch.cat((v, v.new_ones(v.shape[:-1] + (1,))), -1)
+    out2 = torch.cat((out, out.new_zeros(out.shape[:-1] + (1,))), -1)
+    dout2 = torch.cat((dout, g.to(dout.dtype)), -1)
+    return q2, k2, v2, out2, dout2
 
 
 def causal_band_attention(q: Tensor, k: Tensor, v: Tensor, *, left: int, scale: float) -> tuple[Tensor, Tensor]:

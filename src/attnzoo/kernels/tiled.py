@@ -413,7 +413,15 @@ def _pv(p: Tensor, v: Tensor, const_kv: bool) -> Tensor:
 
 
 def _backward(
-    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], out: Tensor, lse: Tensor, spec: _Spec
+    grad_out: Tensor,
+    grad_lse: Optional[Tensor],
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    bias: Optional[Tensor],
+    out: Tensor,
+    lse: Tensor,
+    spec: _Spec,
 ) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
     plan = spec.plan
     batch, q_heads = q.shape[:2]
@@ -427,6 +435,11 @@ def _backward(
     dot = _q_tiles(grad_out, kv_heads, nq, bq, cdt)
     ot = _q_tiles(out, kv_heads, nq, bq, cdt)
     delta = (dot * ot).sum(-1)  # rowsum(dO * O), FA2 eq. (D_i)
+    if grad_lse is not None:
+        # d lse_i / d s_ij = P_ij, so the LSE's gradient g_i adds g_i P_ij to dS_ij: the same
+        # P * (dP - D) with D_i - g_i (merging partial results through their LSE needs this)
+        glse = grad_lse.masked_fill(lse == float("-inf"), 0.0)
+        delta = delta - _q_tiles(glse.unsqueeze(-1), kv_heads, nq, bq, cdt).squeeze(-1)
     lse_t = _q_tiles(lse.unsqueeze(-1), kv_heads, nq, bq, cdt).squeeze(-1)
     lse_t = lse_t.masked_fill(lse_t == float("-inf"), 0.0)  # empty rows: every s is -inf, p = 0
     bias_t = None if bias is None else _bias_tiles(bias, q_heads, kv_heads, plan, cdt)
@@ -508,14 +521,13 @@ class _TiledAttention(torch.autograd.Function):
         # low-precision dtype (FA2 uses the rounded O; this costs Nq * Dv floats and is exact).
         ctx.save_for_backward(q, k, v, bias, out, lse)
         ctx.spec = spec
-        ctx.mark_non_differentiable(lse)
         return out.to(q.dtype), lse
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_out: Tensor, grad_lse: Tensor) -> tuple[Any, ...]:
         q, k, v, bias, out, lse = ctx.saved_tensors
-        dq, dk, dv, dbias = _backward(grad_out, q, k, v, bias, out, lse, ctx.spec)
+        dq, dk, dv, dbias = _backward(grad_out, grad_lse, q, k, v, bias, out, lse, ctx.spec)
         return dq, dk, dv, dbias, None
 
 
