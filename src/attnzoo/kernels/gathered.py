@@ -145,7 +145,16 @@ def _torch_forward(q: Tensor, k: Tensor, v: Tensor, table: NeighborTable, bias: 
 
 
 def _torch_backward(
-    do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, table: NeighborTable, bias: Optional[Tensor], scale: float, bias_grad: bool
+    do: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    lse: Tensor,
+    table: NeighborTable,
+    bias: Optional[Tensor],
+    scale: float,
+    bias_grad: bool,
+    dlse: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
     b, h, nq, _ = q.shape
     hk = k.shape[1]
@@ -162,7 +171,10 @@ def _torch_backward(
         p = torch.exp(s - lse[:, :, rows, None])  # -inf lse (empty row): s is -inf too -> nan
         p = torch.nan_to_num(p, nan=0.0)
         dp = torch.einsum("bhcd,bhckd->bhck", do[:, :, rows].to(cdt), values)
-        ds = p * (dp - (p * dp).sum(-1, keepdim=True))  # rowsum(dO * O) = sum_t p_t dp_t
+        delta = (p * dp).sum(-1, keepdim=True)  # rowsum(dO * O) = sum_t p_t dp_t
+        if dlse is not None:  # d lse / d s_t = p_t: the LSE's gradient g adds g p_t to ds_t
+            delta = delta - dlse[:, :, rows, None].to(cdt)
+        ds = p * (dp - delta)
         if dbias is not None:
             dbias[:, :, rows] = ds
         dq[:, :, rows] = torch.einsum("bhck,bhckd->bhcd", ds, keys) * scale
@@ -189,18 +201,20 @@ class _Gathered(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, bias_f, lse)  # not out: the caller may edit it in place
         ctx.table, ctx.scale = table, scale
         ctx.bias_shape = None if bias is None else bias.shape
-        ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)  # an unused LSE costs nothing in the backward
         return out, lse
 
     @staticmethod
-    def backward(ctx: Any, dout: Tensor, _dlse: Any) -> tuple[Any, ...]:
+    def backward(ctx: Any, dout: Optional[Tensor], dlse: Optional[Tensor]) -> tuple[Any, ...]:
         q, k, v, bias, lse = ctx.saved_tensors
         bias_grad = bias is not None and ctx.needs_input_grad[3]
-        dout = dout.contiguous()
-        if _use_native(q, v):
+        dout = torch.zeros(q.shape[:-1] + v.shape[-1:], dtype=q.dtype, device=q.device) if dout is None else dout.contiguous()
+        if dlse is not None:
+            dlse = dlse.masked_fill(lse == float("-inf"), 0.0)  # a query with no key has no LSE gradient
+        if dlse is None and _use_native(q, v):  # the C++ backward forms rowsum(dO * O) itself: no LSE gradient
             dq, dk, dv, dbias = _native().backward(dout, q, k, v, lse, ctx.table.index, ctx.table.inv_ptr, ctx.table.inv_pos, _or_empty(bias, q), ctx.scale, bias_grad)
         else:
-            dq, dk, dv, dbias = _torch_backward(dout, q, k, v, lse, ctx.table, bias, ctx.scale, bias_grad)
+            dq, dk, dv, dbias = _torch_backward(dout, q, k, v, lse, ctx.table, bias, ctx.scale, bias_grad, dlse)
         if bias_grad:  # reduce over the axes the bias broadcast
             dbias = dbias.sum_to_size(ctx.bias_shape)
         else:
