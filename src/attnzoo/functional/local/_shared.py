@@ -154,6 +154,17 @@ class _SpanShifted(masks.MaskMod):
         return visit, full
 
 
+def key_spans(mask: Tensor) -> tuple[Tensor, Tensor]:
+    """``(first, stop)``, each (B,) long: the span from each entry's first to its last real key
+    (``stop`` exclusive); ``(0, 0)`` for an entry whose keys are all padded."""
+    real = ~mask
+    any_real = real.any(dim=1)
+    nk = mask.shape[1]
+    first = torch.where(any_real, real.int().argmax(dim=1), 0).long()
+    stop = torch.where(any_real, nk - real.flip(1).int().argmax(dim=1), 0).long()
+    return first, stop
+
+
 def span_shifted(pattern: masks.MaskMod, mask: Optional[Tensor], nq: int, alignment: str = "bottom_right") -> masks.MaskMod:
     """``pattern`` (built for Nq = ``nq`` queries over the padded Nk keys) placed on each
     sequence's real keys, so a padded batch equals each sequence run alone.
@@ -166,10 +177,7 @@ def span_shifted(pattern: masks.MaskMod, mask: Optional[Tensor], nq: int, alignm
     if mask is None:
         return pattern
     nk = mask.shape[1]
-    real = ~mask
-    any_real = real.any(dim=1)
-    first = torch.where(any_real, real.int().argmax(dim=1), torch.zeros_like(any_real, dtype=torch.long))
-    stop = torch.where(any_real, nk - real.flip(1).int().argmax(dim=1), torch.zeros_like(first))
+    first, stop = key_spans(mask)
     if nq == nk:
         q_shift = -first
     elif alignment == "bottom_right":

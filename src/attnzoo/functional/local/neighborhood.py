@@ -11,6 +11,7 @@ score_mod in the score only, so :class:`_RpbGradient` supplies the table's gradi
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import random
@@ -28,7 +29,19 @@ from ...kernels.reference import default_scale, materialized_attention
 from ...kernels.tiled import tiled_attention
 from ..._validate import per_axis
 from ...registry import Backend, Mechanism, Param, Problem, flag, positive_number, register
-from ._shared import _check_self, _flat, _result, _unflat, ints_per_axis
+from ._shared import (
+    _KeepKeys,
+    _check_self,
+    _flat,
+    _result,
+    _unflat,
+    flat_padding,
+    ints_per_axis,
+    key_padding_param,
+    key_spans,
+    no_padding,
+    sample_padding,
+)
 
 __all__ = ["NeighborhoodMask", "neighbor_table", "neighborhood_attention", "NEIGHBORHOOD"]
 
@@ -93,14 +106,18 @@ class NeighborhoodMask(masks.MaskMod):
     def __call__(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         ok = None
         for axis, (cq, ck) in enumerate(zip(self._coords(q_idx), self._coords(kv_idx))):
-            d = self.dilation[axis]
-            group = cq % d
-            group_len = _group_len(self.shape[axis], group, d)
-            first, last = _window(cq // d, group_len, self.kernel_size[axis], self.stride[axis], self.causal[axis])
-            pk = ck // d
-            here = (ck % d == group) & (pk >= first) & (pk <= last)
+            here = self.axis_allows(axis, cq, ck, self.shape[axis])
             ok = here if ok is None else ok & here
         return ok
+
+    def axis_allows(self, axis: int, cq: Tensor, ck: Tensor, size: Any) -> Tensor:
+        """Whether coordinate ``ck`` is in the window of ``cq`` on ``axis`` of ``size`` tokens
+        (an int, or a tensor of per-sequence lengths that broadcasts against the coordinates)."""
+        d = self.dilation[axis]
+        group = cq % d
+        first, last = _window(cq // d, _group_len(size, group, d), self.kernel_size[axis], self.stride[axis], self.causal[axis])
+        pk = ck // d
+        return (ck % d == group) & (pk >= first) & (pk <= last)
 
     @property
     def rpb_shape(self) -> tuple[int, ...]:
@@ -130,6 +147,43 @@ class _RelativePositionBias(masks.ScoreMod):
 
     def __call__(self, score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         return score + self.table.to(score.dtype)[h, self.pattern.bias_index(q_idx, kv_idx)]
+
+
+@dataclass(frozen=True, eq=False)
+class _SpanNeighborhood(masks.MaskMod):
+    """1D neighborhood attention placed on each sequence's real keys, as if it ran alone.
+
+    Entry b's real keys span ``[first_b, first_b + length_b)``; coordinates count from
+    ``first_b`` and the windows shift inward at that span's borders (NATTEN's rule for a
+    sequence of ``length_b`` tokens). Query rows outside the span see no key (output 0).
+    """
+
+    base: NeighborhoodMask
+    first: Tensor  # (B,) long
+    length: Tensor  # (B,) long
+    batch_head_dependent = True
+
+    def __call__(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        first, length = self.first[b], self.length[b]
+        cq, ck = q_idx - first, kv_idx - first
+        return (cq >= 0) & (cq < length) & self.base.axis_allows(0, cq, ck, length)
+
+    def _tile_grid(self, qf: Tensor, ql: Tensor, kf: Tensor, kl: Tensor) -> masks.TileGrid:
+        """Visit a tile pair when the key tile meets the keys some query of the tile reaches, in
+        some sequence: O(B * N); no tile is reported full (the engine masks every visited one)."""
+        visit = torch.zeros(len(qf), len(kf), dtype=torch.bool)
+        for first, length in zip(self.first.tolist(), self.length.tolist()):
+            if length == 0:
+                continue
+            index, _ = _pattern_table(dataclasses.replace(self.base, shape=(length,)), None)
+            reach = torch.where(index >= 0, index, length)
+            lo = reach.min(dim=1).values + first
+            hi = torch.where(index >= 0, index, -1).max(dim=1).values + first
+            tile = torch.bucketize(torch.arange(first, first + length), qf, right=True) - 1
+            lo_t = torch.full((len(qf),), 1 << 62).scatter_reduce(0, tile, lo, "amin")
+            hi_t = torch.full((len(qf),), -1).scatter_reduce(0, tile, hi, "amax")
+            visit |= (kf[None, :] <= hi_t[:, None]) & (kl[None, :] >= lo_t[:, None])
+        return visit, torch.zeros_like(visit)
 
 
 # --------------------------------------------------------------------------------------------
@@ -194,7 +248,12 @@ def neighbor_table(
     Built per axis ((L, k) tables) and combined by broadcasting: O(N * K) time and memory,
     no N x N tensor. Arguments are as for :func:`neighborhood_attention` (int or per axis).
     """
-    pattern = _checked_pattern(shape, kernel_size, dilation, stride, causal)
+    return _pattern_table(_checked_pattern(shape, kernel_size, dilation, stride, causal), device)
+
+
+def _pattern_table(pattern: NeighborhoodMask, device: Any) -> tuple[Tensor, Tensor]:
+    """:func:`neighbor_table` of a pattern, unchecked: an axis shorter than its kernel (a short
+    padded sequence) gets windows that start before the axis, whose slots there are -1."""
     axes = [
         _axis_neighbors(size, k, d, s, c, device)
         for size, k, d, s, c in zip(pattern.shape, pattern.kernel_size, pattern.dilation, pattern.stride, pattern.causal)
@@ -292,6 +351,10 @@ NEIGHBORHOOD_PARAMS = (
         ("table", torch.zeros(5), torch.zeros(4, 12), torch.zeros(4, 13, dtype=torch.long)),
         "Tensor | None",
     ),
+    key_padding_param(
+        doc="(B, Nk) or (B, *spatial) bool, True = ignore that key; 1D: windows placed on each sequence's real keys (exact per "
+        "sequence), 2D/3D: pads masked out of the windows"
+    ),
     positive_number("scale", "multiplies q.k; default head_dim ** -0.5"),
     flag("return_lse", False, "also return the log-sum-exp of each query, (B, H, *spatial)"),
 )
@@ -316,7 +379,7 @@ _GATHER_BUDGET = 1 << 24
 
 
 def _rpb_table_grad(
-    q: Tensor, k: Tensor, v: Tensor, lse: Tensor, grad_out: Tensor, rpb: Tensor, pattern: NeighborhoodMask, scale: float
+    q: Tensor, k: Tensor, v: Tensor, lse: Tensor, grad_out: Tensor, rpb: Tensor, pattern: NeighborhoodMask, scale: float, pad: Optional[Tensor] = None
 ) -> Tensor:
     """dL/d(rpb): the score gradient ``dS = P * (dP - rowsum(P * dP))`` summed per table entry.
 
@@ -324,6 +387,7 @@ def _rpb_table_grad(
     whose ``rel`` is r. Each chunk of queries gathers its K neighbour keys and values from
     :func:`neighbor_table` and recomputes ``P = exp(S - lse)`` with the forward's LSE: O(N K D)
     time, O(chunk * K * D) memory. Flat layouts: q (B, H, N, D), k/v (B, Hkv, N, D), lse (B, H, N).
+    ``pad`` (B, N) bool: padded keys, whose P is 0.
     """
     batch, heads, n_tokens, _ = q.shape
     kv_heads = k.shape[1]
@@ -331,7 +395,7 @@ def _rpb_table_grad(
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
     table = rpb.detach().to(cdt).reshape(heads, -1)
     grad = torch.zeros_like(table)
-    index, rel = neighbor_table(pattern.shape, pattern.kernel_size, pattern.dilation, pattern.stride, pattern.causal, device=q.device)
+    index, rel = _pattern_table(pattern, q.device)
     slots = index.shape[1]
     chunk = max(1, _GATHER_BUDGET // (batch * heads * slots * max(q.shape[-1], v.shape[-1])))
     to_groups = lambda t: t.to(cdt).view(batch, kv_heads, group, *t.shape[2:])  # noqa: E731
@@ -344,6 +408,8 @@ def _rpb_table_grad(
         bias = table[:, r.clamp(min=0)].view(kv_heads, group, *r.shape)
         s = torch.einsum("bhgcd,bhckd->bhgck", qg[:, :, :, rows], k_nb) + bias
         p = torch.exp(s - lseg[:, :, :, rows, None]).masked_fill(~inside, 0.0)
+        if pad is not None:  # masked_fill, not a product: exp(s - lse) is inf in a row whose keys are all padded
+            p = p.masked_fill(pad[:, keys.clamp(min=0)].view(batch, 1, 1, *keys.shape), 0.0)
         dp = torch.einsum("bhgcd,bhckd->bhgck", dog[:, :, :, rows], v_nb)
         ds = p * (dp - (p * dp).sum(-1, keepdim=True))
         grad.index_add_(1, r[inside], ds.sum(0).reshape(heads, *r.shape)[:, inside])
@@ -360,17 +426,28 @@ class _RpbGradient(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: Any, out: Tensor, rpb: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, pattern: NeighborhoodMask, scale: float
+        ctx: Any, out: Tensor, rpb: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, pattern: NeighborhoodMask, scale: float,
+        pad: Optional[Tensor] = None, spans: Optional[list[tuple[int, int]]] = None,
     ) -> Tensor:
         ctx.save_for_backward(rpb, q, k, v, lse)
-        ctx.pattern, ctx.scale = pattern, scale
+        ctx.pattern, ctx.scale, ctx.pad, ctx.spans = pattern, scale, pad, spans
         return out.clone()  # a new tensor: returning ``out`` as-is would forbid in-place edits of the result
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Any, ...]:
         rpb, q, k, v, lse = ctx.saved_tensors
-        return grad_out, _rpb_table_grad(q, k, v, lse, grad_out, rpb, ctx.pattern, ctx.scale), None, None, None, None, None, None
+        if ctx.spans is None:
+            grad = _rpb_table_grad(q, k, v, lse, grad_out, rpb, ctx.pattern, ctx.scale, ctx.pad)
+        else:  # 1D padded: each sequence over its own span, as alone (rows outside a span see no key)
+            grad = torch.zeros_like(rpb)
+            for b, (first, stop) in enumerate(ctx.spans):
+                if stop > first:
+                    part = dataclasses.replace(ctx.pattern, shape=(stop - first,))
+                    rows = (slice(b, b + 1), slice(None), slice(first, stop))
+                    pieces = (t[rows] for t in (q, k, v, lse, grad_out))
+                    grad += _rpb_table_grad(*pieces, rpb, part, ctx.scale, ctx.pad[b : b + 1, first:stop])
+        return grad_out, grad, None, None, None, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -380,25 +457,50 @@ def _rpb_mod(rpb: Optional[Tensor], pattern: NeighborhoodMask) -> Optional[_Rela
     return None if rpb is None else _RelativePositionBias(rpb.reshape(rpb.shape[0], -1), pattern)
 
 
-def _reference(q: Tensor, k: Tensor, v: Tensor, *, scale: Any, return_lse: bool, rpb: Optional[Tensor], **window: Any) -> Any:
-    """The pattern as a dense mask over materialized scores, rpb as a score_mod: the spec."""
+Padded = tuple[NeighborhoodMask, masks.MaskMod, Optional[Tensor], Optional[list[tuple[int, int]]]]
+
+
+def _padded_pattern(q: Tensor, key_padding_mask: Optional[Tensor], window: dict) -> Padded:
+    """``(pattern, predicate, pad, spans)``: the call's pattern, the predicate the backends mask
+    with, the padding as (B, N) and, for a padded 1D batch, each entry's real span.
+
+    2D/3D: pads are masked out of the windows, which stay where they are. 1D: windows are placed
+    on each sequence's real keys (:class:`_SpanNeighborhood`), so a batch padded on either side
+    equals each sequence alone. One host sync (the spans).
+    """
     pattern = _neighborhood_mask(q, **window)
+    pad = flat_padding(key_padding_mask, q.shape[0])
+    if pad is None or len(pattern.shape) > 1:
+        return pattern, pattern, pad, None
+    first, stop = key_spans(pad)
+    spans = list(zip(first.tolist(), stop.tolist()))
+    if all(span == (0, pattern.shape[0]) for span in spans):
+        return pattern, pattern, pad, None
+    return pattern, _SpanNeighborhood(pattern, first, stop - first), pad, spans
+
+
+def _reference(q: Tensor, k: Tensor, v: Tensor, *, scale: Any, return_lse: bool, rpb: Optional[Tensor], key_padding_mask: Optional[Tensor] = None, **window: Any) -> Any:
+    """The pattern as a dense mask over materialized scores, rpb as a score_mod: the spec."""
+    pattern, predicate, pad, _ = _padded_pattern(q, key_padding_mask, window)
     n = math.prod(pattern.shape)
-    allowed = masks.dense_mask(pattern, n, n, device=q.device)
+    allowed = masks.dense_mask(predicate, n, n, batch=q.shape[0], device=q.device)
+    if pad is not None:
+        allowed = allowed & ~pad.view(q.shape[0], 1, 1, n)
+    # rpb reads the key's place relative to the query's: the same on a sequence's span
     out, lse = materialized_attention(_flat(q), _flat(k), _flat(v), scale=scale, allowed=allowed, score_mod=_rpb_mod(rpb, pattern))
     return _unflat(_result(out, lse, return_lse), q, v, return_lse)
 
 
-def _tiled(q: Tensor, k: Tensor, v: Tensor, *, scale: Any, return_lse: bool, rpb: Optional[Tensor], **window: Any) -> Any:
+def _tiled(q: Tensor, k: Tensor, v: Tensor, *, scale: Any, return_lse: bool, rpb: Optional[Tensor], key_padding_mask: Optional[Tensor] = None, **window: Any) -> Any:
     """The tiled FA2 engine over the key tiles the pattern touches; rpb's gradient by :class:`_RpbGradient`."""
-    pattern = _neighborhood_mask(q, **window)
+    pattern, predicate, pad, spans = _padded_pattern(q, key_padding_mask, window)
     qf, kf, vf = _flat(q), _flat(k), _flat(v)
     n = qf.shape[2]
-    plan = masks.plan_for(pattern, n, n)
+    plan = masks.plan_for(predicate, n, n, batch=q.shape[0])
     mod = None if rpb is None else _rpb_mod(rpb.detach(), pattern)
-    out, lse = tiled_attention(qf, kf, vf, plan=plan, scale=scale, mask_mod=pattern, score_mod=mod)
+    out, lse = tiled_attention(qf, kf, vf, plan=plan, scale=scale, mask_mod=predicate, score_mod=mod, key_padding_mask=pad)
     if rpb is not None and rpb.requires_grad and torch.is_grad_enabled():
-        out = _RpbGradient.apply(out, rpb, qf, kf, vf, lse, pattern, default_scale(q, scale))
+        out = _RpbGradient.apply(out, rpb, qf, kf, vf, lse, pattern, default_scale(q, scale), pad, spans)
     return _unflat(_result(out, lse, return_lse), q, v, return_lse)
 
 
@@ -410,7 +512,7 @@ def _table(pattern: NeighborhoodMask, device: torch.device) -> tuple[NeighborTab
     return NeighborTable.build(index, math.prod(pattern.shape)), rel
 
 
-def _gathered(q: Tensor, k: Tensor, v: Tensor, *, scale: Any, return_lse: bool, rpb: Optional[Tensor], **window: Any) -> Any:
+def _gathered(q: Tensor, k: Tensor, v: Tensor, *, scale: Any, return_lse: bool, rpb: Optional[Tensor], key_padding_mask: Optional[Tensor] = None, **window: Any) -> Any:
     """Each query over the K keys of its neighbor table: no tile waste, rpb as a gathered bias."""
     pattern = _neighborhood_mask(q, **window)
     table, rel = _table(pattern, q.device)
@@ -449,12 +551,15 @@ def _flex_accepts(p: Problem, params: dict) -> Optional[str]:
     return reason
 
 
-def _flex(q: Tensor, k: Tensor, v: Tensor, *, scale: Any, return_lse: bool, rpb: Optional[Tensor], **window: Any) -> Any:
+def _flex(q: Tensor, k: Tensor, v: Tensor, *, scale: Any, return_lse: bool, rpb: Optional[Tensor], key_padding_mask: Optional[Tensor] = None, **window: Any) -> Any:
     """Compiled FlexAttention with the pattern as a BlockMask and rpb as its score_mod."""
-    pattern = _neighborhood_mask(q, **window)
+    pattern, predicate, pad, _ = _padded_pattern(q, key_padding_mask, window)
     qf, kf, vf = _flat(q), _flat(k), _flat(v)
     n = qf.shape[2]
-    block_mask = masks.flex_block_mask(pattern, n, n, device=q.device)
+    batch = None
+    if pad is not None:
+        predicate, batch = masks.and_masks(predicate, _KeepKeys(pad)), q.shape[0]
+    block_mask = masks.flex_block_mask(predicate, n, n, batch=batch, device=q.device)
     result = flex_forward(qf, kf, vf, block_mask=block_mask, scale=scale, score_mod=_rpb_mod(rpb, pattern), return_lse=return_lse)
     return _unflat(result, q, v, return_lse)
 
@@ -484,6 +589,9 @@ def _nbr_sample_params(p: Problem, pattern: str, rng: Optional[random.Random]) -
         params["rpb"] = table.to(device=p.device, dtype=p.dtype)
     if rng.random() < 0.3:
         params["return_lse"] = True
+    pad = sample_padding(p, rng)
+    if pad is not None:
+        params["key_padding_mask"] = pad
     return params
 
 
@@ -515,7 +623,7 @@ _GATHERED_DOC = "per-query neighbor table (kernels/gathered.py: C++ on CPU when 
 _FLEX_DOC = "compiled FlexAttention with the pattern as a BlockMask (rpb forward only)"
 NEIGHBORHOOD.add_backend(Backend("reference", _reference, doc=_REFERENCE_DOC, priority=-100, materializes_scores=True))
 NEIGHBORHOOD.add_backend(Backend("tiled", _tiled, doc=_TILED_DOC, priority=20))
-NEIGHBORHOOD.add_backend(Backend("gathered", _gathered, doc=_GATHERED_DOC, priority=30, prefers=_gathered_prefers))
+NEIGHBORHOOD.add_backend(Backend("gathered", _gathered, doc=_GATHERED_DOC, priority=30, prefers=_gathered_prefers, accepts=no_padding))
 NEIGHBORHOOD.add_backend(Backend("flex", _flex, doc=_FLEX_DOC, accepts=_flex_accepts, **FLEX_CAPABILITIES))
 
 
@@ -529,6 +637,7 @@ def neighborhood_attention(
     stride: Any = 1,
     causal: Any = False,
     rpb: Optional[Tensor] = None,
+    key_padding_mask: Optional[Tensor] = None,
     scale: Optional[float] = None,
     return_lse: bool = False,
     backend: Optional[str] = None,
@@ -568,6 +677,14 @@ def neighborhood_attention(
         causal: bool or one per axis.
         rpb: None or a floating (Hq, 2k_1 - 1, ..., 2k_n - 1) tensor on q's device; gradients
             reach it on ``reference`` and ``tiled``.
+        key_padding_mask: (B, Nk) or (B, *spatial) bool, True = ignore that key. 1D: NATTEN
+            shifts a window inward at the sequence's end, so masking alone would differ from the
+            sequence run alone; instead each sequence's windows are placed on its real keys
+            (from its first to its last unpadded key, as for a sequence of that length; pads
+            inside are masked) and query rows outside that span output 0. A batch padded on
+            the right or the left therefore equals each sequence alone, rpb included. 2D/3D:
+            pads are masked out of the windows, which do not move (a query left with no key
+            outputs 0). ``gathered`` takes no padding; one host sync per padded 1D call.
         scale: defaults to ``D ** -0.5`` (rpb is added after scaling, as in NAT).
         return_lse: also return lse (B, H, *spatial). backend: ``reference``, ``tiled`` or ``flex``.
 
@@ -593,6 +710,7 @@ def neighborhood_attention(
         stride=stride,
         causal=causal,
         rpb=rpb,
+        key_padding_mask=key_padding_mask,
         scale=scale,
         return_lse=return_lse,
     )
