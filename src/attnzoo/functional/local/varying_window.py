@@ -38,7 +38,19 @@ from torch import Tensor
 from ..._validate import per_axis
 from ...kernels.reference import materialized_attention
 from ...registry import Backend, Mechanism, Param, Problem, choice, positive_number, register
-from ._shared import _attend_groups, _crop, _flat, _merge_groups, _pad_to, _split_groups, ints_per_axis
+from ._shared import (
+    _attend_groups,
+    _crop,
+    _flat,
+    _merge_groups,
+    _pad_to,
+    _split_groups,
+    flat_padding,
+    ints_per_axis,
+    key_padding_param,
+    sample_padding,
+    unpadded_keys,
+)
 
 RESCALES = ("mean", "prescaled", "none")
 
@@ -107,6 +119,12 @@ VARYING_WINDOW_PARAMS = (
         "how each context window becomes P tokens per axis: 'mean' of each R-block; 'prescaled': k, v already hold "
         "each block's embedding at its first token (DOPE, nn.VaryingWindowAttention); 'none': all R * P tokens (R^d cost)",
     ),
+    key_padding_param(
+        "context windows are centred on the query windows and shifted inward by the padded length N, so a padded "
+        "sequence's contexts differ from the sequence's alone; pad 2D/3D maps, or run 1D sequences unpadded",
+        doc="(B, Nk) or (B, *spatial) bool, True = ignore that key (2D/3D): a context token is the mean of the real "
+        "tokens of its block ('mean'), or its token ('prescaled', 'none'); one with no real token is masked",
+    ),
     positive_number("scale", "multiplies q.k; default head_dim ** -0.5"),
 )
 
@@ -142,15 +160,26 @@ def _query_windows(axes: tuple[_ContextAxis, ...], device: torch.device) -> Tens
     return index.reshape(-1)
 
 
-def _vwa_reference(q: Tensor, k: Tensor, v: Tensor, *, window_size: Any, ratio: Any, rescale: str, scale: Optional[float]) -> Tensor:
+def _vwa_reference(
+    q: Tensor, k: Tensor, v: Tensor, *, window_size: Any, ratio: Any, rescale: str, scale: Optional[float], key_padding_mask: Optional[Tensor] = None
+) -> Tensor:
     """The spec: every window's context tokens made explicitly, then masked softmax over them."""
     axes = _context_axes(q, window_size=window_size, ratio=ratio, rescale=rescale)
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
-    weights = _context_weights(axes, rescale, cdt, q.device)
-    keys, values = (torch.einsum("gtn,bhnd->bhgtd", weights, _flat(x).to(cdt)).flatten(2, 3) for x in (k, v))
-    windows, tokens = weights.shape[:2]
+    weights = _context_weights(axes, rescale, cdt, q.device)[None]  # (1 | B, windows, tokens, N)
+    seen = None
+    if key_padding_mask is not None:  # each context token over the real tokens it reads; none: masked
+        weights = weights * (~flat_padding(key_padding_mask, q.shape[0])).to(cdt)[:, None, None, :]
+        total = weights.sum(-1, keepdim=True)
+        weights = weights / torch.where(total > 0, total, torch.ones_like(total))
+        seen = (total > 0).flatten(1)[:, None, None, :]  # (B, 1, 1, windows * tokens)
+    weights = weights.expand(q.shape[0], *weights.shape[1:])
+    keys, values = (torch.einsum("bgtn,bhnd->bhgtd", weights, _flat(x).to(cdt)).flatten(2, 3) for x in (k, v))
+    windows, tokens = weights.shape[1:3]
     owner = torch.arange(windows, device=q.device).repeat_interleave(tokens)  # the window each key belongs to
     allowed = _query_windows(axes, q.device)[:, None] == owner[None, :]
+    if seen is not None:
+        allowed = allowed & seen
     out, _ = materialized_attention(_flat(q), keys, values, scale=scale, allowed=allowed)
     return out.reshape(*q.shape[:-1], v.shape[-1])
 
@@ -205,27 +234,52 @@ def _gather_contexts(x: Tensor, axes: tuple[_ContextAxis, ...]) -> Tensor:
     return _split_groups(x, [(axis.n_windows, axis.tokens) for axis in axes], group_is_inner=False)
 
 
-def _vwa_sdpa(q: Tensor, k: Tensor, v: Tensor, *, window_size: Any, ratio: Any, rescale: str, scale: Optional[float]) -> Tensor:
-    """Pre-scale k, v once, gather every window's P^d context tokens, one SDPA over all windows, no mask."""
+def _vwa_sdpa(
+    q: Tensor, k: Tensor, v: Tensor, *, window_size: Any, ratio: Any, rescale: str, scale: Optional[float], key_padding_mask: Optional[Tensor] = None
+) -> Tensor:
+    """Pre-scale k, v once, gather every window's P^d context tokens, one SDPA over all windows (masked only with padding)."""
     axes = _context_axes(q, window_size=window_size, ratio=ratio, rescale=rescale)
-    if rescale == "mean":
+    unpadded = None
+    if key_padding_mask is not None:
+        k, v, real = _without_pads(k, v, unpadded_keys(key_padding_mask, k), axes, rescale)
+        unpadded = _gather_contexts(real, axes)[:, 0, :, 0] > 0
+    elif rescale == "mean":
         k, v = _block_means(k, axes), _block_means(v, axes)
     k_ctx, v_ctx = _gather_contexts(k, axes), _gather_contexts(v, axes)
     splits = [(axis.n_windows, axis.window) for axis in axes]
     padded = [n * w for n, w in splits]
     q_win = _split_groups(q if list(q.shape[2:-1]) == padded else _pad_to(q, padded), splits, group_is_inner=False)
-    out = _attend_groups(q_win, k_ctx, v_ctx, None, q.shape[0], scale)  # short contexts: see kernels/sdpa.py  # padding queries see real tokens: cropped
+    out = _attend_groups(q_win, k_ctx, v_ctx, None, q.shape[0], scale, unpadded)  # short contexts: see kernels/sdpa.py  # padding queries see real tokens: cropped
     return _crop(_merge_groups(out, splits, False, q.shape[0]), tuple(q.shape[2:-1]))
+
+
+def _without_pads(k: Tensor, v: Tensor, real: Tensor, axes: tuple[_ContextAxis, ...], rescale: str) -> tuple[Tensor, Tensor, Tensor]:
+    """k, v with the pads out of every context token, and how much real input each token holds.
+
+    ``"mean"``: block means of ``k * real`` over block means of ``real``, the mean over the
+    block's real tokens (the same count divides both); other rescales read one token each.
+    """
+    real = real.to(k.dtype)
+    if rescale != "mean":
+        return k * real, v * real, real
+    share = _block_means(real, axes)
+    safe = torch.where(share > 0, share, torch.ones_like(share))  # blocks without a real token: 0 / 1, never 0 / 0
+    return _block_means(k * real, axes) / safe, _block_means(v * real, axes) / safe, share
 
 
 def _vwa_sample_params(p: Problem, pattern: str, rng: Optional[random.Random]) -> dict[str, Any]:
     if rng is None:  # plain: windows of 16 (or the axis) with a 4 times larger context, averaged
         return {"window_size": tuple(min(16, s) for s in p.q_shape), "ratio": 4}
-    return {
+    params: dict[str, Any] = {
         "window_size": tuple(rng.randrange(1, s + 2) for s in p.q_shape),  # may exceed the axis: padded
         "ratio": tuple(rng.randrange(1, 5) for _ in p.q_shape),  # R * P may exceed the axis: the whole axis
         "rescale": rng.choice(RESCALES),
     }
+    if len(p.kv_shape) > 1:  # refused on 1D sequences
+        pad = sample_padding(p, rng)
+        if pad is not None:
+            params["key_padding_mask"] = pad
+    return params
 
 
 VARYING_WINDOW = register(
@@ -258,6 +312,7 @@ def varying_window_attention(
     window_size: Any,
     ratio: Any,
     rescale: str = "mean",
+    key_padding_mask: Optional[Tensor] = None,
     scale: Optional[float] = None,
     backend: Optional[str] = None,
 ) -> Tensor:
@@ -286,6 +341,10 @@ def varying_window_attention(
         q, k, v: (B, H, *spatial, D), 1-3 spatial axes (the paper: 2), k/v may have fewer heads (GQA).
         window_size: P, an int or one per axis. ratio: R >= 1, an int or one per axis (the paper: 2, 4, 8).
         rescale: ``"mean"`` (default), ``"prescaled"`` or ``"none"``. scale: defaults to ``D ** -0.5``.
+        key_padding_mask: (B, Nk) or (B, *spatial) bool, True = ignore that key, 2D/3D only: a
+            context token is the mean of its block's real tokens (``"mean"``) or its one token,
+            and is masked when it reads none (a query left with no context outputs 0). Refused
+            on 1D sequences: contexts are centred and shifted inward by the padded length.
         backend: ``sdpa`` (pre-scale once, gather each window's context, one SDPA, no mask) or ``reference``.
 
     Cost: O(N P^d D) time and O(N D) memory, the cost of window attention with windows of P: the
@@ -307,7 +366,7 @@ def varying_window_attention(
         >>> x = torch.randn(2, 4, 64, 64, 32)  # (B, H, height, width, D)
         >>> out = varying_window_attention(x, x, x, window_size=8, ratio=4)  # 32 x 32 context as 8 x 8 tokens
     """
-    return VARYING_WINDOW(q, k, v, backend=backend, window_size=window_size, ratio=ratio, rescale=rescale, scale=scale)
+    return VARYING_WINDOW(q, k, v, backend=backend, window_size=window_size, ratio=ratio, rescale=rescale, key_padding_mask=key_padding_mask, scale=scale)
 
 
 VARYING_WINDOW.function = varying_window_attention
