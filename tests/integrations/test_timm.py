@@ -156,10 +156,19 @@ def test_neighborhood_rpb_equals_additive_masked_original():
         dy, dx = ki // 4 - qi // 4, ki % 4 - qi % 4
         bias[:, 1 + qi, 1 + ki] = rpb[:, dy + 2, dx + 2]
     assert_same_model_outputs(swapped, original, images(48, 64), dict(attn_mask=bias[None]), atol=1e-10)
-    learnable = swap_attention(copy.deepcopy(original), "neighborhood", kernel_size=3, rpb=rpb.clone().requires_grad_())
-    with pytest.raises(ParameterError, match="no gradient") as info:
-        learnable(images(48, 64))
-    assert info.value.argument == "rpb"
+    # a learnable rpb gets its gradient through the LSE that joins the prefix token, too
+    learned = rpb.clone().requires_grad_()
+    learnable = swap_attention(copy.deepcopy(original), "neighborhood", kernel_size=3, rpb=learned)
+    target = rpb.clone().requires_grad_()
+    dense = torch.full((3, 13, 13), float("-inf"), dtype=torch.float64)
+    dense[:, :1, :] = dense[:, :, :1] = 0.0
+    for qi, ki in allowed.nonzero().tolist():
+        dy, dx = ki // 4 - qi // 4, ki % 4 - qi % 4
+        dense[:, 1 + qi, 1 + ki] = target[:, dy + 2, dx + 2]
+    weights = torch.randn(2, 13, 192, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    (learnable.forward_features(images(48, 64)) * weights).sum().backward()
+    (original.forward_features(images(48, 64), attn_mask=dense[None]) * weights).sum().backward()
+    torch.testing.assert_close(learned.grad, target.grad, atol=1e-10, rtol=1e-7)
 
 
 def test_window_equals_masked_original():

@@ -28,9 +28,8 @@ distillation tokens, which timm puts first; the patches follow in row-major (H, 
   its pattern's patches *and* all prefix tokens in one softmax. The second part is exact: the
   mechanism's output over its patches and its log-sum-exp are merged with softmax attention over
   the p prefix keys (:func:`attnzoo.merge_attention_states`), so a mechanism must be able to
-  return its LSE when ``p > 0`` (all spatial ones but varying_window can). Cost: the mechanism's,
-  plus O(N p D) for the prefix rows and columns; with autograd one more call of the mechanism
-  (values = keys), which gives the LSE its gradient (see ``_with_lse_grad``).
+  return its LSE when ``p > 0`` (all spatial ones but varying_window can), and the merge
+  backpropagates through it. Cost: the mechanism's, plus O(N p D) for the prefix rows and columns.
 
 The grid is the model's ``patch_embed.grid_size``; :func:`track_grid` (which
 :func:`swap_attention` calls) also follows dynamic image sizes (``dynamic_img_size=True``) by
@@ -285,26 +284,12 @@ class AttnzooAttention(nn.Module):
 
         if p == 0:
             return self._call(grid(q), grid(k), grid(v)).reshape(B, H, N, -1)
-        if torch.is_grad_enabled():
-            for name, value in self.mechanism_params.items():
-                if isinstance(value, Tensor) and value.requires_grad:
-                    raise ParameterError(
-                        f"{type(self).__name__}: {name}: a learnable score term would get no gradient through the "
-                        f"log-sum-exp that joins the {p} prefix token(s); detach it or use a model without prefix tokens",
-                        argument=name,
-                    )
-        qg, kg = grid(q), grid(k)
-        local, lse_local = self._call(qg, kg, grid(v), return_lse=True)
-        lse_local = _with_lse_grad(self._call, qg, kg, lse_local, scale)
+        # every backend's LSE is differentiable (tests/conformance/test_lse.py), so the merge below
+        # backpropagates into q, k and a learnable score term such as rpb
+        local, lse_local = self._call(grid(q), grid(k), grid(v), return_lse=True)
         softmax = get("softmax")
-
-        def over_prefix(q_: Tensor, k_: Tensor, v_: Tensor, **extra: Any) -> Any:
-            return softmax(q_, k_, v_, scale=scale, **extra)
-
         # patch queries over the prefix keys, merged into the same softmax as their local keys
-        qp, kp = q[:, :, p:], k[:, :, :p]
-        prefix, lse_prefix = over_prefix(qp, kp, v[:, :, :p], return_lse=True)
-        lse_prefix = _with_lse_grad(over_prefix, qp, kp, lse_prefix, scale)
+        prefix, lse_prefix = softmax(q[:, :, p:], k[:, :, :p], v[:, :, :p], scale=scale, return_lse=True)
         patches, _ = merge_attention_states([local.reshape(B, H, gh * gw, -1), prefix], [lse_local.reshape(B, H, gh * gw), lse_prefix])
         head = softmax(q[:, :, :p], k, v, scale=scale)  # prefix queries: every token
         return torch.cat([head, patches.to(head.dtype)], dim=2)
@@ -333,28 +318,6 @@ class AttnzooAttention(nn.Module):
                 argument="mechanism",
             )
         return p, (gh, gw)
-
-
-def _with_lse_grad(call: Any, q: Tensor, k: Tensor, lse: Tensor, scale: Optional[float]) -> Tensor:
-    """``lse``'s value with the gradient of a softmax log-sum-exp, whichever backend produced it.
-
-    The fast backends return their LSE as a constant (no grad_fn), but the merge of the local and
-    prefix parts weighs them by it, so without this the gradients of q and k are wrong. With
-    ``s_ij = scale q_i.k_j`` and ``P = softmax(s)`` over the pattern, ``d lse_i / d q_i = scale
-    sum_j P_ij k_j`` and ``sum_i g_i d lse_i / d k_j = scale sum_i P_ij g_i q_i``: both come from one
-    more call of the same pattern with the keys as values, ``PK = call(q, k, v=k)`` (P k, whose
-    value gradient is P^T). The returned ``lse + scale * ((q - q.detach()).PK.detach() +
-    q.detach().(PK - PK.detach()))`` adds zero to the value and exactly that gradient. (A learnable
-    score bias such as ``rpb`` gets no gradient through the LSE.)
-    """
-    lse = lse.detach()
-    if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)):
-        return lse
-    qd, kd = q.detach(), k.detach()
-    pk = call(qd, kd, k)  # the scores are constants here; only the values (k) carry a gradient
-    s = scale if scale is not None else q.shape[-1] ** -0.5
-    correction = ((q - qd) * pk.detach()).sum(-1) + (qd * (pk - pk.detach())).sum(-1)
-    return lse + (s * correction).to(lse.dtype)
 
 
 def _pair(size: Any) -> tuple[int, int]:

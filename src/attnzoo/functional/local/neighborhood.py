@@ -379,7 +379,16 @@ _GATHER_BUDGET = 1 << 24
 
 
 def _rpb_table_grad(
-    q: Tensor, k: Tensor, v: Tensor, lse: Tensor, grad_out: Tensor, rpb: Tensor, pattern: NeighborhoodMask, scale: float, pad: Optional[Tensor] = None
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    lse: Tensor,
+    grad_out: Tensor,
+    rpb: Tensor,
+    pattern: NeighborhoodMask,
+    scale: float,
+    pad: Optional[Tensor] = None,
+    grad_lse: Optional[Tensor] = None,
 ) -> Tensor:
     """dL/d(rpb): the score gradient ``dS = P * (dP - rowsum(P * dP))`` summed per table entry.
 
@@ -387,7 +396,8 @@ def _rpb_table_grad(
     whose ``rel`` is r. Each chunk of queries gathers its K neighbour keys and values from
     :func:`neighbor_table` and recomputes ``P = exp(S - lse)`` with the forward's LSE: O(N K D)
     time, O(chunk * K * D) memory. Flat layouts: q (B, H, N, D), k/v (B, Hkv, N, D), lse (B, H, N).
-    ``pad`` (B, N) bool: padded keys, whose P is 0.
+    ``pad`` (B, N) bool: padded keys, whose P is 0. ``grad_lse`` (B, H, N): the gradient of the
+    returned LSE, which adds ``g_i P_ij`` to dS (``d lse_i / d s_ij = P_ij``).
     """
     batch, heads, n_tokens, _ = q.shape
     kv_heads = k.shape[1]
@@ -400,6 +410,7 @@ def _rpb_table_grad(
     chunk = max(1, _GATHER_BUDGET // (batch * heads * slots * max(q.shape[-1], v.shape[-1])))
     to_groups = lambda t: t.to(cdt).view(batch, kv_heads, group, *t.shape[2:])  # noqa: E731
     qg, dog, lseg = to_groups(q) * scale, to_groups(grad_out), to_groups(lse)
+    glseg = None if grad_lse is None else to_groups(grad_lse.masked_fill(lse == float("-inf"), 0.0))
     kc, vc = k.to(cdt), v.to(cdt)
     for start in range(0, n_tokens, chunk):
         rows = slice(start, min(start + chunk, n_tokens))
@@ -411,13 +422,16 @@ def _rpb_table_grad(
         if pad is not None:  # masked_fill, not a product: exp(s - lse) is inf in a row whose keys are all padded
             p = p.masked_fill(pad[:, keys.clamp(min=0)].view(batch, 1, 1, *keys.shape), 0.0)
         dp = torch.einsum("bhgcd,bhckd->bhgck", dog[:, :, :, rows], v_nb)
-        ds = p * (dp - (p * dp).sum(-1, keepdim=True))
+        delta = (p * dp).sum(-1, keepdim=True)
+        if glseg is not None:
+            delta = delta - glseg[:, :, :, rows, None]
+        ds = p * (dp - delta)
         grad.index_add_(1, r[inside], ds.sum(0).reshape(heads, *r.shape)[:, inside])
     return grad.view(rpb.shape).to(rpb.dtype)
 
 
 class _RpbGradient(torch.autograd.Function):
-    """Passes ``out`` through; its backward adds the rpb table's gradient (:func:`_rpb_table_grad`).
+    """Passes ``out`` and ``lse`` through; its backward adds the rpb table's gradient (:func:`_rpb_table_grad`).
 
     The tiled engine differentiates its score_mod in the score only (the table it captures gets
     no gradient); this node sits on the engine's output, so it sees dL/d(out) first and computes
@@ -428,17 +442,21 @@ class _RpbGradient(torch.autograd.Function):
     def forward(
         ctx: Any, out: Tensor, rpb: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, pattern: NeighborhoodMask, scale: float,
         pad: Optional[Tensor] = None, spans: Optional[list[tuple[int, int]]] = None,
-    ) -> Tensor:
+    ) -> tuple[Tensor, Tensor]:
         ctx.save_for_backward(rpb, q, k, v, lse)
         ctx.pattern, ctx.scale, ctx.pad, ctx.spans = pattern, scale, pad, spans
-        return out.clone()  # a new tensor: returning ``out`` as-is would forbid in-place edits of the result
+        ctx.set_materialize_grads(False)
+        # new tensors: returning the inputs as-is would forbid in-place edits of the result
+        return out.clone(), lse.clone()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Any, ...]:
+    def backward(ctx: Any, grad_out: Optional[Tensor], grad_lse: Optional[Tensor]) -> tuple[Any, ...]:
         rpb, q, k, v, lse = ctx.saved_tensors
+        if grad_out is None:
+            grad_out = torch.zeros(q.shape[:-1] + v.shape[-1:], dtype=q.dtype, device=q.device)
         if ctx.spans is None:
-            grad = _rpb_table_grad(q, k, v, lse, grad_out, rpb, ctx.pattern, ctx.scale, ctx.pad)
+            grad = _rpb_table_grad(q, k, v, lse, grad_out, rpb, ctx.pattern, ctx.scale, ctx.pad, grad_lse)
         else:  # 1D padded: each sequence over its own span, as alone (rows outside a span see no key)
             grad = torch.zeros_like(rpb)
             for b, (first, stop) in enumerate(ctx.spans):
@@ -446,8 +464,9 @@ class _RpbGradient(torch.autograd.Function):
                     part = dataclasses.replace(ctx.pattern, shape=(stop - first,))
                     rows = (slice(b, b + 1), slice(None), slice(first, stop))
                     pieces = (t[rows] for t in (q, k, v, lse, grad_out))
-                    grad += _rpb_table_grad(*pieces, rpb, part, ctx.scale, ctx.pad[b : b + 1, first:stop])
-        return grad_out, grad, None, None, None, None, None, None, None, None
+                    glse = None if grad_lse is None else grad_lse[rows]
+                    grad += _rpb_table_grad(*pieces, rpb, part, ctx.scale, ctx.pad[b : b + 1, first:stop], glse)
+        return grad_out, grad, None, None, None, grad_lse, None, None, None, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -500,7 +519,7 @@ def _tiled(q: Tensor, k: Tensor, v: Tensor, *, scale: Any, return_lse: bool, rpb
     mod = None if rpb is None else _rpb_mod(rpb.detach(), pattern)
     out, lse = tiled_attention(qf, kf, vf, plan=plan, scale=scale, mask_mod=predicate, score_mod=mod, key_padding_mask=pad)
     if rpb is not None and rpb.requires_grad and torch.is_grad_enabled():
-        out = _RpbGradient.apply(out, rpb, qf, kf, vf, lse, pattern, default_scale(q, scale), pad, spans)
+        out, lse = _RpbGradient.apply(out, rpb, qf, kf, vf, lse, pattern, default_scale(q, scale), pad, spans)
     return _unflat(_result(out, lse, return_lse), q, v, return_lse)
 
 
