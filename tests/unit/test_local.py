@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -100,3 +102,170 @@ def test_dispatch_sends_long_causal_windows_to_the_band_and_short_ones_to_tiled(
     assert chosen(window=(64, 0), causal=True) == "band"
     assert chosen(window=(8, 0), causal=True) == "tiled"
     assert chosen(window=(64, 0), causal=True, sinks=4) == "tiled"
+
+
+# --------------------------------------------------------------------------------------------
+# key_padding_mask across the local family (True = ignore the key)
+# --------------------------------------------------------------------------------------------
+from attnzoo.errors import NoBackendError  # noqa: E402
+
+from .padding import N as PAD_N, assert_padded_equals_alone, padding  # noqa: E402
+from .qkv import random_qkv  # noqa: E402
+
+SIDES = ("right", "left")
+#: Mechanisms that refuse padding on 1D sequences (their partitions are placed by N).
+REFUSE_1D = ("window", "grid", "halo", "varying_window")
+
+
+def _local_family() -> list[str]:
+    return sorted(m.name for m in attnzoo.list_mechanisms() if m.family == "local")
+
+
+def _plain(name: str, q, k, v, pattern: str = "noncausal_self") -> dict:
+    mech = attnzoo.get(name)
+    return mech.example_params(mech.describe(q, k, v), pattern)
+
+
+def test_the_local_family_is_all_here():
+    assert set(_local_family()) >= {"sliding_window", "neighborhood", "axial", "window", "grid", "halo", "per_head_patterns", "varying_window"}
+
+
+@pytest.mark.parametrize("name", _local_family())
+def test_every_local_mechanism_declares_the_shared_parameter(name):
+    param = next((p for p in attnzoo.get(name).params if p.name == "key_padding_mask"), None)
+    assert param is not None and param.default is None
+    assert "True = ignore" in param.doc
+    assert param.check.__qualname__ == "key_padding_param.<locals>.check", "one validator for the family (_shared.py)"
+
+
+BAD_MASKS = [
+    pytest.param(lambda b, shape: torch.zeros(b, *shape), id="float"),
+    pytest.param(lambda b, shape: torch.zeros(b, *shape, dtype=torch.int64), id="int"),
+    pytest.param(lambda b, shape: torch.zeros(b, math.prod(shape) + 1, dtype=torch.bool), id="too-long"),
+    pytest.param(lambda b, shape: torch.zeros(b + 1, math.prod(shape), dtype=torch.bool), id="batch"),
+    pytest.param(lambda b, shape: torch.zeros(b, 1, 1, math.prod(shape), dtype=torch.bool), id="4d"),
+    pytest.param(lambda b, shape: torch.zeros(b, *reversed(shape), 1, dtype=torch.bool), id="grid-plus-axis"),
+    pytest.param(lambda b, shape: [[False] * math.prod(shape)] * b, id="list"),
+]
+
+
+@pytest.mark.parametrize("make", BAD_MASKS)
+@pytest.mark.parametrize("name", _local_family())
+def test_bad_masks_are_refused_naming_the_argument(name, make):
+    q, k, v, _, _ = _case(name)
+    shape = tuple(q.shape[2:-1])
+    with pytest.raises(ParameterError, match="key_padding_mask") as info:
+        attnzoo.get(name)(q, k, v, key_padding_mask=make(q.shape[0], shape), **_plain(name, q, k, v))
+    assert info.value.argument == "key_padding_mask"
+
+
+@pytest.mark.parametrize("name", REFUSE_1D)
+def test_1d_padding_is_refused_where_partitions_depend_on_n_and_the_reason_is_given(name):
+    q, k, v = random_qkv(b=3, nq=PAD_N, nk=PAD_N)
+    with pytest.raises(ParameterError, match="None on 1D sequences: .{60,}") as info:
+        attnzoo.get(name)(q, k, v, key_padding_mask=padding("right"), **_plain(name, q, k, v))
+    assert info.value.argument == "key_padding_mask"
+
+
+def _case(name: str, seed: int = 0):
+    """(4, 6) grids (24 tokens for 1D-only mechanisms) in float64 and their plain parameters;
+    the mask has an entry with scattered pads, one fully padded, one unpadded."""
+    shape = (4, 6) if 2 in attnzoo.get(name).spatial_dims else (24,)
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(3, 2, *shape, 8, generator=gen, dtype=torch.float64) for _ in range(3))
+    pad = torch.rand(3, *shape, generator=gen) < 0.4
+    pad[1] = True
+    pad[2] = False
+    return q, k, v, pad, _plain(name, q, k, v)
+
+
+def _backends(name: str) -> list[str]:
+    return [b for b in attnzoo.get(name).backends if b not in ("reference", "flex")]
+
+
+@pytest.mark.parametrize("name", _local_family())
+def test_padding_on_every_backend_equals_the_reference_outputs_and_gradients(name):
+    q, k, v, pad, params = _case(name)
+    mech = attnzoo.get(name)
+    ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = mech(*ref_in, key_padding_mask=pad, backend="reference", **params)
+    weight = torch.randn_like(ref)
+    ref_grads = torch.autograd.grad((ref * weight).sum(), ref_in)
+    checked = 0
+    for backend in _backends(name):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        try:
+            out = mech(*leaves, key_padding_mask=pad.flatten(1), backend=backend, **params)  # the flat form too
+        except NoBackendError as err:
+            assert "key_padding_mask" in str(err) or "float64" in str(err), err
+            continue
+        torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-8, msg=lambda m: f"{backend}: {m}")
+        for got, want in zip(torch.autograd.grad((out * weight).sum(), leaves), ref_grads):
+            torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-8, msg=lambda m: f"{backend} gradient: {m}")
+        checked += 1
+    assert checked >= 1
+
+
+@pytest.mark.parametrize("name", _local_family())
+def test_a_fully_padded_entry_gives_zeros_and_finite_gradients_and_pads_weigh_nothing(name):
+    q, k, v, pad, params = _case(name, seed=1)
+    mech = attnzoo.get(name)
+    for backend in ["reference"] + _backends(name):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        try:
+            out = mech(*leaves, key_padding_mask=pad, backend=backend, **params)
+        except NoBackendError:
+            continue
+        assert torch.all(out[1] == 0), f"{backend}: an entry without keys must output 0"
+        grads = torch.autograd.grad(out.square().sum(), leaves)
+        assert all(torch.isfinite(g).all() for g in grads), backend
+        assert torch.all(grads[1][1] == 0) and torch.all(grads[2][1] == 0), backend
+        # the values at the pads never reach the output
+        v2 = v.clone()
+        v2[0][:, pad[0]] = 1e6
+        k2 = k.clone()
+        k2[0][:, pad[0]] = -1e3
+        torch.testing.assert_close(mech(q, k2, v2, key_padding_mask=pad, backend=backend, **params), out.detach(), msg=backend)
+
+
+# ---- sliding_window: padded batch == each sequence alone
+@pytest.mark.parametrize("backend", ["reference", "tiled"])
+@pytest.mark.parametrize("side", SIDES)
+@pytest.mark.parametrize(
+    "params",
+    [dict(window=(3, 0), causal=True), dict(window=(2, 3)), dict(window=(4, 0), causal=True, sinks=2), dict(window=(None, 1), sinks=1)],
+    ids=["causal", "two-sided", "causal-sinks", "unbounded-left-sinks"],
+)
+def test_sliding_window_padded_batch_equals_each_sequence_alone(params, side, backend):
+    q, k, v = random_qkv(b=3, nq=PAD_N, nk=PAD_N, kv_heads=1)
+    assert_padded_equals_alone(lambda *t, **kw: SW(*t, backend=backend, **params, **kw), q, k, v, side)
+
+
+@pytest.mark.parametrize("alignment", ["bottom_right", "top_left"])
+@pytest.mark.parametrize("side", SIDES)
+@pytest.mark.parametrize("causal", [False, True])
+def test_sliding_window_cross_attention_aligns_to_each_sequences_real_keys(causal, side, alignment):
+    q, k, v = random_qkv(b=3, nq=5, nk=PAD_N)
+    params = dict(window=(2, 0 if causal else 1), causal=causal, sinks=1, causal_alignment=alignment)
+    assert_padded_equals_alone(lambda *t, **kw: SW(*t, backend="tiled", **params, **kw), q, k, v, side, cross=True)
+
+
+def test_sliding_window_padding_inside_a_sequence_is_masked_where_it_stands():
+    q, k, v = random_qkv(b=1, nq=PAD_N, nk=PAD_N)
+    pad = torch.zeros(1, PAD_N, dtype=torch.bool)
+    pad[0, 5:7] = True
+    out = SW(q, k, v, window=(3, 3), key_padding_mask=pad)
+    allowed = masks.dense_mask(_pattern(PAD_N, PAD_N, (3, 3), False, 0, "bottom_right"), PAD_N, PAD_N) & ~pad.view(1, 1, 1, -1)
+    want = attnzoo.get("softmax")(q, k, v, mask_mod=lambda b, h, i, j: allowed[0, 0, i, j])
+    torch.testing.assert_close(out, want, atol=1e-12, rtol=1e-10)
+
+
+def test_the_band_kernel_declines_padding_and_dispatch_goes_elsewhere():
+    q, k, v = qkv(n=80)
+    pad = torch.zeros(2, 80, dtype=torch.bool)
+    pad[1, 60:] = True
+    params = dict(window=(40, 0), causal=True)
+    with pytest.raises(NoBackendError, match="key_padding_mask"):
+        SW(q, k, v, key_padding_mask=pad, backend="band", **params)
+    assert SW.select(SW.describe(q, k, v), SW.bind(SW.describe(q, k, v), dict(params, key_padding_mask=pad))).name != "band"
+    torch.testing.assert_close(SW(q, k, v, key_padding_mask=pad, **params), SW(q, k, v, key_padding_mask=pad, backend="reference", **params), atol=2e-6, rtol=1e-5)
