@@ -29,7 +29,7 @@ from ._shared import (
 # parameters
 # --------------------------------------------------------------------------------------------
 def _check_window(value: Any, p: Problem) -> Optional[str]:
-    expected = "an int (the same extent both sides) or a (left, right) pair of non-negative ints or None (unbounded)"
+    expected = "an int (the same extent both sides) or a (left, right) pair, each a non-negative int or None (unbounded on that side)"
     if isinstance(value, int) and not isinstance(value, bool):
         return None if value >= 0 else expected
     if isinstance(value, (tuple, list)) and len(value) == 2 and all(_is_extent(x) for x in value):
@@ -58,7 +58,7 @@ SLIDING_WINDOW_PARAMS = (
     Param(
         "window",
         None,
-        "(left, right) keys each side of the query (None: unbounded), or an int for both sides",
+        "required: (left, right) keys each side of the query (an entry None: unbounded on that side), or an int for both sides",
         _check_window,
         (None, (-1, 0), (3,), "256", (1.5, 0)),
         "int | (int | None, int | None)",
