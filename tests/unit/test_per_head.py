@@ -79,3 +79,43 @@ def test_bad_patterns_are_refused_with_the_head_named():
         attnzoo.per_head_patterns_attention(x, x, x, head_patterns=[{"sinks": 1}, {"stride": (3, 3)}])
     with pytest.raises(ParameterError, match="a list of 1 or 2 HeadPattern"):
         attnzoo.per_head_patterns_attention(x, x, x, head_patterns=[{"sinks": 1}] * 3)
+
+
+# ---- key_padding_mask: each sequence's patterns placed on its real keys
+from .padding import N as PAD_N, assert_padded_equals_alone, padding  # noqa: E402
+from .qkv import random_qkv  # noqa: E402
+
+#: Every part of a HeadPattern counts positions: sinks, shards and blocks must follow the sequence.
+PADDED_HEADS = [
+    HeadPattern(window=(2, 1), sinks=1),
+    HeadPattern(stride=(3, 1), window=(1, 0)),
+    HeadPattern(block=(4, 2), sinks=2),
+    HeadPattern(window=(None, 0), stride=(2, 0)),
+]
+
+
+@pytest.mark.parametrize("backend", ["reference", "tiled"])
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_padded_batch_equals_each_sequence_alone(causal, side, backend):
+    q, k, v = random_qkv(b=3, h=4, nq=PAD_N, nk=PAD_N, kv_heads=2)
+    attend = lambda *t, **kw: attnzoo.per_head_patterns_attention(*t, head_patterns=PADDED_HEADS, causal=causal, backend=backend, **kw)  # noqa: E731
+    assert_padded_equals_alone(attend, q, k, v, side)
+
+
+@pytest.mark.parametrize("alignment", ["bottom_right", "top_left"])
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_padded_cross_attention_equals_each_sequence_alone(side, alignment):
+    q, k, v = random_qkv(b=3, h=4, nq=6, nk=PAD_N)
+    attend = lambda *t, **kw: attnzoo.per_head_patterns_attention(*t, head_patterns=PADDED_HEADS, causal_alignment=alignment, backend="tiled", **kw)  # noqa: E731
+    assert_padded_equals_alone(attend, q, k, v, side, cross=True)
+
+
+def test_left_padding_moves_the_sinks_to_the_first_real_keys():
+    """A sink-only head on a left-padded entry sees exactly its first real key: the output is that value."""
+    q, k, v = random_qkv(b=3, h=1, nq=PAD_N, nk=PAD_N)
+    pad = padding("left")
+    out = attnzoo.per_head_patterns_attention(q, k, v, head_patterns=[HeadPattern(sinks=1)], key_padding_mask=pad)
+    for b in range(3):
+        first = int((~pad[b]).nonzero()[0])
+        torch.testing.assert_close(out[b, 0, first:], v[b, 0, first].expand(PAD_N - first, -1))
