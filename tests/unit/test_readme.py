@@ -76,13 +76,16 @@ def test_ci_refuses_unknown_options():
 
 def test_quickstart_runs(readme):
     blocks = [body for lang, body in FENCE.findall(section(readme, "Quickstart")) if lang == "python"]
-    assert len(blocks) == 1
-    code = blocks[0]
-    assert len(code.strip().splitlines()) <= 14, "keep the quickstart short"
+    assert len(blocks) == 2, "the quickstart and its padded-batch example"
+    assert len(blocks[0].strip().splitlines()) <= 14, "keep the quickstart short"
     namespace: dict = {"print": lambda *args, **kwargs: None}
-    exec(compile(code, "README.md:quickstart", "exec"), namespace)
+    for i, code in enumerate(blocks):  # one session, as a reader would paste them
+        exec(compile(code, f"README.md:quickstart[{i}]", "exec"), namespace)
     attnzoo, torch = namespace["attnzoo"], namespace["torch"]
     q, k, v = namespace["q"], namespace["k"], namespace["v"]
     full = attnzoo.softmax_attention(q, k, v)
     torch.testing.assert_close(namespace["merged"], full, rtol=1e-5, atol=1e-5)
     assert namespace["out"].shape == q.shape and namespace["lse"].shape == q.shape[:3]
+    # the padded batch: the short sequence's real rows equal its run alone
+    alone = attnzoo.attention(q[1:, :, :300], k[1:, :, :300], v[1:, :, :300], "linear", causal=True)
+    torch.testing.assert_close(namespace["padded"][1:, :, :300], alone, rtol=1e-5, atol=1e-5)
