@@ -394,3 +394,120 @@ def test_flex_carries_rpb_as_its_score_mod():
     kw = dict(kernel_size=(3, 5), stride=(2, 3), dilation=(2, 1), causal=(False, True), rpb=torch.randn(4, 5, 9))
     out = attnzoo.neighborhood_attention(q, k, v, backend="flex", **kw)
     torch.testing.assert_close(out, attnzoo.neighborhood_attention(q, k, v, backend="reference", **kw), atol=2e-5, rtol=2e-4)
+
+
+# --------------------------------------------------------------------------------------------
+# key_padding_mask: 1D windows placed on each sequence's real keys, 2D/3D pads masked
+# --------------------------------------------------------------------------------------------
+from attnzoo.errors import NoBackendError  # noqa: E402
+from attnzoo.functional.local.neighborhood import _SpanNeighborhood  # noqa: E402
+from attnzoo.functional.local._shared import key_spans  # noqa: E402
+
+from .padding import LENGTHS as PAD_LENGTHS, N as PAD_N, assert_padded_equals_alone, padding, real  # noqa: E402
+from .qkv import random_qkv  # noqa: E402
+
+#: Geometries that fit the shortest padded sequence (4 tokens): even kernels, dilation, stride, causal.
+PADDED_GEOMETRIES = [
+    dict(kernel_size=3),
+    dict(kernel_size=4, causal=True),
+    dict(kernel_size=2, dilation=2),
+    dict(kernel_size=4, stride=2),
+    dict(kernel_size=2, dilation=2, stride=2, causal=True),
+]
+
+
+@pytest.mark.parametrize("backend", ["reference", "tiled"])
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("geometry", PADDED_GEOMETRIES, ids=lambda g: "-".join(f"{k}{v}" for k, v in g.items()))
+def test_1d_padded_batch_equals_each_sequence_alone_although_windows_shift_at_the_end(geometry, side, backend):
+    q, k, v = random_qkv(b=3, h=4, nq=PAD_N, nk=PAD_N, kv_heads=2)
+    rpb = torch.randn(4, 2 * geometry["kernel_size"] - 1, dtype=torch.float64)
+    attend = lambda *t, **kw: NA(*t, rpb=rpb, backend=backend, **geometry, **kw)  # noqa: E731
+    assert_padded_equals_alone(attend, q, k, v, side)
+
+
+def test_masking_alone_would_not_be_exact_for_neighborhood_attention():
+    """Why the windows move: near a sequence's end NATTEN's window shifts inward, by its length."""
+    q, k, v = random_qkv(b=3, nq=PAD_N, nk=PAD_N)
+    pad = padding("right")
+    placed = NA(q, k, v, kernel_size=3, key_padding_mask=pad)
+    masked_only = attnzoo.softmax_attention(q, k, v, key_padding_mask=pad, mask_mod=pattern((PAD_N,), (3,)))
+    rows = real(PAD_LENGTHS[1], "right")
+    alone = NA(q[1:2, :, rows], k[1:2, :, rows], v[1:2, :, rows], kernel_size=3)
+    torch.testing.assert_close(placed[1:2, :, rows], alone)
+    assert not torch.allclose(masked_only[1:2, :, rows], alone)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_1d_rpb_gradient_with_padding_is_the_sum_of_the_sequences_alone(side):
+    q, k, v = random_qkv(b=3, h=2, nq=PAD_N, nk=PAD_N)
+    rpb = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    params = dict(kernel_size=2, dilation=2)
+    weight = torch.randn(3, 2, PAD_N, v.shape[-1], dtype=torch.float64)
+    pad = padding(side)
+    for backend in ("reference", "tiled"):
+        out = NA(q, k, v, rpb=rpb, key_padding_mask=pad, backend=backend, **params)
+        got = torch.autograd.grad((out * weight).sum(), rpb)[0]
+        want = 0
+        for b, length in enumerate(PAD_LENGTHS):
+            rows = real(length, side)
+            alone = NA(q[b : b + 1, :, rows], k[b : b + 1, :, rows], v[b : b + 1, :, rows], rpb=rpb, backend=backend, **params)
+            want = want + torch.autograd.grad((alone * weight[b : b + 1, :, rows]).sum(), rpb)[0]
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-8, msg=lambda m: f"{backend}: {m}")
+
+
+def test_1d_query_rows_outside_a_sequence_output_zero():
+    q, k, v = random_qkv(b=3, nq=PAD_N, nk=PAD_N)
+    pad = padding("left")
+    for backend in ("reference", "tiled"):
+        out = NA(q, k, v, kernel_size=3, key_padding_mask=pad, backend=backend)
+        assert torch.all(out[pad[:, None, :].expand(-1, out.shape[1], -1)] == 0), backend
+
+
+def test_the_span_tile_plan_covers_every_pair_it_must():
+    """Long padded sequences: the closed-form tile grid of the span pattern may over-report, never under."""
+    n = 700
+    pad = torch.zeros(3, n, dtype=torch.bool)
+    pad[0, 450:] = True
+    pad[1, :333] = True
+    pad[2, :50] = True
+    pad[2, 600:] = True
+    base = pattern((n,), (9,), dilation=(3,), stride=(2,))
+    first, stop = key_spans(pad)
+    span = _SpanNeighborhood(base, first, stop - first)
+    plan = masks.plan_for(span, n, n, batch=3)
+    visit, _ = masks.tile_grid(span, n, n, plan.block_q, plan.block_k, batch=3)
+    needed = masks.dense_mask(span, n, n, batch=3).any(dim=(0, 1))  # (n, n): a pair some entry attends
+    bq, bk = plan.block_q, plan.block_k
+    needed_tiles = torch.nn.functional.pad(needed, (0, -n % bk, 0, -n % bq)).view(-(-n // bq), bq, -(-n // bk), bk).any(dim=(1, 3))
+    assert torch.all(visit | ~needed_tiles)
+    assert not visit.all(), "the plan skips the tiles no window reaches"
+    q, k, v = random_qkv(b=3, h=1, nq=n, nk=n, d=4, dv=4)
+    params = dict(kernel_size=9, dilation=3, stride=2, key_padding_mask=pad)
+    torch.testing.assert_close(NA(q, k, v, backend="tiled", **params), NA(q, k, v, backend="reference", **params), atol=1e-12, rtol=1e-10)
+
+
+def test_2d_padding_masks_keys_out_of_windows_that_stay_in_place():
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 2, 6, 7, 8, generator=gen, dtype=torch.float64) for _ in range(3))
+    pad = torch.zeros(2, 6, 7, dtype=torch.bool)
+    pad[0, 4:, :] = True  # an image padded at the bottom
+    pad[1, :, 5:] = True  # and one at the right
+    params = dict(kernel_size=(3, 3), dilation=(1, 2))
+    rpb = torch.randn(2, 5, 5, dtype=torch.float64)
+    allowed = dense(pattern((6, 7), (3, 3), dilation=(1, 2)))  # the windows of the full grid
+    for backend in ("reference", "tiled"):
+        out = NA(q, k, v, rpb=rpb, key_padding_mask=pad, backend=backend, **params)
+        plain = NA(q, k, v, rpb=rpb, backend="reference", **params)
+        for b in range(2):
+            reaches_a_pad = (allowed & pad[b].reshape(1, -1)).any(-1)  # (42,): windows holding a pad
+            got, want = out[b].reshape(2, 42, -1), plain[b].reshape(2, 42, -1)
+            # a window without pads is the plain window: it was not moved to avoid the pads
+            torch.testing.assert_close(got[:, ~reaches_a_pad], want[:, ~reaches_a_pad], msg=backend)
+            assert not torch.allclose(got[:, reaches_a_pad], want[:, reaches_a_pad]), backend
+
+
+def test_gathered_takes_no_padding_and_says_so():
+    q, k, v = random_qkv(b=3, nq=PAD_N, nk=PAD_N)
+    with pytest.raises(NoBackendError, match="key_padding_mask"):
+        NA(q.float(), k.float(), v.float(), kernel_size=3, key_padding_mask=padding("right"), backend="gathered")
