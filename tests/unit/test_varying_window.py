@@ -217,3 +217,40 @@ def test_module_backends_agree_on_sizes_the_official_code_refuses(spatial):
     out = layer(x)
     layer.backend = "reference"
     torch.testing.assert_close(out, layer(x))
+
+
+# ---- key_padding_mask (2D/3D): a context token averages the real tokens of its block
+@pytest.mark.parametrize("backend", ["sdpa", "reference"])
+@pytest.mark.parametrize("rescale", ["mean", "none", "prescaled"])
+def test_padded_context_tokens_are_made_of_the_real_tokens_only(rescale, backend):
+    """(2, 4) map, P = 2, R = (1, 2): each window's context is the whole map, its tokens the blocks
+    k[i, 2j : 2j + 2] (mean) or k[i, 2j] (prescaled) or every token (none), written out here."""
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 1, 2, 4, 8, generator=gen, dtype=torch.float64) for _ in range(3))
+    pad = torch.zeros(2, 2, 4, dtype=torch.bool)
+    pad[0, 0, 1] = True  # block (0, 0) keeps one real token
+    pad[0, 1, 2:] = True  # block (1, 1) has none: masked
+    pad[1] = True  # no key at all: zeros
+    out = varying_window_attention(q, k, v, window_size=2, ratio=(1, 2), rescale=rescale, key_padding_mask=pad, backend=backend)
+    real = (~pad[0]).to(torch.float64)[..., None]
+    if rescale == "mean":
+        total = real.view(2, 2, 2, 1).sum(2)
+        keys = (k[0, 0] * real).view(2, 2, 2, 8).sum(2) / total.clamp(min=1)
+        values = (v[0, 0] * real).view(2, 2, 2, 8).sum(2) / total.clamp(min=1)
+        seen = total[..., 0] > 0
+    elif rescale == "prescaled":
+        keys, values, seen = k[0, 0, :, ::2], v[0, 0, :, ::2], ~pad[0, :, ::2]
+    else:
+        keys, values, seen = k[0, 0], v[0, 0], ~pad[0]
+    scores = (q[0, 0].reshape(8, 8) @ keys.reshape(-1, 8).T) * 8**-0.5
+    weights = scores.masked_fill(~seen.reshape(1, -1), float("-inf")).softmax(-1)
+    want = (weights @ values.reshape(-1, 8)).reshape(2, 4, 8)
+    torch.testing.assert_close(out[0, 0], want, atol=1e-12, rtol=1e-10)
+    assert torch.all(out[1] == 0)
+
+
+def test_1d_padding_is_refused_because_contexts_are_placed_by_the_length():
+    x = torch.randn(2, 1, 16, 8)
+    with pytest.raises(ParameterError, match="key_padding_mask: expected None on 1D sequences") as info:
+        varying_window_attention(x, x, x, window_size=4, ratio=2, key_padding_mask=torch.zeros(2, 16, dtype=torch.bool))
+    assert info.value.argument == "key_padding_mask"
