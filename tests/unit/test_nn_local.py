@@ -83,3 +83,50 @@ def test_bad_construction_and_inputs():
     assert info.value.argument == "kernel_size"
     with pytest.raises(ParameterError, match="stride: expected at most kernel_size"):
         NeighborhoodAttention2D(dim=32, num_heads=4, kernel_size=3, stride=4)(torch.randn(1, 8, 8, 32))
+
+
+# ---- key_padding_mask passed through
+def test_a_padded_1d_batch_through_the_layer_equals_each_sequence_alone():
+    torch.manual_seed(3)
+    layer = NeighborhoodAttention1D(dim=16, num_heads=2, kernel_size=3, dilation=2, rpb=True).double()
+    lengths, n = (11, 7, 6), 11
+    x = torch.randn(3, n, 16, dtype=torch.float64)
+    for side in ("right", "left"):
+        pad = torch.ones(3, n, dtype=torch.bool)
+        spans = [slice(0, m) if side == "right" else slice(n - m, n) for m in lengths]
+        for b, rows in enumerate(spans):
+            pad[b, rows] = False
+        out = layer(x, key_padding_mask=pad)
+        for b, rows in enumerate(spans):
+            torch.testing.assert_close(out[b : b + 1, rows], layer(x[b : b + 1, rows]), msg=lambda m: f"{side}, sequence {b}: {m}")
+
+
+def test_the_2d_layer_passes_the_mask_to_the_functional_form():
+    torch.manual_seed(4)
+    layer = NeighborhoodAttention2D(dim=16, num_heads=2, kernel_size=3).double()
+    x = torch.randn(2, 5, 6, 16, dtype=torch.float64)
+    pad = torch.zeros(2, 5, 6, dtype=torch.bool)
+    pad[1, 3:] = True
+    out = layer(x, key_padding_mask=pad)
+    x2 = x.clone()
+    x2[pad] = 100.0  # what lies under the pads never reaches the output of a real token
+    torch.testing.assert_close(layer(x2, key_padding_mask=pad)[~pad], out[~pad])
+    assert not torch.allclose(out, layer(x))
+
+
+def test_the_vwa_layer_reads_pads_as_zeros_and_masks_them():
+    from attnzoo.nn.varying_window import VaryingWindowAttention
+
+    torch.manual_seed(5)
+    layer = VaryingWindowAttention(dim=16, num_heads=2, window_size=2, ratio=2).double()
+    x = torch.randn(2, 6, 8, 16, dtype=torch.float64)
+    pad = torch.zeros(2, 6, 8, dtype=torch.bool)
+    pad[0, :, 6:] = True
+    out = layer(x, key_padding_mask=pad)
+    x2 = x.clone()
+    x2[pad] = 100.0
+    torch.testing.assert_close(layer(x2, key_padding_mask=pad)[~pad], out[~pad])
+    torch.testing.assert_close(out[1:], layer(x[1:]))  # an entry without pads is unchanged
+    with pytest.raises(ParameterError) as info:
+        layer(x, key_padding_mask=pad.float())
+    assert info.value.argument == "key_padding_mask"

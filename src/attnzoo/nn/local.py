@@ -62,8 +62,13 @@ class _NeighborhoodAttention(nn.Module):
         else:
             self.register_parameter("rpb", None)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """``x`` (B, *spatial, C) -> (B, *spatial, C)."""
+    def forward(self, x: Tensor, key_padding_mask: Optional[Tensor] = None) -> Tensor:
+        """``x`` (B, *spatial, C) -> (B, *spatial, C).
+
+        ``key_padding_mask`` (B, N) or (B, *spatial) bool, True = a padded token (passed to
+        :func:`neighborhood_attention`): in 1D each sequence's windows are placed on its real
+        tokens, so its rows equal the sequence alone; in 2D/3D pads are masked out of the windows.
+        """
         if x.dim() != 2 + self.spatial_dims or x.shape[-1] != self.dim:
             axes = ", ".join(f"S{i}" for i in range(self.spatial_dims))
             raise ShapeError(
@@ -82,6 +87,7 @@ class _NeighborhoodAttention(nn.Module):
             stride=self.stride,
             causal=self.causal,
             rpb=self.rpb,
+            key_padding_mask=key_padding_mask,
             backend=self.backend,
         )
         return self.proj(out.movedim(1, -2).reshape(b, *spatial, self.dim))

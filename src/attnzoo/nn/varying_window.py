@@ -94,14 +94,25 @@ class VaryingWindowAttention(nn.Module):
         self.kv = nn.Linear(dim, 2 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """``x`` (B, *spatial, C) -> (B, *spatial, C)."""
+    def forward(self, x: Tensor, key_padding_mask: Optional[Tensor] = None) -> Tensor:
+        """``x`` (B, *spatial, C) -> (B, *spatial, C).
+
+        ``key_padding_mask`` (B, N) or (B, *spatial) bool, True = a padded token (2D/3D; 1D is
+        refused, see :func:`varying_window_attention`): padded tokens enter DOPE as zeros, as
+        the map's border padding does, and a context token whose first token is padded is masked.
+        """
         if x.dim() != 2 + self.spatial_dims or x.shape[-1] != self.dim:
             axes = ", ".join(f"S{i}" for i in range(self.spatial_dims))
             raise ShapeError(f"{type(self).__name__}: x: expected (B, {axes}, C={self.dim}), got shape {tuple(x.shape)}", argument="x")
         q = self._heads(self.q(x))
-        k, v = (self._heads(t) for t in self.kv(self.prescaled_context(x)).chunk(2, dim=-1))
-        out = varying_window_attention(q, k, v, window_size=self.window_size, ratio=self.ratio, rescale="prescaled", backend=self.backend)
+        context = x
+        mask_fits = isinstance(key_padding_mask, Tensor) and key_padding_mask.dtype == torch.bool and key_padding_mask.numel() == x[..., 0].numel()
+        if mask_fits:  # a mask that does not fit goes on as it is: the functional form names it in its error
+            context = x.masked_fill(key_padding_mask.reshape(x.shape[:-1]).unsqueeze(-1), 0.0)
+        k, v = (self._heads(t) for t in self.kv(self.prescaled_context(context)).chunk(2, dim=-1))
+        out = varying_window_attention(
+            q, k, v, window_size=self.window_size, ratio=self.ratio, rescale="prescaled", key_padding_mask=key_padding_mask, backend=self.backend
+        )
         return self.proj(out.movedim(1, -2).flatten(-2))
 
     def prescaled_context(self, x: Tensor) -> Tensor:
