@@ -6,7 +6,8 @@ when it has options worth exercising). Test ids read ``mechanism-backend-pattern
 What is checked, for each fast backend and each pattern the mechanism declares:
 1. the forward equals the reference (outputs and LSE), per-dtype tolerances (harness.py);
 2. gradients of q, k, v and of every floating tensor parameter (e.g. ``bias``) equal the
-   reference's;
+   reference's (float32 examples that are ill-conditioned are judged against the float64
+   reference: no more than 10x the float32 reference's own error);
 3. ``torch.autograd.gradcheck`` of the reference in float64 at tiny sizes;
 4. causal patterns: outputs up to position i ignore every query/key/value after it;
 5. incremental decoding (where declared) equals the full causal forward, in any split;
@@ -27,6 +28,7 @@ from attnzoo.registry import PATTERNS
 
 from .harness import (
     DEVICES,
+    GRAD_TOL,
     assert_close,
     fast_backends,
     fit_params,
@@ -106,10 +108,42 @@ def test_gradients_match_reference(mech, backend, pattern, dtype, device, data):
     grads = {
         name: torch.autograd.grad((out.float() * weight).sum(), list(inputs.values()), allow_unused=True) for name, out in outs.items()
     }
-    for arg, got, want in zip(inputs, grads[backend.name], grads["reference"]):
+    truth = None
+    for i, (arg, got, want) in enumerate(zip(inputs, grads[backend.name], grads["reference"])):
         assert (got is None) == (want is None), f"d{arg}: gradient missing on one side ({case.describe()})"
-        if want is not None:
+        if want is None:
+            continue
+        try:
             assert_close(got, want, dtype, f"d{arg} ({case.describe()})", grad=True)
+        except AssertionError:
+            if dtype != torch.float32:
+                raise
+            truth = truth if truth is not None else _float64_reference_grads(mech, case, weight)
+            _assert_as_accurate_as_reference(got, want, truth[i], f"d{arg} ({case.describe()})")
+
+
+# An ill-conditioned example (a norm of a near-constant vector: its gradient is a difference of
+# near-equal terms) amplifies float32 rounding in the reference as much as in the backend, so two
+# float32 results can differ beyond any fixed tolerance while both are as right as float32 allows.
+# Then the float64 reference is the truth, and the backend may be at most ACCURACY_FACTOR times
+# further from it than the float32 reference is (plus the usual tolerance).
+ACCURACY_FACTOR = 10.0
+
+
+def _float64_reference_grads(mech, case, weight):
+    inputs = {n: t.detach().double().requires_grad_() for n, t in case.tensors().items()}
+    params = {**case.params, **{n: inputs[n] for n in inputs if n in case.params}}
+    out = split_result(mech(inputs["q"], inputs["k"], inputs["v"], backend="reference", **params))[0]
+    return torch.autograd.grad((out * weight.double()).sum(), list(inputs.values()), allow_unused=True)
+
+
+def _assert_as_accurate_as_reference(got, want, truth, what):
+    atol, rtol = GRAD_TOL[torch.float32]
+    truth = truth.double()
+    error = float((got.double() - truth).abs().max())
+    own = float((want.double() - truth).abs().max())  # the float32 reference's own rounding error
+    bound = ACCURACY_FACTOR * own + atol + rtol * float(truth.abs().max())
+    assert error <= bound, f"{what}: error against float64 {error:.3g} > {ACCURACY_FACTOR} x the float32 reference's {own:.3g} + tolerance"
 
 
 @pytest.mark.parametrize(
