@@ -535,7 +535,12 @@ def _gathered(q: Tensor, k: Tensor, v: Tensor, *, scale: Any, return_lse: bool, 
     """Each query over the K keys of its neighbor table: no tile waste, rpb as a gathered bias."""
     pattern = _neighborhood_mask(q, **window)
     table, rel = _table(pattern, q.device)
-    bias = None if rpb is None else rpb.reshape(rpb.shape[0], -1)[:, rel.clamp(min=0)].unsqueeze(0)
+    bias = None
+    if rpb is not None:
+        # gather in float32: the gather's backward sums each entry's many slot gradients, which
+        # bfloat16 accumulation would round away (the kernel computes in float32 anyway)
+        wide = torch.float64 if q.dtype == torch.float64 else torch.float32
+        bias = rpb.reshape(rpb.shape[0], -1).to(wide)[:, rel.clamp(min=0)].unsqueeze(0)
     out, lse = gathered_attention(_flat(q), _flat(k), _flat(v), table, scale=default_scale(q, scale), bias=bias)
     return _unflat(_result(out, lse, return_lse), q, v, return_lse)
 
