@@ -388,6 +388,11 @@ class Mechanism:
     # is w @ v of (before any output normalization), for attnzoo.hooks; None: hooks derive it
     # from the reference when that is one call of kernels/reference.py's materialized softmax
     weights: Callable[..., tuple[torch.Tensor, bool]] | None = None
+    # allowed_pairs(problem, bound) -> int: the (batch, head, query, key) entries a call's pattern
+    # lets a query attend, summed over batch and heads (B * H * Nq * Nk for a dense pattern), for
+    # the benchmark's useful FLOP/s; None: the benchmark counts them from the reference's masked
+    # scores where that is one softmax over the call's own keys, else leaves the column blank
+    allowed_pairs: Callable[[Problem, Mapping[str, Any]], int] | None = None
 
     def __post_init__(self) -> None:
         self.patterns = frozenset(self.patterns)

@@ -248,12 +248,37 @@ def test_bench_cli_prints_machine_and_a_row_per_case():
     table_rows = [line for line in out.splitlines() if re.match(r"│ +(16|32) │", line)]
     n_cases = len(expected_cases("noncausal_self", (16, 32))) + 4  # + the auto and raw torch rows
     assert len(table_rows) == n_cases
+    header = next(line for line in out.splitlines() if "median ms" in line)
+    assert [c.strip() for c in header.strip("│┃").split("┃")] == ["N", "mechanism", "backend", "median ms", "IQR ms", "ratio", "reps", "peak MiB", "GFLOP/s", "note"]
     for line in table_rows:
         cells = [c.strip() for c in line.strip("│").split("│")]
-        ratio, peak, note = cells[5], cells[7], cells[8]
+        ratio, peak, gflops, note = cells[5], cells[7], cells[8], cells[9]
         assert re.fullmatch(r"\d+\.\d\dx", ratio) or (ratio == "-" and note), line
         assert re.fullmatch(r"\d+\.\d", peak) or peak == "-", line
+        assert re.fullmatch(r"[\d.]+(e[+-]\d+)?", gflops) or gflops in ("", "-"), line
+        if cells[1] == "softmax" and cells[2] == "sdpa":
+            assert gflops, "dense softmax always has its pairs"
+    assert "paired ratios" in out and "! unstable: IQR > median" in out  # the caption and its legend
     assert re.search(r"\d+ timed, \d+ skipped, in [\d.]+ s", out)
+
+
+def test_bench_table_flags_unstable_rows_and_shows_useful_gflops():
+    from attnzoo.bench.efficiency import Row
+    from attnzoo.bench.timing import Timing
+    from attnzoo.cli.bench import bench_table
+
+    rows = [
+        Row("softmax", "sdpa", 256, Timing(1.0, 0.95, 1.05, 9), 1.0, useful_flops=2e9),
+        Row("softmax", "auto", 256, Timing(0.6, 0.5, 9.5, 9), 1.01, "dispatch picks sdpa", ratio_q1=0.99, ratio_q3=1.03, baseline_ms=1.0),
+        Row("linear", "chunked", 256, Timing(2.0, 1.9, 2.1, 9), 2.0, ratio_q1=0.5, ratio_q3=3.0, baseline_ms=1.0),
+    ]
+    buffer = io.StringIO()
+    Console(file=buffer, width=250, color_system=None).print(bench_table(rows, EfficiencyConfig(), "noncausal_self"))
+    lines = {c[1] + "/" + c[2]: c for c in ([x.strip() for x in line.strip("│").split("│")] for line in buffer.getvalue().splitlines() if line.startswith("│"))}
+    assert lines["softmax/sdpa"][8] == "2000" and lines["softmax/sdpa"][9] == ""  # 2e9 FLOPs in 1 ms
+    assert lines["softmax/auto"][9] == "! unstable; dispatch picks sdpa" and lines["softmax/auto"][8] == ""  # time IQR 9 ms > 0.6 ms
+    assert lines["linear/chunked"][9] == "! unstable"  # paired ratios 0.5..3.0 around 2.0
+    assert "1.0 ms at N=256" in buffer.getvalue() and "! unstable: IQR > median" in buffer.getvalue()
 
 
 def test_bench_cli_causal_and_patterns_options_choose_the_tables(tmp_path):

@@ -308,3 +308,38 @@ def test_a_variant_without_the_parameter_is_labelled_default_and_mqar_without_se
     md = write_report(db, tmp_path / "out", formats=("md",)).markdown.read_text()
     assert "linear (feature_map=default)" in md and "linear (feature_map=relu)" in md
     assert "None" not in md
+
+
+def paired_row(mechanism, backend, n, ms, q1, q3, metrics):
+    return Result(
+        "efficiency", mechanism, case_key("efficiency", {"m": mechanism, "b": backend, "n": n, "paired": True}), backend=backend,
+        pattern="noncausal_self", mode="forward", dtype="float32", device="cpu", batch=1, heads=8, head_dim=64, q_len=n, kv_len=n,
+        median_ms=ms, q1_ms=q1, q3_ms=q3, metrics=metrics,
+    )  # fmt: skip
+
+
+def test_paired_ratios_unstable_marks_and_useful_gflops(tmp_path):
+    flops = 4 * 8 * 256 * 256 * 64
+    with ResultStore(tmp_path / "r.sqlite") as store:
+        run = store.start_run("efficiency", {}, MACHINE)
+        store.add(run, paired_row("softmax", "sdpa", 256, 2.0, 1.9, 2.1, {"ratio": 1.0, "useful_flops": flops}))
+        # its stored paired ratio (1.02x) wins over the quotient of the medians (0.3x); the time's IQR 9 ms > 0.6 ms: flagged
+        store.add(run, paired_row("softmax", "auto", 256, 0.6, 0.5, 9.5, {"ratio": 1.02, "ratio_q1": 1.0, "ratio_q3": 1.05, "useful_flops": flops}))
+        # a steady time but paired ratios spread wider than their median: flagged; no pairs counted: "-"
+        store.add(run, paired_row("linear", "chunked", 256, 3.0, 2.9, 3.1, {"ratio": 1.5, "ratio_q1": 0.5, "ratio_q3": 2.5, "useful_flops": None}))
+        store.finish_run(run)
+    md = write_report(tmp_path / "r.sqlite", tmp_path / "out", formats=("md",)).markdown.read_text()
+    ns = section(md, "noncausal_self · forward")
+    assert table_row(ns, "softmax", "sdpa")[2] == "2 ms (1.00x)"
+    assert table_row(ns, "softmax", "auto")[2] == "0.6 ms (1.02x) !"
+    assert table_row(ns, "linear", "chunked")[2] == "3 ms (1.50x) !"
+    assert "!: unstable, the IQR exceeds the median" in ns
+    gflops = ns.split("Useful GFLOP/s")[1]
+    assert table_row(gflops, "softmax", "sdpa")[2] == f"{flops / 2e-3 / 1e9:.3g}"
+    assert table_row(gflops, "softmax", "auto")[2] == f"{flops / 0.6e-3 / 1e9:.0f}"
+    assert table_row(gflops, "linear", "chunked")[2] == "-"
+
+
+def test_stable_tables_have_no_marks_and_no_legend(markdown):
+    assert " !" not in markdown and "unstable" not in markdown  # the synthetic rows' IQR is 20% of the median
+    assert "Useful GFLOP/s" not in markdown  # no row counted its pairs

@@ -2,7 +2,7 @@
 
 * :mod:`.efficiency` (catalog B1): time and peak memory of each mechanism x backend x CAB
   pattern x length against ``softmax``/``sdpa``; :mod:`.timing` (warm-up, repeats under a
-  budget, median and IQR, CUDA events) and :mod:`.memory` (allocator statistics on CUDA, the RSS
+  budget, median and IQR, CUDA events; calls paired with the baseline's for the ratios) and :mod:`.memory` (allocator statistics on CUDA, the RSS
   high-water mark on CPU) measure one case;
 * :mod:`.mqar` (B2): Zoology's multi-query associative recall, a 2-layer model per mechanism;
 * :mod:`.error` (B6): error of each mechanism against exact softmax, on random inputs and on
@@ -23,7 +23,7 @@ from .memory import peak_memory
 from .mqar import MQARConfig, multiquery_ar, run_mqar
 from .report import readme_section, write_report
 from .results import Result, ResultStore
-from .timing import Timing, time_call
+from .timing import PairedTiming, Timing, time_call, time_paired
 
 __all__ = [
     "BASELINE",
@@ -32,6 +32,7 @@ __all__ = [
     "ErrorConfig",
     "ErrorRow",
     "MQARConfig",
+    "PairedTiming",
     "Result",
     "ResultStore",
     "Row",
@@ -47,5 +48,6 @@ __all__ = [
     "run_error",
     "run_mqar",
     "time_call",
+    "time_paired",
     "write_report",
 ]

@@ -6,8 +6,10 @@ the same table cell, e.g. a quick and a full run, the newest):
 * the machines the runs were measured on (CPU, threads, device, torch, attnzoo, git sha);
 * efficiency, per setting (CAB pattern, mode, dtype, device, shapes): a table of every
   mechanism x backend against the length N (median ms and the ratio to ``softmax``/``sdpa`` at the
-  same N; "n/a" with the reason where a case did not run or the mechanism does not declare the
-  pattern), the same for peak memory, and CAB's efficiency length against vanilla attention for
+  same N: the stored median of paired ratios where the run paired its calls with the baseline's,
+  else the quotient of the medians; "n/a" with the reason where a case did not run or the
+  mechanism does not declare the pattern; a trailing "!" where the case's IQR exceeds its median,
+  with a legend), the same for peak memory and for useful GFLOP/s (where the pairs were counted), and CAB's efficiency length against vanilla attention for
   time and for memory (:mod:`attnzoo.bench.fits`; "vanilla" is ``softmax``/``sdpa`` here);
   plots of time and memory against N, log-log, one line per mechanism (its ``auto`` row, else its
   fastest backend), with the ideal O(N) and O(N^2) lines anchored at the shortest length;
@@ -40,9 +42,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 from .._markers import replace_marked_block
-from .efficiency import AUTO, BASELINE, RAW_TORCH
+from .efficiency import AUTO, BASELINE, RAW_TORCH, useful_gflops
 from .fits import efficiency_length
 from .results import ResultStore, to_json
+from .timing import unstable
 
 __all__ = [
     "FORMATS",
@@ -376,15 +379,42 @@ def _undeclared(series: Sequence[Series], pattern: Optional[str]) -> list[str]:
     return [m.name for m in list_mechanisms() if m.name not in present and pattern not in m.patterns]
 
 
+#: The mark of an unstable cell, and its legend (one line under a table that shows one).
+UNSTABLE_MARK = "!"
+UNSTABLE_LEGEND = f"{UNSTABLE_MARK}: unstable, the IQR exceeds the median (of the times, or of the paired ratios): noise rather than a measurement."
+
+
+def _unstable(row: dict[str, Any]) -> bool:
+    """The stored row's IQR exceeds its median: of the times, or of the paired ratios."""
+    if row.get("median_ms") is None:
+        return False
+    m = row.get("metrics") or {}
+    return unstable(row["median_ms"], row.get("q1_ms"), row.get("q3_ms")) or unstable(m.get("ratio"), m.get("ratio_q1"), m.get("ratio_q3"))
+
+
 def _time_cell(row: Optional[dict[str, Any]], base: Optional[dict[str, Any]]) -> str:
     if row is None:
         return ""
     if row.get("median_ms") is None:
         return "n/a"
     cell = f"{_ms(row['median_ms'])} ms"
-    if base is not None and base.get("median_ms"):
-        cell += f" ({row['median_ms'] / base['median_ms']:.2f}x)"
-    return cell
+    ratio = (row.get("metrics") or {}).get("ratio")  # paired against the baseline of its own run
+    if ratio is None and base is not None and base.get("median_ms"):
+        ratio = row["median_ms"] / base["median_ms"]  # older rows, or no baseline in the run
+    if ratio is not None:
+        cell += f" ({ratio:.2f}x)"
+    return cell + (f" {UNSTABLE_MARK}" if _unstable(row) else "")
+
+
+def _gflops_cell(row: Optional[dict[str, Any]]) -> str:
+    if row is None:
+        return ""
+    if row.get("median_ms") is None:
+        return "n/a"
+    gflops = useful_gflops((row.get("metrics") or {}).get("useful_flops"), row["median_ms"])
+    if gflops is None:
+        return "-"
+    return f"{gflops:.3g}" if gflops < 1000 else f"{gflops:.0f}"
 
 
 def _memory_cell(row: Optional[dict[str, Any]]) -> str:
@@ -488,17 +518,24 @@ def _setting_blocks(setting: tuple, rows: Sequence[dict[str, Any]], slug: str, l
     shown = series if full else _one_per_mechanism(series, plotted, base)
     one = "one backend per mechanism (`auto` where measured, else the fastest)"
     which = f"every backend; the plots show {one}" if full else f"`softmax`/`sdpa` and {one}, in the tables and the plots"
+    time_table = _grid_table(
+        shown,
+        lengths,
+        lambda s, n: _time_cell(s.cells.get(n), base_row(n)),
+        undeclared,
+        pattern,
+    )
+    flagged = any(cell.endswith(f" {UNSTABLE_MARK}") for line in time_table.rows for cell in line)
     blocks: list[Block] = [
         Heading(_setting_title(setting, rows), level),
-        Para(f"Median time per call (ms) and its ratio to `softmax`/`sdpa` at the same N, for {which}; n/a: not run (the notes say why)."),
-        _grid_table(
-            shown,
-            lengths,
-            lambda s, n: _time_cell(s.cells.get(n), base_row(n)),
-            undeclared,
-            pattern,
+        Para(
+            f"Median time per call (ms) and its ratio to `softmax`/`sdpa` at the same N (the median of paired ratios, "
+            f"each call next to one of `softmax`/`sdpa`, where the run paired them), for {which}; n/a: not run (the notes say why)."
         ),
+        time_table,
     ]
+    if flagged:
+        blocks.append(Para(UNSTABLE_LEGEND))
     if plotted:
         blocks.append(
             Figure(f"time_{slug}", f"time against N, {_setting_title(setting, rows)}", lambda: _length_plot(plotted, base, "time"))
@@ -518,6 +555,17 @@ def _setting_blocks(setting: tuple, rows: Sequence[dict[str, Any]], slug: str, l
                 lambda: _length_plot(_plotted(series, "memory"), base, "memory"),
             )
         )
+    if full and any((r.get("metrics") or {}).get("useful_flops") is not None for r in rows):
+        train = setting[1] == "train"
+        blocks += [
+            Para(
+                "Useful GFLOP/s: 4 D FLOPs per (query, key) pair the pattern allows, summed over batch and heads"
+                + (", x3.5 for forward + backward (the backward counted as 2.5 forwards)" if train else "")
+                + ", over the median time; tile or padding work a backend does beyond those pairs is not counted. "
+                "-: pairs not counted (mechanisms that are not one softmax over a pattern of pairs, or N too long to count)."
+            ),
+            _grid_table(series, lengths, lambda s, n: _gflops_cell(s.cells.get(n)), undeclared, pattern),
+        ]
     fits = _efficiency_lengths(shown, base)
     if fits is not None:
         blocks += [

@@ -88,17 +88,25 @@ def _bench_title(config: EfficiencyConfig, pattern: str) -> str:
     return f"{pattern.replace('_', ' ')} attention, {what}, {shape}"
 
 
+#: The mark of an unstable row (its IQR exceeds its median), and the legend that explains it.
+UNSTABLE_MARK = "!"
+UNSTABLE_LEGEND = f"{UNSTABLE_MARK} unstable: IQR > median (of the times, or of the paired ratios): noise, not a measurement; rerun on a quieter machine or with a larger --budget"
+
+
 def bench_table(rows: Sequence[Row], config: EfficiencyConfig, pattern: str) -> Table:
     """The efficiency table of one pattern: a section per length, ratio against the baseline at that length."""
     rows = [r for r in rows if r.pattern == pattern]
+    flops = "4 D x allowed (query, key) pairs" + (" x 3.5 (forward + backward)" if config.mode == "train" else "")
     table = Table(
         title=_bench_title(config, pattern),
-        caption=f"ratio = median / median of {BASELINE[0]} {BASELINE[1]} at the same N{_baseline_times(rows)}; IQR = q3 - q1; "
-        "peak = extra memory at the call's peak",
+        caption=f"ratio = median of paired ratios against {BASELINE[0]} {BASELINE[1]} at the same N{_baseline_times(rows)} "
+        "(each case's calls interleaved with the baseline's); IQR = q3 - q1; "
+        f"GFLOP/s = useful FLOPs ({flops}) / median, blank where the pairs are unknown; peak = extra memory at the call's peak\n"
+        + UNSTABLE_LEGEND,
     )
     for col, justify in (("N", "right"), ("mechanism", "left"), ("backend", "left"), ("median ms", "right")):
         table.add_column(col, justify=justify, no_wrap=True)  # type: ignore[arg-type]
-    for col in ("IQR ms", "ratio", "reps", "peak MiB"):
+    for col in ("IQR ms", "ratio", "reps", "peak MiB", "GFLOP/s"):
         table.add_column(col, justify="right", no_wrap=True)
     table.add_column("note", overflow="fold")
     previous = None
@@ -111,26 +119,43 @@ def bench_table(rows: Sequence[Row], config: EfficiencyConfig, pattern: str) -> 
 
 
 def _baseline_times(rows: Sequence[Row]) -> str:
-    """The baseline's median per length (ratios are relative to it, even when its row is not shown)."""
+    """The baseline's median per length (ratios are relative to it, even when its row is not shown):
+    its own row's, else its median within the first paired row's pairs."""
     base: dict[int, float] = {}
     for row in rows:
-        if row.timing is not None and row.ratio and row.length not in base:
-            base[row.length] = row.timing.median_ms / row.ratio
-    return " (" + ", ".join(f"{t:.1f} ms at N={n}" for n, t in base.items()) + ")" if base else ""
+        if (row.mechanism, row.backend) == BASELINE and row.timing is not None:
+            base[row.length] = row.timing.median_ms
+    for row in rows:
+        if row.length not in base and row.timing is not None and row.ratio:
+            # rows stored before paired timing have no baseline_ms: their ratio is of the medians
+            base[row.length] = row.baseline_ms if row.baseline_ms is not None else row.timing.median_ms / row.ratio
+    return " (" + ", ".join(f"{t:.1f} ms at N={n}" for n, t in sorted(base.items())) + ")" if base else ""
+
+
+def _gflops_cell(gflops: Optional[float]) -> str:
+    """Useful GFLOP/s, three significant digits; blank where the pairs are unknown."""
+    if gflops is None:
+        return ""
+    return f"{gflops:.3g}" if gflops < 1000 else f"{gflops:.0f}"
 
 
 def _bench_cells(row: Row) -> list[Text]:
     t = row.timing
     if t is None:
-        numbers = ["-"] * 5
+        numbers = ["-"] * 6
     else:
         ratio = f"{row.ratio:.2f}x" if row.ratio is not None else "-"
         peak = f"{row.peak_bytes / 2**20:.1f}" if row.peak_bytes is not None else "-"
-        numbers = [f"{t.median_ms:.3f}", f"{t.iqr_ms:.3f}", ratio, str(t.repeats), peak]
-    cells = [str(row.length), row.mechanism, row.backend, *numbers, row.note]
+        numbers = [f"{t.median_ms:.3f}", f"{t.iqr_ms:.3f}", ratio, str(t.repeats), peak, _gflops_cell(row.gflops)]
+    note = f"{UNSTABLE_MARK} unstable" + (f"; {row.note}" if row.note else "") if row.unstable else row.note
+    cells = [str(row.length), row.mechanism, row.backend, *numbers, note]
     texts = [Text(c) for c in cells]
     if t is None:
         texts[-1].stylize("dim")
+    elif row.unstable:
+        for i in (4, 5):  # the IQR and the ratio: the numbers the flag is about
+            texts[i].stylize("yellow")
+        texts[-1].stylize("bold yellow", 0, len(UNSTABLE_MARK) + len(" unstable"))
     return texts
 
 
@@ -349,8 +374,11 @@ def _add_efficiency_options(bench: argparse.ArgumentParser) -> None:
     bench.add_argument("--device", type=_available_device, default=_default_device(), help="cpu or cuda (default: cuda when available)")
     bench.add_argument("--mechanisms", nargs="+", metavar="NAME", help="only these mechanisms (default: all)")
     bench.add_argument("--backends", nargs="+", metavar="NAME", help="only these backends of each mechanism (default: all; the baseline rows stay)")
-    bench.add_argument("--budget", type=_positive_float, default=0.5, help="seconds of timed repeats per case")
-    bench.add_argument("--max-repeats", type=_positive_int, default=50, help="repeat cap per case (default 50)")
+    bench.add_argument(
+        "--budget", type=_positive_float, default=0.5,
+        help="seconds of timed repeats per case (default 0.5; a case timed in pairs with the baseline counts both calls)",
+    )
+    bench.add_argument("--max-repeats", type=_positive_int, default=50, help="repeat cap per case, in pairs with the baseline (default 50)")
     bench.add_argument("--threads", type=_positive_int, help="torch intra-op threads (default: torch's choice)")
     bench.add_argument("--mode", choices=("forward", "train"), default="forward", help="forward (inference) or train (forward + backward)")
     bench.add_argument(
