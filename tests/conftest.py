@@ -1,8 +1,9 @@
 """Test settings shared by the suite.
 
 Hypothesis profiles: ``ci`` (default: derandomized, so every run checks the same examples and
-CI cannot flake) and ``thorough`` (random, many examples), chosen with the environment
-variable ``HYPOTHESIS_PROFILE=thorough``.
+CI cannot flake), ``thorough`` (random, many examples) and ``quick`` (derandomized, 3 examples:
+``benchmarks/gpu_check.sh`` runs the CUDA cases in a few minutes with it), chosen with the
+environment variable ``HYPOTHESIS_PROFILE=thorough``.
 """
 
 import os
@@ -25,6 +26,7 @@ _COMMON = dict(
 )
 settings.register_profile("ci", max_examples=12, derandomize=True, **_COMMON)
 settings.register_profile("thorough", max_examples=200, **_COMMON)
+settings.register_profile("quick", max_examples=3, derandomize=True, **_COMMON)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 

@@ -386,11 +386,29 @@ def flex_block_mask(
     device: Union[str, torch.device] = "cpu",
     block_size: int = 128,
 ):  # -> torch.nn.attention.flex_attention.BlockMask
-    """A FlexAttention ``BlockMask`` for the pattern (batch/heads None: shared across them)."""
-    from torch.nn.attention.flex_attention import create_block_mask
+    """A FlexAttention ``BlockMask`` for the pattern (batch/heads None: shared across them).
 
+    Building one evaluates the predicate on the whole Nq x Nk grid (on ``device``), which at long
+    lengths costs more than the attention it drives; masks of ``cacheable`` patterns (the
+    built-ins: pure functions of the indices) are therefore built once per shape and device
+    and reused, as the tiled engine's plans are (:func:`plan_for`).
+    """
     if not getattr(mask_mod, "batch_head_dependent", True):
         batch = heads = None
     elif getattr(mask_mod, "head_dependent_only", False):
         batch = None
+    if getattr(mask_mod, "cacheable", False):
+        return _cached_flex_block_mask(mask_mod, q_len, kv_len, batch, heads, torch.device(device), block_size)
+    return _create_flex_block_mask(mask_mod, q_len, kv_len, batch, heads, device, block_size)
+
+
+def _create_flex_block_mask(mask_mod: Callable, q_len: int, kv_len: int, batch: Optional[int], heads: Optional[int], device: Any, block_size: int):
+    from torch.nn.attention.flex_attention import create_block_mask
+
     return create_block_mask(mask_mod, batch, heads, q_len, kv_len, device=device, BLOCK_SIZE=block_size)
+
+
+#: BlockMasks of cacheable patterns; a few MB each at 128k tokens (four int32 block tables).
+@functools.lru_cache(maxsize=32)
+def _cached_flex_block_mask(mask_mod: Any, q_len: int, kv_len: int, batch: Optional[int], heads: Optional[int], device: torch.device, block_size: int):
+    return _create_flex_block_mask(mask_mod, q_len, kv_len, batch, heads, device, block_size)

@@ -12,7 +12,9 @@ What is checked, for each fast backend and each pattern the mechanism declares:
 4. causal patterns: outputs up to position i ignore every query/key/value after it;
 5. incremental decoding (where declared) equals the full causal forward, in any split;
 6. bad inputs raise the documented error naming the argument (``test_bad_inputs.py``).
-Backends that compile (``Backend.compiles``) run at fixed shapes (``test_compiled_backends``).
+Backends that compile (``Backend.compiles``) run at fixed shapes: forward (``test_compiled_backends``)
+and backward through the output and the LSE where the device has one (``test_compiled_backends_gradients``:
+FlexAttention on CUDA; ``benchmarks/gpu_check.sh`` runs the CUDA cases in one call).
 """
 
 from __future__ import annotations
@@ -254,14 +256,57 @@ def test_compiled_backends_all_patterns(mech, backend, pattern, dtype, device):
     _check_compiled(mech, backend, pattern, dtype, device)
 
 
+def _compiled_shape(mech, pattern):
+    """The one fixed shape per pattern of the compiled-backend tests (a compile per shape)."""
+    spatial = mech.spatial_dims[0]
+    return dict(batch=2, q_heads=4, kv_heads=2 if mech.gqa else 4, q_sizes=(200,) if spatial == 1 else (8,) * spatial,
+                kv_sizes=((136,) if pattern.endswith("cross") else (200,)) if spatial == 1 else (8,) * spatial,
+                head_dim=64, value_dim=64, seed=0)
+
+
 def _check_compiled(mech, backend, pattern, dtype, device):
-    shape = dict(batch=2, q_heads=4, kv_heads=2 if mech.gqa else 4, q_sizes=(200,) if mech.spatial_dims[0] == 1 else (8,) * mech.spatial_dims[0],
-                 kv_sizes=((136,) if pattern.endswith("cross") else (200,)) if mech.spatial_dims[0] == 1 else (8,) * mech.spatial_dims[0],
-                 head_dim=64, value_dim=64, seed=0)
-    case = make_case(mech, pattern, shape, dtype, device)
+    case = make_case(mech, pattern, _compiled_shape(mech, pattern), dtype, device)
     reason = fit_params(backend, mech, case)
     assert reason is None, reason
     with torch.no_grad():
         out, _ = split_result(mech(case.q, case.k, case.v, backend=backend.name, **case.params))
         ref, _ = split_result(mech(case.q, case.k, case.v, backend="reference", **case.params))
     assert_close(out, ref, dtype, f"output ({case.describe()})")
+
+
+def _compiled_grad_cases():
+    return [p for p in _backend_cases((torch.float32,), compiled=True) if p.values[1].autograd]
+
+
+@pytest.mark.parametrize("mech, backend, pattern, dtype, device", _compiled_grad_cases())
+def test_compiled_backends_gradients(mech, backend, pattern, dtype, device):
+    """The backward of backends that compile per shape (FlexAttention on CUDA; forward only on CPU),
+    at the fixed shape: gradients of q, k, v and of every floating tensor parameter (a bias, an rpb
+    table) equal the reference's, through the output and, where the mechanism returns one, the LSE."""
+    skip_unless_device(device)
+    case = make_case(mech, pattern, _compiled_shape(mech, pattern), dtype, device)
+    if any(p.name == "return_lse" for p in mech.params):
+        case.params["return_lse"] = True  # the LSE's gradient too
+    for t in case.tensors().values():
+        t.requires_grad_(True)
+    problem = mech.describe(case.q, case.k, case.v)
+    reason = backend.decline_reason(problem, mech.bind(problem, case.params))
+    if reason is not None and "forward only" in reason:
+        pytest.skip(f"{backend.name} on {device}: {reason}")
+    reason = fit_params(backend, mech, case)
+    assert reason is None, reason
+    inputs = case.tensors()
+    gen = torch.Generator().manual_seed(1)
+    grads, weights = {}, None
+    for name in (backend.name, "reference"):
+        out, lse = split_result(mech(case.q, case.k, case.v, backend=name, **case.params))
+        if weights is None:  # one random projection of out and lse for both
+            weights = (torch.randn(out.shape, generator=gen).to(out.device), None if lse is None else torch.randn(lse.shape, generator=gen).to(lse.device))
+        loss = (out.float() * weights[0]).sum()
+        if lse is not None:  # a query with no visible key has lse = -inf and no gradient
+            loss = loss + torch.where(torch.isfinite(lse), lse.float() * weights[1], 0.0).sum()
+        grads[name] = torch.autograd.grad(loss, list(inputs.values()), allow_unused=True)
+    for arg, got, want in zip(inputs, grads[backend.name], grads["reference"]):
+        assert (got is None) == (want is None), f"d{arg}: gradient missing on one side ({case.describe()})"
+        if want is not None:
+            assert_close(got, want, dtype, f"d{arg} ({case.describe()})", grad=True)

@@ -53,7 +53,6 @@ def test_grid_larger_than_the_axis_is_refused():
 def test_padding_masks_keys_out_of_each_group_as_softmax_with_the_pattern_does(shape, params, backend):
     """Against softmax over the GridMask predicate with the same key_padding_mask (a separate implementation
     of masking); one entry padded at the end of its last axis, one scattered, one with no key at all."""
-    from attnzoo.functional.local import GridMask
     from attnzoo.functional.local.grid import _grid_mask
 
     gen = torch.Generator().manual_seed(len(shape))

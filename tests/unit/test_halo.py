@@ -49,7 +49,6 @@ def test_halo_size_is_required_and_non_negative():
 def test_padding_masks_keys_out_of_each_block_as_softmax_with_the_pattern_does(shape, params, backend):
     """Against softmax over the HaloMask predicate with the same key_padding_mask (a separate implementation
     of masking); one entry padded at the end of its last axis, one scattered, one with no key at all."""
-    from attnzoo.functional.local import HaloMask
     from attnzoo.functional.local.halo import _halo_mask
 
     gen = torch.Generator().manual_seed(len(shape))

@@ -73,7 +73,6 @@ def test_without_shift_windows_are_independent_blocks():
 def test_padding_masks_keys_out_of_each_window_as_softmax_with_the_pattern_does(shape, params, backend):
     """Against softmax over the WindowMask predicate with the same key_padding_mask (a separate implementation
     of masking); one entry padded at the end of its last axis, one scattered, one with no key at all."""
-    from attnzoo.functional.local import WindowMask
     from attnzoo.functional.local.window import _window_mask
 
     gen = torch.Generator().manual_seed(len(shape))

@@ -74,7 +74,6 @@ from ._shared import (
     padded_keys,
     refuse_unless_right_padded,
     sample_padding,
-    visible_keys,
     zero_padded,
 )
 from .feature_maps import feature_count, feature_map_check, feature_map_for, softplus

@@ -122,7 +122,7 @@ AXIAL = register(
         check_params=_check_self,
     )
 )
-_add_pattern_backends(AXIAL, _axial_mask)
+_add_pattern_backends(AXIAL, _axial_mask, flex=True)
 AXIAL.implementation("sdpa", accepts=_no_lse, priority=50)(_axial_sdpa)
 
 
@@ -155,7 +155,8 @@ def axial_attention(
             out of their line (a query left with no key outputs 0). A line is the whole
             sequence in 1D and causality is relative, so a 1D batch padded on either side
             equals each sequence alone.
-        backend: ``sdpa`` (lines folded into the batch), ``tiled`` (gives the LSE) or ``reference``.
+        backend: ``sdpa`` (lines folded into the batch), ``tiled`` (gives the LSE), ``flex``
+            (FlexAttention: the LSE with gradients on CUDA) or ``reference``.
 
     Cost: O(N * S_axis * D). Paper: Axial Attention in Multidimensional Transformers.
 

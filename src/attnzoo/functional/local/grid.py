@@ -134,7 +134,7 @@ GRID = register(
         check_params=_check_self,
     )
 )
-_add_pattern_backends(GRID, _grid_mask)
+_add_pattern_backends(GRID, _grid_mask, flex=True)
 GRID.implementation("sdpa", accepts=_no_lse, priority=50)(_grid_sdpa)
 
 
@@ -167,7 +167,8 @@ def grid_attention(
             pads are masked out of every group they fall in, the partition is unchanged (a
             query left with no key outputs 0). Refused on 1D sequences: a group's stride ceil(N / grid_size) is set by the padded length N, so a padded sequence is grouped differently from the sequence alone.
         scale: defaults to ``D ** -0.5``. return_lse: also return lse (B, H, *spatial).
-        backend: ``sdpa`` (timm's grid partition + one SDPA), ``tiled`` (LSE) or ``reference``.
+        backend: ``sdpa`` (timm's grid partition + one SDPA), ``tiled`` (LSE), ``flex`` (FlexAttention:
+            the LSE with gradients on CUDA) or ``reference``.
 
     Cost: O(N * prod(grid_size) * D). Paper: MaxViT, Sec. 3.1.
 

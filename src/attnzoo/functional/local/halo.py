@@ -138,7 +138,7 @@ HALO = register(
         check_params=_check_self,
     )
 )
-_add_pattern_backends(HALO, _halo_mask)
+_add_pattern_backends(HALO, _halo_mask, flex=True)
 HALO.implementation("sdpa", accepts=_no_lse, priority=50)(_halo_sdpa)
 
 
@@ -171,7 +171,8 @@ def halo_attention(
             pads are masked out of every block's keys they fall in, the partition is unchanged (a
             query left with no key outputs 0). Refused on 1D sequences: blocks are laid from the first position of the padded sequence, so pads before a sequence move its blocks and halos.
         scale: defaults to ``D ** -0.5``. return_lse: also return lse (B, H, *spatial).
-        backend: ``sdpa`` (keys unfolded per block + one SDPA), ``tiled`` (LSE) or ``reference``.
+        backend: ``sdpa`` (keys unfolded per block + one SDPA), ``tiled`` (LSE), ``flex`` (FlexAttention:
+            the LSE with gradients on CUDA) or ``reference``.
 
     Cost: O(N * prod(block_size + 2 * halo_size) * D). Paper: HaloNet, Sec. 2.2.
 

@@ -24,7 +24,7 @@ from torch import Tensor
 from ... import masks
 from ...errors import ParameterError
 from ...kernels.gathered import NeighborTable, gathered_attention, native_usable
-from ...kernels.flex import FLEX_CAPABILITIES, cpu_decline_reason, flex_forward
+from ...kernels.flex import FLEX_CAPABILITIES, decline_reason as flex_decline_reason, flex_forward
 from ...kernels.reference import default_scale, materialized_attention
 from ...kernels.tiled import tiled_attention
 from ..._validate import per_axis
@@ -567,12 +567,13 @@ def _gathered_prefers(p: Problem, params: dict) -> Optional[str]:
 
 
 def _flex_accepts(p: Problem, params: dict) -> Optional[str]:
-    """What compiled FlexAttention cannot do here (CPU: small head dims, grad, LSE; rpb's gradient)."""
-    reason = cpu_decline_reason(p, score_mod=None, return_lse=params["return_lse"])
-    rpb = params["rpb"]
-    if reason is None and rpb is not None and rpb.requires_grad and torch.is_grad_enabled():
-        return "rpb requires grad, and FlexAttention's gradient for a captured table is not verified here: use tiled (or a detached rpb)"
-    return reason
+    """What compiled FlexAttention cannot do here (CPU: small head dims, grad, LSE; CUDA: head dims below 16).
+
+    On CUDA a learnable rpb is differentiated by FlexAttention itself (the score_mod's captured
+    table gets its gradient in the backward kernel); on CPU any gradient is declined, rpb's too.
+    """
+    # an rpb that requires grad marks the problem as requiring grad (Mechanism.prepare): CPU declines it
+    return flex_decline_reason(p, return_lse=params["return_lse"])
 
 
 def _flex(q: Tensor, k: Tensor, v: Tensor, *, scale: Any, return_lse: bool, rpb: Optional[Tensor], key_padding_mask: Optional[Tensor] = None, **window: Any) -> Any:
@@ -644,7 +645,7 @@ NEIGHBORHOOD = register(
 _REFERENCE_DOC = "the pattern as a dense mask over materialized scores, rpb as a score_mod: the spec"
 _TILED_DOC = "the tiled FA2 engine over the key tiles the pattern touches (gives the LSE; rpb differentiable)"
 _GATHERED_DOC = "per-query neighbor table (kernels/gathered.py: C++ on CPU when built, else PyTorch chunks); no tile waste, rpb differentiable"
-_FLEX_DOC = "compiled FlexAttention with the pattern as a BlockMask (rpb forward only)"
+_FLEX_DOC = "compiled FlexAttention with the pattern as a BlockMask, rpb as its score_mod (forward only on CPU; rpb differentiable on CUDA)"
 NEIGHBORHOOD.add_backend(Backend("reference", _reference, doc=_REFERENCE_DOC, priority=-100, materializes_scores=True))
 NEIGHBORHOOD.add_backend(Backend("tiled", _tiled, doc=_TILED_DOC, priority=20))
 NEIGHBORHOOD.add_backend(Backend("gathered", _gathered, doc=_GATHERED_DOC, priority=30, prefers=_gathered_prefers, accepts=no_padding))

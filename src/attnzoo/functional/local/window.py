@@ -171,7 +171,7 @@ WINDOW = register(
         check_params=_check_window_shift,
     )
 )
-_add_pattern_backends(WINDOW, _window_mask)
+_add_pattern_backends(WINDOW, _window_mask, flex=True)
 WINDOW.implementation("sdpa", accepts=_no_lse, priority=50)(_win_sdpa)
 
 
@@ -204,7 +204,8 @@ def window_attention(
             pads are masked out of every window they fall in, the partition is unchanged (a
             query left with no key outputs 0). Refused on 1D sequences: Swin's windows and shift are laid over the padded length N, so a shorter sequence alone is partitioned differently.
         scale: defaults to ``D ** -0.5``. return_lse: also return lse (B, H, *spatial).
-        backend: ``sdpa`` (Swin's pad/roll/partition + one SDPA), ``tiled`` (LSE) or ``reference``.
+        backend: ``sdpa`` (Swin's pad/roll/partition + one SDPA), ``tiled`` (LSE), ``flex``
+            (FlexAttention: the LSE with gradients on CUDA) or ``reference``.
 
     Differences from Swin's code: masking is exact (-inf, Swin adds -100) and padding is masked.
     Cost: O(N * prod(window_size) * D). Paper: Swin Transformer, Sec. 3.2.
