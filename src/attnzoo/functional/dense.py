@@ -30,7 +30,8 @@ from torch import Tensor
 
 from .. import masks
 from ..errors import ParameterError
-from ..kernels.flex import FLEX_CAPABILITIES, cpu_decline_reason, flex_forward
+from ..kernels import block_sparse
+from ..kernels.flex import FLEX_CAPABILITIES, decline_reason as flex_decline_reason, flex_forward
 from ..kernels.reference import materialized_attention
 from ..kernels.split_kv import split_kv_attention
 from ..kernels.tiled import score_mod_grad_captures, tiled_attention
@@ -221,6 +222,26 @@ def _tiled(q, k, v, *, causal, causal_alignment, key_padding_mask, bias, mask_mo
     return _result(out, lse, return_lse)
 
 
+def _fused_accepts(p: Problem, params: dict) -> Optional[str]:
+    """The C++ block-sparse kernel: CPU, float32/bf16/f16, no bias or score_mod, built here."""
+    if params["bias"] is not None or params["score_mod"] is not None:
+        return "takes no bias or score_mod (tiled and flex do)"
+    return block_sparse.decline_reason(p)
+
+
+def _fused(q, k, v, *, causal, causal_alignment, key_padding_mask, bias, mask_mod, score_mod, scale, return_lse):
+    """The C++ block-sparse FA2 kernel over the 64x64 blocks the causal/mask_mod pattern touches."""
+    b, h, nq = q.shape[:3]
+    nk = k.shape[2]
+    pattern = _pattern(nq, nk, causal, causal_alignment, mask_mod)
+    if pattern is None:
+        plan = block_sparse.SparsePlan.from_block_mask(torch.ones(-(-nq // 64), -(-nk // 64), dtype=torch.bool), nq, nk)
+    else:
+        plan = block_sparse.SparsePlan.from_mask(pattern, nq, nk, batch=b, heads=h)
+    out, lse = block_sparse.block_sparse_attention(q, k, v, plan, scale=scale, key_padding_mask=key_padding_mask)
+    return _result(out, lse, return_lse)
+
+
 # --------------------------------------------------------------------------------------------
 # split-KV decode (Lean Attention)
 # --------------------------------------------------------------------------------------------
@@ -254,7 +275,9 @@ def _split_kv(q, k, v, *, causal, causal_alignment, key_padding_mask, bias, mask
 # flex (FlexAttention)
 # --------------------------------------------------------------------------------------------
 def _flex_accepts(p: Problem, params: dict) -> Optional[str]:
-    return cpu_decline_reason(p, score_mod=params["score_mod"], return_lse=params["return_lse"])
+    """CPU: head dims >= 32, forward only, no LSE; CUDA: head dims >= 16 (gradients, a learnable
+    bias or score_mod capture, and the LSE all go through FlexAttention's own backward)."""
+    return flex_decline_reason(p, score_mod=params["score_mod"], return_lse=params["return_lse"])
 
 
 def _flex(q, k, v, *, causal, causal_alignment, key_padding_mask, bias, mask_mod, score_mod, scale, return_lse):
@@ -456,6 +479,7 @@ SOFTMAX.implementation(
 # traceable=False: its BlockPlan is built from tensor values (torch.compile would break the graph)
 SOFTMAX.implementation("tiled", accepts=_tiled_accepts, priority=20, traceable=False)(_tiled)
 SOFTMAX.implementation("flex", accepts=_flex_accepts, **FLEX_CAPABILITIES)(_flex)
+SOFTMAX.implementation("fused", accepts=_fused_accepts, **block_sparse.FUSED_CAPABILITIES)(_fused)
 
 
 def softmax_attention(

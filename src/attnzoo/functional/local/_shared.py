@@ -12,7 +12,8 @@ import torch
 from torch import Tensor
 
 from ... import masks
-from ...kernels.flex import FLEX_CAPABILITIES, cpu_decline_reason, flex_forward
+from ...kernels import block_sparse
+from ...kernels.flex import FLEX_CAPABILITIES, decline_reason as flex_decline_reason, flex_forward
 from ...kernels.reference import materialized_attention
 from ...kernels.sdpa import sdpa
 from ...kernels.tiled import tiled_attention
@@ -54,8 +55,8 @@ def _check_self(bound: dict[str, Any], p: Problem) -> Optional[tuple[str, str]]:
 
 
 def _flex_accepts(p: Problem, params: dict) -> Optional[str]:
-    """What compiled FlexAttention cannot do on this device (CPU: small head dims, grad, LSE)."""
-    return cpu_decline_reason(p, score_mod=None, return_lse=params["return_lse"])
+    """What compiled FlexAttention cannot do on this device (CPU: small head dims, grad, LSE; CUDA: head dims below 16)."""
+    return flex_decline_reason(p, score_mod=None, return_lse=params["return_lse"])
 
 
 PatternOf = Callable[..., masks.MaskMod]  # (q, k, **the mechanism's pattern parameters) -> predicate
@@ -195,7 +196,8 @@ def _add_pattern_backends(mech: Mechanism, pattern_of: PatternOf, *, flex: bool 
 
     ``reference``: the pattern as a dense mask over materialized scores (the spec); ``tiled``:
     the FA2 engine over the tiles the pattern touches (gives the LSE); ``flex``: compiled
-    FlexAttention with the pattern as a BlockMask. Backends receive ``scale``, ``return_lse``,
+    FlexAttention with the pattern as a BlockMask (forward only on CPU; forward, backward and
+    LSE on CUDA, where it ranks above tiled: ``FLEX_CAPABILITIES``). Backends receive ``scale``, ``return_lse``,
     ``key_padding_mask`` and the pattern's parameters, which go to ``pattern_of``.
 
     ``key_padding_mask`` is ANDed into the pattern (a query with no visible key outputs 0, LSE
@@ -235,13 +237,38 @@ def _add_pattern_backends(mech: Mechanism, pattern_of: PatternOf, *, flex: bool 
         block_mask = masks.flex_block_mask(pattern, qf.shape[2], kf.shape[2], batch=batch, heads=q.shape[1], device=q.device)
         return _unflat(flex_forward(qf, kf, vf, block_mask=block_mask, scale=scale, return_lse=return_lse), q, v, return_lse)
 
+    def fused(q: Tensor, k: Tensor, v: Tensor, *, scale: Any, return_lse: bool, key_padding_mask: Optional[Tensor] = None, **params: Any) -> Any:
+        pattern, pad = padded_pattern(q, k, key_padding_mask, params)
+        qf, kf, vf = _flat(q), _flat(k), _flat(v)
+        plan = block_sparse.SparsePlan.from_mask(pattern, qf.shape[2], kf.shape[2], batch=q.shape[0], heads=q.shape[1])
+        out, lse = block_sparse.block_sparse_attention(qf, kf, vf, plan, scale=scale, key_padding_mask=pad)
+        return _unflat(_result(out, lse, return_lse), q, v, return_lse)
+
     mech.add_backend(
         Backend("reference", reference, doc="the pattern as a dense mask over materialized scores: the spec", priority=-100, materializes_scores=True)
     )
+    mech.add_backend(Backend("fused", fused, doc=FUSED_DOC, accepts=_fused_accepts, prefers=_fused_prefers, **block_sparse.FUSED_CAPABILITIES))
     # traceable=False: the BlockPlan is built from tensor values (a graph break under torch.compile)
     mech.add_backend(Backend("tiled", tiled, doc="the tiled FA2 engine over the key tiles the pattern touches (gives the LSE)", priority=20, traceable=False))
     if flex:
         mech.add_backend(Backend("flex", flex_backend, doc="compiled FlexAttention with the pattern as a BlockMask", accepts=_flex_accepts, **FLEX_CAPABILITIES))
+
+
+FUSED_DOC = "the C++ block-sparse FA2 kernel over the 64x64 blocks the pattern touches (kernels/block_sparse.py; forward, backward, LSE)"
+
+
+def _fused_accepts(p: Problem, params: dict) -> Optional[str]:
+    """Whether the C++ block-sparse kernel runs these inputs here (CPU, float32/bf16/f16, built)."""
+    return block_sparse.decline_reason(p)
+
+
+def _fused_prefers(p: Problem, params: dict) -> Optional[str]:
+    """Dispatch takes the fused kernel on 1D sequences from 1024 tokens (measured: see kernels/block_sparse.py)."""
+    if len(p.q_shape) != 1:
+        return "2D/3D grids: row-major 64-token blocks cut the windows across many blocks (the mechanism's own paths waste less)"
+    if p.q_len < 1024:
+        return "below 1024 tokens the tiled engine's few tiles cost less than the kernel's per-block setup"
+    return None
 
 
 class _KeepKeys(masks.MaskMod):

@@ -65,6 +65,31 @@ class HeadPattern:
             out = out | part
         return out
 
+    def tile_grid(self, qf: Tensor, ql: Tensor, kf: Tensor, kl: Tensor, offset: int) -> masks.TileGrid:
+        """(visit, full) over tiles in closed form, O(tiles): the union of the parts' grids
+        (``visit`` exact per part, ``full`` under-reports, as tile plans allow)."""
+        grids = []
+        if self.window is not None:
+            grids.append(masks.sliding_window(*self.window, offset=offset)._tile_grid(qf, ql, kf, kl))
+        if self.sinks:
+            grids.append(masks.sinks(self.sinks)._tile_grid(qf, ql, kf, kl))
+        if self.stride is not None:
+            period, phase = self.stride
+            first_hit = kf + torch.remainder(phase - kf, period)  # the block's first key of the shard
+            visit = (first_hit <= kl)[None, :].expand(len(qf), -1)
+            grids.append((visit, visit & (period == 1)))
+        if self.block is not None:
+            size, shift = self.block
+            gq_lo, gq_hi = (qf + offset + shift).div(size, rounding_mode="floor"), (ql + offset + shift).div(size, rounding_mode="floor")
+            gk_lo, gk_hi = (kf + shift).div(size, rounding_mode="floor"), (kl + shift).div(size, rounding_mode="floor")
+            visit = (gq_lo[:, None] <= gk_hi[None, :]) & (gk_lo[None, :] <= gq_hi[:, None])
+            full = (gq_lo == gq_hi)[:, None] & (gk_lo == gk_hi)[None, :] & (gq_lo[:, None] == gk_lo[None, :])
+            grids.append((visit, full))
+        visit, full = grids[0]
+        for v, f in grids[1:]:
+            visit, full = visit | v, full | f
+        return visit, full
+
 
 @dataclass(frozen=True)
 class PerHeadMask(masks.MaskMod):
@@ -79,6 +104,19 @@ class PerHeadMask(masks.MaskMod):
     @property
     def batch_head_dependent(self) -> bool:  # type: ignore[override]
         return len(self.patterns) > 1
+
+    def head_tile_grids(self, qf: Tensor, ql: Tensor, kf: Tensor, kl: Tensor) -> masks.TileGrid:
+        """(visit, full) per pattern head, (len(patterns), n_q_tiles, n_kv_tiles), in closed form."""
+        grids = [p.tile_grid(qf, ql, kf, kl, self.offset) for p in self.patterns]
+        visit, full = torch.stack([g[0] for g in grids]), torch.stack([g[1] for g in grids])
+        if self.causal:
+            cv, cf = masks.causal(self.offset)._tile_grid(qf, ql, kf, kl)
+            visit, full = visit & cv, full & cf
+        return visit, full
+
+    def _tile_grid(self, qf: Tensor, ql: Tensor, kf: Tensor, kl: Tensor) -> masks.TileGrid:
+        visit, full = self.head_tile_grids(qf, ql, kf, kl)
+        return visit.any(0), full.all(0)
 
     def __call__(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         qp = q_idx + self.offset

@@ -1,0 +1,166 @@
+"""Issue 12's targets for the block-sparse CPU engine, measured in one run against dense SDPA.
+
+Usage: python benchmarks/block_sparse_targets.py [--quick] [--threads T] [--cases a,b,...]
+
+For each case: forward and forward+backward time of the dispatched backend (and of the others
+worth comparing), the *ideal* (dense SDPA's time on the same machine x the fraction of
+(query, key) pairs the pattern allows), the ratio to it, and the useful GFLOP/s
+(4 * B * H * allowed pairs * D forward; x 3.5 for forward+backward, FlashAttention's convention)
+next to dense SDPA's own rate. Dense SDPA is timed at N = 16384 (1D) and at each case's own N
+up to 16384; above that its time is scaled by (N / 16384)^2 (its FLOPs grow exactly so): a
+65536-token dense run takes about a minute per repeat here. Peak extra memory of the fused
+forward at N = 65536 (RSS high-water mark, attnzoo.bench.memory) against bytes(q, k, v, out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+import attnzoo
+from attnzoo import masks
+from attnzoo.bench.memory import peak_memory
+from attnzoo.kernels import block_sparse
+from attnzoo.kernels.block_sparse import SparsePlan, block_sparse_attention
+
+B, H, D = 1, 8, 64
+
+
+def best_ms(fn: Callable[[], object], repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times) * 1e3
+
+
+def train(fn: Callable[..., torch.Tensor], *tensors: torch.Tensor) -> Callable[[], None]:
+    leaves = [t.detach().requires_grad_(True) for t in tensors]
+
+    def step() -> None:
+        out = fn(*leaves)
+        out = out[0] if isinstance(out, tuple) else out
+        out.backward(torch.ones_like(out))
+        for t in leaves:
+            t.grad = None
+
+    return step
+
+
+_dense_cache: dict[int, tuple[float, float]] = {}
+
+
+def dense_ms(n: int, repeats: int) -> tuple[float, float]:
+    """Dense SDPA forward and forward+backward ms at N = n (scaled from 16384 above it)."""
+    measured = min(n, 16384)
+    if measured not in _dense_cache:
+        q, k, v = (torch.randn(B, H, measured, D) for _ in range(3))
+        fwd = best_ms(lambda: F.scaled_dot_product_attention(q, k, v), repeats)
+        both = best_ms(train(F.scaled_dot_product_attention, q, k, v), max(1, repeats - 1))
+        _dense_cache[measured] = (fwd, both)
+    fwd, both = _dense_cache[measured]
+    scale = (n / measured) ** 2
+    return fwd * scale, both * scale
+
+
+def report(name: str, n_tokens: int, pairs: int, timings: dict[str, tuple[float, float]], repeats: int) -> None:
+    dense_fwd, dense_both = dense_ms(n_tokens, repeats)
+    fraction = pairs / (B * H * n_tokens * n_tokens)
+    flops = 4 * pairs * D
+    dense_rate = 4 * B * H * n_tokens**2 * D / dense_fwd / 1e6
+    print(f"\n{name}: N={n_tokens}, allowed pairs {fraction:.4%} of dense; dense SDPA {dense_fwd:.0f} / {dense_both:.0f} ms "
+          f"(fwd / fwd+bwd, {dense_rate:.0f} GFLOP/s); ideal {dense_fwd * fraction:.1f} / {dense_both * fraction:.1f} ms")
+    for backend, (fwd, both) in timings.items():
+        print(f"  {backend:>9}: fwd {fwd:8.1f} ms = {fwd / (dense_fwd * fraction):5.2f}x ideal ({flops / fwd / 1e6:5.0f} useful GFLOP/s, "
+              f"{flops / fwd / 1e6 / dense_rate:4.0%} of SDPA's rate) | fwd+bwd {both:8.1f} ms = {both / (dense_both * fraction):5.2f}x ideal")
+
+
+def time_mechanism(mech: str, shape: tuple[int, ...], backends: list[str], repeats: int, **params) -> dict[str, tuple[float, float]]:
+    q, k, v = (torch.randn(B, H, *shape, D) for _ in range(3))
+    call = attnzoo.get(mech)
+    out = {}
+    for backend in backends:
+        fn = lambda q, k, v, b=backend: call(q, k, v, backend=b, **params)  # noqa: E731
+        out[backend] = (best_ms(lambda: fn(q, k, v), repeats), best_ms(train(fn, q, k, v), max(1, repeats - 1)))
+    return out
+
+
+def sliding_window(n: int, repeats: int) -> None:
+    plan = SparsePlan.from_mask(masks.sliding_window(256, 0), n, n)
+    backends = ["fused", "band"] if n > 16384 else ["fused", "band", "tiled"]
+    report("causal sliding window 256", n, plan.pairs() * B * H, time_mechanism("sliding_window", (n,), backends, repeats, window=(256, 0), causal=True), repeats)
+
+
+def random_blocks(n: int, repeats: int) -> None:
+    grid = torch.rand(n // 64, n // 64, generator=torch.Generator().manual_seed(0)) < 0.10
+    plan = SparsePlan.from_block_mask(grid, n, n)
+    q, k, v = (torch.randn(B, H, n, D) for _ in range(3))
+    fn = lambda q, k, v: block_sparse_attention(q, k, v, plan)  # noqa: E731
+    timings = {"fused": (best_ms(lambda: fn(q, k, v), repeats), best_ms(train(fn, q, k, v), max(1, repeats - 1)))}
+    report(f"random block mask, density {plan.density:.3f}, block 64", n, plan.pairs() * B * H, timings, repeats)
+
+
+def per_head(n: int, repeats: int) -> None:
+    heads = [  # S2-Attention / MoA / LongGen style: 8 different heads
+        dict(window=(64, 0)), dict(window=(256, 0)), dict(window=(512, 0), sinks=64), dict(window=(1024, 0)),
+        dict(stride=(8, 0), window=(64, 0)), dict(stride=(8, 4), window=(64, 0)), dict(block=(512, 0)), dict(block=(512, 256), sinks=16),
+    ]
+    mask = attnzoo.functional.local.per_head._per_head_mask(torch.empty(1, 1, n, 1), torch.empty(1, 1, n, 1), head_patterns=heads, causal=True, causal_alignment="bottom_right")
+    plan = SparsePlan.from_mask(mask, n, n, heads=H)
+    report("per_head_patterns, 8 different heads (causal)", n, plan.pairs() * B, time_mechanism("per_head_patterns", (n,), ["fused", "tiled"], repeats, head_patterns=heads, causal=True), repeats)
+
+
+def neighborhood(shape: tuple[int, ...], kernel: int, repeats: int) -> None:
+    n = math.prod(shape)
+    timings = time_mechanism("neighborhood", shape, ["gathered", "tiled"], repeats, kernel_size=kernel)
+    report(f"neighborhood {'x'.join(map(str, shape))} kernel {kernel}", n, B * H * n * kernel ** len(shape), timings, repeats)
+
+
+def memory_65536() -> None:
+    n = 65536
+    q, k, v = (torch.randn(B, H, n, D) for _ in range(3))
+    plan = SparsePlan.from_mask(masks.sliding_window(256, 0), n, n)
+    block_sparse_attention(q, k, v, plan)  # built and warm
+    extra, method = peak_memory(lambda: block_sparse_attention(q, k, v, plan))
+    io = 4 * q.numel() * q.element_size()
+    print(f"\npeak extra memory, fused forward, N={n}: {extra / 2**20:.0f} MiB = {extra / io:.2f}x bytes(q, k, v, out) ({io / 2**20:.0f} MiB) [{method}]")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="N = 4096 and small grids only, 2 repeats")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--cases", default="window,window64k,random,per_head,nbr2d,nbr3d,memory")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    repeats = 2 if args.quick else 3
+    n = 4096 if args.quick else 16384
+    print(f"kernel: {block_sparse.kernel_path()}; torch {torch.__version__}, {torch.get_num_threads()} threads; B={B} H={H} D={D} float32")
+    cases = args.cases.split(",")
+    if "window" in cases:
+        sliding_window(n, repeats)
+    if "window64k" in cases and not args.quick:
+        sliding_window(65536, 2)
+    if "random" in cases:
+        random_blocks(n, repeats)
+    if "per_head" in cases:
+        per_head(n, repeats)
+    if "nbr2d" in cases:
+        for kernel in (7, 13):
+            neighborhood((64, 64) if args.quick else (128, 128), kernel, repeats)
+    if "nbr3d" in cases:
+        neighborhood((8, 16, 16) if args.quick else (16, 32, 32), 3, repeats)
+    if "memory" in cases and not args.quick:
+        memory_65536()
+
+
+if __name__ == "__main__":
+    main()
