@@ -181,9 +181,10 @@ class Backend:
 
     def skip_reason(self, problem: Problem, params: Mapping[str, Any]) -> str | None:
         """Why automatic dispatch passes this backend over (a refusal or a preference), or None."""
+        if not self.traceable and torch.compiler.is_compiling():
+            # first: its accepts may itself be untraceable (loading a C++ kernel)
+            return "not preferred: torch.compile cannot trace it (a graph break); compiled code takes a traceable backend"
         reason = self.decline_reason(problem, params)
-        if reason is None and not self.traceable and torch.compiler.is_compiling():
-            reason = "not preferred: torch.compile cannot trace it (a graph break); compiled code takes a traceable backend"
         if reason is None and self.prefers is not None:
             reason = self.prefers(problem, params)
             if reason is not None:

@@ -78,3 +78,29 @@ def assert_padded_equals_alone(
         pads[keys] = False
         for name, got in zip("kv", grads[1:]):
             assert torch.all(got[b, :, pads] == 0), f"d{name} at the pads of sequence {b} ({side}) is not 0"
+
+
+def assert_grid_padding_matches_pattern(name: str, pattern_of: Callable, shape: tuple[int, ...], params: dict, backend: str) -> None:
+    """A 2D/3D mechanism with ``key_padding_mask`` against softmax over its own predicate with the
+    same mask (a separate implementation of masking), outputs and gradients in float64: one entry
+    padded at the end of its last axis, one scattered, one with no key at all (output 0)."""
+    import attnzoo
+
+    gen = torch.Generator().manual_seed(len(shape))
+    q, k, v = (torch.randn(3, 2, *shape, 8, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    pad = torch.rand(3, *shape, generator=gen) < 0.3
+    pad[0] = False
+    pad[0, ..., shape[-1] - 2 :] = True
+    pad[2] = True
+    out = attnzoo.get(name)(q, k, v, key_padding_mask=pad, backend=backend, **params)
+    pattern = pattern_of(q, k, **params)
+    n = pad[0].numel()
+    flat = lambda t: t.reshape(3, 2, n, -1)  # noqa: E731
+    want = attnzoo.softmax_attention(flat(q), flat(k), flat(v), mask_mod=pattern, key_padding_mask=pad.reshape(3, n), backend="reference")
+    torch.testing.assert_close(out.reshape(3, 2, n, -1), want, atol=1e-10, rtol=1e-8)
+    weight = torch.randn(want.shape, generator=gen, dtype=torch.float64)
+    got = torch.autograd.grad((out.reshape(want.shape) * weight).sum(), (q, k, v))
+    ref = torch.autograd.grad((want * weight).sum(), (q, k, v))
+    for axis, a, b in zip("qkv", got, ref):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8, msg=lambda m, axis=axis: f"d{axis}: {m}")
+    assert torch.all(out[2] == 0)

@@ -33,10 +33,13 @@ def test_one_axis_is_full_attention_and_negative_axes_count_from_the_end():
     torch.testing.assert_close(attnzoo.axial_attention(y, y, y, axis=-1), attnzoo.axial_attention(y, y, y, axis=2))
 
 
-def test_dispatch_uses_sdpa_lines_and_tiled_for_the_lse():
+def test_dispatch_uses_sdpa_lines_and_a_block_engine_for_the_lse():
+    from attnzoo.kernels import block_sparse
+
     x = torch.randn(1, 2, 6, 6, 16)
     assert [n for n, why in AXIAL.explain(x, x, x, axis=0) if why is None][0] == "sdpa"
-    assert [n for n, why in AXIAL.explain(x, x, x, axis=0, return_lse=True) if why is None][0] == "tiled"
+    lse_engine = "fused" if block_sparse.native_usable(x.device, x.dtype) else "tiled"
+    assert [n for n, why in AXIAL.explain(x, x, x, axis=0, return_lse=True) if why is None][0] == lse_engine
     out, lse = attnzoo.axial_attention(x, x, x, axis=0, return_lse=True)
     assert lse.shape == (1, 2, 6, 6)
 

@@ -10,6 +10,8 @@ import torch
 import attnzoo
 from attnzoo.errors import ParameterError
 
+from .padding import assert_grid_padding_matches_pattern
+
 
 def grid_oracle(q, k, v, g):
     """Each group: the tokens (i, j) with i % sh == a and j % sw == b (sh = ceil(H / g))."""
@@ -55,21 +57,4 @@ def test_padding_masks_keys_out_of_each_group_as_softmax_with_the_pattern_does(s
     of masking); one entry padded at the end of its last axis, one scattered, one with no key at all."""
     from attnzoo.functional.local.grid import _grid_mask
 
-    gen = torch.Generator().manual_seed(len(shape))
-    q, k, v = (torch.randn(3, 2, *shape, 8, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(3))
-    pad = torch.rand(3, *shape, generator=gen) < 0.3
-    pad[0] = False
-    pad[0, ..., shape[-1] - 2 :] = True
-    pad[2] = True
-    out = attnzoo.get("grid")(q, k, v, key_padding_mask=pad, backend=backend, **params)
-    pattern = _grid_mask(q, k, **params)
-    n = pad[0].numel()
-    flat = lambda t: t.reshape(3, 2, n, -1)  # noqa: E731
-    want = attnzoo.softmax_attention(flat(q), flat(k), flat(v), mask_mod=pattern, key_padding_mask=pad.reshape(3, n), backend="reference")
-    torch.testing.assert_close(out.reshape(3, 2, n, -1), want, atol=1e-10, rtol=1e-8)
-    weight = torch.randn(want.shape, generator=gen, dtype=torch.float64)
-    got = torch.autograd.grad((out.reshape(want.shape) * weight).sum(), (q, k, v))
-    ref = torch.autograd.grad((want * weight).sum(), (q, k, v))
-    for name, a, b in zip("qkv", got, ref):
-        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8, msg=lambda m, name=name: f"d{name}: {m}")
-    assert torch.all(out[2] == 0)
+    assert_grid_padding_matches_pattern("grid", _grid_mask, shape, params, backend)

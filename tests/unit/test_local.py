@@ -93,7 +93,16 @@ def test_band_backend_over_many_chunks_matches_the_reference_with_gradients(n, l
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3, msg=lambda m, name=name: f"d{name}: {m}")
 
 
-def test_dispatch_sends_long_causal_windows_to_the_band_and_short_ones_to_tiled():
+def test_dispatch_takes_the_block_sparse_kernel_where_it_is_built():
+    q, k, v = qkv(n=256)
+    for params in (dict(window=(64, 0), causal=True), dict(window=(8, 0), causal=True), dict(window=(3, 9), sinks=4)):
+        assert next(name for name, reason in SW.explain(q, k, v, **params) if reason is None) == "fused", params
+
+
+def test_without_the_block_sparse_kernel_long_causal_windows_go_to_the_band_and_short_ones_to_tiled(monkeypatch):
+    from attnzoo.kernels import block_sparse
+
+    monkeypatch.setattr(block_sparse, "native_usable", lambda device, dtype: False)
     q, k, v = qkv(n=256)
 
     def chosen(**params):

@@ -7,6 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 from attnzoo.cli import mechanism_table_markdown, readme_table, with_readme_table
 
@@ -89,3 +90,19 @@ def test_quickstart_runs(readme):
     # the padded batch: the short sequence's real rows equal its run alone
     alone = attnzoo.attention(q[1:, :, :300], k[1:, :, :300], v[1:, :, :300], "linear", causal=True)
     torch.testing.assert_close(namespace["padded"][1:, :, :300], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_block_sparse_example_runs(readme):
+    from attnzoo.kernels import block_sparse
+
+    if not block_sparse.native_usable(torch.device("cpu"), torch.float32):
+        pytest.skip("the C++ block-sparse kernel is not built here")
+    blocks = [body for lang, body in FENCE.findall(section(readme, "Mechanisms")) if lang == "python"]
+    assert len(blocks) == 1, "the block-sparse example"
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 4096, 16, generator=gen) for _ in range(3))
+    namespace = {"torch": torch, "q": q, "k": k, "v": v}
+    exec(compile(blocks[0], "README.md:block_sparse", "exec"), namespace)
+    allowed = namespace["blocks"].repeat_interleave(64, 0).repeat_interleave(64, 1)
+    want = torch.softmax((q @ k.transpose(-1, -2) / 4).masked_fill(~allowed, float("-inf")), -1).nan_to_num(0.0) @ v
+    torch.testing.assert_close(namespace["out"], want, atol=1e-5, rtol=1e-4)

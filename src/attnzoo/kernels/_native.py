@@ -40,7 +40,8 @@ def _cpu_flags() -> str:
 
 
 def _build_name(stem: str, source: Path, flags: list[str]) -> str:
-    digest = hashlib.sha1(source.read_bytes() + " ".join(flags).encode() + _cpu_flags().encode()).hexdigest()[:12]
+    headers = b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))  # what the sources include
+    digest = hashlib.sha1(source.read_bytes() + headers + " ".join(flags).encode() + _cpu_flags().encode()).hexdigest()[:12]
     return f"attnzoo_{stem}_{digest}"
 
 

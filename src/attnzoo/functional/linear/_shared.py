@@ -18,7 +18,6 @@ The reference stays each mechanism's own: the formula written with materialized 
 from __future__ import annotations
 
 import dataclasses
-import random
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -27,6 +26,7 @@ from torch import Tensor
 
 from ...errors import ParameterError
 from ...kernels.linear_scan import DEFAULT_CHUNK, SCAN_BLOCK, chunked_form, chunked_scan, native_scan_usable, parallel_scores, recurrent_form
+from .._padding import sample_padding
 from ...registry import DecodingState, Mechanism, Param, Problem
 
 __all__ = [
@@ -196,25 +196,6 @@ def refuse_unless_right_padded(name: str, mask: Optional[Tensor], why: str) -> N
         return
     if bool((mask[:, :-1] & ~mask[:, 1:]).any()):
         raise ParameterError(f"{name}: key_padding_mask: only padding on the right is exact here: {why}", argument="key_padding_mask")
-
-
-def sample_padding(p: Problem, rng: random.Random, *, right_only: bool = False, chance: float = 0.3) -> Optional[Tensor]:
-    """A random ``key_padding_mask`` for the conformance suite (or None): right, left or scattered
-    pads, sometimes a batch entry with every key padded."""
-    if rng.random() >= chance:
-        return None
-    gen = torch.Generator().manual_seed(rng.randrange(2**31))
-    n = p.kv_len
-    kind = "right" if right_only else rng.choice(("right", "left", "scattered"))
-    if kind == "scattered":
-        pad = torch.rand(p.batch, n, generator=gen) < rng.choice((0.2, 0.6))
-    else:
-        lengths = torch.randint(0, n + 1, (p.batch, 1), generator=gen)
-        pos = torch.arange(n).view(1, -1)
-        pad = pos >= lengths if kind == "right" else pos < n - lengths
-    if rng.random() < 0.2:
-        pad[0] = True  # a batch entry whose keys are all padded: a finite output, never NaN
-    return pad.to(p.device)
 
 
 # --------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from ...kernels.reference import materialized_attention
 from ...kernels.sdpa import sdpa
 from ...kernels.tiled import tiled_attention
 from ..._validate import per_axis
+from .._padding import sample_padding as _sample_padding
 from ...registry import Backend, Mechanism, Param, Problem
 
 
@@ -100,29 +101,14 @@ def flat_padding(mask: Optional[Tensor], batch: int) -> Optional[Tensor]:
 
 
 def sample_padding(p: Problem, rng: random.Random, *, pattern: str = "", chance: float = 0.3) -> Optional[Tensor]:
-    """A random ``key_padding_mask`` for the conformance suite (or None): pads on the right, on the
-    left or scattered, sometimes a batch entry with every key padded (finite, zero output).
+    """A random ``key_padding_mask`` for the conformance suite (or None), N-D ones sometimes in
+    their spatial form.
 
     ``causal_cross``: right pads only. Sequence patterns count key positions from each sequence's
     first real key (:func:`span_shifted`), so with pads before it, causality holds in those
     positions, not in the absolute ones the suite's "outputs ignore the future" test perturbs.
     """
-    if rng.random() >= chance:
-        return None
-    gen = torch.Generator().manual_seed(rng.randrange(2**31))
-    n = p.kv_len
-    kind = "right" if pattern == "causal_cross" else rng.choice(("right", "left", "scattered"))
-    if kind == "scattered":
-        pad = torch.rand(p.batch, n, generator=gen) < rng.choice((0.2, 0.6))
-    else:
-        lengths = torch.randint(0, n + 1, (p.batch, 1), generator=gen)
-        pos = torch.arange(n).view(1, -1)
-        pad = pos >= lengths if kind == "right" else pos < n - lengths
-    if rng.random() < 0.2:
-        pad[0] = True
-    if len(p.kv_shape) > 1 and rng.random() < 0.5:
-        pad = pad.view(p.batch, *p.kv_shape)  # the spatial form
-    return pad.to(p.device)
+    return _sample_padding(p, rng, right_only=pattern == "causal_cross", chance=chance, spatial=True)
 
 
 @dataclass(frozen=True, eq=False)
@@ -247,7 +233,7 @@ def _add_pattern_backends(mech: Mechanism, pattern_of: PatternOf, *, flex: bool 
     mech.add_backend(
         Backend("reference", reference, doc="the pattern as a dense mask over materialized scores: the spec", priority=-100, materializes_scores=True)
     )
-    mech.add_backend(Backend("fused", fused, doc=FUSED_DOC, accepts=_fused_accepts, prefers=_fused_prefers, **block_sparse.FUSED_CAPABILITIES))
+    mech.add_backend(Backend("fused", fused, doc=FUSED_DOC, accepts=_fused_accepts, **block_sparse.FUSED_CAPABILITIES))
     # traceable=False: the BlockPlan is built from tensor values (a graph break under torch.compile)
     mech.add_backend(Backend("tiled", tiled, doc="the tiled FA2 engine over the key tiles the pattern touches (gives the LSE)", priority=20, traceable=False))
     if flex:
@@ -260,15 +246,6 @@ FUSED_DOC = "the C++ block-sparse FA2 kernel over the 64x64 blocks the pattern t
 def _fused_accepts(p: Problem, params: dict) -> Optional[str]:
     """Whether the C++ block-sparse kernel runs these inputs here (CPU, float32/bf16/f16, built)."""
     return block_sparse.decline_reason(p)
-
-
-def _fused_prefers(p: Problem, params: dict) -> Optional[str]:
-    """Dispatch takes the fused kernel on 1D sequences from 1024 tokens (measured: see kernels/block_sparse.py)."""
-    if len(p.q_shape) != 1:
-        return "2D/3D grids: row-major 64-token blocks cut the windows across many blocks (the mechanism's own paths waste less)"
-    if p.q_len < 1024:
-        return "below 1024 tokens the tiled engine's few tiles cost less than the kernel's per-block setup"
-    return None
 
 
 class _KeepKeys(masks.MaskMod):

@@ -31,6 +31,8 @@
 #include <string>
 #include <vector>
 
+#include "simd_exp.h"
+
 // Fortran BLAS, LP64 (MKL/OpenBLAS as linked by PyTorch). Weak: absent, the loops run instead.
 extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
                        const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
@@ -63,28 +65,7 @@ inline float hsum(fv v) {
   return s;
 }
 
-// exp(x) for x <= ~0 (a score minus its row max or its LSE), Cephes' expf scheme: x = n ln2 + r,
-// e^r by a degree-6 polynomial, 2^n through the exponent bits. Relative error ~2e-7; x below
-// -87 (and -inf: masked pairs) gives exactly 0; NaN stays NaN.
-inline fv expv(fv x) {
-  const iv tiny = x < -87.f;
-  x = tiny ? (fv{} - 87.f) : x;
-  const fv y0 = x * 1.44269504088896341f + 0.5f;
-  fv n = __builtin_convertvector(__builtin_convertvector(y0, iv), fv);
-  n = (n > y0) ? n - 1.f : n;
-  const fv r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  fv y = fv{} + 1.9875691500e-4f;
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * r * r + r + 1.f;
-  const iv bits = (__builtin_convertvector(n, iv) + 127) << 23;
-  fv two_n;
-  std::memcpy(&two_n, &bits, sizeof two_n);
-  return tiny ? fv{} : y * two_n;
-}
+inline fv expv(fv x) { return exp_nonpositive<fv, iv>(x); }
 
 // row[0..n) = exp(row - shift); returns the sum.
 inline float exp_row(float* row, float shift, int n) {

@@ -25,6 +25,8 @@
 #include <limits>
 #include <vector>
 
+#include "simd_exp.h"
+
 namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
@@ -115,32 +117,9 @@ inline void axpy(float alpha, const T* x, float* y, int64_t n) {
   }
 }
 
-// exp(x) for x <= 0 (scores minus their row max) over 8 lanes, branch-free: std::exp is a
-// libm call per pair and cost about as much as the dot products. Cephes' expf scheme:
-// x = n ln2 + r with |r| <= ln2 / 2, e^r by a degree-6 polynomial, 2^n through the exponent
-// bits. Relative error about 2e-7; arguments below -87
-// (and -inf, masked slots) give exactly 0.
 typedef int32_t i8v __attribute__((vector_size(32)));
 
-inline f8 exp8_nonpositive(f8 x) {
-  const i8v tiny = !(x >= -87.f);  // true (-1) where x < -87 or x is NaN/-inf
-  x = tiny ? (f8{} - 87.f) : x;
-  const f8 y0 = x * 1.44269504088896341f + 0.5f;
-  f8 n = __builtin_convertvector(__builtin_convertvector(y0, i8v), f8);  // truncates toward 0
-  n = (n > y0) ? n - 1.f : n;                                             // floor(x log2 e + 1/2)
-  const f8 r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  f8 y = f8{} + 1.9875691500e-4f;
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * r * r + r + 1.f;
-  const i8v bits = (__builtin_convertvector(n, i8v) + 127) << 23;
-  f8 two_n;
-  std::memcpy(&two_n, &bits, sizeof two_n);
-  return tiny ? f8{} : y * two_n;
-}
+inline f8 exp8_nonpositive(f8 x) { return exp_nonpositive<f8, i8v>(x); }
 
 // p[t] = exp(s[t] - m) over a row (masked slots hold -inf and get 0); returns the sum.
 inline float row_exp(const float* s, float m, float* p, int64_t K) {

@@ -38,6 +38,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "simd_exp.h"
+
 namespace {
 
 typedef float f8 __attribute__((vector_size(32)));
@@ -114,28 +116,10 @@ void gemm(int64_t rows, int64_t n, const float* A, int64_t lda, const float* B, 
   }
 }
 
-// exp(x) for x <= 0, 8 lanes (Cephes' expf: x = n ln 2 + r, a degree-6 polynomial in r, then
-// 2^n through the exponent bits; ~1 ulp). x below -87 flushes to 0.
-inline f8 exp8_nonpositive(f8 x) {
-  typedef int i8 __attribute__((vector_size(32)));
-  const f8 lo = splat(-87.f);
-  x = x < lo ? lo : x;
-  f8 t = x * splat(1.44269504088896341f) + splat(0.5f);
-  f8 n = __builtin_convertvector(__builtin_convertvector(t, i8), f8);
-  n = n > t ? n - splat(1.f) : n;  // truncation to floor for negative t
-  const f8 r = x - n * splat(0.693359375f) + n * splat(2.12194440e-4f);
-  f8 p = splat(1.9875691500e-4f);
-  p = p * r + splat(1.3981999507e-3f);
-  p = p * r + splat(8.3334519073e-3f);
-  p = p * r + splat(4.1665795894e-2f);
-  p = p * r + splat(1.6666665459e-1f);
-  p = p * r + splat(5.0000001201e-1f);
-  p = p * r * r + r + splat(1.f);
-  const i8 bits = (__builtin_convertvector(n, i8) + 127) << 23;
-  f8 scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
-}
+typedef int32_t i8v __attribute__((vector_size(32)));
+
+// exp(x) for x <= 0 (simd_exp.h); x below -87, -inf (a padded key) included, gives exactly 0.
+inline f8 exp8_nonpositive(f8 x) { return exp_nonpositive<f8, i8v>(x); }
 
 // The feature maps the kernel applies as it loads a chunk (phi(s q), phi(k)): pointwise ones, and
 // Based's Taylor map.
