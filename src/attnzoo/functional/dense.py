@@ -235,7 +235,7 @@ def _fused(q, k, v, *, causal, causal_alignment, key_padding_mask, bias, mask_mo
     nk = k.shape[2]
     pattern = _pattern(nq, nk, causal, causal_alignment, mask_mod)
     if pattern is None:
-        plan = block_sparse.SparsePlan.from_block_mask(torch.ones(-(-nq // 64), -(-nk // 64), dtype=torch.bool), nq, nk)
+        plan = block_sparse.SparsePlan.dense(nq, nk)
     else:
         plan = block_sparse.SparsePlan.from_mask(pattern, nq, nk, batch=b, heads=h)
     out, lse = block_sparse.block_sparse_attention(q, k, v, plan, scale=scale, key_padding_mask=key_padding_mask)

@@ -137,6 +137,11 @@ class SparsePlan:
 
     # ----------------------------------------------------------------------------------------
     @classmethod
+    def dense(cls, q_len: int, kv_len: int) -> "SparsePlan":
+        """Every block (dense attention through the kernel: its LSE and backward), cached per shape."""
+        return _dense_plan(q_len, kv_len)
+
+    @classmethod
     def from_block_mask(cls, block_mask: Tensor, q_len: int, kv_len: int) -> "SparsePlan":
         """A plan visiting whole blocks: ``block_mask`` (n_q_blocks, n_kv_blocks), (Ph, ., .) or
         (Pb, Ph, ., .) bool, True = visit (every pair of the block attends)."""
@@ -164,11 +169,11 @@ class SparsePlan:
         (given in the entries' order) or by evaluating ``mask_mod`` on them."""
         visit = visit.bool()
         full = full.bool() & visit
-        counts = visit.sum(-1).flatten()
-        ptr = torch.zeros(visit.shape[0] * visit.shape[1], visit.shape[2] + 1, dtype=torch.int64)
-        per_plan = counts.view(-1, visit.shape[2])
-        ptr[:, 1:] = per_plan.cumsum(1)
-        ptr += torch.cat([torch.zeros(1, dtype=torch.int64), per_plan.sum(1).cumsum(0)[:-1]]).unsqueeze(1)
+        # entries are numbered across all plans: plan p's query-block starts are one window of
+        # the running count (each window shares its last start with the next one's first)
+        nqb = visit.shape[2]
+        starts = torch.cat([torch.zeros(1, dtype=torch.int64), visit.sum(-1).flatten().cumsum(0)])
+        ptr = starts.unfold(0, nqb + 1, nqb)
         entries = visit.nonzero()  # (nnz, 4) in (b, h, qb, kb) order: the CSR order
         partial = ~full[visit]
         mask_id = torch.full((entries.shape[0],), -1, dtype=torch.int64)
@@ -255,6 +260,12 @@ def _plan_from_mask(mask_mod: Callable, q_len: int, kv_len: int, pb: int, ph: in
     if grids is not None:
         return SparsePlan._from_grids(*grids, q_len, kv_len, mask_mod)
     return _plan_by_evaluation(mask_mod, q_len, kv_len, pb, ph)
+
+
+@functools.lru_cache(maxsize=64)
+def _dense_plan(q_len: int, kv_len: int) -> SparsePlan:
+    grid = torch.ones(1, 1, _n_blocks(q_len), _n_blocks(kv_len), dtype=torch.bool)
+    return SparsePlan._from_grids(grid, grid, q_len, kv_len, None)
 
 
 @functools.lru_cache(maxsize=64)
