@@ -119,8 +119,57 @@ def per_head(n: int, repeats: int) -> None:
 
 def neighborhood(shape: tuple[int, ...], kernel: int, repeats: int) -> None:
     n = math.prod(shape)
-    timings = time_mechanism("neighborhood", shape, ["gathered", "tiled"], repeats, kernel_size=kernel)
+    timings = time_mechanism("neighborhood", shape, ["gathered", "fused", "tiled"], repeats, kernel_size=kernel)
     report(f"neighborhood {'x'.join(map(str, shape))} kernel {kernel}", n, B * H * n * kernel ** len(shape), timings, repeats)
+
+
+def dispatch_cases(n: int) -> list[tuple[str, tuple[int, ...], dict]]:
+    """Fixed-pattern calls at densities near 10%, 25% and 45% of N x N (N = n tokens; 2D on a square grid)."""
+    side = math.isqrt(n)
+    cases = []
+    for d in (0.10, 0.25, 0.45):
+        kernel_2d = int(side * math.sqrt(d)) | 1  # odd
+        cases += [
+            ("sliding_window", (n,), dict(window=(int(d * n), 0), causal=True)),
+            ("sliding_window", (n,), dict(window=int(d * n / 2))),
+            ("sliding_window", (n,), dict(window=(int(d * n) - 64, 0), causal=True, sinks=64)),
+            ("neighborhood", (n,), dict(kernel_size=int(d * n) | 1)),
+            ("per_head_patterns", (n,), dict(head_patterns=[dict(window=(int(d * n * f), 0)) for f in (0.5, 1.0, 1.5, 1.0) * (H // 4)], causal=True)),
+            ("neighborhood", (side, side), dict(kernel_size=kernel_2d)),
+            ("window", (side, side), dict(window_size=max(2, int(side * math.sqrt(d))))),
+            ("halo", (side, side), dict(block_size=max(2, int(side * math.sqrt(d) / 2)), halo_size=max(1, int(side * math.sqrt(d) / 4)))),
+        ]
+    cases += [("axial", (side, side), dict(axis=0)), ("grid", (side, side), dict(grid_size=max(2, side // 4)))]
+    return cases
+
+
+def dispatch(lengths: tuple[int, ...], budget_s: float) -> None:
+    """Issue 12's dispatch rule, measured: every fixed pattern of density < 50% (of the N x N pairs)
+    at N >= 1024 must run, as ``auto`` dispatches it, no slower than dense SDPA on the same shape
+    (forward, and forward+backward). Ratios are paired (each call adjacent to its dense baseline)."""
+    from attnzoo.bench.efficiency import _tapped
+    from attnzoo.bench.timing import time_paired
+
+    print("\ndispatch vs dense SDPA (ratio = auto / dense, paired medians; density = allowed pairs / N^2)")
+    worst = 0.0
+    for n in lengths:
+        for mech, shape, params in dispatch_cases(n):
+            q, k, v = (torch.randn(B, H, *shape, D) for _ in range(3))
+            call = attnzoo.get(mech)
+            problem = call.describe(q, k, v)
+            bound = call.bind(problem, params)
+            counter = _tapped(call, q, k, v, bound, stop=True)
+            density = counter.pairs / (B * H * n * n)
+            backend = call.select(problem, bound).name
+            qf, kf, vf = (x.flatten(2, -2) for x in (q, k, v))
+            fwd = time_paired(lambda: call(q, k, v, **params), lambda: F.scaled_dot_product_attention(qf, kf, vf), budget_s=budget_s)
+            both = time_paired(train(lambda q, k, v: call(q, k, v, **params), q, k, v), train(F.scaled_dot_product_attention, qf, kf, vf), budget_s=budget_s)
+            flag = "  SLOWER" if density < 0.5 and max(fwd.ratio, both.ratio) > 1.0 else ""
+            if density < 0.5:
+                worst = max(worst, fwd.ratio, both.ratio)
+            shown = ", ".join(f"{key}={val}" for key, val in params.items() if key != "head_patterns")
+            print(f"  N={n:6d} {mech:>17} {shown:<42} density {density:6.1%} -> {backend:>8}: fwd {fwd.ratio:5.2f}x  fwd+bwd {both.ratio:5.2f}x{flag}")
+    print(f"worst ratio below 50% density: {worst:.2f}x dense SDPA")
 
 
 def memory_65536() -> None:
@@ -137,7 +186,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="N = 4096 and small grids only, 2 repeats")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--cases", default="window,window64k,random,per_head,nbr2d,nbr3d,memory")
+    ap.add_argument("--cases", default="window,window64k,random,per_head,nbr2d,nbr3d,memory,dispatch")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -158,6 +207,8 @@ def main() -> None:
             neighborhood((64, 64) if args.quick else (128, 128), kernel, repeats)
     if "nbr3d" in cases:
         neighborhood((8, 16, 16) if args.quick else (16, 32, 32), 3, repeats)
+    if "dispatch" in cases:
+        dispatch((1024,) if args.quick else (1024, 4096), 0.3 if args.quick else 1.0)
     if "memory" in cases and not args.quick:
         memory_65536()
 
