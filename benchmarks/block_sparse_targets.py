@@ -15,6 +15,7 @@ forward at N = 65536 (RSS high-water mark, attnzoo.bench.memory) against bytes(q
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import time
 from typing import Callable
@@ -87,8 +88,8 @@ def time_mechanism(mech: str, shape: tuple[int, ...], backends: list[str], repea
     call = attnzoo.get(mech)
     out = {}
     for backend in backends:
-        fn = lambda q, k, v, b=backend: call(q, k, v, backend=b, **params)  # noqa: E731
-        out[backend] = (best_ms(lambda: fn(q, k, v), repeats), best_ms(train(fn, q, k, v), max(1, repeats - 1)))
+        fn = functools.partial(call, backend=backend, **params)
+        out[backend] = (best_ms(functools.partial(fn, q, k, v), repeats), best_ms(train(fn, q, k, v), max(1, repeats - 1)))
     return out
 
 
@@ -143,32 +144,38 @@ def dispatch_cases(n: int) -> list[tuple[str, tuple[int, ...], dict]]:
     return cases
 
 
+def dispatch_row(n: int, mech: str, shape: tuple[int, ...], params: dict, budget_s: float) -> tuple[float, float]:
+    """Print one case's density, dispatched backend and paired ratios to dense SDPA; return (density, worst ratio)."""
+    from attnzoo.bench.efficiency import _tapped
+    from attnzoo.bench.timing import time_paired
+
+    q, k, v = (torch.randn(B, H, *shape, D) for _ in range(3))
+    call = attnzoo.get(mech)
+    problem = call.describe(q, k, v)
+    bound = call.bind(problem, params)
+    density = _tapped(call, q, k, v, bound, stop=True).pairs / (B * H * n * n)
+    backend = call.select(problem, bound).name
+    qf, kf, vf = (x.flatten(2, -2) for x in (q, k, v))
+
+    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return call(q, k, v, **params)
+
+    fwd = time_paired(lambda: run(q, k, v), lambda: F.scaled_dot_product_attention(qf, kf, vf), budget_s=budget_s)
+    both = time_paired(train(run, q, k, v), train(F.scaled_dot_product_attention, qf, kf, vf), budget_s=budget_s)
+    worst = max(fwd.ratio, both.ratio)
+    flag = "  SLOWER" if density < 0.5 and worst > 1.0 else ""
+    shown = ", ".join(f"{key}={val}" for key, val in params.items() if key != "head_patterns")
+    print(f"  N={n:6d} {mech:>17} {shown:<42} density {density:6.1%} -> {backend:>8}: fwd {fwd.ratio:5.2f}x  fwd+bwd {both.ratio:5.2f}x{flag}")
+    return density, worst
+
+
 def dispatch(lengths: tuple[int, ...], budget_s: float) -> None:
     """Issue 12's dispatch rule, measured: every fixed pattern of density < 50% (of the N x N pairs)
     at N >= 1024 must run, as ``auto`` dispatches it, no slower than dense SDPA on the same shape
     (forward, and forward+backward). Ratios are paired (each call adjacent to its dense baseline)."""
-    from attnzoo.bench.efficiency import _tapped
-    from attnzoo.bench.timing import time_paired
-
     print("\ndispatch vs dense SDPA (ratio = auto / dense, paired medians; density = allowed pairs / N^2)")
-    worst = 0.0
-    for n in lengths:
-        for mech, shape, params in dispatch_cases(n):
-            q, k, v = (torch.randn(B, H, *shape, D) for _ in range(3))
-            call = attnzoo.get(mech)
-            problem = call.describe(q, k, v)
-            bound = call.bind(problem, params)
-            counter = _tapped(call, q, k, v, bound, stop=True)
-            density = counter.pairs / (B * H * n * n)
-            backend = call.select(problem, bound).name
-            qf, kf, vf = (x.flatten(2, -2) for x in (q, k, v))
-            fwd = time_paired(lambda: call(q, k, v, **params), lambda: F.scaled_dot_product_attention(qf, kf, vf), budget_s=budget_s)
-            both = time_paired(train(lambda q, k, v: call(q, k, v, **params), q, k, v), train(F.scaled_dot_product_attention, qf, kf, vf), budget_s=budget_s)
-            flag = "  SLOWER" if density < 0.5 and max(fwd.ratio, both.ratio) > 1.0 else ""
-            if density < 0.5:
-                worst = max(worst, fwd.ratio, both.ratio)
-            shown = ", ".join(f"{key}={val}" for key, val in params.items() if key != "head_patterns")
-            print(f"  N={n:6d} {mech:>17} {shown:<42} density {density:6.1%} -> {backend:>8}: fwd {fwd.ratio:5.2f}x  fwd+bwd {both.ratio:5.2f}x{flag}")
+    rows = [dispatch_row(n, mech, shape, params, budget_s) for n in lengths for mech, shape, params in dispatch_cases(n)]
+    worst = max((ratio for density, ratio in rows if density < 0.5), default=0.0)
     print(f"worst ratio below 50% density: {worst:.2f}x dense SDPA")
 
 

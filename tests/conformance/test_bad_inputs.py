@@ -34,9 +34,14 @@ def _inputs(mech, *, b=2, hq=4, hkv=2, n=9, nk=None, d=16, dv=16, dtype=torch.fl
     return (torch.randn(b, hq, *sq, d, dtype=dtype), torch.randn(b, hkv, *sk, d, dtype=dtype), torch.randn(b, hkv, *sk, dv, dtype=dtype))
 
 
+def _pattern(mech):
+    """Self-attention, non-causal where the mechanism has it (causal-only ones: causal)."""
+    return "noncausal_self" if "noncausal_self" in mech.patterns else "causal_self"
+
+
 def _plain(mech, q, k, v):
     """The mechanism's plain parameters (a required one, like a window, filled in)."""
-    return mech.example_params(mech.describe(q, k, v), "noncausal_self")
+    return mech.example_params(mech.describe(q, k, v), _pattern(mech))
 
 
 def _raises(exc, argument, fn, *args, **kwargs):
@@ -86,7 +91,7 @@ def test_non_finite_inputs_are_named(mech, where, value):
     q, k, v = _inputs(mech)
     tensors = {"q": q, "k": k, "v": v}
     tensors[where].view(-1)[5] = value
-    params = mech.example_params(mech.describe(q, k, v), "noncausal_self")
+    params = _plain(mech, q, k, v)
     err = _raises(NonFiniteError, where, mech, tensors["q"], tensors["k"], tensors["v"], **params)
     assert "NaN" in str(err)
 

@@ -14,6 +14,7 @@ from .linear import (
     transnormer_attention,
     transnormer_diag_attention,
 )
+from .sparse import moba_attention, topk_attention
 from .local import (
     HeadPattern,
     axial_attention,
@@ -28,6 +29,8 @@ from .local import (
 
 __all__ = [
     "softmax_attention",
+    "topk_attention",
+    "moba_attention",
     "sliding_window_attention",
     "neighborhood_attention",
     "axial_attention",

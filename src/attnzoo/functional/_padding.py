@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..errors import ParameterError
 from ..registry import Problem
 
 
@@ -32,3 +33,15 @@ def sample_padding(p: Problem, rng: random.Random, *, right_only: bool = False, 
     if spatial and len(p.kv_shape) > 1 and rng.random() < 0.5:
         pad = pad.view(p.batch, *p.kv_shape)
     return pad.to(p.device)
+
+
+def refuse_unless_right_padded(name: str, mask: Optional[Tensor], why: str) -> None:
+    """ParameterError naming ``key_padding_mask`` when a real key follows a pad in some row.
+
+    For mechanisms that place tokens by their absolute position (blocks, groups): padding on the
+    right leaves every real token where it was alone, padding before it moves it. One host sync.
+    """
+    if mask is None or mask.shape[1] < 2:
+        return
+    if bool((mask[:, :-1] & ~mask[:, 1:]).any()):
+        raise ParameterError(f"{name}: key_padding_mask: only padding on the right is exact here: {why}", argument="key_padding_mask")

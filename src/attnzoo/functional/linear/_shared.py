@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ...errors import ParameterError
 from ...kernels.linear_scan import DEFAULT_CHUNK, SCAN_BLOCK, chunked_form, chunked_scan, native_scan_usable, parallel_scores, recurrent_form
-from .._padding import sample_padding
+from .._padding import refuse_unless_right_padded, sample_padding
 from ...registry import DecodingState, Mechanism, Param, Problem
 
 __all__ = [
@@ -184,18 +184,6 @@ def visible_keys(mask: Optional[Tensor], n: int, like: Tensor) -> Tensor:
     if mask is None:
         return torch.ones(1, 1, n, 1, dtype=like.dtype, device=like.device)
     return (~mask).to(like.dtype)[:, None, :, None]
-
-
-def refuse_unless_right_padded(name: str, mask: Optional[Tensor], why: str) -> None:
-    """ParameterError naming ``key_padding_mask`` when a real key follows a pad in some row.
-
-    For mechanisms that place tokens by their absolute position (blocks, groups): padding on the
-    right leaves every real token where it was alone, padding before it moves it. One host sync.
-    """
-    if mask is None or mask.shape[1] < 2:
-        return
-    if bool((mask[:, :-1] & ~mask[:, 1:]).any()):
-        raise ParameterError(f"{name}: key_padding_mask: only padding on the right is exact here: {why}", argument="key_padding_mask")
 
 
 # --------------------------------------------------------------------------------------------

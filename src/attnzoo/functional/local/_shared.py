@@ -248,6 +248,30 @@ def _fused_accepts(p: Problem, params: dict) -> Optional[str]:
     return block_sparse.decline_reason(p)
 
 
+#: The grouped-SDPA backends (window, halo: one SDPA over padded groups) compute pairs at about
+#: 0.4-0.7x dense SDPA's rate on CPU, the fused kernel its blocks at 0.7-0.8x (measured:
+#: ``benchmarks/block_sparse_targets.py --cases dispatch``, 32x32 and 64x64 grids). Grouped SDPA
+#: is declined once its padded pairs exceed this share of the fused kernel's block pairs.
+GROUPED_SDPA_SHARE_OF_FUSED = 0.75
+
+
+def grouped_sdpa_waste(p: Problem, pattern: masks.MaskMod, grouped_pairs: int) -> Optional[str]:
+    """Why a grouped-SDPA backend should give way to the fused kernel here, or None.
+
+    ``grouped_pairs``: the (query, key) pairs per (batch, head) its padded groups compute. Only
+    declines where the fused kernel runs (CPU, built): elsewhere grouped SDPA is the fast path."""
+    if block_sparse.decline_reason(p) is not None or p.device.type != "cpu":
+        return None
+    n = math.prod(p.q_shape)
+    fused_pairs = block_sparse.SparsePlan.from_mask(pattern, n, n).blocks * block_sparse.BLOCK**2  # cached per pattern
+    if grouped_pairs > GROUPED_SDPA_SHARE_OF_FUSED * fused_pairs:
+        return (
+            f"its padded groups compute {grouped_pairs} pairs, more than {GROUPED_SDPA_SHARE_OF_FUSED} x the fused kernel's "
+            f"{fused_pairs} block pairs: slower on CPU (measured)"
+        )
+    return None
+
+
 class _KeepKeys(masks.MaskMod):
     """The unpadded keys as a predicate (FlexAttention takes padding only through its mask)."""
 

@@ -17,6 +17,7 @@ from ._shared import (
     _attend_groups,
     _crop,
     _no_lse,
+    grouped_sdpa_waste,
     _check_self,
     _add_pattern_backends,
     ints_per_axis,
@@ -139,7 +140,15 @@ HALO = register(
     )
 )
 _add_pattern_backends(HALO, _halo_mask, flex=True)
-HALO.implementation("sdpa", accepts=_no_lse, priority=50)(_halo_sdpa)
+def _halo_sdpa_accepts(p: Problem, params: dict) -> Optional[str]:
+    n = len(p.q_shape)
+    pattern = HaloMask(tuple(p.q_shape), per_axis(params["block_size"], n, int), per_axis(params["halo_size"], n, int))
+    blocks = math.prod(-(-size // b) for size, b in zip(pattern.shape, pattern.block))
+    grouped = blocks * math.prod(pattern.block) * math.prod(b + 2 * h for b, h in zip(pattern.block, pattern.halo))
+    return _no_lse(p, params) or grouped_sdpa_waste(p, pattern, grouped)
+
+
+HALO.implementation("sdpa", accepts=_halo_sdpa_accepts, priority=50)(_halo_sdpa)
 
 
 def halo_attention(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -16,6 +17,7 @@ from ._shared import (
     _attend_groups,
     _crop,
     _no_lse,
+    grouped_sdpa_waste,
     _check_self,
     _add_pattern_backends,
     ints_per_axis,
@@ -172,7 +174,13 @@ WINDOW = register(
     )
 )
 _add_pattern_backends(WINDOW, _window_mask, flex=True)
-WINDOW.implementation("sdpa", accepts=_no_lse, priority=50)(_win_sdpa)
+def _win_sdpa_accepts(p: Problem, params: dict) -> Optional[str]:
+    pattern = WindowMask(tuple(p.q_shape), per_axis(params["window_size"], len(p.q_shape), int), per_axis(params["shift_size"], len(p.q_shape), int))
+    grouped = math.prod(-(-size // w) * w for size, w in zip(pattern.shape, pattern.window)) * math.prod(pattern.window)
+    return _no_lse(p, params) or grouped_sdpa_waste(p, pattern, grouped)
+
+
+WINDOW.implementation("sdpa", accepts=_win_sdpa_accepts, priority=50)(_win_sdpa)
 
 
 def window_attention(

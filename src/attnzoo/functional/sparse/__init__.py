@@ -1,0 +1,10 @@
+"""Content-dependent sparse attention (catalog S1-S3): what a query attends is chosen from the data.
+
+One selection engine (:mod:`._select`: top-k and cumulative-mass rules, row-level block
+selections as fused-kernel plans) serves every method; each module is one method's scorer.
+"""
+
+from .moba import moba_attention
+from .topk import topk_attention
+
+__all__ = ["moba_attention", "topk_attention"]

@@ -1,0 +1,238 @@
+"""The selection engine of the content-dependent sparse family (catalog S1-S3).
+
+Every method here is: (1) *estimate* cheap scores (per query key, per query block or per key
+block), (2) *select* with one of two rules, (3) *attend* to what was selected.
+
+* :func:`top_k_mask`: exactly ``k`` entries per row (fewer only where fewer are available),
+  ties broken towards the lowest index. ``torch.topk`` leaves ties unspecified, so the rule is
+  a threshold at the k-th value plus a running count of the entries equal to it.
+* :func:`mass_mask`: the smallest prefix of the row sorted by decreasing score (ties: lowest
+  index first) whose sum reaches ``tau`` times the row's total (XAttention's, FlexPrefill's and
+  PBS-Attn's "cumulative mass" rule).
+* :func:`selection_plan`: a row-level block selection (each query row keeps some key blocks of
+  ``block`` keys) as the fused kernel's 64 x 64 block plan, built from the selection in
+  O(selected entries) for blocks that are multiples of 64, never from an Nq x Nk mask;
+  :func:`attend_selected` runs it on the fused CPU kernel, or on the tiled engine elsewhere.
+
+The references of the mechanisms select with :func:`sorted_top_k_mask` / :func:`sorted_mass_mask`
+(a stable sort: the rule written out) so that the fast paths' selection is checked against an
+independent implementation, not against itself.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ... import masks
+from ...kernels import block_sparse
+from ...kernels.block_sparse import BLOCK, SparsePlan
+from ...kernels.reference import materialized_attention
+from ...kernels.tiled import tiled_attention
+
+__all__ = [
+    "top_k_mask",
+    "sorted_top_k_mask",
+    "mass_mask",
+    "sorted_mass_mask",
+    "SelectionMask",
+    "selection_plan",
+    "attend_selected",
+    "dense_selection",
+]
+
+NEG_INF = float("-inf")
+
+
+# --------------------------------------------------------------------------------------------
+# selection rules
+# --------------------------------------------------------------------------------------------
+def top_k_mask(scores: Tensor, k: int) -> Tensor:
+    """Bool mask of the ``k`` largest entries of each row (last dim); -inf entries are never kept.
+
+    Exactly ``min(k, finite entries)`` per row; among entries equal to the k-th largest, the
+    lowest indices are kept. NaN ranks above everything (as in ``torch.sort``), so a NaN input
+    reaches the output instead of vanishing. O(n log k) per row (``torch.topk``) plus O(n).
+    """
+    scores = scores.nan_to_num(nan=float("inf"), posinf=float("inf"), neginf=NEG_INF)
+    finite = scores > NEG_INF
+    if k >= scores.shape[-1]:
+        return finite
+    kth = scores.topk(k, dim=-1).values[..., -1:]
+    above = scores > kth
+    tied = scores == kth
+    room = k - above.sum(-1, keepdim=True)
+    return (above | (tied & (tied.cumsum(-1) <= room))) & finite
+
+
+def sorted_top_k_mask(scores: Tensor, k: int) -> Tensor:
+    """:func:`top_k_mask` written as its rule: a stable descending sort keeps equal entries in
+    index order, and the first ``k`` finite ones are kept (the references' selection)."""
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
+    keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, order, True)
+    return keep & (scores > NEG_INF)
+
+
+def mass_mask(weights: Tensor, tau: float) -> Tensor:
+    """Bool mask of the smallest set of entries, taken by decreasing weight (ties: lowest index
+    first), whose sum reaches ``tau`` x the row total. ``weights`` >= 0; an all-zero row keeps nothing."""
+    values, order = torch.sort(weights, dim=-1, descending=True, stable=True)
+    before = values.cumsum(-1) - values  # mass of the entries ranked above each one
+    total = values.sum(-1, keepdim=True)
+    keep_sorted = (before < tau * total) & (values > 0)
+    return torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
+
+
+def sorted_mass_mask(weights: Tensor, tau: float) -> Tensor:
+    """:func:`mass_mask` row by row, as the papers write it (the references' selection)."""
+    flat = weights.reshape(-1, weights.shape[-1])
+    keep = torch.zeros_like(flat, dtype=torch.bool)
+    for r in range(flat.shape[0]):
+        row = flat[r].tolist()
+        target, taken = tau * sum(row), 0.0
+        for j in sorted(range(len(row)), key=lambda j: (-row[j], j)):
+            if taken >= target or row[j] <= 0:
+                break
+            keep[r, j] = True
+            taken += row[j]
+    return keep.view(weights.shape)
+
+
+# --------------------------------------------------------------------------------------------
+# a row-level block selection as a predicate, a dense mask, or a fused-kernel plan
+# --------------------------------------------------------------------------------------------
+class SelectionMask(masks.MaskMod):
+    """``selected[b, h, q, kv // block]`` (and ``kv <= q + offset`` when causal) as a predicate.
+
+    ``selected`` (Pb, Ph, Nq, n_blocks) bool with Pb in {1, B}, Ph in {1, H}: which key blocks
+    of ``block`` keys each query row attends.
+    """
+
+    batch_head_dependent = True
+    cacheable = False
+
+    def __init__(self, selected: Tensor, block: int, causal_offset: Optional[int]):
+        self.selected, self.block, self.offset = selected, block, causal_offset
+
+    def __call__(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        pb, ph = self.selected.shape[:2]
+        b = b if pb > 1 else torch.zeros_like(torch.as_tensor(b))
+        h = h if ph > 1 else torch.zeros_like(torch.as_tensor(h))
+        keep = self.selected[b, h, q_idx, kv_idx // self.block]
+        if self.offset is not None:
+            keep = keep & (kv_idx <= q_idx + self.offset)
+        return keep
+
+
+def dense_selection(selected: Tensor, block: int, kv_len: int, causal_offset: Optional[int]) -> Tensor:
+    """The (Pb, Ph, Nq, Nk) bool mask of a row-level block selection (the references')."""
+    keep = selected.repeat_interleave(block, dim=-1)[..., :kv_len]
+    if causal_offset is not None:
+        nq = selected.shape[2]
+        keep = keep & masks.causal(causal_offset)(None, None, torch.arange(nq)[:, None], torch.arange(kv_len)[None, :]).to(keep.device)
+    return keep
+
+
+def selection_plan(selected: Tensor, block: int, q_len: int, kv_len: int, causal_offset: Optional[int]) -> SparsePlan:
+    """The fused kernel's plan of a row-level selection ``selected`` (Pb, Ph, Nq, ceil(Nk / block)).
+
+    Blocks that are a multiple of 64 keys put each 64-key tile inside one selected block: a
+    row's word for a tile is all ones or zero, cut by the causal diagonal and the last key, so
+    the plan costs O(Nq * n_tiles / 64) words, never an Nq x Nk mask. Other block sizes fall back
+    to evaluating the predicate on the visited tiles only.
+    """
+    selected = selected.cpu()
+    pb, ph, nq, _ = selected.shape
+    nqb, nkb = -(-q_len // BLOCK), -(-kv_len // BLOCK)
+    if block % BLOCK != 0:
+        return _plan_by_tiles(selected, block, q_len, kv_len, causal_offset)
+    per_tile = block // BLOCK
+    rows = selected.repeat_interleave(per_tile, dim=-1)[..., :nkb]  # (Pb, Ph, Nq, nkb): the row keeps the whole tile
+    key_first = torch.arange(nkb) * BLOCK
+    if causal_offset is not None:  # a tile wholly after the row's last key is not visited
+        rows = rows & (key_first[None, :] <= torch.arange(nq)[:, None] + causal_offset)
+    rows = torch.nn.functional.pad(rows, (0, 0, 0, nqb * BLOCK - nq))  # rows past Nq keep nothing
+    tiles = rows.view(pb, ph, nqb, BLOCK, nkb)
+    visit = tiles.any(3)
+    entries = visit.nonzero()  # (E, 4): (b, h, qb, kb), the CSR order
+    row_idx = entries[:, 2:3] * BLOCK + torch.arange(BLOCK)  # (E, 64)
+    keeps = tiles[entries[:, 0], entries[:, 1], entries[:, 2], :, entries[:, 3]]  # (E, 64): which rows keep the tile
+    words = _tile_words(entries[:, 3], row_idx, kv_len, causal_offset)  # the tile's columns each row may see
+    words = torch.where(keeps, words, torch.zeros_like(words))
+    inside = row_idx < q_len
+    full_word = _tile_words(entries[:, 3], row_idx, kv_len, None)
+    full = ((words == full_word) | ~inside).all(-1)
+    full_grid = torch.zeros_like(visit)
+    full_grid[tuple(entries[full].T)] = True
+    return SparsePlan._from_grids(visit, full_grid, q_len, kv_len, None, bits=words[~full])
+
+
+def _tile_words(kv_block: Tensor, row_idx: Tensor, kv_len: int, causal_offset: Optional[int]) -> Tensor:
+    """(E, 64) int64: bit c set where key ``64 kv_block + c`` exists and (causal) is <= row + offset."""
+    last = torch.full_like(row_idx, kv_len - 1)
+    if causal_offset is not None:
+        last = torch.minimum(last, row_idx + causal_offset)
+    count = (last - kv_block[:, None] * BLOCK + 1).clamp(0, BLOCK)  # keys 0 .. count-1 of the tile
+    # (1 << count) - 1 overflows at 64: set bit 63 by hand (the sign bit, -2**63)
+    low = torch.where(count >= BLOCK - 1, torch.full_like(count, (1 << (BLOCK - 1)) - 1), (torch.ones_like(count) << count) - 1)
+    return torch.where(count == BLOCK, low | torch.full_like(count, -(1 << (BLOCK - 1))), low)
+
+
+def _plan_by_tiles(selected: Tensor, block: int, q_len: int, kv_len: int, causal_offset: Optional[int]) -> SparsePlan:
+    """Blocks that do not align with 64-key tiles: the predicate evaluated tile by tile."""
+    pb, ph = selected.shape[:2]
+    batch_head = SelectionMask(selected, block, causal_offset)
+    return block_sparse._plan_by_evaluation(batch_head, q_len, kv_len, pb, ph)
+
+
+# --------------------------------------------------------------------------------------------
+# attending to a selection
+# --------------------------------------------------------------------------------------------
+def attend_selected(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    selected: Tensor,
+    block: int,
+    *,
+    causal_offset: Optional[int],
+    key_padding_mask: Optional[Tensor],
+    scale: Optional[float],
+    engine: str,
+) -> tuple[Tensor, Tensor]:
+    """``(out, lse)`` of softmax attention over a row-level block selection.
+
+    ``engine``: ``"fused"`` (the C++ block-sparse kernel over :func:`selection_plan`),
+    ``"tiled"`` (the PyTorch FA2 engine with the selection as its predicate) or
+    ``"reference"`` (the dense mask over materialized scores)."""
+    nq, nk = q.shape[2], k.shape[2]
+    if engine == "fused":
+        plan = selection_plan(selected, block, nq, nk, causal_offset)
+        return block_sparse.block_sparse_attention(q, k, v, plan, scale=scale, key_padding_mask=key_padding_mask)
+    if engine == "tiled":
+        pattern = SelectionMask(selected.to(q.device), block, causal_offset)
+        plan = masks.plan_for(pattern, nq, nk, batch=q.shape[0], heads=q.shape[1])
+        return tiled_attention(q, k, v, plan=plan, scale=scale, mask_mod=pattern, key_padding_mask=key_padding_mask)
+    allowed = dense_selection(selected.to(q.device), block, nk, causal_offset)
+    if key_padding_mask is not None:
+        allowed = allowed & ~key_padding_mask.view(q.shape[0], 1, 1, nk)
+    return materialized_attention(q, k, v, scale=scale, allowed=allowed)
+
+
+def block_means(x: Tensor, block: int, key_padding_mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """Mean of each block of ``block`` tokens over the real ones: ((B, H, n_blocks, D) float64,
+    (B, 1, n_blocks) bool "the block has a real token"). The last block may be short."""
+    b, h, n, d = x.shape
+    blocks = math.ceil(n / block)
+    real = torch.ones(b, n, dtype=torch.float64, device=x.device) if key_padding_mask is None else (~key_padding_mask).double()
+    pad = blocks * block - n
+    xs = torch.nn.functional.pad(x.double() * real[:, None, :, None], (0, 0, 0, pad)).view(b, h, blocks, block, d).sum(3)
+    counts = torch.nn.functional.pad(real, (0, pad)).view(b, blocks, block).sum(-1)[:, None, :]
+    return xs / counts.clamp(min=1)[..., None], counts > 0
+
+
+def causal_offset_of(nq: int, nk: int, alignment: str) -> int:
+    return nk - nq if alignment == "bottom_right" else 0

@@ -1,0 +1,207 @@
+"""MoBA: Mixture of Block Attention (catalog S2; Lu et al., Moonshot AI, arXiv 2502.13189).
+
+The keys are cut into blocks of ``block_size`` from position 0. Query i scores each block by the
+parameter-free gate of Sec. 2.2 (Eq. 5-6): ``g_ib = q_i . mean(K_b)``; blocks after i's own are
+excluded, i's own block is always selected (gate +inf: "the current block must be attended"),
+and the ``top_k`` highest gates (own block included, as the paper's Eq. 6 and its code do) give
+the blocks i attends. The own block is causal inside, the past blocks are attended whole:
+
+    out_i = sum_{j in U_i, j <= i} softmax_j(scale q_i . k_j) v_j,   U_i = union of the selected blocks
+
+Selection: gates in float64 in every backend, exactly ``top_k`` blocks per query (fewer when
+fewer exist), ties to the lowest block index (:func:`._select.top_k_mask`). Key padding: a block's
+mean is over its real keys (a block with none is never selected); only right padding is exact
+(blocks are placed from position 0). Gradients flow through the attention, not the gate (the
+paper's gate has no parameters and the selection is discrete).
+
+Backends: ``reference`` (the gate block by block, stable-sort top-k, dense mask);
+``fused`` (the selection as a 64 x 64 block plan on the C++ kernel: O(selected blocks) time);
+``tiled`` (the PyTorch FA2 engine over the same selection).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from ...kernels import block_sparse
+from ...kernels.reference import materialized_attention
+from ...registry import Backend, Mechanism, Param, Problem, flag, positive_number, register
+from .._padding import refuse_unless_right_padded, sample_padding
+from ._select import NEG_INF, attend_selected, block_means, dense_selection, sorted_top_k_mask, top_k_mask
+from .topk import PADDING_PARAM
+
+__all__ = ["moba_attention", "MOBA"]
+
+_PADDING_WHY = "MoBA's blocks start at position 0, so pads before a sequence would move its blocks"
+
+
+def _positive_int(what: str):
+    def check(value: Any, p: Problem) -> Optional[str]:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            return f"a positive int ({what})"
+        return None
+
+    return check
+
+
+MOBA_PARAMS = (
+    Param("block_size", None, "required: keys per block (the paper's chunk size; multiples of 64 run fastest)", _positive_int("keys per block"), (None, 0, -64, 1.5, "64"), "int"),
+    Param("top_k", None, "required: blocks each query attends, its own block included", _positive_int("blocks per query"), (None, 0, -1, 2.0, "3"), "int"),
+    PADDING_PARAM,
+    positive_number("scale", "multiplies q.k; default head_dim ** -0.5"),
+    flag("return_lse", False, "also return the log-sum-exp of each row, (B, H, Nq)"),
+)
+
+
+# --------------------------------------------------------------------------------------------
+# the gate and the selection
+# --------------------------------------------------------------------------------------------
+def _own_block(nq: int, nk: int, block_size: int, device: torch.device) -> Tensor:
+    """(Nq,) the block holding each query's position (bottom-right: query i sits at key i + Nk - Nq)."""
+    return (torch.arange(nq, device=device) + nk - nq) // block_size
+
+
+def _masked_gates(gates: Tensor, own: Tensor, has_keys: Tensor) -> Tensor:
+    """-inf on future and empty blocks, +inf on the own block (always selected)."""
+    blocks = torch.arange(gates.shape[-1], device=gates.device)
+    gates = gates.masked_fill(blocks > own[:, None], NEG_INF).masked_fill(~has_keys[:, :, None, :], NEG_INF)
+    return gates.masked_fill(blocks == own[:, None], float("inf"))
+
+
+def moba_selection(q: Tensor, k: Tensor, block_size: int, top_k: int, key_padding_mask: Optional[Tensor]) -> Tensor:
+    """(B, H, Nq, n_blocks) bool: the blocks each query attends (the fast paths' selection)."""
+    group = q.shape[1] // k.shape[1]
+    means, has_keys = block_means(k.detach(), block_size, key_padding_mask)
+    gates = torch.matmul(q.detach().double(), means.repeat_interleave(group, dim=1).transpose(-1, -2))
+    own = _own_block(q.shape[2], k.shape[2], block_size, q.device)
+    return top_k_mask(_masked_gates(gates, own, has_keys), top_k)
+
+
+def _reference_selection(q: Tensor, k: Tensor, block_size: int, top_k: int, key_padding_mask: Optional[Tensor]) -> Tensor:
+    """The gate written block by block (Eq. 5), the top-k by a stable sort (Eq. 6)."""
+    b, h, nq, _ = q.shape
+    nk, group = k.shape[2], q.shape[1] // k.shape[1]
+    n_blocks = math.ceil(nk / block_size)
+    real = torch.ones(b, nk, dtype=torch.bool, device=k.device) if key_padding_mask is None else ~key_padding_mask
+    gates = torch.empty(b, h, nq, n_blocks, dtype=torch.float64, device=q.device)
+    for blk in range(n_blocks):
+        span = slice(blk * block_size, (blk + 1) * block_size)
+        keys = k[:, :, span].double() * real[:, None, span, None]
+        count = real[:, span].sum(-1).clamp(min=1).double()  # (B,)
+        mean = keys.sum(2) / count[:, None, None]  # (B, Hkv, D)
+        gates[..., blk] = torch.einsum("bhqd,bhd->bhq", q.double(), mean.repeat_interleave(group, dim=1))
+    has_keys = torch.stack([real[:, blk * block_size : (blk + 1) * block_size].any(-1) for blk in range(n_blocks)], -1)[:, None]
+    own = _own_block(nq, nk, block_size, q.device)
+    return sorted_top_k_mask(_masked_gates(gates, own, has_keys), top_k)
+
+
+# --------------------------------------------------------------------------------------------
+# backends
+# --------------------------------------------------------------------------------------------
+def _reference(q, k, v, *, block_size, top_k, key_padding_mask, scale, return_lse):
+    """Gate, stable-sort selection and a dense masked softmax over materialized scores: the spec."""
+    refuse_unless_right_padded("moba", key_padding_mask, _PADDING_WHY)
+    selected = _reference_selection(q, k, block_size, top_k, key_padding_mask)
+    allowed = dense_selection(selected, block_size, k.shape[2], k.shape[2] - q.shape[2])
+    if key_padding_mask is not None:
+        allowed = allowed & ~key_padding_mask.view(q.shape[0], 1, 1, k.shape[2])
+    out, lse = materialized_attention(q, k, v, scale=scale, allowed=allowed)
+    return (out, lse) if return_lse else out
+
+
+def _engine(name: str):
+    def run(q, k, v, *, block_size, top_k, key_padding_mask, scale, return_lse):
+        refuse_unless_right_padded("moba", key_padding_mask, _PADDING_WHY)
+        selected = moba_selection(q, k, block_size, top_k, key_padding_mask)
+        out, lse = attend_selected(
+            q, k, v, selected, block_size, causal_offset=k.shape[2] - q.shape[2], key_padding_mask=key_padding_mask, scale=scale, engine=name
+        )
+        return (out, lse) if return_lse else out
+
+    run.__name__ = f"_moba_{name}"
+    return run
+
+
+def _sample_params(p: Problem, pattern: str, rng: Optional[random.Random]) -> dict[str, Any]:
+    if rng is None:
+        return {"block_size": 64 if p.kv_len >= 256 else max(1, p.kv_len // 4), "top_k": 3}
+    params: dict[str, Any] = {"block_size": rng.randint(1, max(1, p.kv_len)), "top_k": rng.randint(1, 5)}
+    pad = sample_padding(p, rng, right_only=True)
+    if pad is not None:
+        params["key_padding_mask"] = pad
+    if rng.random() < 0.3:
+        params["return_lse"] = True
+    if rng.random() < 0.2:
+        params["scale"] = rng.choice((0.05, 0.5, 1.0))
+    return params
+
+
+MOBA = register(
+    Mechanism(
+        name="moba",
+        family="sparse",
+        catalog=("S2",),
+        paper="MoBA: Mixture of Block Attention for Long-Context LLMs (Lu et al., 2025), Sec. 2.2-2.3, Eq. 5-6",
+        formula="out_i = sum_{j in U_i, j <= i} softmax(scale q_i.k_j) v_j, U_i = own block + top-(k-1) past blocks by q_i . mean(K_b)",
+        cost="O(Nq * Nk / block * D) gate, O(Nq * top_k * block * D) attention (fused); O(N) memory",
+        summary="MoBA block routing: each query attends its own block (causal) and its top-k past blocks by a mean-key gate",
+        patterns=frozenset({"causal_self"}),
+        params=MOBA_PARAMS,
+        gqa=True,
+        sample_params=_sample_params,
+    )
+)
+MOBA.add_backend(Backend("reference", _reference, doc="block-by-block gate, stable-sort top-k, dense masked softmax: the spec", priority=-100, materializes_scores=True))
+MOBA.add_backend(
+    Backend(
+        "fused",
+        _engine("fused"),
+        doc="the selection as a 64x64 block plan on the C++ block-sparse kernel (forward, backward, LSE)",
+        accepts=lambda p, params: block_sparse.decline_reason(p),
+        **block_sparse.FUSED_CAPABILITIES,
+    )
+)
+MOBA.add_backend(Backend("tiled", _engine("tiled"), doc="the PyTorch FA2 engine over the selected blocks", priority=20, traceable=False))
+
+
+def moba_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    block_size: int,
+    top_k: int,
+    key_padding_mask: Optional[Tensor] = None,
+    scale: Optional[float] = None,
+    return_lse: bool = False,
+    backend: Optional[str] = None,
+) -> Any:
+    """MoBA (catalog S2): causal attention over each query's own block and its top-k past blocks.
+
+    Gate ``g_ib = q_i . mean(K_b)`` over blocks of ``block_size`` keys; the own block is always
+    kept (causal inside), future blocks never; the ``top_k`` best (own included) are attended.
+
+    Args:
+        q: (B, Hq, N, D). k: (B, Hkv, N, D), Hq a multiple of Hkv. v: (B, Hkv, N, Dv).
+        block_size: keys per block (the paper uses 512-4096; multiples of 64 plan in O(blocks)).
+        top_k: blocks per query, own block included.
+        key_padding_mask: (B, N) bool, True = pad; right padding only (ParameterError otherwise).
+        scale: defaults to ``D ** -0.5``. return_lse: also return the LSE (B, Hq, N).
+
+    Cost: O(N^2 / block_size * D) for the gate, O(N * top_k * block_size * D) for the attention.
+    Paper: Lu et al., "MoBA" (2025), Eq. 5-6.
+
+    Example::
+
+        >>> q = k = v = torch.randn(1, 4, 4096, 64)
+        >>> out = moba_attention(q, k, v, block_size=512, top_k=3)
+    """
+    return MOBA(q, k, v, backend=backend, block_size=block_size, top_k=top_k, key_padding_mask=key_padding_mask, scale=scale, return_lse=return_lse)
+
+
+MOBA.function = moba_attention
