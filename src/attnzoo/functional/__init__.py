@@ -14,7 +14,7 @@ from .linear import (
     transnormer_attention,
     transnormer_diag_attention,
 )
-from .sparse import moba_attention, topk_attention
+from .sparse import bilevel_routing_attention, moba_attention, topk_attention
 from .local import (
     HeadPattern,
     axial_attention,
@@ -31,6 +31,7 @@ __all__ = [
     "softmax_attention",
     "topk_attention",
     "moba_attention",
+    "bilevel_routing_attention",
     "sliding_window_attention",
     "neighborhood_attention",
     "axial_attention",

@@ -1,0 +1,203 @@
+"""The content-dependent sparse family (S1-S3): selection rules, plans, and each method against an
+oracle written out from its paper (the conformance suite already checks every backend against
+the mechanism's own reference; here the references themselves are checked)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import attnzoo
+from attnzoo.errors import ParameterError
+from attnzoo.functional import bilevel_routing_attention, moba_attention, topk_attention
+from attnzoo.functional.sparse._select import dense_selection, mass_mask, selection_plan, sorted_mass_mask, sorted_top_k_mask, top_k_mask
+from attnzoo.kernels import block_sparse
+
+INF = float("inf")
+
+
+def _qkv(*shape, d=16, seed=0, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(*shape, d, generator=gen, dtype=dtype) for _ in range(3))
+
+
+# --------------------------------------------------------------------------------------------
+# selection rules
+# --------------------------------------------------------------------------------------------
+def test_top_k_keeps_exactly_k_with_lowest_index_ties():
+    scores = torch.tensor([[1.0, 3.0, 3.0, 2.0, 3.0, -INF], [-INF, -INF, 0.5, -INF, -INF, -INF]])
+    kept = top_k_mask(scores, 2)
+    assert kept.tolist() == [[False, True, True, False, False, False], [False, False, True, False, False, False]]
+    assert torch.equal(kept, sorted_top_k_mask(scores, 2))
+
+
+@pytest.mark.parametrize("k", [1, 3, 7, 20])
+def test_top_k_rules_agree_on_many_ties(k):
+    gen = torch.Generator().manual_seed(k)
+    scores = torch.randint(0, 4, (50, 20), generator=gen).double()  # small integers: ties everywhere
+    scores[torch.rand(50, 20, generator=gen) < 0.2] = -INF
+    fast, spec = top_k_mask(scores, k), sorted_top_k_mask(scores, k)
+    assert torch.equal(fast, spec)
+    assert torch.equal(fast.sum(-1), (scores > -INF).sum(-1).clamp(max=k))
+
+
+def test_mass_rule_keeps_the_smallest_prefix_reaching_tau():
+    w = torch.tensor([[0.1, 0.4, 0.2, 0.3], [0.25, 0.25, 0.25, 0.25], [0.0, 0.0, 0.0, 0.0]])
+    kept = mass_mask(w, 0.6)
+    # 0.4 + 0.3 = 0.7 >= 0.6; ties: the lowest indices first (0.25 * 3 = 0.75 >= 0.6); a zero row keeps nothing
+    assert kept.tolist() == [[False, True, False, True], [True, True, True, False], [False, False, False, False]]
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randint(0, 5, (40, 12), generator=gen).double()
+    for tau in (0.1, 0.5, 0.9, 1.0):
+        assert torch.equal(mass_mask(w, tau), sorted_mass_mask(w, tau))
+
+
+@pytest.mark.parametrize("block", [64, 128, 20])
+@pytest.mark.parametrize("causal", [False, True])
+def test_selection_plan_visits_exactly_the_selected_pairs(block, causal):
+    nq = nk = 300
+    gen = torch.Generator().manual_seed(block)
+    selected = torch.rand(2, 3, nq, math.ceil(nk / block), generator=gen) < 0.4
+    offset = 0 if causal else None
+    plan = selection_plan(selected, block, nq, nk, offset)
+    assert plan.pairs() == int(dense_selection(selected, block, nk, offset).sum())
+    if block_sparse.native_usable(torch.device("cpu"), torch.float32):
+        q, k, v = _qkv(2, 3, nq, dtype=torch.float32)
+        out, _ = block_sparse.block_sparse_attention(q, k, v, plan)
+        allowed = dense_selection(selected, block, nk, offset)
+        want = attnzoo.softmax_attention(q, k, v, mask_mod=lambda b, h, i, j: allowed[b, h, i, j], backend="reference")
+        torch.testing.assert_close(out, want, atol=2e-5, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------
+# S1 top-k
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["reference", "gathered"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_topk_with_every_key_is_softmax(backend, causal):
+    q, k, v = _qkv(2, 3, 37)
+    got = topk_attention(q, k, v, top_k=37, causal=causal, backend=backend)
+    torch.testing.assert_close(got, attnzoo.softmax_attention(q, k, v, causal=causal, backend="reference"))
+
+
+@pytest.mark.parametrize("backend", ["reference", "gathered"])
+def test_topk_matches_a_row_by_row_oracle_with_ties(backend):
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randint(-2, 3, (1, 2, 9, 4), generator=gen).double()  # integer scores: many exact ties
+    k = torch.randint(-2, 3, (1, 2, 15, 4), generator=gen).double()
+    v = torch.randn(1, 2, 15, 5, generator=gen, dtype=torch.float64)
+    got = topk_attention(q, k, v, top_k=4, scale=1.0, backend=backend)
+    want = torch.empty_like(got)
+    for h in range(2):
+        for i in range(9):
+            s = [float(q[0, h, i] @ k[0, h, j]) for j in range(15)]
+            keep = sorted(range(15), key=lambda j: (-s[j], j))[:4]  # exactly 4, lowest index on ties
+            w = torch.softmax(torch.tensor([s[j] for j in keep], dtype=torch.float64), 0)
+            want[0, h, i] = (w[:, None] * v[0, h, keep]).sum(0)
+    torch.testing.assert_close(got, want)
+
+
+def test_topk_refuses_k_beyond_the_keys():
+    q, k, v = _qkv(1, 2, 10)
+    for bad in (11, 0):
+        with pytest.raises(ParameterError) as info:
+            topk_attention(q, k, v, top_k=bad)
+        assert info.value.argument == "top_k"
+
+
+# --------------------------------------------------------------------------------------------
+# S2 MoBA
+# --------------------------------------------------------------------------------------------
+def _moba_oracle(q, k, v, block, top_k):
+    """MoBA written per query (Eq. 5-6): gate = q . mean(block), own block forced, future excluded."""
+    b_, h_, n, _ = q.shape
+    out = torch.zeros(b_, h_, n, v.shape[-1], dtype=torch.float64)
+    blocks = math.ceil(n / block)
+    for b in range(b_):
+        for h in range(h_):
+            means = [k[b, h, s * block : (s + 1) * block].mean(0) for s in range(blocks)]
+            for i in range(n):
+                own = i // block
+                gates = {s: float(q[b, h, i] @ means[s]) for s in range(own)}
+                past = sorted(gates, key=lambda s: (-gates[s], s))[: top_k - 1]
+                keys = [j for s in [own, *past] for j in range(s * block, min((s + 1) * block, n)) if j <= i]
+                w = torch.softmax(q[b, h, i] @ k[b, h, keys].T / math.sqrt(q.shape[-1]), 0)
+                out[b, h, i] = w @ v[b, h, keys]
+    return out
+
+
+@pytest.mark.parametrize("backend", ["reference", "fused", "tiled"])
+@pytest.mark.parametrize("block, top_k", [(8, 2), (5, 3), (64, 2)])
+def test_moba_matches_the_per_query_oracle(backend, block, top_k):
+    n = 150 if block == 64 else 41
+    q, k, v = _qkv(1, 2, n, seed=block)
+    if backend == "fused" and not block_sparse.native_usable(q.device, torch.float32):
+        pytest.skip("the C++ kernel is not built here")
+    q32, k32, v32 = (x.float() for x in (q, k, v)) if backend == "fused" else (q, k, v)
+    got = moba_attention(q32, k32, v32, block_size=block, top_k=top_k, backend=backend).double()
+    torch.testing.assert_close(got, _moba_oracle(q, k, v, block, top_k), atol=2e-5 if backend == "fused" else 1e-7, rtol=1e-4)
+
+
+def test_moba_with_every_block_is_causal_softmax():
+    q, k, v = _qkv(2, 2, 33)
+    got = moba_attention(q, k, v, block_size=4, top_k=9)
+    torch.testing.assert_close(got.double(), attnzoo.softmax_attention(q, k, v, causal=True, backend="reference"), atol=2e-5, rtol=1e-4)
+
+
+def test_moba_refuses_left_padding():
+    q, k, v = _qkv(2, 2, 12)
+    pad = torch.zeros(2, 12, dtype=torch.bool)
+    pad[1, :3] = True
+    with pytest.raises(ParameterError) as info:
+        moba_attention(q, k, v, block_size=4, top_k=2, key_padding_mask=pad)
+    assert info.value.argument == "key_padding_mask"
+
+
+# --------------------------------------------------------------------------------------------
+# S3 bi-level routing
+# --------------------------------------------------------------------------------------------
+def _biformer_oracle(q, k, v, n_win, top_k, scale):
+    """BiFormer's arithmetic: region means by average pooling (its q_win.mean), adjacency over all
+    heads' channels, top-k regions, then attention over the gathered tokens."""
+    b, h, hs, ws, d = q.shape
+    chw = lambda x: x.permute(0, 1, 4, 2, 3).reshape(b, h * d, hs, ws)  # noqa: E731
+    q_r = F.avg_pool2d(chw(q), (hs // n_win, ws // n_win)).flatten(2).transpose(1, 2)  # (B, R, H*D)
+    k_r = F.avg_pool2d(chw(k), (hs // n_win, ws // n_win)).flatten(2).transpose(1, 2)
+    routed = torch.sort(q_r @ k_r.transpose(1, 2), dim=-1, descending=True, stable=True).indices[..., :top_k]
+    region = lambda y, x: (y // (hs // n_win)) * n_win + x // (ws // n_win)  # noqa: E731
+    out = torch.zeros(b, h, hs, ws, v.shape[-1], dtype=torch.float64)
+    for bi in range(b):
+        for y in range(hs):
+            for x in range(ws):
+                keys = [(yy, xx) for yy in range(hs) for xx in range(ws) if region(yy, xx) in routed[bi, region(y, x)].tolist()]
+                kk = torch.stack([k[bi, :, yy, xx] for yy, xx in keys], 1)  # (H, M, D)
+                vv = torch.stack([v[bi, :, yy, xx] for yy, xx in keys], 1)
+                w = torch.softmax(torch.einsum("hd,hmd->hm", q[bi, :, y, x], kk) * scale, -1)
+                out[bi, :, y, x] = torch.einsum("hm,hmd->hd", w, vv)
+    return out
+
+
+@pytest.mark.parametrize("backend", ["reference", "gathered"])
+def test_bilevel_routing_matches_biformer_arithmetic(backend):
+    q, k, v = _qkv(2, 3, 6, 9, d=8)
+    scale = (3 * 8) ** -0.5  # BiFormer's own scale (all heads' channels), passed explicitly
+    got = bilevel_routing_attention(q, k, v, n_win=3, top_k=2, scale=scale, backend=backend)
+    torch.testing.assert_close(got, _biformer_oracle(q, k, v, 3, 2, scale))
+
+
+def test_bilevel_routing_with_every_region_is_softmax():
+    q, k, v = _qkv(1, 2, 8, 8, d=8)
+    got = bilevel_routing_attention(q, k, v, n_win=2, top_k=4, backend="gathered")
+    want = attnzoo.softmax_attention(q.flatten(2, 3), k.flatten(2, 3), v.flatten(2, 3), backend="reference").view_as(got)
+    torch.testing.assert_close(got, want)
+
+
+def test_bilevel_routing_refusals_name_the_argument():
+    q, k, v = _qkv(1, 2, 6, 9, d=8)
+    for params, argument in ((dict(n_win=2, top_k=1), "n_win"), (dict(n_win=3, top_k=10), "top_k")):
+        with pytest.raises(ParameterError) as info:
+            bilevel_routing_attention(q, k, v, **params)
+        assert info.value.argument == argument
