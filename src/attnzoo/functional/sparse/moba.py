@@ -34,27 +34,18 @@ from torch import Tensor
 from ...kernels import block_sparse
 from ...kernels.reference import default_scale, materialized_attention
 from ...registry import Backend, Mechanism, Param, Problem, flag, positive_number, register
-from .._padding import refuse_unless_right_padded, sample_padding
+from .._padding import refuse_unless_right_padded
+from ._params import PADDING_PARAM, positive_int, sample_options
 from ._select import NEG_INF, attend_selected, block_means, dense_selection, sorted_top_k_mask, top_k_mask
-from .topk import PADDING_PARAM
 
 __all__ = ["moba_attention", "MOBA"]
 
 _PADDING_WHY = "MoBA's blocks start at position 0, so pads before a sequence would move its blocks"
 
 
-def _positive_int(what: str):
-    def check(value: Any, p: Problem) -> Optional[str]:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            return f"a positive int ({what})"
-        return None
-
-    return check
-
-
 MOBA_PARAMS = (
-    Param("block_size", None, "required: keys per block (the paper's chunk size; multiples of 64 run fastest)", _positive_int("keys per block"), (None, 0, -64, 1.5, "64"), "int"),
-    Param("top_k", None, "required: blocks each query attends, its own block included", _positive_int("blocks per query"), (None, 0, -1, 2.0, "3"), "int"),
+    Param("block_size", None, "required: keys per block (the paper's chunk size; multiples of 64 run fastest)", positive_int("keys per block"), (None, 0, -64, 1.5, "64"), "int"),
+    Param("top_k", None, "required: blocks each query attends, its own block included", positive_int("blocks per query"), (None, 0, -1, 2.0, "3"), "int"),
     PADDING_PARAM,
     positive_number("scale", "multiplies q.k; default head_dim ** -0.5"),
     flag("return_lse", False, "also return the log-sum-exp of each row, (B, H, Nq)"),
@@ -217,14 +208,7 @@ def _sample_params(p: Problem, pattern: str, rng: Optional[random.Random]) -> di
     if rng is None:
         return {"block_size": 64 if p.kv_len >= 256 else max(1, p.kv_len // 4), "top_k": 3}
     params: dict[str, Any] = {"block_size": rng.randint(1, max(1, p.kv_len)), "top_k": rng.randint(1, 5)}
-    pad = sample_padding(p, rng, right_only=True)
-    if pad is not None:
-        params["key_padding_mask"] = pad
-    if rng.random() < 0.3:
-        params["return_lse"] = True
-    if rng.random() < 0.2:
-        params["scale"] = rng.choice((0.05, 0.5, 1.0))
-    return params
+    return sample_options(params, p, rng, right_only=True)
 
 
 MOBA = register(

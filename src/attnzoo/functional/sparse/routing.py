@@ -32,8 +32,8 @@ from torch import Tensor
 
 from ...kernels.reference import default_scale, materialized_attention
 from ...registry import Backend, Mechanism, Param, Problem, flag, positive_number, register
-from .._padding import sample_padding
 from ..local._shared import key_padding_param
+from ._params import positive_int, sample_options
 from ._select import NEG_INF, sorted_top_k_mask, top_k_mask
 
 __all__ = ["bilevel_routing_attention", "BILEVEL_ROUTING"]
@@ -47,15 +47,9 @@ def _check_n_win(value: Any, p: Problem) -> Optional[str]:
     return None
 
 
-def _check_top_k(value: Any, p: Problem) -> Optional[str]:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        return "a positive int (routed regions per region)"
-    return None
-
-
 ROUTING_PARAMS = (
     Param("n_win", None, "required: regions per side (BiFormer's S; 7 in its models); divides both sides", _check_n_win, (None, 0, -7, 1.5, "7"), "int"),
-    Param("top_k", None, "required: routed regions per region (<= n_win^2)", _check_top_k, (None, 0, -1, 2.0, "4"), "int"),
+    Param("top_k", None, "required: routed regions per region (<= n_win^2)", positive_int("routed regions per region"), (None, 0, -1, 2.0, "4"), "int"),
     key_padding_param(),
     positive_number("scale", "multiplies q.k; default head_dim ** -0.5 (BiFormer's code: (H * head_dim) ** -0.5)"),
     flag("return_lse", False, "also return the log-sum-exp of each query, (B, H, *spatial)"),
@@ -118,7 +112,7 @@ def _reference_routing(q: Tensor, k: Tensor, n_win: int, top_k: int, key_padding
     for r, (y, x) in enumerate(regions):
         w = real[:, y : y + rh, x : x + rw].cpu()  # (B, rh, rw)
         n = w.sum((1, 2)).clamp(min=1)
-        for name, src, dst in (("q", q, q_r), ("k", k, k_r)):
+        for src, dst in ((q, q_r), (k, k_r)):
             block = src[:, :, y : y + rh, x : x + rw].detach().double().cpu() * w[:, None, :, :, None]
             dst[:, r] = (block.sum((2, 3)) / n[:, None, None]).flatten(1)
         has_keys[:, r] = w.flatten(1).any(1)
@@ -182,14 +176,7 @@ def _sample_params(p: Problem, pattern: str, rng: Optional[random.Random]) -> di
         return {"n_win": n_win, "top_k": min(4, n_win * n_win)}
     n_win = rng.choice(options)
     params: dict[str, Any] = {"n_win": n_win, "top_k": rng.randint(1, n_win * n_win)}
-    pad = sample_padding(p, rng, spatial=True)
-    if pad is not None:
-        params["key_padding_mask"] = pad
-    if rng.random() < 0.3:
-        params["return_lse"] = True
-    if rng.random() < 0.2:
-        params["scale"] = rng.choice((0.05, 0.5, 1.0))
-    return params
+    return sample_options(params, p, rng, spatial=True)
 
 
 def _allowed_pairs(problem: Problem, bound: dict) -> int:

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ...kernels.reference import default_scale, materialized_attention
 from ...registry import Backend, Mechanism, Param, Problem, choice, flag, positive_number, register
-from .._padding import sample_padding
+from ._params import PADDING_PARAM, sample_options
 from ._select import NEG_INF, causal_offset_of, sorted_top_k_mask, top_k_mask
 
 __all__ = ["topk_attention", "TOPK"]
@@ -42,18 +42,6 @@ def _check_k(value: Any, p: Problem) -> Optional[str]:
         return f"at most the number of keys Nk={p.kv_len}, got {value}"
     return None
 
-
-def _check_padding(value: Any, p: Problem) -> Optional[str]:
-    if value is None:
-        return None
-    if not isinstance(value, Tensor) or value.dtype != torch.bool or tuple(value.shape) != (p.batch, p.kv_len) or value.device != p.device:
-        return f"None or a bool tensor of shape ({p.batch}, {p.kv_len}) on {p.device} (True = ignore the key)"
-    return None
-
-
-PADDING_PARAM = Param(
-    "key_padding_mask", None, "(B, Nk) bool, True = ignore the key (never selected)", _check_padding, (torch.tensor([False]), torch.tensor([[0.0]])), "Tensor | None"
-)
 
 TOPK_PARAMS = (
     Param("top_k", None, "required: keys kept per query (<= Nk); rows that see fewer keep them all", _check_k, (None, 0, -1, 1.5, "8", True), "int"),
@@ -133,14 +121,7 @@ def _sample_params(p: Problem, pattern: str, rng: Optional[random.Random]) -> di
     params["top_k"] = rng.randint(1, p.kv_len)
     if rng.random() < 0.3:
         params["causal_alignment"] = "top_left"
-    pad = sample_padding(p, rng)
-    if pad is not None:
-        params["key_padding_mask"] = pad
-    if rng.random() < 0.3:
-        params["return_lse"] = True
-    if rng.random() < 0.2:
-        params["scale"] = rng.choice((0.05, 0.5, 1.0))
-    return params
+    return sample_options(params, p, rng)
 
 
 def _allowed_pairs(problem: Problem, bound: dict) -> int:
