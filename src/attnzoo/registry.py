@@ -394,6 +394,11 @@ class Mechanism:
     # the benchmark's useful FLOP/s; None: the benchmark counts them from the reference's masked
     # scores where that is one softmax over the call's own keys, else leaves the column blank
     allowed_pairs: Callable[[Problem, Mapping[str, Any]], int] | None = None
+    # causal_block(bound) -> int: causal patterns whose *selection* reads whole query blocks
+    # (XAttention's block estimate): a query's output may depend on the tokens up to the end of
+    # its block of that many queries, never past it. None: strictly causal (each query sees only
+    # its past). The conformance suite perturbs the future from the end of the cut's block.
+    causal_block: Callable[[Mapping[str, Any]], int] | None = None
 
     def __post_init__(self) -> None:
         self.patterns = frozenset(self.patterns)

@@ -202,6 +202,9 @@ def test_causal_outputs_ignore_the_future(mech, backend, pattern, dtype, device,
     nq, nk = case.q.shape[2], case.k.shape[2]
     offset = nk - nq if case.params.get("causal_alignment", "bottom_right") == "bottom_right" else 0
     last = int(cut * (nq - 1))  # outputs 0..last must not see what comes after
+    if mech.causal_block is not None:  # block-causal selection: the future starts after the cut's block
+        block = mech.causal_block(mech.bind(mech.describe(case.q, case.k, case.v), case.params))
+        last = min(nq, -(-(last + 1) // block) * block) - 1
     gen = torch.Generator().manual_seed(case.seed + 7)
 
     def perturbed(t, first):

@@ -201,3 +201,54 @@ def test_bilevel_routing_refusals_name_the_argument():
         with pytest.raises(ParameterError) as info:
             bilevel_routing_attention(q, k, v, **params)
         assert info.value.argument == argument
+
+
+# --------------------------------------------------------------------------------------------
+# S2 XAttention
+# --------------------------------------------------------------------------------------------
+def _antidiagonal_mass_oracle(q, k, block, stride, scale, causal):
+    """Sec. 2.1 written tile by tile: a_mn = sum_j q_{mS+S-1-j} . k_{nS+j}, softmax over n, block sums."""
+    n = q.shape[0]
+    tiles = n // stride
+    a = torch.empty(tiles, tiles, dtype=torch.float64)
+    for m in range(tiles):
+        for t in range(tiles):
+            a[m, t] = sum(float(q[m * stride + stride - 1 - j] @ k[t * stride + j]) for j in range(stride)) * scale / stride
+    if causal:
+        a = a.masked_fill(torch.ones(tiles, tiles, dtype=torch.bool).triu(1), -INF)
+    p = torch.softmax(a, -1)
+    per = block // stride
+    return p.view(tiles // per, per, tiles // per, per).sum((1, 3))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_xattention_estimate_matches_the_antidiagonal_definition(causal):
+    from attnzoo.functional.sparse.xattention import _reference_selection, xattention_selection
+
+    q, k, _ = _qkv(1, 1, 48, d=4, seed=7)
+    mass = _antidiagonal_mass_oracle(q[0, 0], k[0, 0], 12, 3, 0.5, causal)
+    want = sorted_mass_mask(mass, 0.7)
+    if causal:
+        want = want | torch.eye(4, dtype=torch.bool)
+        want[:, 0] = True
+    kw = dict(block_size=12, stride=3, threshold=0.7, causal=causal, scale=0.5, key_padding_mask=None)
+    assert torch.equal(_reference_selection(q, k, **kw)[0, 0], want)
+    assert torch.equal(xattention_selection(q, k, **kw)[0, 0], want)
+
+
+@pytest.mark.parametrize("backend", ["reference", "fused", "tiled"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_xattention_at_tau_one_is_softmax(backend, causal):
+    q, k, v = (x.float() for x in _qkv(2, 2, 100, seed=1))
+    if backend == "fused" and not block_sparse.native_usable(q.device, q.dtype):
+        pytest.skip("the C++ kernel is not built here")
+    got = attnzoo.functional.xattention(q, k, v, block_size=16, stride=4, threshold=1.0, causal=causal, backend=backend)
+    torch.testing.assert_close(got, attnzoo.softmax_attention(q, k, v, causal=causal, backend="reference"), atol=2e-5, rtol=1e-4)
+
+
+def test_xattention_refusals_name_the_argument():
+    q, k, v = _qkv(1, 2, 64)
+    for params, argument in ((dict(block_size=12, stride=8), "block_size"), (dict(threshold=0.0), "threshold"), (dict(threshold=1.5), "threshold")):
+        with pytest.raises(ParameterError) as info:
+            attnzoo.functional.xattention(q, k, v, **params)
+        assert info.value.argument == argument

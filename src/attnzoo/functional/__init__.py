@@ -14,7 +14,7 @@ from .linear import (
     transnormer_attention,
     transnormer_diag_attention,
 )
-from .sparse import bilevel_routing_attention, moba_attention, topk_attention
+from .sparse import bilevel_routing_attention, moba_attention, topk_attention, xattention
 from .local import (
     HeadPattern,
     axial_attention,
@@ -32,6 +32,7 @@ __all__ = [
     "topk_attention",
     "moba_attention",
     "bilevel_routing_attention",
+    "xattention",
     "sliding_window_attention",
     "neighborhood_attention",
     "axial_attention",

@@ -7,5 +7,6 @@ selections as fused-kernel plans) serves every method; each module is one method
 from .moba import moba_attention
 from .routing import bilevel_routing_attention
 from .topk import topk_attention
+from .xattention import xattention
 
-__all__ = ["bilevel_routing_attention", "moba_attention", "topk_attention"]
+__all__ = ["bilevel_routing_attention", "moba_attention", "topk_attention", "xattention"]
