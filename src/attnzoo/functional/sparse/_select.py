@@ -40,6 +40,7 @@ __all__ = [
     "sorted_mass_mask",
     "SelectionMask",
     "selection_plan",
+    "block_selection_plan",
     "attend_selected",
     "dense_selection",
 ]
@@ -168,6 +169,23 @@ def selection_plan(selected: Tensor, block: int, q_len: int, kv_len: int, causal
     full_grid = torch.zeros_like(visit)
     full_grid[tuple(entries[full].T)] = True
     return SparsePlan._from_grids(visit, full_grid, q_len, kv_len, None, bits=words[~full])
+
+
+def block_selection_plan(selected: Tensor, block: int, q_len: int, kv_len: int, causal: bool) -> SparsePlan:
+    """The plan of a block-level selection ``selected`` (Pb, Ph, ceil(Nq / block), ceil(Nk / block))
+    whose ``block`` is a multiple of 64: every query of a block keeps the same key blocks, so the
+    kernel's tiles come from the block grid alone (causal: only the diagonal tiles get element
+    masks, self-attention alignment). O(tiles), no per-row work."""
+    if block % BLOCK != 0:
+        raise ValueError(f"block_selection_plan: block: a multiple of {BLOCK}, got {block}")
+    per = block // BLOCK
+    nqb, nkb = -(-q_len // BLOCK), -(-kv_len // BLOCK)
+    visit = selected.cpu().repeat_interleave(per, dim=2).repeat_interleave(per, dim=3)[:, :, :nqb, :nkb]
+    if not causal:
+        return SparsePlan._from_grids(visit, visit, q_len, kv_len, None)
+    qb, kb = torch.arange(nqb)[:, None], torch.arange(nkb)[None, :]
+    visit = visit & (kb <= qb)
+    return SparsePlan._from_grids(visit, visit & (kb < qb), q_len, kv_len, masks.causal(0))
 
 
 def _tile_words(kv_block: Tensor, row_idx: Tensor, kv_len: int, causal_offset: Optional[int]) -> Tensor:

@@ -44,7 +44,7 @@ from ...kernels.reference import default_scale, materialized_attention
 from ...registry import Backend, Mechanism, Param, Problem, flag, positive_number, register
 from .._padding import refuse_unless_right_padded
 from ._params import PADDING_PARAM, positive_int, sample_options
-from ._select import NEG_INF, attend_selected, dense_selection, mass_mask, sorted_mass_mask
+from ._select import NEG_INF, attend_selected, block_selection_plan, dense_selection, mass_mask, sorted_mass_mask
 
 __all__ = ["xattention", "XATTENTION"]
 
@@ -78,22 +78,28 @@ XATTENTION_PARAMS = (
 # --------------------------------------------------------------------------------------------
 # estimate and selection
 # --------------------------------------------------------------------------------------------
-def _real_lengths(key_padding_mask: Optional[Tensor], batch: int, n: int, device: torch.device) -> Tensor:
-    if key_padding_mask is None:
-        return torch.full((batch,), n, device=device)
-    return (~key_padding_mask).sum(-1)
+def _real_lengths(key_padding_mask: Optional[Tensor]) -> Optional[Tensor]:
+    """Real tokens per sequence (right padding), or None without padding."""
+    return None if key_padding_mask is None else (~key_padding_mask).sum(-1)
 
 
-def _padded(x: Tensor, lengths: Tensor, total: int) -> Tensor:
-    """float64 x with the rows past each sequence's real length zeroed, padded with zeros to ``total`` rows."""
-    keep = (torch.arange(x.shape[2], device=x.device)[None, :] < lengths[:, None]).double()
-    return torch.nn.functional.pad(x.detach().double() * keep[:, None, :, None], (0, 0, 0, total - x.shape[2]))
+def _or_full(lengths: Optional[Tensor], batch: int, n: int, device: torch.device) -> Tensor:
+    return torch.full((batch,), n, device=device) if lengths is None else lengths
+
+
+def _padded(x: Tensor, lengths: Optional[Tensor], total: int, dtype: torch.dtype = torch.float64) -> Tensor:
+    """x in ``dtype`` with the rows past each sequence's real length zeroed (``lengths`` None: all
+    real), padded with zeros to ``total`` rows. Copies only what it must (the estimate's input)."""
+    x = x.detach().to(dtype)
+    if lengths is not None:
+        x = x * (torch.arange(x.shape[2], device=x.device)[None, :] < lengths[:, None]).to(dtype)[:, None, :, None]
+    return x if total == x.shape[2] else torch.nn.functional.pad(x, (0, 0, 0, total - x.shape[2]))
 
 
 def _tile_mask(tiles: int, lengths: Tensor, stride: int, causal: bool) -> Tensor:
     """(B, 1, tiles, tiles) bool: key tiles holding a real key (and, causal, not after the query tile)."""
     n = torch.arange(tiles, device=lengths.device)
-    ok = (n * stride < lengths[:, None])[:, None, None, :]
+    ok = (n * stride < lengths[:, None])[:, None, None, :]  # (B, 1, 1, tiles)
     if causal:
         ok = ok & (n[None, :] <= n[:, None])[None, None]
     return ok
@@ -115,19 +121,28 @@ def _force_causal_blocks(keep: Tensor) -> Tensor:
     return keep | forced
 
 
+#: Up to this many tile scores per (batch, head), the fast path estimates in float64 (its selection
+#: then equals the reference's exactly); above, in float32 (4x faster here: a float64 estimate at
+#: N = 16384, S = 8 took longer than the attention it selects for). A block whose cumulative mass
+#: sits within float32 rounding of the threshold may then be chosen differently.
+FLOAT64_ESTIMATE_MAX_TILES = 1 << 20
+
+
 def xattention_selection(q: Tensor, k: Tensor, *, block_size: int, stride: int, threshold: float, causal: bool, scale: float, key_padding_mask: Optional[Tensor]) -> Tensor:
     """(B, H, n_blocks, n_blocks) bool: the key blocks of each query block (the fast path's)."""
     b, h, n, d = q.shape
     total = math.ceil(n / block_size) * block_size
-    lengths = _real_lengths(key_padding_mask, b, n, q.device)
+    lengths = _real_lengths(key_padding_mask)
     group = h // k.shape[1]
-    qp, kp = _padded(q, lengths, total), _padded(k.repeat_interleave(group, dim=1), lengths, total)
+    dtype = torch.float64 if (total // stride) ** 2 <= FLOAT64_ESTIMATE_MAX_TILES else torch.float32
+    qp = _padded(q, lengths, total, dtype)
+    kp = _padded(k if group == 1 else k.repeat_interleave(group, dim=1), lengths, total, dtype)
     tiles = total // stride
     # one matmul: query rows of each tile in reverse order, key rows in order (the antidiagonal)
     q_re = qp.view(b, h, tiles, stride, d).flip(3).reshape(b, h, tiles, stride * d)
     k_re = kp.view(b, h, tiles, stride * d)
-    scores = q_re @ k_re.transpose(-1, -2) * (scale / stride)
-    mass = _block_mass(scores, _tile_mask(tiles, lengths, stride, causal), block_size, stride)
+    scores = (q_re * (scale / stride)) @ k_re.transpose(-1, -2)  # scaled on the smaller operand
+    mass = _block_mass(scores, _tile_mask(tiles, _or_full(lengths, b, n, q.device), stride, causal), block_size, stride)
     keep = mass_mask(mass, threshold)
     return _force_causal_blocks(keep) if causal else keep
 
@@ -136,11 +151,11 @@ def _reference_selection(q: Tensor, k: Tensor, *, block_size: int, stride: int, 
     """The estimate as the sum of S strided matmuls (one per antidiagonal position), then the mass rule row by row."""
     b, h, n, _ = q.shape
     total = math.ceil(n / block_size) * block_size
-    lengths = _real_lengths(key_padding_mask, b, n, q.device)
+    lengths = _real_lengths(key_padding_mask)
     group = h // k.shape[1]
     qp, kp = _padded(q, lengths, total), _padded(k.repeat_interleave(group, dim=1), lengths, total)
     scores = sum(qp[:, :, stride - 1 - j :: stride] @ kp[:, :, j::stride].transpose(-1, -2) for j in range(stride)) * (scale / stride)
-    mass = _block_mass(scores, _tile_mask(total // stride, lengths, stride, causal), block_size, stride)
+    mass = _block_mass(scores, _tile_mask(total // stride, _or_full(lengths, b, n, q.device), stride, causal), block_size, stride)
     keep = sorted_mass_mask(mass, threshold)
     return _force_causal_blocks(keep) if causal else keep
 
@@ -173,8 +188,12 @@ def _engine(name: str):
         selected = xattention_selection(
             q, k, block_size=block_size, stride=stride, threshold=threshold, causal=causal, scale=default_scale(q, scale), key_padding_mask=key_padding_mask
         )
-        rows = _rows(selected, block_size, q.shape[2])
-        out, lse = attend_selected(q, k, v, rows, block_size, causal_offset=0 if causal else None, key_padding_mask=key_padding_mask, scale=scale, engine=name)
+        if name == "fused" and block_size % 64 == 0:  # whole blocks: the plan from the block grid alone
+            plan = block_selection_plan(selected, block_size, q.shape[2], k.shape[2], causal)
+            out, lse = block_sparse.block_sparse_attention(q, k, v, plan, scale=scale, key_padding_mask=key_padding_mask)
+        else:
+            rows = _rows(selected, block_size, q.shape[2])
+            out, lse = attend_selected(q, k, v, rows, block_size, causal_offset=0 if causal else None, key_padding_mask=key_padding_mask, scale=scale, engine=name)
         return (out, lse) if return_lse else out
 
     run.__name__ = f"_xattention_{name}"
