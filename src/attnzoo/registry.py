@@ -399,6 +399,10 @@ class Mechanism:
     # its block of that many queries, never past it. None: strictly causal (each query sees only
     # its past). The conformance suite perturbs the future from the end of the cut's block.
     causal_block: Callable[[Mapping[str, Any]], int] | None = None
+    # sparsity_params(problem, share) -> dict: parameters of a content-sparse mechanism that keep
+    # about ``share`` (0 < share <= 1) of each query's keys; share = 1 keeps all of them (the
+    # mechanism then equals softmax). ``attnzoo bench sparsity`` sweeps every mechanism that has it.
+    sparsity_params: Callable[[Problem, float], dict[str, Any]] | None = None
 
     def __post_init__(self) -> None:
         self.patterns = frozenset(self.patterns)

@@ -252,3 +252,33 @@ def test_xattention_refusals_name_the_argument():
         with pytest.raises(ParameterError) as info:
             attnzoo.functional.xattention(q, k, v, **params)
         assert info.value.argument == argument
+
+
+# --------------------------------------------------------------------------------------------
+# the error-vs-density sweep
+# --------------------------------------------------------------------------------------------
+def test_sparsity_sweep_is_exact_at_full_share_and_drops_mass_below_it(tmp_path):
+    from attnzoo.bench.sparsity import SparsityConfig, averaged, plot_sparsity, run_sparsity
+
+    rows = run_sparsity(SparsityConfig(shares=(0.1, 1.0), sources=("random",), lengths=(128,), heads=2))
+    assert {r.mechanism for r in rows} >= {"topk", "moba", "xattention"}
+    for r in rows:
+        assert r.note == "" and r.density is not None, r
+        if r.share == 1.0:
+            assert r.density == 1.0 and abs(r.mass - 1.0) < 1e-12 and r.rel_error < 1e-12, r
+        else:
+            assert r.density < 0.5 and r.mass < 1.0 and r.kl > 0 and r.rel_error > 1e-3, r
+    topk = next(r for r in rows if r.mechanism == "topk" and r.share == 0.1)
+    assert abs(topk.density - round(0.1 * 128) / 128) < 1e-12  # exactly top_k keys per query
+    lines = averaged(rows)
+    assert all(len(points) == 2 for points in lines.values())
+    plot_sparsity(rows, str(tmp_path / "sparsity.png"))
+    assert (tmp_path / "sparsity.png").stat().st_size > 0
+
+
+def test_bench_sparsity_command(capsys):
+    from attnzoo.cli import main
+
+    assert main(["bench", "sparsity", "--source", "random", "--lengths", "64", "--heads", "1", "--shares", "0.5", "1", "--mechanisms", "topk"]) == 0
+    out = capsys.readouterr().out
+    assert "topk" in out and "mass kept" in out

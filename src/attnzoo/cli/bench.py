@@ -33,6 +33,7 @@ from ..bench.efficiency import (
     run_efficiency,
 )
 from ..bench.error import SOURCES, ErrorConfig, ErrorRow, run_error, table as error_table
+from ..bench.sparsity import SHARES, SparsityConfig, SparsityRow, plot_sparsity, run_sparsity
 from ..bench.machine import machine_info
 from ..bench.mqar import PRESETS as MQAR_PRESETS
 from ..bench.mqar import best_over_lr, run_mqar
@@ -48,7 +49,7 @@ __all__ = ["add_bench_parser", "add_report_parser", "bench_table", "BENCH_KINDS"
 DEFAULT_REPORT_DIR = "attnzoo-report"
 
 #: The subcommands of ``attnzoo bench``; options without one mean ``efficiency``.
-BENCH_KINDS = ("efficiency", "mqar", "error")
+BENCH_KINDS = ("efficiency", "mqar", "error", "sparsity")
 PATTERN_ALIASES = {"all": PATTERNS, "self": ("noncausal_self", "causal_self"), "cross": ("noncausal_cross", "causal_cross")}
 
 
@@ -419,6 +420,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     _add_efficiency_options(kinds.add_parser("efficiency", help="time and peak memory of every mechanism x backend x pattern x length"))
     _add_mqar_options(kinds.add_parser("mqar", help="multi-query associative recall (Zoology): accuracy against d_model and state size (B2)"))
     _add_error_options(kinds.add_parser("error", help="approximation error against softmax on random and MiniLM q/k/v (B6)"))
+    _add_sparsity_options(kinds.add_parser("sparsity", help="content-sparse mechanisms: error and mass kept against density, random and MiniLM q/k/v"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -586,6 +588,52 @@ def _add_error_options(error: argparse.ArgumentParser) -> None:
     error.add_argument("--threads", type=_positive_int, help="torch intra-op threads")
     _add_store_options(error)
     error.set_defaults(handler=_cmd_error)
+
+
+# --------------------------------------------------------------------------------------------
+# bench sparsity (issue 13's error-vs-density sweep)
+# --------------------------------------------------------------------------------------------
+def sparsity_table(rows: Sequence[SparsityRow]) -> Table:
+    table = Table(title="content-sparse attention against exact softmax: error and exact mass kept vs density")
+    for name, justify in (("mechanism", "left"), ("inputs", "left"), ("share", "right"), ("density", "right"), ("mass kept", "right"),
+                          ("KL(p||p*)", "right"), ("rel. error", "right"), ("params / note", "left")):
+        table.add_column(name, justify=justify, overflow="fold")
+    for r in rows:
+        cells = [f"{r.density:.3f}", f"{r.mass:.3f}", f"{r.kl:.3g}", f"{r.rel_error:.3g}"] if r.density is not None else ["-"] * 4
+        shown = ", ".join(f"{k}={v}" for k, v in r.params.items())
+        table.add_row(r.mechanism, r.label, f"{r.share:g}", *cells, Text(r.note or shown, "dim"))
+    return table
+
+
+def _cmd_sparsity(args: argparse.Namespace, console: Console) -> int:
+    config = SparsityConfig(
+        shares=tuple(args.shares), sources=tuple(args.source or SOURCES), lengths=tuple(args.lengths), heads=args.heads,
+        mechanisms=tuple(args.mechanisms) if args.mechanisms else None, layers=tuple(args.layers) if args.layers else None,
+    )
+    for name in config.mechanisms or ():
+        get(name)
+    try:
+        rows = _with_threads(args.threads, lambda: run_sparsity(config))
+    except ImportError as err:
+        console.print(Text(f"attnzoo bench sparsity: {err} (or measure random inputs only: --source random)", "red"))
+        return 1
+    console.print(sparsity_table(rows))
+    if args.plot:
+        plot_sparsity(rows, str(args.plot))
+        console.print(Text(f"plot: {args.plot}"))
+    return 0
+
+
+def _add_sparsity_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--shares", type=_positive_float, nargs="+", default=list(SHARES), help="shares of keys asked of each mechanism (<= 1)")
+    parser.add_argument("--source", nargs="+", choices=SOURCES, help="random inputs, q/k/v captured from all-MiniLM-L6-v2, or both (default)")
+    parser.add_argument("--lengths", type=_positive_int, nargs="+", default=list(SparsityConfig.lengths), help="N of the random inputs")
+    parser.add_argument("--heads", type=_positive_int, default=SparsityConfig.heads)
+    parser.add_argument("--mechanisms", nargs="+", metavar="NAME", help="only these (default: every mechanism with a sparsity hook)")
+    parser.add_argument("--layers", type=int, nargs="+", help="MiniLM layers (default all 6)")
+    parser.add_argument("--plot", type=Path, help="write the error/mass vs density plot here (PNG)")
+    parser.add_argument("--threads", type=_positive_int, help="torch intra-op threads")
+    parser.set_defaults(handler=_cmd_sparsity)
 
 
 def add_report_parser(sub: argparse._SubParsersAction) -> None:

@@ -224,6 +224,7 @@ MOBA = register(
         params=MOBA_PARAMS,
         gqa=True,
         sample_params=_sample_params,
+        sparsity_params=lambda p, share: {"block_size": max(1, -(-p.kv_len // 16)), "top_k": max(1, round(share * 16))},  # 16 blocks
     )
 )
 MOBA.add_backend(Backend("reference", _reference, doc="block-by-block gate, stable-sort top-k, dense masked softmax: the spec", priority=-100, materializes_scores=True))

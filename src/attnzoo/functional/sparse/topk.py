@@ -146,6 +146,7 @@ TOPK = register(
         gqa=True,
         sample_params=_sample_params,
         allowed_pairs=_allowed_pairs,
+        sparsity_params=lambda p, share: {"top_k": max(1, round(share * p.kv_len))},
     )
 )
 TOPK.add_backend(
