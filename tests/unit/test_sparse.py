@@ -282,3 +282,46 @@ def test_bench_sparsity_command(capsys):
     assert main(["bench", "sparsity", "--source", "random", "--lengths", "64", "--heads", "1", "--shares", "0.5", "1", "--mechanisms", "topk"]) == 0
     out = capsys.readouterr().out
     assert "topk" in out and "mass kept" in out
+
+
+# --------------------------------------------------------------------------------------------
+# S2 MInference vertical-slash
+# --------------------------------------------------------------------------------------------
+def test_vertical_slash_line_scores_follow_algorithm_2():
+    from attnzoo.functional.sparse.minference import _estimate, _last_rows, _line_scores
+
+    q, k, _ = _qkv(1, 1, 12, d=4, seed=5)
+    rows, exists = _last_rows(None, 1, 12, 4, q.device)
+    a = _estimate(q, k, 0.5, rows, exists, None)
+    vertical_want, slash_want = torch.zeros(12, dtype=torch.float64), torch.zeros(12, dtype=torch.float64)
+    for li, i in enumerate(range(8, 12)):  # the last 4 queries, causal softmax over keys <= i
+        w = torch.softmax(torch.stack([q[0, 0, i] @ k[0, 0, j] * 0.5 for j in range(i + 1)]), 0)
+        torch.testing.assert_close(a[0, 0, li, : i + 1], w)
+        for j in range(i + 1):
+            vertical_want[j] += w[j]
+            slash_want[i - j] += w[j]
+    for loop in (True, False):
+        vertical, slash = _line_scores(a, rows, 12, by_diagonal_loop=loop)
+        torch.testing.assert_close(vertical[0, 0], vertical_want)
+        torch.testing.assert_close(slash[0, 0], slash_want)
+
+
+@pytest.mark.parametrize("backend", ["reference", "fused", "tiled"])
+def test_vertical_slash_with_every_column_is_causal_softmax(backend):
+    q, k, v = (x.float() for x in _qkv(2, 2, 150, seed=2))
+    if backend == "fused" and not block_sparse.native_usable(q.device, q.dtype):
+        pytest.skip("the C++ kernel is not built here")
+    got = attnzoo.functional.vertical_slash_attention(q, k, v, vertical_size=150, slash_size=1, last_q=8, backend=backend)
+    torch.testing.assert_close(got, attnzoo.softmax_attention(q, k, v, causal=True, backend="reference"), atol=2e-5, rtol=1e-4)
+
+
+def test_vertical_slash_plan_visits_exactly_the_pattern():
+    from attnzoo.functional.sparse.minference import VerticalSlashMask, vs_plan
+
+    gen = torch.Generator().manual_seed(0)
+    n = 300
+    vertical, slash = torch.rand(2, 3, n, generator=gen) < 0.05, torch.rand(2, 3, n, generator=gen) < 0.05
+    plan = vs_plan(vertical, slash, n)
+    i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    want = VerticalSlashMask(vertical, slash)(torch.arange(2).view(2, 1, 1, 1), torch.arange(3).view(1, 3, 1, 1), i, j)
+    assert plan.pairs() == int(want.sum())

@@ -14,7 +14,7 @@ from .linear import (
     transnormer_attention,
     transnormer_diag_attention,
 )
-from .sparse import bilevel_routing_attention, moba_attention, topk_attention, xattention
+from .sparse import bilevel_routing_attention, moba_attention, topk_attention, vertical_slash_attention, xattention
 from .local import (
     HeadPattern,
     axial_attention,
@@ -33,6 +33,7 @@ __all__ = [
     "moba_attention",
     "bilevel_routing_attention",
     "xattention",
+    "vertical_slash_attention",
     "sliding_window_attention",
     "neighborhood_attention",
     "axial_attention",

@@ -4,9 +4,10 @@ One selection engine (:mod:`._select`: top-k and cumulative-mass rules, row-leve
 selections as fused-kernel plans) serves every method; each module is one method's scorer.
 """
 
+from .minference import vertical_slash_attention
 from .moba import moba_attention
 from .routing import bilevel_routing_attention
 from .topk import topk_attention
 from .xattention import xattention
 
-__all__ = ["bilevel_routing_attention", "moba_attention", "topk_attention", "xattention"]
+__all__ = ["bilevel_routing_attention", "moba_attention", "topk_attention", "vertical_slash_attention", "xattention"]
