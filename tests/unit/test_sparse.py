@@ -325,3 +325,64 @@ def test_vertical_slash_plan_visits_exactly_the_pattern():
     i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
     want = VerticalSlashMask(vertical, slash)(torch.arange(2).view(2, 1, 1, 1), torch.arange(3).view(1, 3, 1, 1), i, j)
     assert plan.pairs() == int(want.sum())
+
+
+# --------------------------------------------------------------------------------------------
+# S2 NSA
+# --------------------------------------------------------------------------------------------
+def _nsa_oracle(q, k, v, block, top_n, window):
+    """NSA per query with l = l' = d = ``block`` (fla's naive setting): compressed block b = selection block b."""
+    _, h, n, d = q.shape
+    group = h // k.shape[1]
+    out = torch.zeros(1, h, n, v.shape[-1], dtype=torch.float64)
+
+    def attend(qv, keys, values):
+        if keys.shape[0] == 0:
+            return torch.zeros(values.shape[-1], dtype=torch.float64)
+        return torch.softmax(keys @ qv / math.sqrt(d), 0) @ values
+
+    for kvh in range(k.shape[1]):
+        km, vm = k[0, kvh], v[0, kvh]
+        k_cmp = torch.stack([km[b * block : (b + 1) * block].mean(0) for b in range(n // block)])
+        v_cmp = torch.stack([vm[b * block : (b + 1) * block].mean(0) for b in range(n // block)])
+        for t in range(n):
+            seen = [b for b in range(n // block) if (b + 1) * block - 1 <= t]
+            importance = torch.zeros(math.ceil(n / block), dtype=torch.float64)
+            for hq in range(kvh * group, (kvh + 1) * group):
+                if seen:
+                    importance[seen] += torch.softmax(k_cmp[seen] @ q[0, hq, t] / math.sqrt(d), 0)
+            current = t // block
+            forced = {0, current, max(current - 1, 0)}
+            rank = sorted(range(current + 1), key=lambda b: (b not in forced, -float(importance[b]), b))[:top_n]
+            sel = [j for b in rank for j in range(b * block, min((b + 1) * block, n)) if j <= t]
+            for hq in range(kvh * group, (kvh + 1) * group):
+                qv = q[0, hq, t]
+                o_cmp = attend(qv, k_cmp[seen], v_cmp[seen]) if seen else torch.zeros(v.shape[-1], dtype=torch.float64)
+                o_slc = attend(qv, km[sel], vm[sel])
+                lo = max(0, t - window + 1)
+                o_win = attend(qv, km[lo : t + 1], vm[lo : t + 1])
+                out[0, hq, t] = o_cmp + o_slc + o_win
+    return out
+
+
+@pytest.mark.parametrize("backend", ["reference", "fused"])
+def test_nsa_matches_the_per_query_oracle(backend):
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(1, 4, 40, 8, generator=gen, dtype=torch.float64)
+    k, v = (torch.randn(1, 2, 40, 8, generator=gen, dtype=torch.float64) for _ in range(2))
+    if backend == "fused" and not block_sparse.native_usable(q.device, torch.float32):
+        pytest.skip("the C++ kernel is not built here")
+    args = (q, k, v) if backend == "reference" else tuple(x.float() for x in (q, k, v))
+    got = attnzoo.functional.nsa_attention(*args, block_size=8, compress_block=8, compress_stride=8, top_n=3, window=5, backend=backend)
+    torch.testing.assert_close(got.double(), _nsa_oracle(q, k, v, 8, 3, 5), atol=1e-5 if backend == "fused" else 1e-10, rtol=1e-4)
+
+
+def test_nsa_gates_weigh_the_branches():
+    q, k, v = _qkv(1, 2, 50, seed=9)
+    kw = dict(block_size=8, compress_block=8, compress_stride=4, top_n=2, window=6, backend="reference")
+    ones = attnzoo.functional.nsa_attention(q, k, v, gates=torch.ones(1, 2, 50, 3, dtype=torch.float64), **kw)
+    torch.testing.assert_close(ones, attnzoo.functional.nsa_attention(q, k, v, **kw))
+    only_window = torch.zeros(1, 2, 50, 3, dtype=torch.float64)
+    only_window[..., 2] = 1
+    want = attnzoo.sliding_window_attention(q, k, v, window=(5, 0), causal=True, backend="reference")
+    torch.testing.assert_close(attnzoo.functional.nsa_attention(q, k, v, gates=only_window, **kw), want)

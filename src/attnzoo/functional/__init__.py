@@ -14,7 +14,7 @@ from .linear import (
     transnormer_attention,
     transnormer_diag_attention,
 )
-from .sparse import bilevel_routing_attention, moba_attention, topk_attention, vertical_slash_attention, xattention
+from .sparse import bilevel_routing_attention, moba_attention, nsa_attention, topk_attention, vertical_slash_attention, xattention
 from .local import (
     HeadPattern,
     axial_attention,
@@ -34,6 +34,7 @@ __all__ = [
     "bilevel_routing_attention",
     "xattention",
     "vertical_slash_attention",
+    "nsa_attention",
     "sliding_window_attention",
     "neighborhood_attention",
     "axial_attention",

@@ -6,8 +6,9 @@ selections as fused-kernel plans) serves every method; each module is one method
 
 from .minference import vertical_slash_attention
 from .moba import moba_attention
+from .nsa import nsa_attention
 from .routing import bilevel_routing_attention
 from .topk import topk_attention
 from .xattention import xattention
 
-__all__ = ["bilevel_routing_attention", "moba_attention", "topk_attention", "vertical_slash_attention", "xattention"]
+__all__ = ["bilevel_routing_attention", "moba_attention", "nsa_attention", "topk_attention", "vertical_slash_attention", "xattention"]
