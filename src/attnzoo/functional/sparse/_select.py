@@ -43,6 +43,7 @@ __all__ = [
     "block_selection_plan",
     "attend_selected",
     "dense_selection",
+    "softmax_lse",
 ]
 
 NEG_INF = float("-inf")
@@ -238,6 +239,19 @@ def attend_selected(
     if key_padding_mask is not None:
         allowed = allowed & ~key_padding_mask.view(q.shape[0], 1, 1, nk)
     return materialized_attention(q, k, v, scale=scale, allowed=allowed)
+
+
+def softmax_lse(scores: Tensor) -> tuple[Tensor, Tensor]:
+    """``(softmax(scores), logsumexp(scores))`` along the last dim in one exponential pass (the
+    fused softmax), with ``lse = max - log(max p)``; a row of -inf gives p = 0 and lse = -inf.
+    Differentiable in both (d lse / d s = p, as logsumexp's)."""
+    top = scores.amax(-1, keepdim=True)
+    p = torch.softmax(scores, dim=-1)
+    empty = top == NEG_INF
+    if bool(empty.any()):  # one host sync; rows with no key
+        p = p.masked_fill(empty, 0.0)
+    lse = (top - torch.log(p.amax(-1, keepdim=True))).squeeze(-1)
+    return p, lse.masked_fill(empty.squeeze(-1), NEG_INF)
 
 
 def block_means(x: Tensor, block: int, key_padding_mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:

@@ -36,7 +36,7 @@ from ...kernels.reference import default_scale, materialized_attention
 from ...registry import Backend, Mechanism, Param, Problem, flag, positive_number, register
 from .._padding import refuse_unless_right_padded
 from ._params import PADDING_PARAM, positive_int, sample_options
-from ._select import NEG_INF, attend_selected, block_means, dense_selection, sorted_top_k_mask, top_k_mask
+from ._select import NEG_INF, attend_selected, block_means, dense_selection, softmax_lse, sorted_top_k_mask, top_k_mask
 
 __all__ = ["moba_attention", "MOBA"]
 
@@ -143,16 +143,19 @@ def _moba_gathered(q, k, v, *, block_size, top_k, key_padding_mask, scale, retur
     order = torch.sort(group_key, stable=True).indices
     e, group_key = e[order], group_key[order]
     counts = torch.bincount(group_key, minlength=b * h * n_blocks).tolist()
-    q_e = q.to(cdt)[e[:, 0], e[:, 1], e[:, 2]]  # (E, D)
+    q_e = q.to(cdt)[e[:, 0], e[:, 1], e[:, 2]] * sc  # (E, D), scaled once
+    padded_blocks = {tuple(x) for x in (~key_ok.all(-1)).nonzero().tolist()} if key_padding_mask is not None or n % block_size else set()
     outs, lses, start = [], [], 0
     for gid, count in enumerate(counts):
         if count == 0:
             continue
         bi, rest = divmod(gid, h * n_blocks)
         hi, blk = divmod(rest, n_blocks)
-        scores = (q_e[start : start + count] @ kb[bi, hi // group, blk].T * sc).masked_fill(~key_ok[bi, blk], NEG_INF)
-        lse = torch.logsumexp(scores, dim=-1)
-        outs.append(torch.softmax(scores, dim=-1) @ vb[bi, hi // group, blk])
+        scores = q_e[start : start + count] @ kb[bi, hi // group, blk].T
+        if (bi, blk) in padded_blocks:
+            scores = scores.masked_fill(~key_ok[bi, blk], NEG_INF)
+        p, lse = softmax_lse(scores)
+        outs.append(p @ vb[bi, hi // group, blk])
         lses.append(lse)
         start += count
     row = (e[:, 0] * h + e[:, 1]) * n + e[:, 2]
@@ -167,22 +170,24 @@ def _as_blocks(k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], block_s
     pad = n_blocks * block_size - n
     real = torch.ones(b, n, dtype=torch.bool, device=k.device) if key_padding_mask is None else ~key_padding_mask
     key_ok = torch.nn.functional.pad(real, (0, pad)).view(b, n_blocks, block_size)
-    kb = torch.nn.functional.pad(k, (0, 0, 0, pad)).view(b, hkv, n_blocks, block_size, -1)
-    vb = torch.nn.functional.pad(v, (0, 0, 0, pad)).view(b, hkv, n_blocks, block_size, -1)
-    return kb, vb, key_ok
+    if pad:  # (no copy when the blocks tile the sequence)
+        k, v = torch.nn.functional.pad(k, (0, 0, 0, pad)), torch.nn.functional.pad(v, (0, 0, 0, pad))
+    return k.reshape(b, hkv, n_blocks, block_size, -1), v.reshape(b, hkv, n_blocks, block_size, -1), key_ok
 
 
 def _own_blocks(q: Tensor, kb: Tensor, vb: Tensor, key_ok: Tensor, group: int, scale: float) -> tuple[Tensor, Tensor]:
     """Each query against the keys of its own block up to itself: (out, lse) per query."""
     b, h, n, d = q.shape
     n_blocks, block = kb.shape[2], kb.shape[3]
-    qb = torch.nn.functional.pad(q, (0, 0, 0, n_blocks * block - n)).view(b, h, n_blocks, block, d)
-    scores = qb @ kb.repeat_interleave(group, dim=1).transpose(-1, -2) * scale  # (B, H, nb, block, block)
+    q = q * scale
+    if n_blocks * block > n:
+        q = torch.nn.functional.pad(q, (0, 0, 0, n_blocks * block - n))
+    qb = q.reshape(b, h, n_blocks, block, d)
+    kh, vh = (kb, vb) if group == 1 else (kb.repeat_interleave(group, dim=1), vb.repeat_interleave(group, dim=1))
+    scores = qb @ kh.transpose(-1, -2)  # (B, H, nb, block, block)
     causal = torch.ones(block, block, dtype=torch.bool, device=q.device).tril()
-    scores = scores.masked_fill(~(causal & key_ok[:, None, :, None, :]), NEG_INF)
-    lse = torch.logsumexp(scores, dim=-1)
-    p = torch.exp(scores - lse.masked_fill(lse == NEG_INF, 0.0)[..., None])
-    out = p @ vb.repeat_interleave(group, dim=1)
+    p, lse = softmax_lse(scores.masked_fill(~(causal & key_ok[:, None, :, None, :]), NEG_INF))
+    out = p @ vh
     return out.flatten(2, 3)[:, :, :n], lse.flatten(2, 3)[:, :, :n]
 
 
