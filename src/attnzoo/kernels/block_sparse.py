@@ -30,7 +30,7 @@ from torch import Tensor
 from ._native import load_kernel
 from .reference import default_scale
 
-__all__ = ["BLOCK", "FUSED_CAPABILITIES", "SparsePlan", "block_sparse_attention", "decline_reason", "native_usable", "kernel_path"]
+__all__ = ["BLOCK", "FUSED_CAPABILITIES", "SparsePlan", "block_sparse_attention", "decline_reason", "gathered_rows_attention", "native_usable", "kernel_path"]
 
 #: Query and key block size (one 64-bit mask word per query row of a block).
 BLOCK = 64
@@ -372,6 +372,51 @@ def block_sparse_attention(
             raise ValueError(f"block_sparse_attention: key_padding_mask: expected ({b}, {nk}), got {tuple(key_padding_mask.shape)}")
         key_bias = torch.zeros(b, nk).masked_fill_(key_padding_mask.bool().cpu(), float("-inf"))
     return _BlockSparseAttention.apply(q, k, v, plan, float(default_scale(q, scale)), key_bias)
+
+
+# --------------------------------------------------------------------------------------------
+# gathered rows: each selected (query row, key range) pair, grouped by key range
+# --------------------------------------------------------------------------------------------
+class _GatheredRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, rows: Tensor, limit: Tensor, gptr: Tensor, meta: Tensor, key_bias: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+        qf, kf, vf = _float32(q), _float32(k), _float32(v)
+        out, lse = _native().gathered_forward(qf, kf, vf, rows, limit, gptr, meta, key_bias, scale)
+        ctx.save_for_backward(qf, kf, vf, out, lse, rows, limit, gptr, meta, key_bias)
+        ctx.scale, ctx.dtypes = scale, (q.dtype, k.dtype, v.dtype)
+        ctx.set_materialize_grads(False)
+        return out.to(v.dtype), lse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_out: Optional[Tensor], grad_lse: Optional[Tensor]) -> tuple[Any, ...]:
+        qf, kf, vf, out, lse, rows, limit, gptr, meta, key_bias = ctx.saved_tensors
+        dout = torch.zeros_like(out) if grad_out is None else _float32(grad_out)
+        delta = (dout * out).sum(-1)
+        if grad_lse is not None:
+            delta = delta - grad_lse.float().masked_fill(lse == float("-inf"), 0.0)
+        dq_e, dk, dv = _native().gathered_backward(dout, qf, kf, vf, lse, delta.contiguous(), rows, limit, gptr, meta, key_bias, ctx.scale)
+        dq = torch.zeros(qf.shape[0] * qf.shape[1] * qf.shape[2], qf.shape[3]).index_add_(0, rows, dq_e).view(qf.shape)
+        qd, kd, vd = ctx.dtypes
+        return dq.to(qd), dk.to(kd), dv.to(vd), None, None, None, None, None, None
+
+
+def gathered_rows_attention(
+    q: Tensor, k: Tensor, v: Tensor, rows: Tensor, limit: Tensor, gptr: Tensor, meta: Tensor, *, scale: Optional[float] = None,
+    key_padding_mask: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor]:
+    """Softmax of gathered query rows over one key range per group: ``(out_e (E, Dv), lse_e (E,))``.
+
+    Group g (``meta[g] = (b, h, key0, length)``) holds the entries ``gptr[g]:gptr[g + 1]``; entry e
+    is query row ``rows[e]`` (flat over (B, H, Nq)) attending keys ``key0 .. key0 + length - 1``
+    of its key head up to ``limit[e]`` (absolute, inclusive). Merge a row's entries by their LSEs
+    (``functional.sparse._select.merge_partials``). Differentiable in q, k, v and through the LSE.
+    All index tensors int64 on the CPU.
+    """
+    if not native_usable(q.device, q.dtype):
+        raise RuntimeError(f"gathered_rows_attention: the C++ kernel does not run {q.dtype} on {q.device} here (see native_usable)")
+    key_bias = torch.empty(0) if key_padding_mask is None else torch.zeros(k.shape[0], k.shape[2]).masked_fill_(key_padding_mask.bool().cpu(), float("-inf"))
+    return _GatheredRows.apply(q, k, v, rows, limit, gptr, meta, key_bias, float(default_scale(q, scale)))
 
 
 def useful_pairs(plan: SparsePlan) -> int:

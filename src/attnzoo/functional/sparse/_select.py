@@ -44,6 +44,8 @@ __all__ = [
     "attend_selected",
     "dense_selection",
     "softmax_lse",
+    "attend_row_blocks",
+    "merge_partials",
 ]
 
 NEG_INF = float("-inf")
@@ -59,7 +61,8 @@ def top_k_mask(scores: Tensor, k: int) -> Tensor:
     lowest indices are kept. NaN ranks above everything (as in ``torch.sort``), so a NaN input
     reaches the output instead of vanishing. O(n log k) per row (``torch.topk``) plus O(n).
     """
-    scores = scores.nan_to_num(nan=float("inf"), posinf=float("inf"), neginf=NEG_INF)
+    if bool(torch.isnan(scores).any()):  # (a read pass; the rewrite only when needed)
+        scores = scores.nan_to_num(nan=float("inf"), posinf=float("inf"), neginf=NEG_INF)
     finite = scores > NEG_INF
     if k >= scores.shape[-1]:
         return finite
@@ -241,6 +244,48 @@ def attend_selected(
     return materialized_attention(q, k, v, scale=scale, allowed=allowed)
 
 
+def attend_row_blocks(
+    q: Tensor, k: Tensor, v: Tensor, selected: Tensor, block: int, *, causal_offset: Optional[int], key_padding_mask: Optional[Tensor], scale: Optional[float]
+) -> tuple[Tensor, Tensor]:
+    """``(out, lse)`` over a row-level block selection on the C++ gathered-rows kernel: every
+    selected (row, block) pair once, grouped by block (work = the selected pairs, whatever their
+    layout over 64-row tiles), the pairs of a row merged by their log-sum-exps."""
+    b, h, nq, _ = q.shape
+    nk = k.shape[2]
+    e = selected.nonzero()  # (E, 4): b, h, i, block
+    group_key = (e[:, 0] * h + e[:, 1]) * selected.shape[-1] + e[:, 3]
+    order = torch.sort(group_key, stable=True).indices
+    e, group_key = e[order].cpu(), group_key[order].cpu()
+    keys, counts = torch.unique_consecutive(group_key, return_counts=True)
+    gptr = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
+    first = e[gptr[:-1]]
+    key0 = first[:, 3] * block
+    meta = torch.stack([first[:, 0], first[:, 1], key0, (nk - key0).clamp(max=block)], dim=1).contiguous()
+    rows = ((e[:, 0] * h + e[:, 1]) * nq + e[:, 2]).contiguous()
+    limit = (e[:, 2] + causal_offset if causal_offset is not None else torch.full_like(e[:, 2], nk)).contiguous()
+    out_e, lse_e = block_sparse.gathered_rows_attention(q, k, v, rows, limit, gptr, meta, scale=scale, key_padding_mask=key_padding_mask)
+    out, lse = merge_partials(out_e, lse_e, rows, b * h * nq)
+    return out.view(b, h, nq, -1).to(q.dtype), lse.view(b, h, nq)
+
+
+def merge_partials(out_e: Tensor, lse_e: Tensor, row: Tensor, n_rows: int) -> tuple[Tensor, Tensor]:
+    """Softmax over a union from partial softmaxes of disjoint key sets: ``out_r = sum_e
+    e^(lse_e - lse_r) out_e`` with ``lse_r = log sum_e e^(lse_e)``; a row with no entry (or
+    only empty ones) gives 0 and -inf. NaN stays NaN. Differentiable."""
+    row = row.to(out_e.device)
+    with torch.no_grad():  # a stabilizer only: it cancels in the result
+        top = torch.full((n_rows,), NEG_INF, dtype=lse_e.dtype, device=lse_e.device).scatter_reduce_(0, row, lse_e.detach(), reduce="amax")
+        top = top.masked_fill(top == NEG_INF, 0.0)
+    w = torch.exp(lse_e - top[row])
+    denom = torch.zeros(n_rows, dtype=w.dtype, device=w.device).index_add(0, row, w)
+    total = torch.zeros(n_rows, out_e.shape[-1], dtype=out_e.dtype, device=out_e.device).index_add(0, row, w[:, None].to(out_e.dtype) * out_e)
+    seen = denom != 0  # NaN != 0: kept, so it reaches the output
+    safe = torch.where(seen, denom, torch.ones_like(denom))
+    out = torch.where(seen[:, None], total / safe[:, None].to(total.dtype), torch.zeros_like(total))
+    lse = torch.where(seen, top + torch.log(safe), torch.full_like(denom, NEG_INF))
+    return out, lse
+
+
 def softmax_lse(scores: Tensor) -> tuple[Tensor, Tensor]:
     """``(softmax(scores), logsumexp(scores))`` along the last dim in one exponential pass (the
     fused softmax), with ``lse = max - log(max p)``; a row of -inf gives p = 0 and lse = -inf.
@@ -261,7 +306,8 @@ def block_means(x: Tensor, block: int, key_padding_mask: Optional[Tensor] = None
     blocks = math.ceil(n / block)
     real = torch.ones(b, n, dtype=torch.float64, device=x.device) if key_padding_mask is None else (~key_padding_mask).double()
     pad = blocks * block - n
-    xs = torch.nn.functional.pad(x.double() * real[:, None, :, None], (0, 0, 0, pad)).view(b, h, blocks, block, d).sum(3)
+    xd = x.double() if key_padding_mask is None else x.double() * real[:, None, :, None]
+    xs = (torch.nn.functional.pad(xd, (0, 0, 0, pad)) if pad else xd).view(b, h, blocks, block, d).sum(3)
     counts = torch.nn.functional.pad(real, (0, pad)).view(b, blocks, block).sum(-1)[:, None, :]
     return xs / counts.clamp(min=1)[..., None], counts > 0
 

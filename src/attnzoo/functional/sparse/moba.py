@@ -15,8 +15,10 @@ mean is over its real keys (a block with none is never selected); only right pad
 paper's gate has no parameters and the selection is discrete).
 
 Backends: ``reference`` (the gate block by block, stable-sort top-k, dense mask);
-``gathered`` (MoBA's own efficient form: own blocks batched, each past block against the queries
-that chose it, partial softmaxes merged by LSE: work = the selected pairs, whatever their layout);
+``gathered`` (each selected (query, block) pair once, grouped by block, on the C++ gathered-rows
+kernel, partial softmaxes merged by LSE: work = the selected pairs, whatever their layout);
+``grouped`` (the same in PyTorch, MoBA's ``moba_efficient``: own blocks batched, each past block
+against the queries that chose it; any device and dtype);
 ``fused`` (the selection as a 64 x 64 block plan on the C++ kernel) and ``tiled`` (the PyTorch FA2
 engine): these visit every tile some query of a 64-query tile chose, which per-query gates
 spread wide (on random data at 10% density, most tiles), so ``gathered`` ranks first.
@@ -36,7 +38,7 @@ from ...kernels.reference import default_scale, materialized_attention
 from ...registry import Backend, Mechanism, Param, Problem, flag, positive_number, register
 from .._padding import refuse_unless_right_padded
 from ._params import PADDING_PARAM, positive_int, sample_options
-from ._select import NEG_INF, attend_selected, block_means, dense_selection, softmax_lse, sorted_top_k_mask, top_k_mask
+from ._select import NEG_INF, attend_row_blocks, attend_selected, block_means, dense_selection, softmax_lse, sorted_top_k_mask, top_k_mask
 
 __all__ = ["moba_attention", "MOBA"]
 
@@ -122,7 +124,16 @@ def _engine(name: str):
 
 
 def _moba_gathered(q, k, v, *, block_size, top_k, key_padding_mask, scale, return_lse):
-    """MoBA's own efficient form (its ``moba_efficient``): the own blocks as one batched causal
+    """Every selected (query, block) pair once on the C++ gathered-rows kernel, grouped by block,
+    merged by LSE (MoBA's ``moba_efficient`` on CPU, fused)."""
+    refuse_unless_right_padded("moba", key_padding_mask, _PADDING_WHY)
+    selected = moba_selection(q, k, block_size, top_k, key_padding_mask)
+    out, lse = attend_row_blocks(q, k, v, selected, block_size, causal_offset=k.shape[2] - q.shape[2], key_padding_mask=key_padding_mask, scale=scale)
+    return (out, lse) if return_lse else out
+
+
+def _moba_grouped(q, k, v, *, block_size, top_k, key_padding_mask, scale, return_lse):
+    """MoBA's own efficient form (its ``moba_efficient``) in PyTorch: the own blocks as one batched causal
     softmax; every past block against the queries that selected it (grouped by block, one GEMM
     each); the partial results merged by their log-sum-exps. Work is proportional to the
     selected (query, block) pairs whatever their layout; per-query gates scatter a 64-query
@@ -243,7 +254,16 @@ MOBA.add_backend(
     )
 )
 MOBA.add_backend(
-    Backend("gathered", _moba_gathered, doc="MoBA's varlen form: own blocks batched, past blocks against the queries that chose them, LSE merge", priority=40)
+    Backend(
+        "gathered",
+        _moba_gathered,
+        doc="each selected (query, block) pair once on the C++ gathered-rows kernel, merged by LSE",
+        accepts=lambda p, params: block_sparse.decline_reason(p),
+        **{**block_sparse.FUSED_CAPABILITIES, "priority": 40},
+    )
+)
+MOBA.add_backend(
+    Backend("grouped", _moba_grouped, doc="MoBA's varlen form in PyTorch: own blocks batched, past blocks against the queries that chose them, LSE merge", priority=30)
 )
 MOBA.add_backend(Backend("tiled", _engine("tiled"), doc="the PyTorch FA2 engine over the selected blocks", priority=20, traceable=False))
 

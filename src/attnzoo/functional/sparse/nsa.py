@@ -23,8 +23,8 @@ makes them); None weighs every branch 1. Selection in float64 in every backend, 
 block index. Causal self-attention only; right padding only.
 
 Backends: ``reference`` (each branch as a dense mask over materialized scores, importance block
-by block); ``fused`` (compression materialized over N x N/stride, selection and window branches on
-the C++ block-sparse kernel).
+by block); ``fused`` (compression materialized over N x N/stride, the selected (query, block) pairs on the
+C++ gathered-rows kernel, the window on the block-sparse kernel).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from ...kernels.reference import default_scale, materialized_attention
 from ...registry import Backend, Mechanism, Param, Problem, positive_number, register
 from .._padding import refuse_unless_right_padded
 from ._params import PADDING_PARAM, positive_int, sample_options
-from ._select import NEG_INF, attend_selected, dense_selection, sorted_top_k_mask, top_k_mask
+from ._select import NEG_INF, attend_row_blocks, dense_selection, softmax_lse, sorted_top_k_mask, top_k_mask
 
 __all__ = ["nsa_attention", "NSA"]
 
@@ -70,6 +70,13 @@ NSA_PARAMS = (
 )
 
 
+#: Up to this many (query, compressed block) scores per (batch, head), the selection scores are
+#: float64 (every backend then selects exactly as the reference); above, float32 (half the memory
+#: and time of the largest step at N = 16384; a block whose importance ties another within float32
+#: rounding may then be chosen differently).
+FLOAT64_SCORES_MAX = 1 << 22
+
+
 # --------------------------------------------------------------------------------------------
 # compression branch
 # --------------------------------------------------------------------------------------------
@@ -91,18 +98,22 @@ def _compressed(k: Tensor, v: Tensor, block: int, stride: int, key_padding_mask:
 
 
 def _compression_branch(q: Tensor, k: Tensor, v: Tensor, *, compress_block: int, compress_stride: int, key_padding_mask: Optional[Tensor], scale: Optional[float]) -> tuple[Tensor, Tensor, Tensor]:
-    """(out, probabilities (B, H, N, n_cmp) float64 without gradient, block ends)."""
+    """(out, probabilities (B, H, N, n_cmp) without gradient, block ends). One score matrix for
+    both; the selection reads it in float64 up to :data:`FLOAT64_SCORES_MAX` scores, else float32."""
     k_cmp, v_cmp, ends = _compressed(k, v, compress_block, compress_stride, key_padding_mask)
+    b, h, n = q.shape[:3]
     if ends.numel() == 0:  # shorter than one compressed block: the branch sees nothing
-        b, h, n = q.shape[:3]
         return q.new_zeros(b, h, n, v.shape[-1]) + 0 * v.sum(), torch.zeros(b, h, n, 0, dtype=torch.float64, device=q.device), ends
-    allowed = ends[None, :] <= torch.arange(q.shape[2], device=q.device)[:, None]  # (N, n_cmp): wholly past
-    out, _ = materialized_attention(q, k_cmp, v_cmp, scale=scale, allowed=allowed)
-    with torch.no_grad():
-        group = q.shape[1] // k.shape[1]
-        s = q.double() @ k_cmp.double().repeat_interleave(group, dim=1).transpose(-1, -2) * default_scale(q, scale)
-        p = torch.softmax(s.masked_fill(~allowed, NEG_INF), dim=-1).nan_to_num(0.0)
-    return out, p, ends
+    group = h // k.shape[1]
+    allowed = ends[None, :] <= torch.arange(n, device=q.device)[:, None]  # (N, n_cmp): wholly past
+    sc = default_scale(q, scale)
+    small = n * ends.numel() <= FLOAT64_SCORES_MAX
+    cdt = torch.float64 if (small or q.dtype == torch.float64) else torch.float32
+    k_h, v_h = (k_cmp, v_cmp) if group == 1 else (k_cmp.repeat_interleave(group, dim=1), v_cmp.repeat_interleave(group, dim=1))
+    s = ((q.to(cdt) * sc) @ k_h.to(cdt).transpose(-1, -2)).masked_fill(~allowed, NEG_INF)
+    p, _ = softmax_lse(s)
+    out = (p @ v_h.to(cdt)).to(q.dtype)
+    return out, p.detach(), ends
 
 
 # --------------------------------------------------------------------------------------------
@@ -112,19 +123,25 @@ def _importance(p_cmp: Tensor, ends: Tensor, *, compress_block: int, block_size:
     """(B, Hkv, N, n_blocks) float64: compressed probabilities summed over the group's heads and over
     the compressed blocks overlapping each selection block (Eq. 9-10)."""
     b, h, nq, _ = p_cmp.shape
-    p = p_cmp.view(b, kv_heads, h // kv_heads, nq, -1).sum(2)
+    group = h // kv_heads
+    p = p_cmp if group == 1 else p_cmp.view(b, kv_heads, group, nq, -1).sum(2)  # in p_cmp's dtype: no 64-bit copy
     n_blocks = math.ceil(n / block_size)
     starts = ends - compress_block + 1
     if loop:  # the reference: block by block
-        out = torch.zeros(b, kv_heads, nq, n_blocks, dtype=torch.float64, device=p.device)
+        out = torch.zeros(b, kv_heads, nq, n_blocks, dtype=p.dtype, device=p.device)
         for j in range(n_blocks):
             lo, hi = j * block_size, (j + 1) * block_size - 1
             overlapping = (starts <= hi) & (ends >= lo)
             out[..., j] = p[..., overlapping].sum(-1)
         return out
-    blocks = torch.arange(n_blocks, device=p.device)
-    overlap = (starts[:, None] <= (blocks + 1) * block_size - 1) & (ends[:, None] >= blocks * block_size)  # (n_cmp, n_blocks)
-    return p @ overlap.double()
+    # a compressed block overlaps the selection blocks first .. last: a few index_adds, not a matmul
+    first, last = starts // block_size, ends.clamp(max=n - 1) // block_size
+    out = torch.zeros(b, kv_heads, nq, n_blocks, dtype=p.dtype, device=p.device)
+    for step in range(int((last - first).max()) + 1 if ends.numel() else 0):
+        hit = first + step <= last
+        weights = p if bool(hit.all()) else p * hit.to(p.dtype)
+        out.index_add_(-1, (first + step).clamp(max=n_blocks - 1), weights)
+    return out
 
 
 def _selection(p_cmp: Tensor, ends: Tensor, *, compress_block: int, block_size: int, top_n: int, n: int, kv_heads: int, reference: bool) -> Tensor:
@@ -162,7 +179,7 @@ def _run(q, k, v, *, gates, block_size, compress_block, compress_stride, top_n, 
         o_slc, _ = materialized_attention(q, k, v, scale=scale, allowed=allowed)
         o_win, _ = materialized_attention(q, k, v, scale=scale, allowed=win)
     else:
-        o_slc, _ = attend_selected(q, k, v, selected, block_size, causal_offset=0, key_padding_mask=key_padding_mask, scale=scale, engine=engine)
+        o_slc, _ = attend_row_blocks(q, k, v, selected, block_size, causal_offset=0, key_padding_mask=key_padding_mask, scale=scale)
         plan = block_sparse.SparsePlan.from_mask(window_pattern, n, n)
         o_win, _ = block_sparse.block_sparse_attention(q, k, v, plan, scale=scale, key_padding_mask=key_padding_mask)
     return _gated([o_cmp, o_slc.to(q.dtype), o_win.to(q.dtype)], gates).to(q.dtype)

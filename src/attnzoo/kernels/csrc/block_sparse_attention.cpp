@@ -358,6 +358,159 @@ std::vector<at::Tensor> block_sparse_backward(const at::Tensor& dout, const at::
   return {dq, dk, dv};
 }
 
+// ---------------------------------------------------------------------------------------------
+// Gathered rows against one key range each (content-sparse selections: MoBA, NSA, routing).
+//
+// Group g: batch b, query head h, keys [key0, key0 + len) of head h / group; its query rows are
+// rows[gptr[g] : gptr[g + 1]] (flat indices into q's (B * H * Nq) rows), each seeing keys up to
+// limit[e] (absolute; causal cut) in the range. Every entry e gets the softmax over its range:
+// out_e (E, Dv) and lse_e (E,); the caller merges the entries of a row by their LSEs. Work is
+// the selected (row, key) pairs, however they scatter over 64-row tiles.
+// ---------------------------------------------------------------------------------------------
+struct Groups {
+  const int64_t* rows;   // (E,)
+  const int64_t* limit;  // (E,)
+  const int64_t* gptr;   // (G + 1,)
+  const int64_t* meta;   // (G, 4): b, h, key0, len
+  int64_t G;
+};
+
+constexpr int kRowChunk = 64;
+
+// S (m x len) = scale Q_rows K^T + bias, -inf past each row's limit; returns nothing.
+void gathered_scores(const Dims& d, const Groups& g, int64_t e0, int m, const float* qp, const float* K, const float* kb,
+                     int64_t key0, int len, float scale, float* Qbuf, float* S) {
+  for (int r = 0; r < m; ++r) std::memcpy(Qbuf + r * d.D, qp + g.rows[e0 + r] * d.D, d.D * sizeof(float));
+  gemm(false, true, m, len, static_cast<int>(d.D), scale, Qbuf, d.D, K + key0 * d.D, d.D, 0.f, S, len);
+  for (int r = 0; r < m; ++r) {
+    float* s = S + r * len;
+    if (kb)
+      for (int c = 0; c < len; ++c) s[c] += kb[key0 + c];
+    const int64_t visible = std::min<int64_t>(len, g.limit[e0 + r] - key0 + 1);
+    for (int64_t c = std::max<int64_t>(visible, 0); c < len; ++c) s[c] = kNegInf;
+  }
+}
+
+void gathered_forward_impl(const Dims& d, const Groups& g, const float* qp, const float* kp, const float* vp, const float* kbp,
+                           float scale, float* op, float* lp) {
+  const int64_t group = d.group();
+  at::parallel_for(0, g.G, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> S, Qbuf(kRowChunk * d.D);
+    for (int64_t gi = begin; gi < end; ++gi) {
+      const int64_t b = g.meta[gi * 4], h = g.meta[gi * 4 + 1], key0 = g.meta[gi * 4 + 2];
+      const int len = static_cast<int>(g.meta[gi * 4 + 3]);
+      const int64_t kv = b * d.Hk + h / group;
+      const float *K = kp + kv * d.Nk * d.D, *V = vp + kv * d.Nk * d.Dv, *kb = kbp ? kbp + b * d.Nk : nullptr;
+      S.resize(static_cast<size_t>(kRowChunk) * len);
+      for (int64_t e0 = g.gptr[gi]; e0 < g.gptr[gi + 1]; e0 += kRowChunk) {
+        const int m = static_cast<int>(std::min<int64_t>(kRowChunk, g.gptr[gi + 1] - e0));
+        gathered_scores(d, g, e0, m, qp, K, kb, key0, len, scale, Qbuf.data(), S.data());
+        std::vector<float> l(m);
+        for (int r = 0; r < m; ++r) {
+          float* s = S.data() + r * len;
+          const float mx = max_row(s, len);
+          if (mx == kNegInf) {
+            std::fill(s, s + len, 0.f);
+            l[r] = 0.f;
+            lp[e0 + r] = kNegInf;
+            continue;
+          }
+          l[r] = exp_row(s, mx, len);
+          lp[e0 + r] = mx + std::log(l[r]);
+        }
+        float* O = op + e0 * d.Dv;
+        gemm(false, false, m, static_cast<int>(d.Dv), len, 1.f, S.data(), len, V + key0 * d.Dv, d.Dv, 0.f, O, d.Dv);
+        for (int r = 0; r < m; ++r) scale_row(O + r * d.Dv, l[r] == 0.f ? 0.f : 1.f / l[r], d.Dv);
+      }
+    }
+  });
+}
+
+// One task per (batch, key head): its groups run in order, so dK/dV need no atomics.
+void gathered_backward_impl(const Dims& d, const Groups& g, const float* qp, const float* kp, const float* vp, const float* kbp,
+                            const float* dop, const float* lp, const float* deltap, float scale, float* dqp, float* dkp,
+                            float* dvp) {
+  const int64_t group = d.group();
+  std::vector<std::vector<int64_t>> owned(d.B * d.Hk);
+  for (int64_t gi = 0; gi < g.G; ++gi) owned[g.meta[gi * 4] * d.Hk + g.meta[gi * 4 + 1] / group].push_back(gi);
+  at::parallel_for(0, d.B * d.Hk, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> S, dP, Qbuf(kRowChunk * d.D), dObuf(kRowChunk * d.Dv), dQbuf(kRowChunk * d.D);
+    for (int64_t task = begin; task < end; ++task) {
+      float* dK = dkp + task * d.Nk * d.D;
+      float* dV = dvp + task * d.Nk * d.Dv;
+      const float *K = kp + task * d.Nk * d.D, *V = vp + task * d.Nk * d.Dv;
+      const float* kb = kbp ? kbp + (task / d.Hk) * d.Nk : nullptr;
+      for (const int64_t gi : owned[task]) {
+        const int64_t key0 = g.meta[gi * 4 + 2];
+        const int len = static_cast<int>(g.meta[gi * 4 + 3]);
+        S.resize(static_cast<size_t>(kRowChunk) * len);
+        dP.resize(static_cast<size_t>(kRowChunk) * len);
+        for (int64_t e0 = g.gptr[gi]; e0 < g.gptr[gi + 1]; e0 += kRowChunk) {
+          const int m = static_cast<int>(std::min<int64_t>(kRowChunk, g.gptr[gi + 1] - e0));
+          gathered_scores(d, g, e0, m, qp, K, kb, key0, len, scale, Qbuf.data(), S.data());
+          for (int r = 0; r < m; ++r) {
+            float* s = S.data() + r * len;
+            if (lp[e0 + r] == kNegInf) std::fill(s, s + len, 0.f);
+            else exp_row(s, lp[e0 + r], len);
+          }
+          std::memcpy(dObuf.data(), dop + e0 * d.Dv, m * d.Dv * sizeof(float));
+          gemm(true, false, len, static_cast<int>(d.Dv), m, 1.f, S.data(), len, dObuf.data(), d.Dv, 1.f, dV + key0 * d.Dv, d.Dv);
+          gemm(false, true, m, len, static_cast<int>(d.Dv), 1.f, dObuf.data(), d.Dv, V + key0 * d.Dv, d.Dv, 0.f, dP.data(), len);
+          for (int r = 0; r < m; ++r) {
+            const float* p = S.data() + r * len;
+            float* ds = dP.data() + r * len;
+            const float delta = deltap[e0 + r];
+            for (int c = 0; c < len; ++c) ds[c] = p[c] * (ds[c] - delta);
+          }
+          gemm(false, false, m, static_cast<int>(d.D), len, scale, dP.data(), len, K + key0 * d.D, d.D, 0.f, dQbuf.data(), d.D);
+          std::memcpy(dqp + e0 * d.D, dQbuf.data(), m * d.D * sizeof(float));
+          gemm(true, false, len, static_cast<int>(d.D), m, scale, dP.data(), len, Qbuf.data(), d.D, 1.f, dK + key0 * d.D, d.D);
+        }
+      }
+    }
+  });
+}
+
+Groups groups_of(const Dims& d, const at::Tensor& rows, const at::Tensor& limit, const at::Tensor& gptr, const at::Tensor& meta) {
+  for (const auto* t : {&rows, &limit, &gptr, &meta})
+    TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous() && t->device().is_cpu(), "rows, limit, gptr, meta must be contiguous int64 CPU tensors");
+  TORCH_CHECK(rows.numel() == limit.numel() && meta.dim() == 2 && meta.size(1) == 4 && gptr.numel() == meta.size(0) + 1,
+              "rows/limit (E,), gptr (G + 1,), meta (G, 4)");
+  return Groups{rows.data_ptr<int64_t>(), limit.data_ptr<int64_t>(), gptr.data_ptr<int64_t>(), meta.data_ptr<int64_t>(), meta.size(0)};
+}
+
+std::vector<at::Tensor> gathered_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& rows,
+                                         const at::Tensor& limit, const at::Tensor& gptr, const at::Tensor& meta,
+                                         const at::Tensor& key_bias, double scale) {
+  const Dims d = dims_of(q, k, v);
+  const Groups g = groups_of(d, rows, limit, gptr, meta);
+  auto out = at::empty({rows.numel(), d.Dv}, q.options());
+  auto lse = at::empty({rows.numel()}, q.options());
+  gathered_forward_impl(d, g, q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), key_bias_of(key_bias, d),
+                        static_cast<float>(scale), out.data_ptr<float>(), lse.data_ptr<float>());
+  return {out, lse};
+}
+
+// dq_e (E, D) per entry (the caller sums a row's entries); dk, dv (B, Hk, Nk, .).
+std::vector<at::Tensor> gathered_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                          const at::Tensor& lse, const at::Tensor& delta, const at::Tensor& rows,
+                                          const at::Tensor& limit, const at::Tensor& gptr, const at::Tensor& meta,
+                                          const at::Tensor& key_bias, double scale) {
+  const Dims d = dims_of(q, k, v);
+  const Groups g = groups_of(d, rows, limit, gptr, meta);
+  const int64_t E = rows.numel();
+  TORCH_CHECK(dout.scalar_type() == at::kFloat && dout.is_contiguous() && dout.numel() == E * d.Dv, "dout must be (E, Dv) float32");
+  for (const auto* t : {&lse, &delta})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == E, "lse and delta must be (E,) float32");
+  auto dq = at::zeros({E, d.D}, q.options());
+  auto dk = at::zeros(k.sizes(), q.options());
+  auto dv = at::zeros(v.sizes(), q.options());
+  gathered_backward_impl(d, g, q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), key_bias_of(key_bias, d),
+                         dout.data_ptr<float>(), lse.data_ptr<float>(), delta.data_ptr<float>(), static_cast<float>(scale),
+                         dq.data_ptr<float>(), dk.data_ptr<float>(), dv.data_ptr<float>());
+  return {dq, dk, dv};
+}
+
 std::string kernel_path() {
   std::string simd = kLanes == 16 ? "avx512 (16-lane exp)" : "8-lane exp (avx2 or emulated)";
   return simd + ", GEMM: " + (sgemm_ ? "BLAS sgemm_ linked by PyTorch" : "plain loops (no BLAS found)");
@@ -368,5 +521,7 @@ std::string kernel_path() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &block_sparse_forward, "block-sparse attention forward -> (out, lse)");
   m.def("backward", &block_sparse_backward, "block-sparse attention backward -> (dq, dk, dv)");
+  m.def("gathered_forward", &gathered_forward, "gathered rows against one key range per group -> (out_e, lse_e)");
+  m.def("gathered_backward", &gathered_backward, "gathered rows backward -> (dq_e, dk, dv)");
   m.def("path", &kernel_path, "which SIMD width and GEMM this build uses");
 }
