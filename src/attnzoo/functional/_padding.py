@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import random
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
 from ..errors import ParameterError
-from ..registry import Problem
+from ..registry import Param, Problem
 
 
 def sample_padding(p: Problem, rng: random.Random, *, right_only: bool = False, chance: float = 0.3, spatial: bool = False) -> Optional[Tensor]:
@@ -45,3 +45,32 @@ def refuse_unless_right_padded(name: str, mask: Optional[Tensor], why: str) -> N
         return
     if bool((mask[:, :-1] & ~mask[:, 1:]).any()):
         raise ParameterError(f"{name}: key_padding_mask: only padding on the right is exact here: {why}", argument="key_padding_mask")
+
+
+PADDING_DOC = (
+    "(B, Nk) bool, or (B, *spatial_k) for spatial inputs (row-major, the same keys); True = ignore "
+    "that key (torch.nn.MultiheadAttention's convention)"
+)
+
+
+def key_padding_param(one_d_refusal: Optional[str] = None, doc: str = PADDING_DOC) -> Param:
+    """The family's ``key_padding_mask`` parameter: a bool tensor (B, Nk) or (B, *spatial_k).
+
+    ``one_d_refusal``: why a mechanism whose partitions are placed by the sequence length cannot
+    pad 1D sequences exactly; a mask on 1D inputs is then refused with that reason (the check
+    runs before any backend, so the refusal is the same on every backend).
+    """
+
+    def check(value: Any, p: Problem) -> Optional[str]:
+        if value is None:
+            return None
+        shapes = {(p.batch, p.kv_len), (p.batch, *p.kv_shape)}
+        if not isinstance(value, Tensor) or value.dtype != torch.bool or tuple(value.shape) not in shapes or value.device != p.device:
+            spatial = "" if len(p.kv_shape) == 1 else f" or (B, *spatial_k) = {(p.batch, *p.kv_shape)}"
+            return f"None or a bool tensor of shape (B, Nk) = {(p.batch, p.kv_len)}{spatial} on {p.device} (True = ignore the key)"
+        if one_d_refusal is not None and len(p.kv_shape) == 1:
+            return f"None on 1D sequences: {one_d_refusal}"
+        return None
+
+    invalid = (torch.zeros(1, dtype=torch.bool), torch.zeros(1, 1), torch.zeros(1, 10**6, dtype=torch.bool))
+    return Param("key_padding_mask", None, doc, check, invalid, "Tensor | None")

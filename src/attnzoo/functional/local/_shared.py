@@ -18,8 +18,9 @@ from ...kernels.reference import materialized_attention
 from ...kernels.sdpa import sdpa
 from ...kernels.tiled import tiled_attention
 from ..._validate import per_axis
+from .._padding import PADDING_DOC, key_padding_param  # noqa: F401 - re-exported for the family
 from .._padding import sample_padding as _sample_padding
-from ...registry import Backend, Mechanism, Param, Problem
+from ...registry import Backend, Mechanism, Problem
 
 
 def _is_extent(x: Any) -> bool:
@@ -66,35 +67,6 @@ PatternOf = Callable[..., masks.MaskMod]  # (q, k, **the mechanism's pattern par
 # --------------------------------------------------------------------------------------------
 # key padding
 # --------------------------------------------------------------------------------------------
-PADDING_DOC = (
-    "(B, Nk) bool, or (B, *spatial_k) for spatial inputs (row-major, the same keys); True = ignore "
-    "that key (torch.nn.MultiheadAttention's convention)"
-)
-
-
-def key_padding_param(one_d_refusal: Optional[str] = None, doc: str = PADDING_DOC) -> Param:
-    """The family's ``key_padding_mask`` parameter: a bool tensor (B, Nk) or (B, *spatial_k).
-
-    ``one_d_refusal``: why a mechanism whose partitions are placed by the sequence length cannot
-    pad 1D sequences exactly; a mask on 1D inputs is then refused with that reason (the check
-    runs before any backend, so the refusal is the same on every backend).
-    """
-
-    def check(value: Any, p: Problem) -> Optional[str]:
-        if value is None:
-            return None
-        shapes = {(p.batch, p.kv_len), (p.batch, *p.kv_shape)}
-        if not isinstance(value, Tensor) or value.dtype != torch.bool or tuple(value.shape) not in shapes or value.device != p.device:
-            spatial = "" if len(p.kv_shape) == 1 else f" or (B, *spatial_k) = {(p.batch, *p.kv_shape)}"
-            return f"None or a bool tensor of shape (B, Nk) = {(p.batch, p.kv_len)}{spatial} on {p.device} (True = ignore the key)"
-        if one_d_refusal is not None and len(p.kv_shape) == 1:
-            return f"None on 1D sequences: {one_d_refusal}"
-        return None
-
-    invalid = (torch.zeros(1, dtype=torch.bool), torch.zeros(1, 1), torch.zeros(1, 10**6, dtype=torch.bool))
-    return Param("key_padding_mask", None, doc, check, invalid, "Tensor | None")
-
-
 def flat_padding(mask: Optional[Tensor], batch: int) -> Optional[Tensor]:
     """The mask as (B, Nk) over the flattened keys (row-major, like :func:`_flat`)."""
     return None if mask is None else mask.reshape(batch, -1)

@@ -5,25 +5,12 @@ from __future__ import annotations
 import random
 from typing import Any, Callable, Optional
 
-import torch
-from torch import Tensor
-
-from ...registry import Param, Problem
-from .._padding import sample_padding
+from ...registry import Problem
+from .._padding import key_padding_param, sample_padding
 
 
-def _check_padding(value: Any, p: Problem) -> Optional[str]:
-    if value is None:
-        return None
-    if not isinstance(value, Tensor) or value.dtype != torch.bool or tuple(value.shape) != (p.batch, p.kv_len) or value.device != p.device:
-        return f"None or a bool tensor of shape ({p.batch}, {p.kv_len}) on {p.device} (True = ignore the key)"
-    return None
-
-
-#: ``key_padding_mask`` of the 1D sequence mechanisms: a padded key is never selected nor attended.
-PADDING_PARAM = Param(
-    "key_padding_mask", None, "(B, Nk) bool, True = ignore the key (never selected)", _check_padding, (torch.tensor([False]), torch.tensor([[0.0]])), "Tensor | None"
-)
+#: ``key_padding_mask`` of the family: a padded key is never selected nor attended.
+PADDING_PARAM = key_padding_param(doc="(B, Nk) bool, True = ignore the key (never selected nor attended)")
 
 
 def positive_int(what: str) -> Callable[[Any, Problem], Optional[str]]:

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from ...kernels.reference import default_scale, materialized_attention
 from ...registry import Backend, Mechanism, Param, Problem, flag, positive_number, register
-from ..local._shared import key_padding_param
+from .._padding import key_padding_param
 from ._params import positive_int, sample_options
 from ._select import NEG_INF, sorted_top_k_mask, top_k_mask
 
