@@ -77,7 +77,7 @@ def test_ci_refuses_unknown_options():
 
 def test_quickstart_runs(readme):
     blocks = [body for lang, body in FENCE.findall(section(readme, "Quickstart")) if lang == "python"]
-    assert len(blocks) == 2, "the quickstart and its padded-batch example"
+    assert len(blocks) == 3, "the quickstart, its padded-batch example and the content-sparse one"
     assert len(blocks[0].strip().splitlines()) <= 14, "keep the quickstart short"
     namespace: dict = {"print": lambda *args, **kwargs: None}
     for i, code in enumerate(blocks):  # one session, as a reader would paste them
@@ -90,6 +90,11 @@ def test_quickstart_runs(readme):
     # the padded batch: the short sequence's real rows equal its run alone
     alone = attnzoo.attention(q[1:, :, :300], k[1:, :, :300], v[1:, :, :300], "linear", causal=True)
     torch.testing.assert_close(namespace["padded"][1:, :, :300], alone, rtol=1e-5, atol=1e-5)
+    # the content-sparse calls: the dispatched backends equal each mechanism's reference
+    for name, call in (("top", lambda **kw: attnzoo.topk_attention(q, k, v, top_k=32, causal=True, **kw)),
+                       ("moba", lambda **kw: attnzoo.moba_attention(q, k, v, block_size=64, top_k=3, **kw))):
+        torch.testing.assert_close(namespace[name], call(backend="reference"), rtol=1e-4, atol=2e-5)
+    assert namespace["xattn"].shape == q.shape
 
 
 def test_block_sparse_example_runs(readme):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import random
 from typing import Any, Callable, Optional
 
-from ...registry import Problem
+from ...kernels import block_sparse
+from ...registry import Backend, Problem
 from .._padding import key_padding_param, sample_padding
 
 
@@ -35,3 +36,16 @@ def sample_options(params: dict[str, Any], p: Problem, rng: random.Random, **pad
     if rng.random() < 0.2:
         params["scale"] = rng.choice((0.05, 0.5, 1.0))
     return params
+
+
+def _native_accepts(p: Problem, params: dict) -> Optional[str]:
+    return block_sparse.decline_reason(p)
+
+
+def native_backend(name: str, fn: Callable[..., Any], doc: str, *, priority: Optional[int] = None) -> Backend:
+    """A backend on the C++ CPU kernels (block-sparse plans, gathered rows): their capabilities
+    (CPU; float32, bfloat16, float16), declining where the kernel is not built."""
+    capabilities = dict(block_sparse.FUSED_CAPABILITIES)
+    if priority is not None:
+        capabilities["priority"] = priority
+    return Backend(name, fn, doc=doc, accepts=_native_accepts, **capabilities)

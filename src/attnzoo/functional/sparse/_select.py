@@ -87,7 +87,7 @@ def mass_mask(weights: Tensor, tau: float) -> Tensor:
     values, order = torch.sort(weights, dim=-1, descending=True, stable=True)
     before = values.cumsum(-1) - values  # mass of the entries ranked above each one
     total = values.sum(-1, keepdim=True)
-    keep_sorted = (before < tau * total) & (values > 0)
+    keep_sorted = ((before < tau * total) & (values > 0)) | total.isnan()  # a NaN row keeps all: the NaN reaches the output
     return torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
 
 
@@ -97,6 +97,9 @@ def sorted_mass_mask(weights: Tensor, tau: float) -> Tensor:
     keep = torch.zeros_like(flat, dtype=torch.bool)
     for r in range(flat.shape[0]):
         row = flat[r].tolist()
+        if any(x != x for x in row):  # NaN: keep all (as mass_mask)
+            keep[r] = True
+            continue
         target, taken = tau * sum(row), 0.0
         for j in sorted(range(len(row)), key=lambda j: (-row[j], j)):
             if taken >= target or row[j] <= 0:

@@ -39,7 +39,7 @@ from ...kernels.reference import default_scale, materialized_attention
 from ...kernels.tiled import tiled_attention
 from ...registry import Backend, Mechanism, Param, Problem, flag, positive_number, register
 from .._padding import refuse_unless_right_padded
-from ._params import PADDING_PARAM, positive_int, sample_options
+from ._params import PADDING_PARAM, native_backend, positive_int, sample_options
 from ._select import NEG_INF, sorted_top_k_mask, top_k_mask
 
 __all__ = ["vertical_slash_attention", "VERTICAL_SLASH"]
@@ -255,9 +255,7 @@ VERTICAL_SLASH = register(
     )
 )
 VERTICAL_SLASH.add_backend(Backend("reference", _reference, doc="diagonals summed one by one, stable-sort top-k, dense mask: the spec", priority=-100, materializes_scores=True))
-VERTICAL_SLASH.add_backend(
-    Backend("fused", _fused, doc="tile words from vertical and per-diagonal slash words, C++ block-sparse kernel", accepts=lambda p, params: block_sparse.decline_reason(p), **block_sparse.FUSED_CAPABILITIES)
-)
+VERTICAL_SLASH.add_backend(native_backend("fused", _fused, "tile words from vertical and per-diagonal slash words, C++ block-sparse kernel"))
 VERTICAL_SLASH.add_backend(Backend("tiled", _tiled, doc="the PyTorch FA2 engine with the lines as its predicate", priority=20, traceable=False))
 
 

@@ -33,11 +33,10 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from ...kernels import block_sparse
 from ...kernels.reference import default_scale, materialized_attention
 from ...registry import Backend, Mechanism, Param, Problem, flag, positive_number, register
 from .._padding import refuse_unless_right_padded
-from ._params import PADDING_PARAM, positive_int, sample_options
+from ._params import PADDING_PARAM, native_backend, positive_int, sample_options
 from ._select import NEG_INF, attend_row_blocks, attend_selected, block_means, dense_selection, softmax_lse, sorted_top_k_mask, top_k_mask
 
 __all__ = ["moba_attention", "MOBA"]
@@ -245,22 +244,10 @@ MOBA = register(
 )
 MOBA.add_backend(Backend("reference", _reference, doc="block-by-block gate, stable-sort top-k, dense masked softmax: the spec", priority=-100, materializes_scores=True))
 MOBA.add_backend(
-    Backend(
-        "fused",
-        _engine("fused"),
-        doc="the selection as a 64x64 block plan on the C++ block-sparse kernel (forward, backward, LSE)",
-        accepts=lambda p, params: block_sparse.decline_reason(p),
-        **block_sparse.FUSED_CAPABILITIES,
-    )
+    native_backend("fused", _engine("fused"), "the selection as a 64x64 block plan on the C++ block-sparse kernel (forward, backward, LSE)")
 )
 MOBA.add_backend(
-    Backend(
-        "gathered",
-        _moba_gathered,
-        doc="each selected (query, block) pair once on the C++ gathered-rows kernel, merged by LSE",
-        accepts=lambda p, params: block_sparse.decline_reason(p),
-        **{**block_sparse.FUSED_CAPABILITIES, "priority": 40},
-    )
+    native_backend("gathered", _moba_gathered, "each selected (query, block) pair once on the C++ gathered-rows kernel, merged by LSE", priority=40)
 )
 MOBA.add_backend(
     Backend("grouped", _moba_grouped, doc="MoBA's varlen form in PyTorch: own blocks batched, past blocks against the queries that chose them, LSE merge", priority=30)

@@ -41,7 +41,7 @@ from ...kernels import block_sparse
 from ...kernels.reference import default_scale, materialized_attention
 from ...registry import Backend, Mechanism, Param, Problem, positive_number, register
 from .._padding import refuse_unless_right_padded
-from ._params import PADDING_PARAM, positive_int, sample_options
+from ._params import PADDING_PARAM, native_backend, positive_int, sample_options
 from ._select import NEG_INF, attend_row_blocks, dense_selection, softmax_lse, sorted_top_k_mask, top_k_mask
 
 __all__ = ["nsa_attention", "NSA"]
@@ -229,13 +229,7 @@ NSA = register(
 )
 NSA.add_backend(Backend("reference", _reference, doc="each branch as a dense mask over materialized scores: the spec", priority=-100, materializes_scores=True))
 NSA.add_backend(
-    Backend(
-        "fused",
-        _fused,
-        doc="compression materialized over N x N/stride; selection and window branches on the C++ block-sparse kernel",
-        accepts=lambda p, params: block_sparse.decline_reason(p),
-        **block_sparse.FUSED_CAPABILITIES,
-    )
+    native_backend("fused", _fused, "compression over N x N/stride; the selected pairs on the C++ gathered-rows kernel, the window on the block-sparse kernel")
 )
 
 

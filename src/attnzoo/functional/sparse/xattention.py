@@ -43,7 +43,7 @@ from ...kernels import block_sparse
 from ...kernels.reference import default_scale, materialized_attention
 from ...registry import Backend, Mechanism, Param, Problem, flag, positive_number, register
 from .._padding import refuse_unless_right_padded
-from ._params import PADDING_PARAM, positive_int, sample_options
+from ._params import PADDING_PARAM, native_backend, positive_int, sample_options
 from ._select import NEG_INF, attend_selected, block_selection_plan, dense_selection, mass_mask, sorted_mass_mask
 
 __all__ = ["xattention", "XATTENTION"]
@@ -243,13 +243,7 @@ XATTENTION.add_backend(
     Backend("reference", _reference, doc="S strided matmuls summed, row-by-row mass selection, dense masked softmax: the spec", priority=-100, materializes_scores=True)
 )
 XATTENTION.add_backend(
-    Backend(
-        "fused",
-        _engine("fused"),
-        doc="one reordered matmul for the estimate, the C++ block-sparse kernel over the selected blocks",
-        accepts=lambda p, params: block_sparse.decline_reason(p),
-        **block_sparse.FUSED_CAPABILITIES,
-    )
+    native_backend("fused", _engine("fused"), "one reordered matmul for the estimate, the C++ block-sparse kernel over the selected blocks")
 )
 XATTENTION.add_backend(Backend("tiled", _engine("tiled"), doc="the PyTorch FA2 engine over the selected blocks", priority=20, traceable=False))
 
