@@ -386,3 +386,30 @@ def test_nsa_gates_weigh_the_branches():
     only_window[..., 2] = 1
     want = attnzoo.sliding_window_attention(q, k, v, window=(5, 0), causal=True, backend="reference")
     torch.testing.assert_close(attnzoo.functional.nsa_attention(q, k, v, gates=only_window, **kw), want)
+
+
+# --------------------------------------------------------------------------------------------
+# S2 FlexPrefill
+# --------------------------------------------------------------------------------------------
+def test_flexprefill_js_distance_and_the_pattern_choice():
+    from attnzoo.functional.sparse.flexprefill import _js_distance, flexprefill_selection
+
+    p, q = torch.tensor([[0.5, 0.5, 0.0]], dtype=torch.float64), torch.tensor([[0.0, 0.5, 0.5]], dtype=torch.float64)
+    # JSD = 1/2 KL(p||m) + 1/2 KL(q||m), m = (.25, .5, .25): each KL = .5 ln 2 -> sqrt(.5 ln 2)
+    torch.testing.assert_close(_js_distance(p, q), torch.tensor([math.sqrt(0.5 * math.log(2))], dtype=torch.float64))
+    assert float(_js_distance(p, p)) == 0.0
+    q_, k_, _ = _qkv(1, 2, 64, d=8, seed=3)
+    k_[:, 0] = 0.0  # head 0: flat attention, estimate == truth (JS 0): query-aware
+    k_[:, 1] *= 40.0  # head 1: peaked attention the block-pooled estimate cannot see
+    chosen = flexprefill_selection(q_, k_, gamma=0.9, tau=0.1, block_size=8, scale=8**-0.5, key_padding_mask=None)
+    assert chosen[0].tolist() == [[True, False]]
+
+
+@pytest.mark.parametrize("backend", ["reference", "fused", "tiled"])
+@pytest.mark.parametrize("tau", [1.0, 1e-9])  # every head query-aware / every head vertical-slash
+def test_flexprefill_covering_all_the_mass_is_causal_softmax(backend, tau):
+    q, k, v = (x.float() for x in _qkv(2, 2, 150, seed=6))
+    if backend == "fused" and not block_sparse.native_usable(q.device, q.dtype):
+        pytest.skip("the C++ kernel is not built here")
+    got = attnzoo.flexprefill_attention(q, k, v, gamma=1.0, tau=tau, block_size=64, backend=backend)
+    torch.testing.assert_close(got, attnzoo.softmax_attention(q, k, v, causal=True, backend="reference"), atol=2e-5, rtol=1e-4)

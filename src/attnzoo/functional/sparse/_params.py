@@ -42,10 +42,14 @@ def _native_accepts(p: Problem, params: dict) -> Optional[str]:
     return block_sparse.decline_reason(p)
 
 
-def native_backend(name: str, fn: Callable[..., Any], doc: str, *, priority: Optional[int] = None) -> Backend:
+def native_backend(
+    name: str, fn: Callable[..., Any], doc: str, *, priority: Optional[int] = None, accepts: Optional[Callable[[Problem, dict], Optional[str]]] = None
+) -> Backend:
     """A backend on the C++ CPU kernels (block-sparse plans, gathered rows): their capabilities
-    (CPU; float32, bfloat16, float16), declining where the kernel is not built."""
+    (CPU; float32, bfloat16, float16), declining where the kernel is not built (and where
+    ``accepts``, the mechanism's own condition, gives a reason)."""
     capabilities = dict(block_sparse.FUSED_CAPABILITIES)
     if priority is not None:
         capabilities["priority"] = priority
-    return Backend(name, fn, doc=doc, accepts=_native_accepts, **capabilities)
+    check = _native_accepts if accepts is None else (lambda p, params: accepts(p, params) or _native_accepts(p, params))
+    return Backend(name, fn, doc=doc, accepts=check, **capabilities)

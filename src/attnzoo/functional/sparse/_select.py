@@ -44,6 +44,7 @@ __all__ = [
     "attend_selected",
     "dense_selection",
     "softmax_lse",
+    "masked_softmax",
     "attend_row_blocks",
     "merge_partials",
 ]
@@ -287,6 +288,13 @@ def merge_partials(out_e: Tensor, lse_e: Tensor, row: Tensor, n_rows: int) -> tu
     out = torch.where(seen[:, None], total / safe[:, None].to(total.dtype), torch.zeros_like(total))
     lse = torch.where(seen, top + torch.log(safe), torch.full_like(denom, NEG_INF))
     return out, lse
+
+
+def masked_softmax(scores: Tensor, visible: Tensor) -> Tensor:
+    """softmax over the visible entries; a row with none gives zeros. Unlike ``nan_to_num`` after
+    the softmax, a NaN or inf carried by the inputs stays NaN (so the finite check names it)."""
+    p = torch.softmax(scores.masked_fill(~visible, NEG_INF), dim=-1)
+    return p.masked_fill(~visible.any(-1, keepdim=True), 0.0)
 
 
 def softmax_lse(scores: Tensor) -> tuple[Tensor, Tensor]:

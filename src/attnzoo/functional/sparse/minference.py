@@ -40,7 +40,7 @@ from ...kernels.tiled import tiled_attention
 from ...registry import Backend, Mechanism, Param, Problem, flag, positive_number, register
 from .._padding import refuse_unless_right_padded
 from ._params import PADDING_PARAM, native_backend, positive_int, sample_options
-from ._select import NEG_INF, sorted_top_k_mask, top_k_mask
+from ._select import NEG_INF, masked_softmax, sorted_top_k_mask, top_k_mask
 
 __all__ = ["vertical_slash_attention", "VERTICAL_SLASH"]
 
@@ -88,7 +88,7 @@ def _estimate(q: Tensor, k: Tensor, scale: float, rows: Tensor, exists: Tensor, 
     ok = torch.arange(k.shape[2], device=q.device)[None, None, None, :] <= rows[:, None, :, None]
     if key_padding_mask is not None:
         ok = ok & ~key_padding_mask[:, None, None, :]
-    a = torch.softmax(s.masked_fill(~ok, NEG_INF), dim=-1).nan_to_num(0.0)
+    a = masked_softmax(s, ok)
     return a * exists[:, None, :, None]
 
 
@@ -96,7 +96,7 @@ def _forced(scores: Tensor, count: int) -> Tensor:
     """+inf on the first ``count`` entries (always kept)."""
     if count:
         scores = scores.clone()
-        scores[..., :count] = torch.where(scores[..., :count] > NEG_INF, float("inf"), NEG_INF)
+        scores[..., :count] = torch.where(scores[..., :count] == NEG_INF, NEG_INF, float("inf"))  # (a NaN is forced too)
     return scores
 
 
@@ -147,39 +147,56 @@ class VerticalSlashMask(masks.MaskMod):
         return (offset >= 0) & (self.vertical[b, h, kv_idx] | self.slash[b, h, offset.clamp(min=0)])
 
 
-def vs_plan(vertical: Tensor, slash: Tensor, n: int) -> SparsePlan:
-    """The fused kernel's plan: a tile's row words are its vertical word OR the slash words of its
-    tile diagonal (qb - kb), cut causally. O(tiles * 64) words, no N x N mask."""
+def _low_bits(count: Tensor) -> Tensor:
+    """int64 words with bits 0 .. count-1 set (count in [0, 64])."""
+    return torch.where(count >= BLOCK, torch.full_like(count, -1), (torch.ones_like(count) << count.clamp(max=BLOCK - 1)) - 1)
+
+
+def causal_tile_words(n: int) -> tuple[Tensor, Tensor]:
+    """(nb, nb, 64) int64 words of every 64 x 64 tile of causal self-attention over N tokens:
+    ``limit`` (keys <= row, inside N) and ``in_bounds`` (every key inside N; rows past N: 0)."""
+    nb = -(-n // BLOCK)
+    bit = torch.arange(BLOCK)
+    qb, kb = torch.arange(nb)[:, None], torch.arange(nb)[None, :]
+    rows = qb[:, :, None] * BLOCK + bit  # (nb, 1, 64)
+    limit = _low_bits((rows.clamp(max=n - 1) - kb[:, :, None] * BLOCK + 1).clamp(0, BLOCK))
+    in_bounds = _low_bits((n - kb * BLOCK).clamp(0, BLOCK)[:, :, None].expand_as(limit))
+    live = rows < n
+    return torch.where(live, limit, torch.zeros_like(limit)), torch.where(live, in_bounds, torch.zeros_like(in_bounds))
+
+
+def vs_tile_words(vertical: Tensor, slash: Tensor, n: int) -> Tensor:
+    """(B, H, nb, nb, 64) int64: each tile's row words, its vertical word OR the slash words of its
+    tile diagonal (qb - kb), before the causal cut."""
     vertical, slash = vertical.cpu(), slash.cpu()
     b, h, _ = vertical.shape
     nb = -(-n // BLOCK)
     bit = torch.arange(BLOCK)
-    pad = nb * BLOCK - n
-    v_tiles = torch.nn.functional.pad(vertical, (0, pad)).view(b, h, nb, BLOCK)
+    v_tiles = torch.nn.functional.pad(vertical, (0, nb * BLOCK - n)).view(b, h, nb, BLOCK)
     v_words = (v_tiles.long() << bit).sum(-1)  # (B, H, nb): one word per key tile, every row alike
     # slash words by tile diagonal delta: row r of tile (kb + delta, kb) sees key c at offset delta*64 + r - c
     offsets = torch.arange(nb)[:, None, None] * BLOCK + bit[None, :, None] - bit[None, None, :]  # (nb, 64 rows, 64 cols)
     inside = (offsets >= 0) & (offsets < n)
-    s_bits = slash[:, :, offsets.clamp(0, n - 1)] & inside  # (B, H, nb, 64, 64)
-    s_words = (s_bits.long() << bit).sum(-1)  # (B, H, nb deltas, 64 rows)
-    qb, kb = torch.arange(nb)[:, None], torch.arange(nb)[None, :]
-    delta = (qb - kb).clamp(min=0)
-    words = v_words[:, :, None, :, None] | s_words[:, :, delta]  # (B, H, nb, nb, 64)
-    rows = qb[:, :, None] * BLOCK + bit  # (nb, 1, 64)
-    keys_last = (rows).clamp(max=n - 1) - kb[:, :, None] * BLOCK  # causal: keys <= row, within the tile
-    count = (keys_last + 1).clamp(0, BLOCK)
-    limit = torch.where(count >= BLOCK, torch.full_like(count, -1), (torch.ones_like(count) << count) - 1)
-    limit = torch.where(rows < n, limit, torch.zeros_like(limit))  # rows past N see nothing
+    s_words = ((slash[:, :, offsets.clamp(0, n - 1)] & inside).long() << bit).sum(-1)  # (B, H, nb deltas, 64 rows)
+    delta = (torch.arange(nb)[:, None] - torch.arange(nb)[None, :]).clamp(min=0)
+    return v_words[:, :, None, :, None] | s_words[:, :, delta]
+
+
+def causal_plan_from_words(words: Tensor, n: int) -> SparsePlan:
+    """A causal self-attention plan from per-tile row words (B, H, nb, nb, 64): cut causally,
+    tiles with no bit dropped, tiles whose every in-bounds pair is set marked whole (the kernel
+    masks nothing in a whole tile, so whole means inside N, not inside the causal cut)."""
+    limit, in_bounds = causal_tile_words(n)
+    nb = limit.shape[0]
     words = words & limit
-    visit = (words != 0).any(-1) & (kb <= qb)
-    # "full" is every pair of the tile inside the lengths, not inside the causal cut: the kernel
-    # applies no mask to a full tile
-    key_count = (n - kb * BLOCK).clamp(0, BLOCK)[:, :, None].expand_as(count)
-    in_bounds = torch.where(key_count >= BLOCK, torch.full_like(key_count, -1), (torch.ones_like(key_count) << key_count) - 1)
-    in_bounds = torch.where(rows < n, in_bounds, torch.zeros_like(in_bounds))
+    visit = (words != 0).any(-1) & (torch.arange(nb)[None, :] <= torch.arange(nb)[:, None])
     full = (words == in_bounds).all(-1) & visit
-    partial = visit & ~full
-    return SparsePlan._from_grids(visit, full, n, n, None, bits=words[partial])
+    return SparsePlan._from_grids(visit, full, n, n, None, bits=words[visit & ~full])
+
+
+def vs_plan(vertical: Tensor, slash: Tensor, n: int) -> SparsePlan:
+    """The fused kernel's plan of a vertical-slash selection: O(tiles * 64) words, no N x N mask."""
+    return causal_plan_from_words(vs_tile_words(vertical, slash, n), n)
 
 
 # --------------------------------------------------------------------------------------------

@@ -44,7 +44,7 @@ from ...kernels.reference import default_scale, materialized_attention
 from ...registry import Backend, Mechanism, Param, Problem, flag, positive_number, register
 from .._padding import refuse_unless_right_padded
 from ._params import PADDING_PARAM, native_backend, positive_int, sample_options
-from ._select import NEG_INF, attend_selected, block_selection_plan, dense_selection, mass_mask, sorted_mass_mask
+from ._select import masked_softmax, attend_selected, block_selection_plan, dense_selection, mass_mask, sorted_mass_mask
 
 __all__ = ["xattention", "XATTENTION"]
 
@@ -107,7 +107,7 @@ def _tile_mask(tiles: int, lengths: Tensor, stride: int, causal: bool) -> Tensor
 
 def _block_mass(tile_scores: Tensor, ok: Tensor, block_size: int, stride: int) -> Tensor:
     """Softmax of the tile scores along each tile row, summed into (query block, key block) masses."""
-    probs = torch.softmax(tile_scores.masked_fill(~ok, NEG_INF), dim=-1).nan_to_num(0.0)  # a row with no tile: 0
+    probs = masked_softmax(tile_scores, ok.expand_as(tile_scores))  # a row with no tile: 0
     b, h, t, _ = probs.shape
     per = block_size // stride
     return probs.view(b, h, t // per, per, t // per, per).sum((3, 5))
