@@ -317,8 +317,9 @@ def block_means(x: Tensor, block: int, key_padding_mask: Optional[Tensor] = None
     blocks = math.ceil(n / block)
     real = torch.ones(b, n, dtype=torch.float64, device=x.device) if key_padding_mask is None else (~key_padding_mask).double()
     pad = blocks * block - n
-    xd = x.double() if key_padding_mask is None else x.double() * real[:, None, :, None]
-    xs = (torch.nn.functional.pad(xd, (0, 0, 0, pad)) if pad else xd).view(b, h, blocks, block, d).sum(3)
+    xd = x if key_padding_mask is None else x.double() * real[:, None, :, None]
+    xd = torch.nn.functional.pad(xd, (0, 0, 0, pad)) if pad else xd
+    xs = xd.reshape(b, h, blocks, block, d).sum(3, dtype=torch.float64)  # accumulated in float64, no widened copy
     counts = torch.nn.functional.pad(real, (0, pad)).view(b, blocks, block).sum(-1)[:, None, :]
     return xs / counts.clamp(min=1)[..., None], counts > 0
 

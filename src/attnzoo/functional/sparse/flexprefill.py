@@ -38,7 +38,7 @@ from ...kernels.tiled import tiled_attention
 from ...registry import Backend, Mechanism, Param, Problem, flag, positive_number, register
 from .._padding import refuse_unless_right_padded
 from ._params import PADDING_PARAM, native_backend, positive_int, sample_options
-from ._select import NEG_INF, block_means, mass_mask, masked_softmax, sorted_mass_mask
+from ._select import NEG_INF, block_means, block_selection_plan, mass_mask, masked_softmax, sorted_mass_mask
 from .minference import VerticalSlashMask, _estimate, _last_rows, _line_scores, causal_plan_from_words, vs_tile_words
 
 __all__ = ["flexprefill_attention", "FLEXPREFILL"]
@@ -96,7 +96,7 @@ def flexprefill_selection(q, k, *, gamma, tau, block_size, scale, key_padding_ma
     mass_select = sorted_mass_mask if reference else mass_mask
     # Alg. 1: pooled estimate against the true block distribution of the last queries
     k_means, has_keys = block_means(k.detach(), block_size, key_padding_mask)
-    q_last = (q.detach().double().gather(2, rows[:, None, :, None].expand(-1, h, -1, q.shape[3])) * exists[:, None, :, None]).sum(2) / count
+    q_last = (q.detach().gather(2, rows[:, None, :, None].expand(-1, h, -1, q.shape[3])).double() * exists[:, None, :, None]).sum(2) / count
     pooled = (q_last[:, :, None, :] @ k_means.repeat_interleave(group, dim=1).transpose(-1, -2))[:, :, 0] * scale
     last_block = (lengths - 1) // block_size
     visible_blocks = (torch.arange(has_keys.shape[-1], device=q.device)[None, :] <= last_block[:, None])[:, None] & has_keys
@@ -112,6 +112,9 @@ def flexprefill_selection(q, k, *, gamma, tau, block_size, scale, key_padding_ma
     probs = probs * has_keys[:, :, :, None]  # query blocks of padding only take no share of the mass
     blocks = mass_select(probs.flatten(2), gamma).view(b, h, nb, nb)
     # Alg. 2: the fewest columns and diagonals covering gamma of their mass; key 0 and the diagonal kept
+    if bool(query_aware.all()):  # no vertical-slash head: no lines to find
+        none = torch.zeros(b, h, n, dtype=torch.bool, device=q.device)
+        return query_aware, blocks, none, none.clone()
     vertical, slash = _line_scores(a, rows, n, by_diagonal_loop=reference)
     vertical = mass_select(vertical.masked_fill(beyond[:, None], 0.0), gamma)
     slash = mass_select(slash.masked_fill(beyond[:, None], 0.0), gamma)
@@ -144,7 +147,10 @@ class _FlexMask(masks.MaskMod):
 
 
 def flexprefill_plan(query_aware: Tensor, blocks: Tensor, vertical: Tensor, slash: Tensor, block_size: int, n: int) -> block_sparse.SparsePlan:
-    """One plan for every head: query-aware heads' blocks as whole tiles, the others' lines as tile words."""
+    """One plan for every head: query-aware heads' blocks as whole tiles, the others' lines as tile
+    words (built only when some head is vertical-slash: the block grid alone is O(tiles))."""
+    if bool(query_aware.all()):
+        return block_selection_plan(blocks, block_size, n, n, causal=True)
     per = block_size // block_sparse.BLOCK
     nb = -(-n // block_sparse.BLOCK)
     tiles = blocks.cpu().repeat_interleave(per, 2).repeat_interleave(per, 3)[:, :, :nb, :nb]

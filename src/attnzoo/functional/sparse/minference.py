@@ -83,7 +83,7 @@ def _last_rows(key_padding_mask: Optional[Tensor], batch: int, n: int, last_q: i
 def _estimate(q: Tensor, k: Tensor, scale: float, rows: Tensor, exists: Tensor, key_padding_mask: Optional[Tensor]) -> Tensor:
     """A (B, H, L, N) float64: the last queries' causal softmax over the real keys (0 for a missing row)."""
     group = q.shape[1] // k.shape[1]
-    q_last = q.detach().double().gather(2, rows[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[3]))
+    q_last = q.detach().gather(2, rows[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[3])).double()  # gather, then widen
     s = q_last @ k.detach().double().repeat_interleave(group, dim=1).transpose(-1, -2) * scale
     ok = torch.arange(k.shape[2], device=q.device)[None, None, None, :] <= rows[:, None, :, None]
     if key_padding_mask is not None:
