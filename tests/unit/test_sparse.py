@@ -413,3 +413,30 @@ def test_flexprefill_covering_all_the_mass_is_causal_softmax(backend, tau):
         pytest.skip("the C++ kernel is not built here")
     got = attnzoo.flexprefill_attention(q, k, v, gamma=1.0, tau=tau, block_size=64, backend=backend)
     torch.testing.assert_close(got, attnzoo.softmax_attention(q, k, v, causal=True, backend="reference"), atol=2e-5, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------
+# the BiFormer block (nn)
+# --------------------------------------------------------------------------------------------
+def test_biformer_block_is_qkv_routing_lce_and_projection():
+    torch.manual_seed(0)
+    block = attnzoo.nn.BiLevelRoutingAttention(dim=16, num_heads=2, n_win=3, topk=2, side_dwconv=3, biformer_scale=True).double()
+    x = torch.randn(2, 6, 9, 16, dtype=torch.float64, requires_grad=True)
+    y = block(x)
+    q, k, v = block.qkv(x).reshape(2, 6, 9, 3, 2, 8).permute(3, 0, 4, 1, 2, 5)
+    att = _biformer_oracle(q, k, v, 3, 2, 16**-0.5).permute(0, 2, 3, 1, 4).reshape(2, 6, 9, 16)
+    lce = block.lce(v.permute(0, 1, 4, 2, 3).reshape(2, 16, 6, 9)).permute(0, 2, 3, 1)
+    torch.testing.assert_close(y, block.proj(att + lce))
+    y.sum().backward()
+    assert x.grad is not None and all(p.grad is not None for p in block.parameters())
+
+
+def test_biformer_block_pads_to_regions_and_masks_the_pads():
+    block = attnzoo.nn.BiLevelRoutingAttention(dim=8, num_heads=2, n_win=4, topk=16, side_dwconv=None)
+    x = torch.randn(1, 6, 7, 8)
+    y = block(x)  # 6x7 padded to 8x8, pads masked: with every region routed it is softmax over the real tokens
+    q, k, v = block.qkv(x).reshape(1, 42, 3, 2, 4).permute(2, 0, 3, 1, 4)
+    want = block.proj(attnzoo.softmax_attention(q, k, v).permute(0, 2, 1, 3).reshape(1, 6, 7, 8))
+    torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ParameterError):
+        attnzoo.nn.BiLevelRoutingAttention(dim=8, num_heads=3)

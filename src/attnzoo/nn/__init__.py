@@ -9,6 +9,7 @@ from .linfusion import LinFusionAttention
 from .heads import AttentiveProbe, PointerHead
 from .mha import MultiheadAttention, ShortConvolution
 from .mossformer import MossFormerAttention
+from .routing import BiLevelRoutingAttention
 from .transnormer import TransNormerAttention
 from .linear import HedgehogFeatureMap, LinearAttention, RandomFeatureMap, Retention
 from .local import NeighborhoodAttention1D, NeighborhoodAttention2D, NeighborhoodAttention3D
@@ -39,4 +40,5 @@ __all__ = [
     "ShortConvolution",
     "AttentiveProbe",
     "PointerHead",
+    "BiLevelRoutingAttention",
 ]
