@@ -440,3 +440,34 @@ def test_biformer_block_pads_to_regions_and_masks_the_pads():
     torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-4)
     with pytest.raises(ParameterError):
         attnzoo.nn.BiLevelRoutingAttention(dim=8, num_heads=3)
+
+
+# --------------------------------------------------------------------------------------------
+# S9 EViT token keep/fuse (nn)
+# --------------------------------------------------------------------------------------------
+def test_token_keep_fuse_follows_evit():
+    torch.manual_seed(0)
+    x = torch.randn(2, 11, 6, dtype=torch.float64, requires_grad=True)
+    attention = torch.softmax(torch.randn(2, 3, 11, 11, dtype=torch.float64), -1).requires_grad_()
+    out, kept = attnzoo.nn.TokenKeepFuse(keep_rate=0.45)(x, attention)
+    assert out.shape == (2, 1 + 5 + 1, 6)  # ceil(0.45 * 10) = 5 kept, one fused
+    for b in range(2):
+        cls = attention[b, :, 0, 1:].mean(0).detach()
+        order = sorted(range(10), key=lambda j: (-float(cls[j]), j))
+        assert kept[b].tolist() == order[:5]
+        want = torch.cat([x[b, :1], x[b, 1:][order[:5]], (x[b, 1:][order[5:]] * cls[order[5:], None]).sum(0, keepdim=True)])
+        torch.testing.assert_close(out[b], want)
+    out.sum().backward()
+    assert x.grad is not None and attention.grad is not None and attention.grad.abs().sum() > 0  # the fused token's weights
+
+
+def test_token_keep_fuse_refusals_and_ties():
+    prune = attnzoo.nn.TokenKeepFuse(keep_rate=0.5, fuse=False)
+    x = torch.randn(1, 5, 3)
+    out, kept = prune(x, torch.full((1, 4), 0.25))  # all tied: the lowest indices
+    assert kept.tolist() == [[0, 1]] and out.shape == (1, 3, 3)
+    for bad in (0.0, 1.5, True):
+        with pytest.raises(ParameterError):
+            attnzoo.nn.TokenKeepFuse(keep_rate=bad)
+    with pytest.raises(attnzoo.errors.ShapeError):
+        prune(x, torch.zeros(1, 3))

@@ -10,6 +10,7 @@ from .heads import AttentiveProbe, PointerHead
 from .mha import MultiheadAttention, ShortConvolution
 from .mossformer import MossFormerAttention
 from .routing import BiLevelRoutingAttention
+from .token_pruning import TokenKeepFuse
 from .transnormer import TransNormerAttention
 from .linear import HedgehogFeatureMap, LinearAttention, RandomFeatureMap, Retention
 from .local import NeighborhoodAttention1D, NeighborhoodAttention2D, NeighborhoodAttention3D
@@ -41,4 +42,5 @@ __all__ = [
     "AttentiveProbe",
     "PointerHead",
     "BiLevelRoutingAttention",
+    "TokenKeepFuse",
 ]
