@@ -471,3 +471,63 @@ def test_token_keep_fuse_refusals_and_ties():
             attnzoo.nn.TokenKeepFuse(keep_rate=bad)
     with pytest.raises(attnzoo.errors.ShapeError):
         prune(x, torch.zeros(1, 3))
+
+
+# --------------------------------------------------------------------------------------------
+# S2 SeerAttention: the learned gate, its distillation, the block-gated attention
+# --------------------------------------------------------------------------------------------
+def test_seer_gate_pools_and_normalizes_as_the_paper():
+    torch.manual_seed(0)
+    gate = attnzoo.nn.SeerAttentionGate(num_heads=2, head_dim=4, hidden=8, block_size=5).double()
+    q, k = torch.randn(1, 2, 13, 4, dtype=torch.float64), torch.randn(1, 1, 13, 4, dtype=torch.float64)  # GQA key head
+    with torch.no_grad():
+        probs = gate(q, k, causal=True)
+    assert probs.shape == (1, 2, 3, 3)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(1, 2, 3, dtype=torch.float64))
+    assert float(probs[..., 0, 1:].abs().sum()) == 0.0  # causal: no future block
+    # Qavg / Kmaxminavg written out for head 1, query block 2 (tokens 10..12) against key block 0 (0..4)
+    qg = q[0, 1, 10:13].mean(0) @ gate.q_proj[1]
+    kb = k[0, 0, 0:5]
+    kg = torch.cat([kb.amax(0), kb.amin(0), kb.mean(0)]) @ gate.k_proj[1]
+    logits = torch.stack([qg @ (torch.cat([k[0, 0, s:e].amax(0), k[0, 0, s:e].amin(0), k[0, 0, s:e].mean(0)]) @ gate.k_proj[1]) for s, e in ((0, 5), (5, 10), (10, 13))]) / math.sqrt(8)
+    torch.testing.assert_close(probs[0, 1, 2], torch.softmax(logits, 0))
+    assert torch.isclose(logits[0], qg @ kg / math.sqrt(8))
+
+
+def test_seer_distillation_target_and_training():
+    torch.manual_seed(1)
+    q, k, _ = _qkv(1, 2, 20, d=4, seed=2)
+    target = attnzoo.nn.seer_distillation_target(q, k, block_size=4, causal=True)
+    p = torch.softmax((q @ k.transpose(-1, -2) / 2).masked_fill(torch.ones(20, 20, dtype=torch.bool).triu(1), -INF), -1)
+    pooled = p.view(1, 2, 5, 4, 5, 4).amax(dim=(3, 5)).float()
+    torch.testing.assert_close(target, pooled / pooled.sum(-1, keepdim=True))
+    assert float(attnzoo.nn.seer_distillation_loss(target, target)) == 0.0
+    gate = attnzoo.nn.SeerAttentionGate(num_heads=2, head_dim=4, hidden=16, block_size=4)
+    opt = torch.optim.Adam(gate.parameters(), lr=0.05)
+    qf, kf = q.float(), k.float()
+    losses = []
+    for _ in range(60):  # the gate learns the max-pooled map of a fixed input
+        loss = attnzoo.nn.seer_distillation_loss(gate(qf, kf, causal=True), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert losses[-1] < 0.5 * losses[0]
+
+
+@pytest.mark.parametrize("backend", ["reference", "fused", "tiled"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_block_gate_keeps_exactly_the_blocks_above_threshold(backend, causal):
+    q, k, v = (x.float() for x in _qkv(1, 2, 200, seed=8))
+    if backend == "fused" and not block_sparse.native_usable(q.device, q.dtype):
+        pytest.skip("the C++ kernel is not built here")
+    scores = torch.rand(1, 2, 4, 4, generator=torch.Generator().manual_seed(3))
+    got = attnzoo.block_gate_attention(q, k, v, block_scores=scores, threshold=0.4, block_size=64, causal=causal, backend=backend)
+    keep = scores > 0.4
+    if causal:
+        keep = (keep & torch.ones(4, 4, dtype=torch.bool).tril()) | torch.eye(4, dtype=torch.bool)
+    allowed = keep.repeat_interleave(64, 2).repeat_interleave(64, 3)[:, :, :200, :200]
+    if causal:
+        allowed = allowed & torch.ones(200, 200, dtype=torch.bool).tril()
+    want = attnzoo.softmax_attention(q, k, v, mask_mod=lambda b, h, i, j: allowed[0, h, i, j], backend="reference")
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)

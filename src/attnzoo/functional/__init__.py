@@ -14,7 +14,7 @@ from .linear import (
     transnormer_attention,
     transnormer_diag_attention,
 )
-from .sparse import bilevel_routing_attention, flexprefill_attention, moba_attention, nsa_attention, topk_attention, vertical_slash_attention, xattention
+from .sparse import bilevel_routing_attention, block_gate_attention, flexprefill_attention, moba_attention, nsa_attention, topk_attention, vertical_slash_attention, xattention
 from .local import (
     HeadPattern,
     axial_attention,
@@ -36,6 +36,7 @@ __all__ = [
     "vertical_slash_attention",
     "nsa_attention",
     "flexprefill_attention",
+    "block_gate_attention",
     "sliding_window_attention",
     "neighborhood_attention",
     "axial_attention",

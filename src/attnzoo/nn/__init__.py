@@ -10,6 +10,7 @@ from .heads import AttentiveProbe, PointerHead
 from .mha import MultiheadAttention, ShortConvolution
 from .mossformer import MossFormerAttention
 from .routing import BiLevelRoutingAttention
+from .seer import SeerAttentionGate, seer_distillation_loss, seer_distillation_target
 from .token_pruning import TokenKeepFuse
 from .transnormer import TransNormerAttention
 from .linear import HedgehogFeatureMap, LinearAttention, RandomFeatureMap, Retention
@@ -43,4 +44,7 @@ __all__ = [
     "PointerHead",
     "BiLevelRoutingAttention",
     "TokenKeepFuse",
+    "SeerAttentionGate",
+    "seer_distillation_target",
+    "seer_distillation_loss",
 ]

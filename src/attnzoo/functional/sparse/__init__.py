@@ -4,6 +4,7 @@ One selection engine (:mod:`._select`: top-k and cumulative-mass rules, row-leve
 selections as fused-kernel plans) serves every method; each module is one method's scorer.
 """
 
+from .block_gate import block_gate_attention
 from .flexprefill import flexprefill_attention
 from .minference import vertical_slash_attention
 from .moba import moba_attention
@@ -12,4 +13,4 @@ from .routing import bilevel_routing_attention
 from .topk import topk_attention
 from .xattention import xattention
 
-__all__ = ["bilevel_routing_attention", "flexprefill_attention", "moba_attention", "nsa_attention", "topk_attention", "vertical_slash_attention", "xattention"]
+__all__ = ["bilevel_routing_attention", "block_gate_attention", "flexprefill_attention", "moba_attention", "nsa_attention", "topk_attention", "vertical_slash_attention", "xattention"]
