@@ -46,6 +46,8 @@ __all__ = [
     "softmax_lse",
     "masked_softmax",
     "attend_row_blocks",
+    "attend_blocks",
+    "block_rows",
     "merge_partials",
 ]
 
@@ -246,6 +248,24 @@ def attend_selected(
     if key_padding_mask is not None:
         allowed = allowed & ~key_padding_mask.view(q.shape[0], 1, 1, nk)
     return materialized_attention(q, k, v, scale=scale, allowed=allowed)
+
+
+def block_rows(selected: Tensor, block: int, n: int) -> Tensor:
+    """A block-level selection (.., n_q_blocks, n_k_blocks) as a row-level one (.., n, n_k_blocks)."""
+    return selected.repeat_interleave(block, dim=-2)[..., :n, :]
+
+
+def attend_blocks(
+    q: Tensor, k: Tensor, v: Tensor, selected: Tensor, block: int, *, causal: bool, key_padding_mask: Optional[Tensor], scale: Optional[float], engine: str
+) -> tuple[Tensor, Tensor]:
+    """``(out, lse)`` over a block-level selection (B, H, n_q_blocks, n_k_blocks) of self-attention:
+    on ``fused`` with blocks of a multiple of 64 the plan comes from the block grid alone (O(tiles)),
+    else through the row-level :func:`attend_selected`."""
+    if engine == "fused" and block % BLOCK == 0 and q.shape[2] == k.shape[2]:
+        plan = block_selection_plan(selected, block, q.shape[2], k.shape[2], causal)
+        return block_sparse.block_sparse_attention(q, k, v, plan, scale=scale, key_padding_mask=key_padding_mask)
+    rows = block_rows(selected, block, q.shape[2])
+    return attend_selected(q, k, v, rows, block, causal_offset=0 if causal else None, key_padding_mask=key_padding_mask, scale=scale, engine=engine)
 
 
 def attend_row_blocks(

@@ -26,12 +26,11 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from ...kernels import block_sparse
 from ...kernels.reference import materialized_attention
 from ...registry import Backend, Mechanism, Param, Problem, flag, positive_number, register
 from .._padding import refuse_unless_right_padded
 from ._params import PADDING_PARAM, native_backend, positive_int, sample_options
-from ._select import attend_selected, block_selection_plan, dense_selection
+from ._select import attend_blocks, block_rows, dense_selection
 
 __all__ = ["block_gate_attention", "BLOCK_GATE"]
 
@@ -81,15 +80,11 @@ def _selection(block_scores: Tensor, threshold: float, causal: bool, q: Tensor) 
     return keep.expand(q.shape[0], q.shape[1], *keep.shape[2:])
 
 
-def _rows(selected: Tensor, block: int, n: int) -> Tensor:
-    return selected.repeat_interleave(block, dim=2)[:, :, :n]
-
-
 def _reference(q, k, v, *, block_scores, threshold, block_size, causal, key_padding_mask, scale, return_lse):
     """The selected blocks as a dense mask over materialized scores: the spec."""
     refuse_unless_right_padded("block_gate", key_padding_mask, _PADDING_WHY)
     selected = _selection(block_scores, threshold, causal, q)
-    allowed = dense_selection(_rows(selected, block_size, q.shape[2]), block_size, k.shape[2], 0 if causal else None)
+    allowed = dense_selection(block_rows(selected, block_size, q.shape[2]), block_size, k.shape[2], 0 if causal else None)
     if key_padding_mask is not None:
         allowed = allowed & ~key_padding_mask[:, None, None, :]
     out, lse = materialized_attention(q, k, v, scale=scale, allowed=allowed)
@@ -100,14 +95,7 @@ def _engine(name: str):
     def run(q, k, v, *, block_scores, threshold, block_size, causal, key_padding_mask, scale, return_lse):
         refuse_unless_right_padded("block_gate", key_padding_mask, _PADDING_WHY)
         selected = _selection(block_scores, threshold, causal, q)
-        if name == "fused" and block_size % block_sparse.BLOCK == 0 and q.shape[2] == k.shape[2]:
-            plan = block_selection_plan(selected, block_size, q.shape[2], k.shape[2], causal)
-            out, lse = block_sparse.block_sparse_attention(q, k, v, plan, scale=scale, key_padding_mask=key_padding_mask)
-        else:
-            out, lse = attend_selected(
-                q, k, v, _rows(selected, block_size, q.shape[2]), block_size, causal_offset=0 if causal else None,
-                key_padding_mask=key_padding_mask, scale=scale, engine=name,
-            )
+        out, lse = attend_blocks(q, k, v, selected, block_size, causal=causal, key_padding_mask=key_padding_mask, scale=scale, engine=name)
         return (out, lse) if return_lse else out
 
     run.__name__ = f"_block_gate_{name}"

@@ -39,12 +39,11 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from ...kernels import block_sparse
 from ...kernels.reference import default_scale, materialized_attention
 from ...registry import Backend, Mechanism, Param, Problem, flag, positive_number, register
 from .._padding import refuse_unless_right_padded
 from ._params import PADDING_PARAM, native_backend, positive_int, sample_options
-from ._select import masked_softmax, attend_selected, block_selection_plan, dense_selection, mass_mask, sorted_mass_mask
+from ._select import attend_blocks, block_rows, dense_selection, masked_softmax, mass_mask, sorted_mass_mask
 
 __all__ = ["xattention", "XATTENTION"]
 
@@ -160,11 +159,6 @@ def _reference_selection(q: Tensor, k: Tensor, *, block_size: int, stride: int, 
     return _force_causal_blocks(keep) if causal else keep
 
 
-def _rows(selected: Tensor, block_size: int, n: int) -> Tensor:
-    """Block-level selection -> row-level (every query of a block keeps its block's key blocks)."""
-    return selected.repeat_interleave(block_size, dim=2)[:, :, :n]
-
-
 # --------------------------------------------------------------------------------------------
 # backends
 # --------------------------------------------------------------------------------------------
@@ -175,7 +169,7 @@ def _reference(q, k, v, *, block_size, stride, threshold, causal, key_padding_ma
         q, k, block_size=block_size, stride=stride, threshold=threshold, causal=causal, scale=default_scale(q, scale), key_padding_mask=key_padding_mask
     )
     n = q.shape[2]
-    allowed = dense_selection(_rows(selected, block_size, n), block_size, n, 0 if causal else None)
+    allowed = dense_selection(block_rows(selected, block_size, n), block_size, n, 0 if causal else None)
     if key_padding_mask is not None:
         allowed = allowed & ~key_padding_mask.view(q.shape[0], 1, 1, n)
     out, lse = materialized_attention(q, k, v, scale=scale, allowed=allowed)
@@ -188,12 +182,7 @@ def _engine(name: str):
         selected = xattention_selection(
             q, k, block_size=block_size, stride=stride, threshold=threshold, causal=causal, scale=default_scale(q, scale), key_padding_mask=key_padding_mask
         )
-        if name == "fused" and block_size % 64 == 0:  # whole blocks: the plan from the block grid alone
-            plan = block_selection_plan(selected, block_size, q.shape[2], k.shape[2], causal)
-            out, lse = block_sparse.block_sparse_attention(q, k, v, plan, scale=scale, key_padding_mask=key_padding_mask)
-        else:
-            rows = _rows(selected, block_size, q.shape[2])
-            out, lse = attend_selected(q, k, v, rows, block_size, causal_offset=0 if causal else None, key_padding_mask=key_padding_mask, scale=scale, engine=name)
+        out, lse = attend_blocks(q, k, v, selected, block_size, causal=causal, key_padding_mask=key_padding_mask, scale=scale, engine=name)
         return (out, lse) if return_lse else out
 
     run.__name__ = f"_xattention_{name}"
