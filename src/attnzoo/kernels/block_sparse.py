@@ -365,13 +365,17 @@ def block_sparse_attention(
         raise ValueError(f"block_sparse_attention: plan: made for Nq={plan.q_len}, Nk={plan.kv_len}; inputs have Nq={nq}, Nk={nk}")
     if plan.ptr.shape[0] not in (1, b) or plan.ptr.shape[1] not in (1, h):
         raise ValueError(f"block_sparse_attention: plan: {tuple(plan.ptr.shape[:2])} (batch, heads) plans for inputs of B={b}, H={h}")
-    if key_padding_mask is None:
-        key_bias = torch.empty(0)
-    else:
-        if tuple(key_padding_mask.shape) != (b, nk):
-            raise ValueError(f"block_sparse_attention: key_padding_mask: expected ({b}, {nk}), got {tuple(key_padding_mask.shape)}")
-        key_bias = torch.zeros(b, nk).masked_fill_(key_padding_mask.bool().cpu(), float("-inf"))
+    key_bias = _key_bias(key_padding_mask, b, nk, "block_sparse_attention")
     return _BlockSparseAttention.apply(q, k, v, plan, float(default_scale(q, scale)), key_bias)
+
+
+def _key_bias(key_padding_mask: Optional[Tensor], batch: int, kv_len: int, caller: str) -> Tensor:
+    """The kernels' key padding: (B, Nk) float32, -inf on a padded key (empty: no padding)."""
+    if key_padding_mask is None:
+        return torch.empty(0)
+    if tuple(key_padding_mask.shape) != (batch, kv_len):
+        raise ValueError(f"{caller}: key_padding_mask: expected ({batch}, {kv_len}), got {tuple(key_padding_mask.shape)}")
+    return torch.zeros(batch, kv_len).masked_fill_(key_padding_mask.bool().cpu(), float("-inf"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -415,7 +419,7 @@ def gathered_rows_attention(
     """
     if not native_usable(q.device, q.dtype):
         raise RuntimeError(f"gathered_rows_attention: the C++ kernel does not run {q.dtype} on {q.device} here (see native_usable)")
-    key_bias = torch.empty(0) if key_padding_mask is None else torch.zeros(k.shape[0], k.shape[2]).masked_fill_(key_padding_mask.bool().cpu(), float("-inf"))
+    key_bias = _key_bias(key_padding_mask, k.shape[0], k.shape[2], "gathered_rows_attention")
     return _GatheredRows.apply(q, k, v, rows, limit, gptr, meta, key_bias, float(default_scale(q, scale)))
 
 

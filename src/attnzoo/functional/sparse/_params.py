@@ -14,15 +14,37 @@ from .._padding import key_padding_param, sample_padding
 PADDING_PARAM = key_padding_param(doc="(B, Nk) bool, True = ignore the key (never selected nor attended)")
 
 
-def positive_int(what: str) -> Callable[[Any, Problem], Optional[str]]:
-    """A ``Param`` check: a positive int (``what`` says what it counts)."""
+def int_at_least(minimum: int, what: str) -> Callable[[Any, Problem], Optional[str]]:
+    """A ``Param`` check: an int (not a bool) >= ``minimum`` (``what`` says what it counts)."""
+    expected = "a positive int" if minimum == 1 else f"an int >= {minimum}"
 
     def check(value: Any, p: Problem) -> Optional[str]:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            return f"a positive int ({what})"
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            return f"{expected} ({what})"
         return None
 
     return check
+
+
+def positive_int(what: str) -> Callable[[Any, Problem], Optional[str]]:
+    """A ``Param`` check: a positive int."""
+    return int_at_least(1, what)
+
+
+def unit_interval(what: str) -> Callable[[Any, Problem], Optional[str]]:
+    """A ``Param`` check: a number in (0, 1] (a share: of mass, of keys, a distance bound)."""
+
+    def check(value: Any, p: Problem) -> Optional[str]:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) <= 1.0:
+            return f"a number in (0, 1] ({what})"
+        return None
+
+    return check
+
+
+#: ``Mechanism.causal_block`` of a selection that reads the last queries (MInference, FlexPrefill):
+#: no prefix of the output is independent of the tokens after it.
+WHOLE_SEQUENCE = 1 << 62
 
 
 def sample_options(params: dict[str, Any], p: Problem, rng: random.Random, **padding: Any) -> dict[str, Any]:

@@ -49,6 +49,7 @@ __all__ = [
     "attend_blocks",
     "block_rows",
     "merge_partials",
+    "low_bits",
 ]
 
 NEG_INF = float("-inf")
@@ -203,10 +204,13 @@ def _tile_words(kv_block: Tensor, row_idx: Tensor, kv_len: int, causal_offset: O
     last = torch.full_like(row_idx, kv_len - 1)
     if causal_offset is not None:
         last = torch.minimum(last, row_idx + causal_offset)
-    count = (last - kv_block[:, None] * BLOCK + 1).clamp(0, BLOCK)  # keys 0 .. count-1 of the tile
-    # (1 << count) - 1 overflows at 64: set bit 63 by hand (the sign bit, -2**63)
-    low = torch.where(count >= BLOCK - 1, torch.full_like(count, (1 << (BLOCK - 1)) - 1), (torch.ones_like(count) << count) - 1)
-    return torch.where(count == BLOCK, low | torch.full_like(count, -(1 << (BLOCK - 1))), low)
+    return low_bits((last - kv_block[:, None] * BLOCK + 1).clamp(0, BLOCK))  # keys 0 .. count-1 of the tile
+
+
+def low_bits(count: Tensor) -> Tensor:
+    """int64 words with bits 0 .. count-1 set, count in [0, 64] (64: all ones, the word -1;
+    1 << 64 is not defined, so that case is written out)."""
+    return torch.where(count >= BLOCK, torch.full_like(count, -1), (torch.ones_like(count) << count.clamp(max=BLOCK - 1)) - 1)
 
 
 def _plan_by_tiles(selected: Tensor, block: int, q_len: int, kv_len: int, causal_offset: Optional[int]) -> SparsePlan:
@@ -280,7 +284,7 @@ def attend_row_blocks(
     group_key = (e[:, 0] * h + e[:, 1]) * selected.shape[-1] + e[:, 3]
     order = torch.sort(group_key, stable=True).indices
     e, group_key = e[order].cpu(), group_key[order].cpu()
-    keys, counts = torch.unique_consecutive(group_key, return_counts=True)
+    _, counts = torch.unique_consecutive(group_key, return_counts=True)
     gptr = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
     first = e[gptr[:-1]]
     key0 = first[:, 3] * block

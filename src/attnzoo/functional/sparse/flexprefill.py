@@ -37,7 +37,7 @@ from ...kernels.reference import default_scale, materialized_attention
 from ...kernels.tiled import tiled_attention
 from ...registry import Backend, Mechanism, Param, Problem, flag, positive_number, register
 from .._padding import refuse_unless_right_padded
-from ._params import PADDING_PARAM, native_backend, positive_int, sample_options
+from ._params import WHOLE_SEQUENCE, unit_interval, PADDING_PARAM, native_backend, positive_int, sample_options
 from ._select import NEG_INF, block_means, block_selection_plan, mass_mask, masked_softmax, sorted_mass_mask
 from .minference import VerticalSlashMask, _estimate, _last_rows, _line_scores, causal_plan_from_words, vs_tile_words
 
@@ -46,18 +46,9 @@ __all__ = ["flexprefill_attention", "FLEXPREFILL"]
 _PADDING_WHY = "the pattern is read from the last queries and blocks placed from position 0, which pads before a sequence would move"
 
 
-def _unit_interval(what: str):
-    def check(value: Any, p: Problem) -> Optional[str]:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) <= 1.0:
-            return f"a number in (0, 1] ({what})"
-        return None
-
-    return check
-
-
 FLEX_PARAMS = (
-    Param("gamma", 0.9, "attention mass the chosen pattern must cover (the paper's gamma)", _unit_interval("covered mass"), (0.0, 1.5, "0.9"), "float"),
-    Param("tau", 0.1, "JS-distance threshold below which a head is query-aware (the paper's tau)", _unit_interval("JS distance"), (0.0, 1.5, "0.1"), "float"),
+    Param("gamma", 0.9, "attention mass the chosen pattern must cover (the paper's gamma)", unit_interval("covered mass"), (0.0, 1.5, "0.9"), "float"),
+    Param("tau", 0.1, "JS-distance threshold below which a head is query-aware (the paper's tau)", unit_interval("JS distance"), (0.0, 1.5, "0.1"), "float"),
     Param("block_size", 128, "query/key block of the estimate and of query-aware blocks; the last block_size queries estimate", positive_int("tokens per block"), (0, -128, 1.5, "128"), "int"),
     PADDING_PARAM,
     positive_number("scale", "multiplies q.k; default head_dim ** -0.5"),
@@ -219,7 +210,7 @@ FLEXPREFILL = register(
         params=FLEX_PARAMS,
         gqa=True,
         sample_params=_sample_params,
-        causal_block=lambda bound: 1 << 62,  # the choice reads the last queries
+        causal_block=lambda bound: WHOLE_SEQUENCE,  # the choice reads the last queries
         sparsity_params=lambda p, share: {"gamma": share, "block_size": 64 if p.kv_len >= 256 else max(1, p.kv_len // 8)},
     )
 )

@@ -39,29 +39,20 @@ from ...kernels.reference import default_scale, materialized_attention
 from ...kernels.tiled import tiled_attention
 from ...registry import Backend, Mechanism, Param, Problem, flag, positive_number, register
 from .._padding import refuse_unless_right_padded
-from ._params import PADDING_PARAM, native_backend, positive_int, sample_options
-from ._select import NEG_INF, masked_softmax, sorted_top_k_mask, top_k_mask
+from ._params import WHOLE_SEQUENCE, int_at_least, PADDING_PARAM, native_backend, positive_int, sample_options
+from ._select import NEG_INF, low_bits, masked_softmax, sorted_top_k_mask, top_k_mask
 
 __all__ = ["vertical_slash_attention", "VERTICAL_SLASH"]
 
 _PADDING_WHY = "the estimate reads the last queries of the padded length, which pads before a sequence would move"
 
 
-def _non_negative_int(what: str):
-    def check(value: Any, p: Problem) -> Optional[str]:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            return f"an int >= 0 ({what})"
-        return None
-
-    return check
-
-
 VS_PARAMS = (
     Param("vertical_size", 1000, "keys kept as vertical lines per head (MInference's shipped configs: 1000)", positive_int("vertical lines"), (0, -1, 1.5, "1000"), "int"),
     Param("slash_size", 6096, "diagonal offsets kept per head (shipped configs: 6096)", positive_int("slash lines"), (0, -1, 1.5, "6096"), "int"),
     Param("last_q", 64, "queries at the end whose attention estimates the lines (Alg. 2: 64)", positive_int("estimating queries"), (0, -1, 1.5, "64"), "int"),
-    Param("sink_columns", 30, "first keys always kept as vertical lines (the official kernel: 30)", _non_negative_int("forced columns"), (-1, 1.5, "30"), "int"),
-    Param("local_slashes", 100, "offsets nearest the diagonal always kept (the official kernel: 100)", _non_negative_int("forced diagonals"), (-1, 1.5, "100"), "int"),
+    Param("sink_columns", 30, "first keys always kept as vertical lines (the official kernel: 30)", int_at_least(0, "forced columns"), (-1, 1.5, "30"), "int"),
+    Param("local_slashes", 100, "offsets nearest the diagonal always kept (the official kernel: 100)", int_at_least(0, "forced diagonals"), (-1, 1.5, "100"), "int"),
     PADDING_PARAM,
     positive_number("scale", "multiplies q.k; default head_dim ** -0.5"),
     flag("return_lse", False, "also return the log-sum-exp of each row, (B, H, N)"),
@@ -147,11 +138,6 @@ class VerticalSlashMask(masks.MaskMod):
         return (offset >= 0) & (self.vertical[b, h, kv_idx] | self.slash[b, h, offset.clamp(min=0)])
 
 
-def _low_bits(count: Tensor) -> Tensor:
-    """int64 words with bits 0 .. count-1 set (count in [0, 64])."""
-    return torch.where(count >= BLOCK, torch.full_like(count, -1), (torch.ones_like(count) << count.clamp(max=BLOCK - 1)) - 1)
-
-
 def causal_tile_words(n: int) -> tuple[Tensor, Tensor]:
     """(nb, nb, 64) int64 words of every 64 x 64 tile of causal self-attention over N tokens:
     ``limit`` (keys <= row, inside N) and ``in_bounds`` (every key inside N; rows past N: 0)."""
@@ -159,8 +145,8 @@ def causal_tile_words(n: int) -> tuple[Tensor, Tensor]:
     bit = torch.arange(BLOCK)
     qb, kb = torch.arange(nb)[:, None], torch.arange(nb)[None, :]
     rows = qb[:, :, None] * BLOCK + bit  # (nb, 1, 64)
-    limit = _low_bits((rows.clamp(max=n - 1) - kb[:, :, None] * BLOCK + 1).clamp(0, BLOCK))
-    in_bounds = _low_bits((n - kb * BLOCK).clamp(0, BLOCK)[:, :, None].expand_as(limit))
+    limit = low_bits((rows.clamp(max=n - 1) - kb[:, :, None] * BLOCK + 1).clamp(0, BLOCK))
+    in_bounds = low_bits((n - kb * BLOCK).clamp(0, BLOCK)[:, :, None].expand_as(limit))
     live = rows < n
     return torch.where(live, limit, torch.zeros_like(limit)), torch.where(live, in_bounds, torch.zeros_like(in_bounds))
 
@@ -267,7 +253,7 @@ VERTICAL_SLASH = register(
         params=VS_PARAMS,
         gqa=True,
         sample_params=_sample_params,
-        causal_block=lambda bound: 1 << 62,  # the estimate reads the last queries: no prefix is independent of the rest
+        causal_block=lambda bound: WHOLE_SEQUENCE,  # the estimate reads the last queries: no prefix is independent of the rest
         sparsity_params=_sparsity_params,
     )
 )

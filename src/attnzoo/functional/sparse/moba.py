@@ -37,7 +37,7 @@ from ...kernels.reference import default_scale, materialized_attention
 from ...registry import Backend, Mechanism, Param, Problem, flag, positive_number, register
 from .._padding import refuse_unless_right_padded
 from ._params import PADDING_PARAM, native_backend, positive_int, sample_options
-from ._select import NEG_INF, attend_row_blocks, attend_selected, block_means, dense_selection, softmax_lse, sorted_top_k_mask, top_k_mask
+from ._select import NEG_INF, merge_partials, attend_row_blocks, attend_selected, block_means, dense_selection, softmax_lse, sorted_top_k_mask, top_k_mask
 
 __all__ = ["moba_attention", "MOBA"]
 
@@ -168,8 +168,9 @@ def _moba_grouped(q, k, v, *, block_size, top_k, key_padding_mask, scale, return
         outs.append(p @ vb[bi, hi // group, blk])
         lses.append(lse)
         start += count
-    row = (e[:, 0] * h + e[:, 1]) * n + e[:, 2]
-    out, lse = _merge(out_own.flatten(0, 2), lse_own.flatten(), outs, lses, row)
+    # the own-block result of every row is one more partial softmax to merge
+    rows = torch.cat([torch.arange(b * h * n, device=q.device), (e[:, 0] * h + e[:, 1]) * n + e[:, 2]])
+    out, lse = merge_partials(torch.cat([out_own.flatten(0, 2), *outs]), torch.cat([lse_own.flatten(), *lses]), rows, b * h * n)
     out, lse = out.view(b, h, n, -1).to(q.dtype), lse.view(b, h, n)
     return (out, lse) if return_lse else out
 
@@ -199,24 +200,6 @@ def _own_blocks(q: Tensor, kb: Tensor, vb: Tensor, key_ok: Tensor, group: int, s
     p, lse = softmax_lse(scores.masked_fill(~(causal & key_ok[:, None, :, None, :]), NEG_INF))
     out = p @ vh
     return out.flatten(2, 3)[:, :, :n], lse.flatten(2, 3)[:, :, :n]
-
-
-def _merge(out_own: Tensor, lse_own: Tensor, outs: list[Tensor], lses: list[Tensor], row: Tensor) -> tuple[Tensor, Tensor]:
-    """Softmax over the union from partial softmaxes: out = sum_p e^(lse_p - lse) out_p."""
-    if not outs:
-        return out_own, lse_own
-    out_e, lse_e = torch.cat(outs), torch.cat(lses)
-    with torch.no_grad():  # a stabilizer only: it cancels in the result
-        top = lse_own.detach().clone().scatter_reduce_(0, row, lse_e.detach(), reduce="amax")
-        top = top.masked_fill(top == NEG_INF, 0.0)
-    w_own = torch.exp(lse_own - top)
-    w_e = torch.exp(lse_e - top[row])
-    denom = w_own.index_add(0, row, w_e)
-    total = (w_own[:, None] * out_own).index_add(0, row, w_e[:, None] * out_e)
-    seen = denom != 0  # NaN stays NaN (the finite check names the input that carried it)
-    out = torch.where(seen[:, None], total / torch.where(seen, denom, torch.ones_like(denom))[:, None], torch.zeros_like(total))
-    lse = torch.where(seen, top + torch.log(torch.where(seen, denom, torch.ones_like(denom))), torch.full_like(denom, NEG_INF))
-    return out, lse
 
 
 def _sample_params(p: Problem, pattern: str, rng: Optional[random.Random]) -> dict[str, Any]:

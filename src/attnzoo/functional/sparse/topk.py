@@ -101,9 +101,8 @@ def _kept_indices(scores: Tensor, take: int) -> tuple[Tensor, Tensor]:
         rows = crowded.nonzero(as_tuple=True)
         kept = top_k_mask(scores[rows], take)
         idx[rows] = kept.to(torch.int8).topk(take, dim=-1).indices
-    valid = scores.gather(-1, idx) > NEG_INF
-    valid |= scores.gather(-1, idx).isnan()  # a NaN score is kept (it reaches the output)
-    return idx, valid
+    kept = scores.gather(-1, idx)
+    return idx, (kept > NEG_INF) | kept.isnan()  # a NaN score is kept (it reaches the output)
 
 
 def _gathered(q, k, v, *, top_k, causal, causal_alignment, key_padding_mask, scale, return_lse):

@@ -42,18 +42,12 @@ from torch import Tensor
 from ...kernels.reference import default_scale, materialized_attention
 from ...registry import Backend, Mechanism, Param, Problem, flag, positive_number, register
 from .._padding import refuse_unless_right_padded
-from ._params import PADDING_PARAM, native_backend, positive_int, sample_options
+from ._params import unit_interval, PADDING_PARAM, native_backend, positive_int, sample_options
 from ._select import attend_blocks, block_rows, dense_selection, masked_softmax, mass_mask, sorted_mass_mask
 
 __all__ = ["xattention", "XATTENTION"]
 
 _PADDING_WHY = "XAttention's blocks and stride tiles start at position 0, so pads before a sequence would move them"
-
-
-def _check_threshold(value: Any, p: Problem) -> Optional[str]:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) <= 1.0:
-        return "a number in (0, 1] (the share of estimated attention mass kept)"
-    return None
 
 
 def _check_params(params: dict, p: Problem) -> Optional[tuple[str, str]]:
@@ -66,7 +60,7 @@ def _check_params(params: dict, p: Problem) -> Optional[tuple[str, str]]:
 XATTENTION_PARAMS = (
     Param("block_size", 128, "query and key block size (the paper's 128); a multiple of stride", positive_int("tokens per block"), (0, -128, 1.5, "128"), "int"),
     Param("stride", 8, "antidiagonal stride S (the paper's 8 or 16)", positive_int("tokens per tile side"), (0, -8, 2.5, "8"), "int"),
-    Param("threshold", 0.9, "tau: the share of each query block's estimated mass its selected key blocks cover", _check_threshold, (0.0, 1.5, -0.1, "0.9"), "float"),
+    Param("threshold", 0.9, "tau: the share of each query block's estimated mass its selected key blocks cover", unit_interval("the share of estimated attention mass kept"), (0.0, 1.5, -0.1, "0.9"), "float"),
     flag("causal", False, "no key after the query (tiles after the query tile excluded from the estimate)"),
     PADDING_PARAM,
     positive_number("scale", "multiplies q.k; default head_dim ** -0.5"),
