@@ -92,8 +92,23 @@ def error_results() -> list[Result]:
     return rows
 
 
+def sparsity_results() -> list[Result]:
+    """topk on random inputs (one sample) and MiniLM (two layers, averaged), moba on random only."""
+    rows = []
+    for mech, source, layer, share, density, mass, rel in (
+        ("topk", "random", None, 0.1, 0.1, 0.4, 0.5),
+        ("topk", "random", None, 1.0, 1.0, 1.0, 1e-16),
+        ("topk", "minilm", 0, 0.1, 0.1, 0.8, 0.2),
+        ("topk", "minilm", 1, 0.1, 0.1, 0.6, 0.4),
+        ("moba", "random", None, 0.1, 0.2, 0.3, 0.9),
+    ):
+        metrics = {"share": share, "source": source, "layer": layer, "density": density, "mass": mass, "kl": 0.1, "rel_error": rel}
+        rows.append(Result("sparsity", mech, case_key("sparsity", {"m": mech, "s": source, "l": layer, "share": share}), metrics=metrics))
+    return rows
+
+
 def fill(store: ResultStore) -> None:
-    for kind, results in (("efficiency", efficiency_results()), ("mqar", mqar_results()), ("error", error_results())):
+    for kind, results in (("efficiency", efficiency_results()), ("mqar", mqar_results()), ("error", error_results()), ("sparsity", sparsity_results())):
         run = store.start_run(kind, {"synthetic": True}, MACHINE)
         for result in results:
             store.add(run, result)
@@ -192,6 +207,13 @@ def test_error_table_means_over_layers(markdown):
     assert elu_minilm[2:7] == ["128", "2", "0.8", "0.04", "0.5"]
 
 
+def test_sparsity_table_means_over_layers_per_share(markdown):
+    sparsity = section(markdown, "error against density")
+    assert table_row(sparsity, "topk", "minilm")[2:] == ["0.10 / 0.70 / 0.3", "n/a"]
+    assert table_row(sparsity, "topk", "random")[2:] == ["0.10 / 0.40 / 0.5", "1.00 / 1.00 / 1e-16"]
+    assert table_row(sparsity, "moba", "random")[2:] == ["0.20 / 0.30 / 0.9", "n/a"]
+
+
 def test_pngs_are_valid_and_not_trivial(report):
     expected = {
         "time_noncausal_self_forward",
@@ -200,6 +222,7 @@ def test_pngs_are_valid_and_not_trivial(report):
         "mqar_d_model",
         "mqar_state_size",
         "error_speed",
+        "sparsity_density",
     }  # fmt: skip  (no memory plot where no memory was measured)
     assert set(report.images) == expected
     for path in report.images.values():

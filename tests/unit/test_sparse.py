@@ -258,10 +258,14 @@ def test_xattention_refusals_name_the_argument():
 # the error-vs-density sweep
 # --------------------------------------------------------------------------------------------
 def test_sparsity_sweep_is_exact_at_full_share_and_drops_mass_below_it(tmp_path):
-    from attnzoo.bench.sparsity import SparsityConfig, averaged, plot_sparsity, run_sparsity
+    from attnzoo.bench.report import collect
+    from attnzoo.bench.results import ResultStore
+    from attnzoo.bench.sparsity import SparsityConfig, averaged, plot_sparsity, points, run_sparsity
 
-    rows = run_sparsity(SparsityConfig(shares=(0.1, 1.0), sources=("random",), lengths=(128,), heads=2))
-    assert {r.mechanism for r in rows} >= {"topk", "moba", "xattention"}
+    with ResultStore(tmp_path / "db.sqlite") as store:
+        rows = run_sparsity(SparsityConfig(shares=(0.1, 1.0), sources=("random",), lengths=(256,), heads=2), store)
+        stored = collect(store).sparsity
+    assert {r.mechanism for r in rows} >= {"topk", "moba", "xattention", "bilevel_routing"}  # bilevel on a 16 x 16 grid
     for r in rows:
         assert r.note == "" and r.density is not None, r
         if r.share == 1.0:
@@ -269,9 +273,10 @@ def test_sparsity_sweep_is_exact_at_full_share_and_drops_mass_below_it(tmp_path)
         else:
             assert r.density < 0.5 and r.mass < 1.0 and r.kl > 0 and r.rel_error > 1e-3, r
     topk = next(r for r in rows if r.mechanism == "topk" and r.share == 0.1)
-    assert abs(topk.density - round(0.1 * 128) / 128) < 1e-12  # exactly top_k keys per query
-    lines = averaged(rows)
-    assert all(len(points) == 2 for points in lines.values())
+    assert abs(topk.density - round(0.1 * 256) / 256) < 1e-12  # exactly top_k keys per query
+    lines = averaged(points(rows))
+    assert all(len(line) == 2 for line in lines.values())
+    assert sorted((r["mechanism"], r["metrics"]["share"], r["metrics"]["mass"]) for r in stored) == sorted((r.mechanism, r.share, r.mass) for r in rows)
     plot_sparsity(rows, str(tmp_path / "sparsity.png"))
     assert (tmp_path / "sparsity.png").stat().st_size > 0
 

@@ -16,7 +16,9 @@ the same table cell, e.g. a quick and a full run, the newest):
 * MQAR (Zoology): the best accuracy over the learning-rate sweep, against d_model and against
   the mechanism's state size;
 * approximation error: relative error of the output (and KL of attention rows) against exact
-  softmax, and error against time.
+  softmax, and error against time;
+* content-sparse attention (``attnzoo bench sparsity``): output error and exact attention mass kept
+  against the density each mechanism's selection kept, per input source.
 
 The report is built once as a list of blocks (headings, paragraphs, tables, figures) and rendered
 twice, as Markdown (figures as links to the PNG files) and as HTML (figures embedded as base64
@@ -84,10 +86,11 @@ class ReportData:
     error: list[dict[str, Any]]
     runs: list[dict[str, Any]]
     db: str = ""
+    sparsity: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:
-        return not (self.efficiency or self.mqar or self.error)
+        return not (self.efficiency or self.mqar or self.error or self.sparsity)
 
 
 def collect(store_or_path: StoreLike, run: Optional[int] = None) -> ReportData:
@@ -99,12 +102,12 @@ def collect(store_or_path: StoreLike, run: Optional[int] = None) -> ReportData:
 
 
 def _collect(store: ResultStore, run: Optional[int]) -> ReportData:
-    by_kind = {kind: store.results(kind=kind, run_id=run, latest=True) for kind in ("efficiency", "mqar", "error")}
+    by_kind = {kind: store.results(kind=kind, run_id=run, latest=True) for kind in ("efficiency", "mqar", "error", "sparsity")}
     configs = {r["id"]: r["config"] for r in store.runs()}
     by_kind["efficiency"] = _newest_per_cell(_with_queries(by_kind["efficiency"], configs))
     used = {r["run_id"] for rows in by_kind.values() for r in rows}
     runs = [r for r in store.runs() if r["id"] in used]
-    return ReportData(by_kind["efficiency"], by_kind["mqar"], by_kind["error"], runs, str(store.path))
+    return ReportData(by_kind["efficiency"], by_kind["mqar"], by_kind["error"], runs, str(store.path), by_kind["sparsity"])
 
 
 def _with_queries(rows: list[dict[str, Any]], configs: Mapping[int, Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -682,6 +685,39 @@ def _error_blocks(rows: Sequence[dict[str, Any]], level: int) -> list[Block]:
     ]
 
 
+def _sparsity_lines(rows: Sequence[dict[str, Any]]) -> dict[tuple[str, str], list[tuple[float, float, float, float]]]:
+    from .sparsity import averaged
+
+    measured = [r for r in rows if _metric(r, "density") is not None]
+    return averaged([(r["mechanism"], _metric(r, "source"), _metric(r, "share"), *(_metric(r, m) for m in ("density", "mass", "rel_error"))) for r in measured])
+
+
+def _sparsity_blocks(rows: Sequence[dict[str, Any]], level: int) -> list[Block]:
+    lines = _sparsity_lines(rows)
+    if not lines:
+        return []
+    shares = _sorted_values(point[3] for line in lines.values() for point in line)
+    table_rows = []
+    for (mech, source), line in sorted(lines.items()):
+        at = {point[3]: point for point in line}
+        table_rows.append([mech, str(source), *(_sparsity_cell(at[share]) if share in at else "n/a" for share in shares)])
+    return [
+        Heading("Content-sparse attention: error against density", level),
+        Para(
+            "Each cell: measured density (the pairs the selection kept over exact attention's pairs) / exact softmax mass on the kept "
+            "keys / relative output error ||o - o_exact|| / ||o_exact||, mean over the source's samples, for each share of keys asked "
+            "(float64 reference backends)."
+        ),
+        Table(["mechanism", "inputs", *[f"share {share:g}" for share in shares]], table_rows),
+        Figure("sparsity_density", "output error and mass kept against density", lambda: sparsity_figure(lines)),
+    ]
+
+
+def _sparsity_cell(point: tuple[float, float, float, float]) -> str:
+    density, mass, rel, _ = point
+    return f"{density:.2f} / {mass:.2f} / {rel:.2g}"
+
+
 # ---------------------------------------------------------------------------------------------
 # the machines
 # ---------------------------------------------------------------------------------------------
@@ -864,6 +900,31 @@ def _error_plot(groups: Mapping[tuple[str, Any, Any], list[dict[str, Any]]]) -> 
     return fig
 
 
+def sparsity_figure(lines: Mapping[tuple[str, str], Sequence[tuple[float, float, float, float]]]) -> Any:
+    """Two panels against density: relative output error (log) and exact mass kept; one line per
+    mechanism, solid on random inputs, dashed on captured ones (:func:`attnzoo.bench.sparsity.averaged`)."""
+    mechs = sorted({mech for mech, _ in lines})
+    fig, axes = _figure(2, len(mechs))
+    for (mech, source), line in sorted(lines.items()):
+        style = _style(mechs.index(mech)) | {"linestyle": "-" if source == "random" else "--"}
+        label = mech if source == "random" or (mech, "random") not in lines else None  # one legend entry per mechanism
+        axes[0].plot([p[0] for p in line], [max(p[2], 1e-16) for p in line], label=label, **style)
+        axes[1].plot([p[0] for p in line], [p[1] for p in line], **style)
+    axes[0].set(xlabel="density (kept pairs / exact attention's pairs)", ylabel="||o - o*|| / ||o*||", yscale="log")
+    axes[1].set(xlabel="density", ylabel="exact attention mass kept")
+    axes[0].set_title("output error (solid: random q/k/v, dashed: MiniLM)", fontsize=9)
+    axes[1].set_title("mass kept", fontsize=9)
+    for ax in axes:
+        ax.grid(True, which="both", alpha=0.3)
+    _legend_outside(fig, axes[0])
+    return fig
+
+
+def save_png(fig: Any, path: str | os.PathLike[str]) -> None:
+    """Write a report figure to ``path`` (what ``--plot`` options use)."""
+    Path(path).write_bytes(_png(fig))
+
+
 def _png(fig: Any) -> bytes:
     buffer = io.BytesIO()
     # the constrained layout already fits the outside legend: no second "tight" draw needed
@@ -880,7 +941,7 @@ def render_figures(blocks: Sequence[Block]) -> dict[str, bytes]:
 # the report
 # ---------------------------------------------------------------------------------------------
 def _empty_notice(data: ReportData) -> str:
-    return f"No benchmark results in {data.db or 'the database'}: run `attnzoo bench` (or `attnzoo bench mqar|error`) first."
+    return f"No benchmark results in {data.db or 'the database'}: run `attnzoo bench` (or `attnzoo bench mqar|error|sparsity`) first."
 
 
 def report_blocks(data: ReportData, *, level: int = 1, full: bool = True) -> list[Block]:
@@ -894,6 +955,7 @@ def report_blocks(data: ReportData, *, level: int = 1, full: bool = True) -> lis
     blocks += _efficiency_blocks(data.efficiency, level + 1, full)
     blocks += _mqar_blocks(data.mqar, level + 1)
     blocks += _error_blocks(data.error, level + 1)
+    blocks += _sparsity_blocks(data.sparsity, level + 1)
     return blocks
 
 

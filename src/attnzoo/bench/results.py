@@ -1,6 +1,6 @@
 """Benchmark results in SQLite: one row per run (what, where, when), one row per measured case.
 
-Every runner (``efficiency``, ``mqar``, ``error``) writes here and ``attnzoo report`` reads from
+Every runner (``efficiency``, ``mqar``, ``error``, ``sparsity``) writes here and ``attnzoo report`` reads from
 here, so a table or plot can always be traced to the machine, versions and git commit that
 produced it. Each case is committed in its own transaction: a run killed midway keeps every
 case it finished, and ``--resume`` skips them (:meth:`ResultStore.done`).

@@ -403,8 +403,12 @@ def _add_efficiency_options(bench: argparse.ArgumentParser) -> None:
     bench.set_defaults(handler=_cmd_efficiency)
 
 
-def _add_store_options(parser: argparse.ArgumentParser) -> None:
+def _add_db_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--db", type=Path, default=default_db_path(), help=f"the results database (default {default_db_path()}; env ATTNZOO_DB)")
+
+
+def _add_store_options(parser: argparse.ArgumentParser) -> None:
+    _add_db_option(parser)
     parser.add_argument("--resume", action="store_true", help="reuse the stored results of identical cases (same machine and commit)")
 
 
@@ -612,12 +616,14 @@ def _cmd_sparsity(args: argparse.Namespace, console: Console) -> int:
     )
     for name in config.mechanisms or ():
         get(name)
-    try:
-        rows = _with_threads(args.threads, lambda: run_sparsity(config))
-    except ImportError as err:
-        console.print(Text(f"attnzoo bench sparsity: {err} (or measure random inputs only: --source random)", "red"))
-        return 1
+    with ResultStore(args.db) as store:
+        try:
+            rows = _with_threads(args.threads, lambda: run_sparsity(config, store))
+        except ImportError as err:
+            console.print(Text(f"attnzoo bench sparsity: {err} (or measure random inputs only: --source random)", "red"))
+            return 1
     console.print(sparsity_table(rows))
+    console.print(Text(f"{len(rows)} cases; results in {args.db} (`attnzoo report` plots them)"))
     if args.plot:
         plot_sparsity(rows, str(args.plot))
         console.print(Text(f"plot: {args.plot}"))
@@ -633,12 +639,13 @@ def _add_sparsity_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", type=int, nargs="+", help="MiniLM layers (default all 6)")
     parser.add_argument("--plot", type=Path, help="write the error/mass vs density plot here (PNG)")
     parser.add_argument("--threads", type=_positive_int, help="torch intra-op threads")
+    _add_db_option(parser)
     parser.set_defaults(handler=_cmd_sparsity)
 
 
 def add_report_parser(sub: argparse._SubParsersAction) -> None:
     report = sub.add_parser("report", help="the results database as Markdown, PNG plots and one self-contained HTML page")
-    report.add_argument("--db", type=Path, default=default_db_path(), help=f"the results database (default {default_db_path()}; env ATTNZOO_DB)")
+    _add_db_option(report)
     report.add_argument("--out", type=Path, default=Path(DEFAULT_REPORT_DIR), help=f"output directory (default ./{DEFAULT_REPORT_DIR})")
     report.add_argument("--run", type=_positive_int, help="only this run id (default: the newest result of every case)")
     report.add_argument("--format", nargs="+", choices=FORMATS, default=list(FORMATS), help="what to write (default: md png html)")

@@ -179,6 +179,12 @@ def _sample_params(p: Problem, pattern: str, rng: Optional[random.Random]) -> di
     return sample_options(params, p, rng, spatial=True)
 
 
+def _sparsity_params(p: Problem, share: float) -> dict[str, Any]:
+    """About ``share`` of the regions routed to: up to 8 x 8 regions (BiFormer's 7 x 7 where it divides)."""
+    n_win = max(d for d in _divisors(math.gcd(*p.q_shape)) if d <= 8)
+    return {"n_win": n_win, "top_k": max(1, round(share * n_win * n_win))}
+
+
 def _allowed_pairs(problem: Problem, bound: dict) -> int:
     n = math.prod(problem.q_shape)
     per_region = n // bound["n_win"] ** 2
@@ -200,6 +206,7 @@ BILEVEL_ROUTING = register(
         sample_params=_sample_params,
         check_params=_check_params,
         allowed_pairs=_allowed_pairs,
+        sparsity_params=_sparsity_params,
     )
 )
 BILEVEL_ROUTING.add_backend(
