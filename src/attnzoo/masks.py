@@ -37,6 +37,7 @@ __all__ = [
     "MaskMod",
     "ScoreMod",
     "causal",
+    "causal_offset",
     "sliding_window",
     "prefix_lm",
     "sinks",
@@ -164,6 +165,12 @@ class _Document(MaskMod):
     def __call__(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         qs, ks = self.q_segments.to(q_idx.device), self.kv_segments.to(kv_idx.device)
         return qs[b, q_idx] == ks[b, kv_idx]
+
+
+def causal_offset(q_len: int, kv_len: int, alignment: str) -> int:
+    """The ``offset`` of :func:`causal` for an alignment: ``"bottom_right"`` (the last query sees
+    every key: ``kv_len - q_len``, decoding's convention) or ``"top_left"`` (0)."""
+    return kv_len - q_len if alignment == "bottom_right" else 0
 
 
 def causal(offset: int = 0) -> MaskMod:

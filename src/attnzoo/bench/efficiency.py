@@ -57,6 +57,7 @@ import torch
 
 from ..errors import AttnZooError
 from ..kernels import reference as _reference_kernel
+from ..masks import causal_offset
 from ..registry import PATTERNS, Backend, Mechanism, Problem, get, list_mechanisms
 from .machine import machine_info
 from .memory import peak_memory
@@ -535,7 +536,7 @@ def _dense_softmax_pairs(problem: Problem, bound: Mapping[str, Any]) -> Optional
         return None
     per_head = problem.q_len * problem.kv_len
     if bound.get("causal"):
-        offset = problem.kv_len - problem.q_len if bound.get("causal_alignment", "bottom_right") == "bottom_right" else 0
+        offset = causal_offset(problem.q_len, problem.kv_len, bound.get("causal_alignment", "bottom_right"))
         per_head = causal_pairs(problem.q_len, problem.kv_len, offset)
     return problem.batch * problem.q_heads * per_head
 

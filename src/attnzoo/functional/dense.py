@@ -113,15 +113,11 @@ SOFTMAX_PARAMS = (
 # --------------------------------------------------------------------------------------------
 # the pattern, shared by the backends
 # --------------------------------------------------------------------------------------------
-def _causal_offset(nq: int, nk: int, alignment: str) -> int:
-    return nk - nq if alignment == "bottom_right" else 0
-
-
 def _pattern(nq: int, nk: int, causal: bool, alignment: str, mask_mod: Optional[Callable]) -> Optional[Callable]:
     """The mask predicate of a call (causal and/or the user's), without key padding."""
     parts = []
     if causal:
-        parts.append(masks.causal(_causal_offset(nq, nk, alignment)))
+        parts.append(masks.causal(masks.causal_offset(nq, nk, alignment)))
     if mask_mod is not None:
         parts.append(mask_mod)
     if not parts:

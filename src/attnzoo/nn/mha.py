@@ -21,10 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._checks import check_tokens, merge_heads, positive_int, split_heads
 from ..errors import ParameterError, ShapeError
 from ..kernels.reference import stable_softmax_lse
+from ..masks import causal_offset
 from ..registry import Mechanism, Problem, get
+from ._checks import check_tokens, merge_heads, positive_int, split_heads
 
 __all__ = ["MultiheadAttention", "ShortConvolution", "self_pattern", "cross_pattern"]
 
@@ -68,7 +69,7 @@ def _checked_mechanism(name: Any, causal: bool, params: dict[str, Any], *, cross
 
 def _causal_bias(n_q: int, n_k: int, alignment: str, like: Tensor) -> Tensor:
     """(1, 1, L, S) additive mask: -inf where key j comes after query i (bottom_right: j > i + S - L)."""
-    offset = n_k - n_q if alignment == "bottom_right" else 0
+    offset = causal_offset(n_q, n_k, alignment)
     i = torch.arange(n_q, device=like.device).view(n_q, 1)
     j = torch.arange(n_k, device=like.device).view(1, n_k)
     return torch.zeros(1, 1, n_q, n_k, dtype=like.dtype, device=like.device).masked_fill(j > i + offset, float("-inf"))

@@ -166,8 +166,7 @@ PER_HEAD_PARAMS = (
 
 
 def _per_head_mask(q: Tensor, k: Tensor, *, head_patterns: Any, causal: bool, causal_alignment: str) -> PerHeadMask:
-    offset = k.shape[2] - q.shape[2] if causal_alignment == "bottom_right" else 0
-    return PerHeadMask(_as_head_patterns(head_patterns), offset, causal)
+    return PerHeadMask(_as_head_patterns(head_patterns), masks.causal_offset(q.shape[2], k.shape[2], causal_alignment), causal)
 
 
 def _per_head_sample_params(p: Problem, pattern: str, rng: Optional[random.Random]) -> dict[str, Any]:

@@ -82,7 +82,7 @@ SLIDING_WINDOW_PARAMS = (
 # --------------------------------------------------------------------------------------------
 def _pattern(nq: int, nk: int, window: Any, causal: bool, sinks: int, alignment: str) -> masks.MaskMod:
     left, right = _extents(window, causal)
-    offset = nk - nq if alignment == "bottom_right" else 0
+    offset = masks.causal_offset(nq, nk, alignment)
     pattern = masks.sliding_window(left, right, offset=offset)
     if sinks:
         sink = masks.sinks(sinks)

@@ -346,7 +346,3 @@ def block_means(x: Tensor, block: int, key_padding_mask: Optional[Tensor] = None
     xs = xd.reshape(b, h, blocks, block, d).sum(3, dtype=torch.float64)  # accumulated in float64, no widened copy
     counts = torch.nn.functional.pad(real, (0, pad)).view(b, blocks, block).sum(-1)[:, None, :]
     return xs / counts.clamp(min=1)[..., None], counts > 0
-
-
-def causal_offset_of(nq: int, nk: int, alignment: str) -> int:
-    return nk - nq if alignment == "bottom_right" else 0

@@ -26,10 +26,11 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
+from ... import masks
 from ...kernels.reference import default_scale, materialized_attention
 from ...registry import Backend, Mechanism, Param, Problem, choice, flag, positive_number, register
 from ._params import PADDING_PARAM, sample_options
-from ._select import NEG_INF, causal_offset_of, softmax_lse, sorted_top_k_mask, top_k_mask
+from ._select import NEG_INF, softmax_lse, sorted_top_k_mask, top_k_mask
 
 __all__ = ["topk_attention", "TOPK"]
 
@@ -63,7 +64,7 @@ def _visible(q_len: int, k_len: int, rows: Tensor, causal: bool, alignment: str,
     """(B|1, 1, len(rows), Nk) bool of the keys each listed query row may see, or None (all)."""
     keep = None
     if causal:
-        keep = (torch.arange(k_len, device=device)[None, :] <= rows[:, None] + causal_offset_of(q_len, k_len, alignment))[None, None]
+        keep = (torch.arange(k_len, device=device)[None, :] <= rows[:, None] + masks.causal_offset(q_len, k_len, alignment))[None, None]
     if pad is not None:
         real = ~pad.view(batch, 1, 1, k_len)
         keep = real if keep is None else keep & real
@@ -153,7 +154,7 @@ def _sample_params(p: Problem, pattern: str, rng: Optional[random.Random]) -> di
 
 def _allowed_pairs(problem: Problem, bound: dict) -> int:
     """k per query row (fewer where a causal row sees fewer keys; key padding not counted)."""
-    offset = causal_offset_of(problem.q_len, problem.kv_len, bound["causal_alignment"])
+    offset = masks.causal_offset(problem.q_len, problem.kv_len, bound["causal_alignment"])
     rows = torch.arange(problem.q_len)
     seen = (rows + offset + 1).clamp(0, problem.kv_len) if bound["causal"] else torch.full_like(rows, problem.kv_len)
     return int(seen.clamp(max=bound["top_k"]).sum()) * problem.batch * problem.q_heads
