@@ -9,6 +9,7 @@ from .linfusion import LinFusionAttention
 from .heads import AttentiveProbe, PointerHead
 from .mha import MultiheadAttention, ShortConvolution
 from .mossformer import MossFormerAttention
+from .nsa import BlockCompressor, NativeSparseAttention
 from .routing import BiLevelRoutingAttention
 from .seer import SeerAttentionGate, seer_distillation_loss, seer_distillation_target
 from .token_pruning import TokenKeepFuse
@@ -45,6 +46,8 @@ __all__ = [
     "BiLevelRoutingAttention",
     "TokenKeepFuse",
     "SeerAttentionGate",
+    "NativeSparseAttention",
+    "BlockCompressor",
     "seer_distillation_target",
     "seer_distillation_loss",
 ]

@@ -6,9 +6,9 @@ Three branches over the same causal context, mixed by per-query gates (Eq. 5):
 
 * compression (Eq. 7): blocks of ``compress_block`` keys every ``compress_stride`` tokens, each
   compressed to one key and one value; a query sees the compressed blocks wholly in its past.
-  The paper's compressor is a learnable MLP with intra-block position encoding; here it is the
-  mean of the block (fla's naive NSA does the same): pass pre-compressed keys through the module
-  to use a learned one.
+  The paper's compressor phi is a learnable MLP with intra-block position encoding:
+  :class:`attnzoo.nn.NativeSparseAttention` learns it and passes its output as ``compressed_kv``;
+  without it phi is the mean of the block (fla's naive NSA does the same).
 * selection (Eq. 8-11): the compression branch's attention probabilities, summed over the heads of
   a GQA group (Eq. 10, one choice per key head) and over the compressed blocks overlapping each
   selection block of ``block_size`` keys (Eq. 9; the paper's indexing assumes its sizes, this sums
@@ -49,6 +49,34 @@ __all__ = ["nsa_attention", "NSA"]
 _PADDING_WHY = "NSA's compressed and selected blocks start at position 0, so pads before a sequence would move them"
 
 
+def compressed_count(n: int, compress_block: int, compress_stride: int) -> int:
+    """Complete compressed blocks [i * stride, i * stride + block) in a sequence of ``n`` tokens."""
+    return max(0, (n - compress_block) // compress_stride + 1)
+
+
+def _check_compressed(value: Any, p: Problem) -> Optional[str]:
+    if value is None:
+        return None
+    want = f"None or (k_cmp, v_cmp): floating tensors (B={p.batch}, Hkv={p.kv_heads}, n_cmp, D={p.head_dim} / Dv={p.value_dim}) on {p.device}"
+    if not (isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(t, Tensor) and t.is_floating_point() and t.dim() == 4 for t in value)):
+        return want
+    k_cmp, v_cmp = value
+    if k_cmp.shape[:3] != v_cmp.shape[:3] or tuple(k_cmp.shape[:2]) != (p.batch, p.kv_heads) or k_cmp.shape[-1] != p.head_dim or v_cmp.shape[-1] != p.value_dim or k_cmp.device != p.device or v_cmp.device != p.device:
+        return want
+    return None
+
+
+def _check_params(bound: dict[str, Any], p: Problem) -> Optional[tuple[str, str]]:
+    given = bound.get("compressed_kv")
+    if given is not None:
+        want = compressed_count(p.kv_len, bound["compress_block"], bound["compress_stride"])
+        if given[0].shape[2] != want:
+            return "compressed_kv", (
+                f"expected {want} compressed blocks ((N - compress_block) // compress_stride + 1 for N={p.kv_len}), got {given[0].shape[2]}"
+            )
+    return None
+
+
 def _check_gates(value: Any, p: Problem) -> Optional[str]:
     if value is None:
         return None
@@ -60,6 +88,10 @@ def _check_gates(value: Any, p: Problem) -> Optional[str]:
 
 NSA_PARAMS = (
     Param("gates", None, "(B, H, N, 3) gates of the compression, selection and window branches; None: 1 each", _check_gates, ("g", torch.zeros(1, 3)), "Tensor | None"),
+    Param(
+        "compressed_kv", None, "(k_cmp, v_cmp) (B, Hkv, n_cmp, D / Dv): a learned compressor's blocks (nn.NativeSparseAttention); None: block means",
+        _check_compressed, ("kv", (torch.zeros(1),), [torch.zeros(1, 1, 1, 1)]), "tuple[Tensor, Tensor] | None",
+    ),
     Param("block_size", 64, "selection block l' (the paper's 64)", positive_int("keys per selection block"), (0, -64, 1.5, "64"), "int"),
     Param("compress_block", 32, "compression block l (the paper's 32)", positive_int("keys per compressed block"), (0, -32, 1.5, "32"), "int"),
     Param("compress_stride", 16, "compression stride d (the paper's 16)", positive_int("tokens between compressed blocks"), (0, -16, 1.5, "16"), "int"),
@@ -80,12 +112,16 @@ FLOAT64_SCORES_MAX = 1 << 22
 # --------------------------------------------------------------------------------------------
 # compression branch
 # --------------------------------------------------------------------------------------------
-def _compressed(k: Tensor, v: Tensor, block: int, stride: int, key_padding_mask: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-    """Mean keys and values of the complete blocks [b * stride, b * stride + block) (over real
-    keys), and (n_cmp,) the last position of each block."""
+def _compressed(
+    k: Tensor, v: Tensor, block: int, stride: int, key_padding_mask: Optional[Tensor], given: Optional[tuple[Tensor, Tensor]] = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Compressed keys and values of the complete blocks [b * stride, b * stride + block) (``given``
+    by a learned compressor, else the means over real keys), and (n_cmp,) each block's last position."""
     n = k.shape[2]
-    count = max(0, (n - block) // stride + 1)
+    count = compressed_count(n, block, stride)
     ends = torch.arange(count, device=k.device) * stride + block - 1
+    if given is not None:
+        return given[0], given[1], ends
     if count == 0:
         return k[:, :, :0], v[:, :, :0], ends
     real = torch.ones(k.shape[0], n, dtype=k.dtype, device=k.device) if key_padding_mask is None else (~key_padding_mask).to(k.dtype)
@@ -97,10 +133,13 @@ def _compressed(k: Tensor, v: Tensor, block: int, stride: int, key_padding_mask:
     return k_cmp, v_cmp, ends
 
 
-def _compression_branch(q: Tensor, k: Tensor, v: Tensor, *, compress_block: int, compress_stride: int, key_padding_mask: Optional[Tensor], scale: Optional[float]) -> tuple[Tensor, Tensor, Tensor]:
+def _compression_branch(
+    q: Tensor, k: Tensor, v: Tensor, *, compress_block: int, compress_stride: int, compressed_kv: Optional[tuple[Tensor, Tensor]],
+    key_padding_mask: Optional[Tensor], scale: Optional[float],
+) -> tuple[Tensor, Tensor, Tensor]:
     """(out, probabilities (B, H, N, n_cmp) without gradient, block ends). One score matrix for
     both; the selection reads it in float64 up to :data:`FLOAT64_SCORES_MAX` scores, else float32."""
-    k_cmp, v_cmp, ends = _compressed(k, v, compress_block, compress_stride, key_padding_mask)
+    k_cmp, v_cmp, ends = _compressed(k, v, compress_block, compress_stride, key_padding_mask, compressed_kv)
     b, h, n = q.shape[:3]
     if ends.numel() == 0:  # shorter than one compressed block: the branch sees nothing
         return q.new_zeros(b, h, n, v.shape[-1]) + 0 * v.sum(), torch.zeros(b, h, n, 0, dtype=torch.float64, device=q.device), ends
@@ -164,10 +203,12 @@ def _gated(outs: list[Tensor], gates: Optional[Tensor]) -> Tensor:
     return sum(gates[..., c : c + 1].to(o.dtype) * o for c, o in enumerate(outs))
 
 
-def _run(q, k, v, *, gates, block_size, compress_block, compress_stride, top_n, window, key_padding_mask, scale, engine: str):
+def _run(q, k, v, *, gates, compressed_kv, block_size, compress_block, compress_stride, top_n, window, key_padding_mask, scale, engine: str):
     refuse_unless_right_padded("nsa", key_padding_mask, _PADDING_WHY)
     n, group = q.shape[2], q.shape[1] // k.shape[1]
-    o_cmp, p_cmp, ends = _compression_branch(q, k, v, compress_block=compress_block, compress_stride=compress_stride, key_padding_mask=key_padding_mask, scale=scale)
+    o_cmp, p_cmp, ends = _compression_branch(
+        q, k, v, compress_block=compress_block, compress_stride=compress_stride, compressed_kv=compressed_kv, key_padding_mask=key_padding_mask, scale=scale
+    )
     selected = _selection(p_cmp, ends, compress_block=compress_block, block_size=block_size, top_n=top_n, n=n, kv_heads=k.shape[1], reference=engine == "reference")
     selected = selected.repeat_interleave(group, dim=1)  # one choice per key head, shared by its query heads
     window_pattern = masks.sliding_window(window - 1, 0)
@@ -207,6 +248,12 @@ def _sample_params(p: Problem, pattern: str, rng: Optional[random.Random]) -> di
     if rng.random() < 0.5:
         gen = torch.Generator().manual_seed(rng.randrange(2**31))
         params["gates"] = torch.rand(p.batch, p.q_heads, p.q_len, 3, generator=gen).to(device=p.device, dtype=p.dtype)
+    if rng.random() < 0.3:  # a learned compressor's output: any tensors of the right shape
+        gen = torch.Generator().manual_seed(rng.randrange(2**31))
+        count = compressed_count(n, params["compress_block"], stride)
+        params["compressed_kv"] = tuple(
+            torch.randn(p.batch, p.kv_heads, count, dim, generator=gen).to(device=p.device, dtype=p.dtype) for dim in (p.head_dim, p.value_dim)
+        )
     params = sample_options(params, p, rng, right_only=True)
     params.pop("return_lse", None)
     return params
@@ -218,13 +265,14 @@ NSA = register(
         family="sparse",
         catalog=("S2",),
         paper="Native Sparse Attention (Yuan et al., DeepSeek, 2025), Sec. 3.3, Eq. 5-11",
-        formula="o_t = g_cmp Attn(q_t, mean-compressed blocks) + g_slc Attn(q_t, top-n blocks by compressed attention) + g_win Attn(q_t, last w keys)",
+        formula="o_t = g_cmp Attn(q_t, compressed blocks phi(K_blk)) + g_slc Attn(q_t, top-n blocks by compressed attention) + g_win Attn(q_t, last w keys)",
         cost="O(N^2 / stride * D) compression + O(N * top_n * block * D) selection + O(N * window * D) window",
         summary="NSA: gated sum of compressed-block, top-n selected-block and sliding-window causal attention",
         patterns=frozenset({"causal_self"}),
         params=NSA_PARAMS,
         gqa=True,
         sample_params=_sample_params,
+        check_params=_check_params,
     )
 )
 NSA.add_backend(Backend("reference", _reference, doc="each branch as a dense mask over materialized scores: the spec", priority=-100, materializes_scores=True))
@@ -239,6 +287,7 @@ def nsa_attention(
     v: Tensor,
     *,
     gates: Optional[Tensor] = None,
+    compressed_kv: Optional[tuple[Tensor, Tensor]] = None,
     block_size: int = 64,
     compress_block: int = 32,
     compress_stride: int = 16,
@@ -253,6 +302,9 @@ def nsa_attention(
     Args:
         q: (B, Hq, N, D). k: (B, Hkv, N, D), Hq a multiple of Hkv. v: (B, Hkv, N, Dv).
         gates: (B, Hq, N, 3) branch gates (compression, selection, window); None: 1 each.
+        compressed_kv: (k_cmp, v_cmp), (B, Hkv, n_cmp, D) and (B, Hkv, n_cmp, Dv) with
+            n_cmp = (N - compress_block) // compress_stride + 1: the paper's learned phi applied to
+            each block (:class:`attnzoo.nn.NativeSparseAttention`); None: the mean of each block.
         block_size, compress_block, compress_stride, top_n, window: the paper's l', l, d, n, w.
         key_padding_mask: (B, N) bool, right padding only. scale: default ``D ** -0.5``.
 
@@ -265,7 +317,7 @@ def nsa_attention(
         >>> out = nsa_attention(q, k, v, top_n=8, window=256)
     """
     return NSA(
-        q, k, v, backend=backend, gates=gates, block_size=block_size, compress_block=compress_block, compress_stride=compress_stride,
+        q, k, v, backend=backend, gates=gates, compressed_kv=compressed_kv, block_size=block_size, compress_block=compress_block, compress_stride=compress_stride,
         top_n=top_n, window=window, key_padding_mask=key_padding_mask, scale=scale,
     )
 
