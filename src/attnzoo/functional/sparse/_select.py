@@ -74,6 +74,8 @@ def top_k_mask(scores: Tensor, k: int) -> Tensor:
     above = scores > kth
     tied = scores == kth
     room = k - above.sum(-1, keepdim=True)
+    if bool((tied.sum(-1, keepdim=True) <= room).all()):  # no row has more ties than room: keep them all
+        return (above | tied) & finite
     return (above | (tied & (tied.cumsum(-1) <= room))) & finite
 
 

@@ -62,10 +62,13 @@ def _own_block(nq: int, nk: int, block_size: int, device: torch.device) -> Tenso
 
 
 def _masked_gates(gates: Tensor, own: Tensor, has_keys: Tensor) -> Tensor:
-    """-inf on future and empty blocks, +inf on the own block (always selected)."""
+    """-inf on future and empty blocks, +inf on the own block (always selected): one pass adding a
+    (B, 1, Nq, n_blocks) bias of 0 / -inf / +inf (the gates are finite or NaN, which stays NaN)."""
     blocks = torch.arange(gates.shape[-1], device=gates.device)
-    gates = gates.masked_fill(blocks > own[:, None], NEG_INF).masked_fill(~has_keys[:, :, None, :], NEG_INF)
-    return gates.masked_fill(blocks == own[:, None], float("inf"))
+    bias = torch.zeros(own.shape[0], blocks.shape[0], dtype=gates.dtype, device=gates.device)
+    bias = bias.masked_fill(blocks > own[:, None], NEG_INF).masked_fill(blocks == own[:, None], float("inf"))
+    bias = bias.masked_fill(~has_keys[:, :, None, :] & (blocks != own[:, None]), NEG_INF)  # (B, 1, Nq, n_blocks)
+    return gates + bias
 
 
 def moba_selection(q: Tensor, k: Tensor, block_size: int, top_k: int, key_padding_mask: Optional[Tensor]) -> Tensor:
