@@ -115,7 +115,7 @@ def per_head(n: int, repeats: int) -> None:
     ]
     mask = attnzoo.functional.local.per_head._per_head_mask(torch.empty(1, 1, n, 1), torch.empty(1, 1, n, 1), head_patterns=heads, causal=True, causal_alignment="bottom_right")
     plan = SparsePlan.from_mask(mask, n, n, heads=H)
-    report("per_head_patterns, 8 different heads (causal)", n, plan.pairs() * B, time_mechanism("per_head_patterns", (n,), ["fused", "tiled"], repeats, head_patterns=heads, causal=True), repeats)
+    report("per_head_patterns, 8 different heads (causal)", n, plan.pairs() * B, time_mechanism("per_head_patterns", (n,), ["sharded", "fused"], repeats, head_patterns=heads, causal=True), repeats)
 
 
 def neighborhood(shape: tuple[int, ...], kernel: int, repeats: int) -> None:

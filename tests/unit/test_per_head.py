@@ -119,3 +119,66 @@ def test_left_padding_moves_the_sinks_to_the_first_real_keys():
     for b in range(3):
         first = int((~pad[b]).nonzero()[0])
         torch.testing.assert_close(out[b, 0, first:], v[b, 0, first].expand(PAD_N - first, -1))
+
+
+# --------------------------------------------------------------------------------------------
+# sharded: strided shards on their gathered keys
+# --------------------------------------------------------------------------------------------
+SHARDED_SPECS = [
+    HeadPattern(window=(70, 0), stride=(4, 1)),  # S2-Attention: the shard overlaps the window
+    HeadPattern(stride=(5, 2)),  # a shard alone: its rest is empty
+    HeadPattern(window=(10, 5), sinks=80, stride=(8, 0)),  # LongGen: sinks wider than a tile
+    HeadPattern(block=(96, 32), stride=(1, 0)),  # period 1 (every key): no gathering, the rest's kernel
+]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("nq", [300, 257])
+def test_sharded_equals_each_heads_loop_and_its_gradients(causal, nq):
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 4, nq, 16, generator=gen, requires_grad=True)
+    k, v = (torch.randn(1, 2, 300, 16, generator=gen, requires_grad=True) for _ in range(2))  # GQA: 2 query heads per key head
+    out, lse = attnzoo.per_head_patterns_attention(q, k, v, head_patterns=SHARDED_SPECS, causal=causal, return_lse=True, backend="sharded")
+    for h, spec in enumerate(SHARDED_SPECS):
+        m = loop_mask(spec, nq, 300, causal)
+        s = (q[0, h].double() @ k[0, h // 2].double().T) * 16**-0.5
+        want = torch.softmax(s.masked_fill(~m, float("-inf")), -1).nan_to_num() @ v[0, h // 2].double()  # no key: 0
+        torch.testing.assert_close(out[0, h].double(), want, atol=2e-6, rtol=1e-5)
+        torch.testing.assert_close(lse[0, h].double(), torch.logsumexp(s.masked_fill(~m, float("-inf")), -1), atol=2e-6, rtol=1e-5)
+    g = torch.randn(out.shape, generator=gen)
+    ref = attnzoo.per_head_patterns_attention(q, k, v, head_patterns=SHARDED_SPECS, causal=causal, backend="fused")
+    for got, want in zip(torch.autograd.grad((out * g).sum(), (q, k, v)), torch.autograd.grad((ref * g).sum(), (q, k, v))):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_shard_keys_tile_grid_brackets_its_elements():
+    """visit may over-report and full under-report, never the reverse: checked against the elements."""
+    from attnzoo.functional.local.per_head import ShardKeys
+    from attnzoo.masks import _tile_bounds
+
+    for rest in (HeadPattern(window=(70, 0)), HeadPattern(), HeadPattern(window=(10, 5), sinks=80), HeadPattern(block=(96, 32))):
+        for causal in (False, True):
+            keys = ShardKeys(4, 1, rest, offset=3, causal=causal)
+            nq, nk = 400, 120
+            qf, ql = _tile_bounds(nq, 64)
+            kf, kl = _tile_bounds(nk, 64)
+            visit, full = keys._tile_grid(qf, ql, kf, kl)
+            elems = keys(None, None, torch.arange(nq)[:, None], torch.arange(nk)[None, :])
+            for a in range(len(qf)):
+                for b in range(len(kf)):
+                    tile = elems[qf[a] : ql[a] + 1, kf[b] : kl[b] + 1]
+                    assert not tile.any() or visit[a, b], (rest, causal, a, b)
+                    assert not full[a, b] or tile.all(), (rest, causal, a, b)
+
+
+def test_dispatch_picks_sharded_for_strided_heads_only():
+    mech = attnzoo.get("per_head_patterns")
+    q = k = v = torch.randn(1, 2, 256, 16)
+
+    def chosen(patterns, **kw):
+        return next(name for name, reason in mech.explain(q, k, v, head_patterns=patterns, causal=True, **kw) if reason is None)
+
+    assert chosen([HeadPattern(window=(16, 0), stride=(4, h)) for h in range(2)]) == "sharded"
+    assert chosen([HeadPattern(window=(16, 0), stride=(2, h)) for h in range(2)]) == "fused"  # short: period 2 gains nothing
+    assert chosen([HeadPattern(window=(16, 0))]) == "fused"
+    assert chosen([HeadPattern(stride=(4, 0))], key_padding_mask=torch.zeros(1, 256, dtype=torch.bool)) == "fused"
