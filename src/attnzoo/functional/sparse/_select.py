@@ -301,14 +301,17 @@ def attend_row_blocks(
 def merge_partials(out_e: Tensor, lse_e: Tensor, row: Tensor, n_rows: int) -> tuple[Tensor, Tensor]:
     """Softmax over a union from partial softmaxes of disjoint key sets: ``out_r = sum_e
     e^(lse_e - lse_r) out_e`` with ``lse_r = log sum_e e^(lse_e)``; a row with no entry (or
-    only empty ones) gives 0 and -inf. NaN stays NaN. Differentiable."""
+    only empty ones) gives 0 and -inf. NaN stays NaN. Differentiable; without autograd ``out_e``
+    (a temporary in every caller) is scaled in place."""
     row = row.to(out_e.device)
     with torch.no_grad():  # a stabilizer only: it cancels in the result
         top = torch.full((n_rows,), NEG_INF, dtype=lse_e.dtype, device=lse_e.device).scatter_reduce_(0, row, lse_e.detach(), reduce="amax")
         top = top.masked_fill(top == NEG_INF, 0.0)
     w = torch.exp(lse_e - top[row])
     denom = torch.zeros(n_rows, dtype=w.dtype, device=w.device).index_add(0, row, w)
-    total = torch.zeros(n_rows, out_e.shape[-1], dtype=out_e.dtype, device=out_e.device).index_add(0, row, w[:, None].to(out_e.dtype) * out_e)
+    # without autograd the partial outputs are scaled in place (no (E, Dv) temporary)
+    weighted = out_e.mul_(w[:, None].to(out_e.dtype)) if not torch.is_grad_enabled() or not out_e.requires_grad else w[:, None].to(out_e.dtype) * out_e
+    total = torch.zeros(n_rows, out_e.shape[-1], dtype=out_e.dtype, device=out_e.device).index_add(0, row, weighted)
     seen = denom != 0  # NaN != 0: kept, so it reaches the output
     safe = torch.where(seen, denom, torch.ones_like(denom))
     out = torch.where(seen[:, None], total / safe[:, None].to(total.dtype), torch.zeros_like(total))
