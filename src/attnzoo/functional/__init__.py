@@ -15,6 +15,7 @@ from .linear import (
     transnormer_diag_attention,
 )
 from .sparse import bilevel_routing_attention, block_gate_attention, flexprefill_attention, moba_attention, nsa_attention, topk_attention, vertical_slash_attention, xattention
+from .variants import relu_attention, sigmoid_attention
 from .local import (
     HeadPattern,
     axial_attention,
@@ -29,6 +30,8 @@ from .local import (
 
 __all__ = [
     "softmax_attention",
+    "sigmoid_attention",
+    "relu_attention",
     "topk_attention",
     "moba_attention",
     "bilevel_routing_attention",

@@ -1,0 +1,6 @@
+"""Score-level variants of softmax attention (catalog V1-V10): other normalizations, activations,
+temperatures and stabilizers of the scores, each against its paper's formula."""
+
+from .elementwise import relu_attention, sigmoid_attention
+
+__all__ = ["relu_attention", "sigmoid_attention"]
