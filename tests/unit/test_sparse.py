@@ -55,6 +55,22 @@ def test_mass_rule_keeps_the_smallest_prefix_reaching_tau():
         assert torch.equal(mass_mask(w, tau), sorted_mass_mask(w, tau))
 
 
+@pytest.mark.parametrize("k", [1, 3, 6])
+def test_float32_gates_select_as_float64_even_on_near_ties(k):
+    from attnzoo.functional.sparse._select import gate_top_k_mask
+
+    gen = torch.Generator().manual_seed(k)
+    q = torch.randn(2, 3, 200, 16, generator=gen)
+    keys = torch.randn(2, 3, 8, 16, generator=gen, dtype=torch.float64)
+    keys[:, :, 1] = keys[:, :, 0] * (1 + 1e-9)  # gates of blocks 0 and 1 agree to ~1e-9: float32 cannot order them
+    keys[:, :, 2] = keys[:, :, 3]  # exact ties: lowest index first
+    bias = torch.zeros(1, 1, 200, 8, dtype=torch.float64)
+    bias[..., :50, 5:] = -INF  # rows with fewer than k candidates
+    bias[..., 7] = INF
+    want = top_k_mask(q.double() @ keys.transpose(-1, -2) + bias, k)
+    assert torch.equal(gate_top_k_mask(q, keys, k, bias), want)
+
+
 @pytest.mark.parametrize("block", [64, 128, 20])
 @pytest.mark.parametrize("causal", [False, True])
 def test_selection_plan_visits_exactly_the_selected_pairs(block, causal):
@@ -266,7 +282,11 @@ def test_sparsity_sweep_is_exact_at_full_share_and_drops_mass_below_it(tmp_path)
         rows = run_sparsity(SparsityConfig(shares=(0.1, 1.0), sources=("random",), lengths=(256,), heads=2), store)
         stored = collect(store).sparsity
     assert {r.mechanism for r in rows} >= {"topk", "moba", "xattention", "bilevel_routing"}  # bilevel on a 16 x 16 grid
+    unreadable = {"core_context", "landmark", "pyramid_sparse"}  # softmax over pooled / extra keys, or none
     for r in rows:
+        if r.mechanism in unreadable:
+            assert r.density is None and "cannot be read" in r.note, r
+            continue
         assert r.note == "" and r.density is not None, r
         if r.share == 1.0:
             assert r.density == 1.0 and abs(r.mass - 1.0) < 1e-12 and r.rel_error < 1e-12, r
@@ -276,7 +296,7 @@ def test_sparsity_sweep_is_exact_at_full_share_and_drops_mass_below_it(tmp_path)
     assert abs(topk.density - round(0.1 * 256) / 256) < 1e-12  # exactly top_k keys per query
     lines = averaged(points(rows))
     assert all(len(line) == 2 for line in lines.values())
-    assert sorted((r["mechanism"], r["metrics"]["share"], r["metrics"]["mass"]) for r in stored) == sorted((r.mechanism, r.share, r.mass) for r in rows)
+    assert sorted((r["mechanism"], r["metrics"]["share"], str(r["metrics"]["mass"])) for r in stored) == sorted((r.mechanism, r.share, str(r.mass)) for r in rows)
     plot_sparsity(rows, str(tmp_path / "sparsity.png"))
     assert (tmp_path / "sparsity.png").stat().st_size > 0
 

@@ -154,7 +154,7 @@ def _measure(mech: Mechanism, sample: Sample, share: float, exact: tuple[Tensor,
         params["causal"] = False
     if sample.padding.any():
         params["key_padding_mask"] = sample.padding
-    row.params = {k: v for k, v in params.items() if k != "key_padding_mask"}
+    row.params = {k: v for k, v in params.items() if not isinstance(v, Tensor)}  # (tensors: the padding, a learned predictor)
     tap = _KeptTap()
     previous, _reference_kernel.TAP = _reference_kernel.TAP, tap
     try:
@@ -165,8 +165,8 @@ def _measure(mech: Mechanism, sample: Sample, share: float, exact: tuple[Tensor,
         return row
     finally:
         _reference_kernel.TAP = previous
-    if tap.kept is None:
-        row.note = "its reference does not materialize one softmax over the keys: the kept pairs cannot be read"
+    if tap.kept is None or tap.kept.numel() != b * h * n * n:
+        row.note = "its reference has no softmax over exactly the input's keys (none, or pooled / extra keys): the kept pairs cannot be read"
         return row
     out = (out[0] if isinstance(out, tuple) else out).reshape(b, h, n, -1)
     tap.kept = tap.kept.reshape(tap.kept.shape[0], tap.kept.shape[1], n, n)

@@ -2,6 +2,8 @@
 
 from .agent import AgentAttention
 from .based import BaseConv, BasedMixer, SlidingWindowAttention, TaylorLinearAttention
+from .clustering import RoutingAttention, TokenCentreAttention
+from .fit import FITBlock
 from .inline import InLineAttention
 from .kernelized_rpe import KernelizedRPEAttention
 from .l2vit import L2ViTAttention, LocalConcentrationModule
@@ -11,6 +13,7 @@ from .mha import MultiheadAttention, ShortConvolution
 from .mossformer import MossFormerAttention
 from .nsa import BlockCompressor, NativeSparseAttention
 from .routing import BiLevelRoutingAttention
+from .sparsifiner import Sparsifiner, sparsifiner_reconstruction_loss
 from .seer import SeerAttentionGate, seer_distillation_loss, seer_distillation_target
 from .token_pruning import TokenKeepFuse
 from .transnormer import TransNormerAttention
@@ -44,10 +47,15 @@ __all__ = [
     "AttentiveProbe",
     "PointerHead",
     "BiLevelRoutingAttention",
+    "RoutingAttention",
+    "TokenCentreAttention",
     "TokenKeepFuse",
     "SeerAttentionGate",
     "NativeSparseAttention",
     "BlockCompressor",
     "seer_distillation_target",
     "seer_distillation_loss",
+    "FITBlock",
+    "Sparsifiner",
+    "sparsifiner_reconstruction_loss",
 ]

@@ -12,6 +12,7 @@ attention sinks, used by SinkLoRA and LongGen), still causally when causal.
 """
 
 from .axial import AXIAL, AxialMask, axial_attention
+from .combiner import COMBINER, combiner_attention
 from .grid import GRID, GridMask, grid_attention
 from .halo import HALO, HaloMask, halo_attention
 from .neighborhood import NEIGHBORHOOD, NeighborhoodMask, neighborhood_attention
@@ -44,4 +45,6 @@ __all__ = [
     "PerHeadMask",
     "varying_window_attention",
     "VARYING_WINDOW",
+    "combiner_attention",
+    "COMBINER",
 ]

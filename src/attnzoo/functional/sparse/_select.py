@@ -58,25 +58,55 @@ NEG_INF = float("-inf")
 # --------------------------------------------------------------------------------------------
 # selection rules
 # --------------------------------------------------------------------------------------------
-def top_k_mask(scores: Tensor, k: int) -> Tensor:
+def top_k_mask(scores: Tensor, k: int, kth: Optional[Tensor] = None) -> Tensor:
     """Bool mask of the ``k`` largest entries of each row (last dim); -inf entries are never kept.
 
     Exactly ``min(k, finite entries)`` per row; among entries equal to the k-th largest, the
     lowest indices are kept. NaN ranks above everything (as in ``torch.sort``), so a NaN input
     reaches the output instead of vanishing. O(n log k) per row (``torch.topk``) plus O(n).
+    ``kth``: each row's k-th largest value (..., 1) when the caller has it (ignored under NaN).
     """
     if bool(torch.isnan(scores).any()):  # (a read pass; the rewrite only when needed)
-        scores = scores.nan_to_num(nan=float("inf"), posinf=float("inf"), neginf=NEG_INF)
+        scores, kth = scores.nan_to_num(nan=float("inf"), posinf=float("inf"), neginf=NEG_INF), None
     finite = scores > NEG_INF
     if k >= scores.shape[-1]:
         return finite
-    kth = scores.topk(k, dim=-1).values[..., -1:]
+    if kth is None:
+        kth = scores.topk(k, dim=-1).values[..., -1:]
     above = scores > kth
-    tied = scores == kth
+    tied = (scores == kth) & finite  # a k-th of -inf ties no key: fewer than k candidates, all kept
     room = k - above.sum(-1, keepdim=True)
     if bool((tied.sum(-1, keepdim=True) <= room).all()):  # no row has more ties than room: keep them all
-        return (above | tied) & finite
-    return (above | (tied & (tied.cumsum(-1) <= room))) & finite
+        return above | tied
+    return above | (tied & (tied.cumsum(-1) <= room))
+
+
+def gate_top_k_mask(q: Tensor, keys: Tensor, k: int, bias: Tensor) -> Tensor:
+    """``top_k_mask(q @ keys^T + bias, k)`` with the products in float64: the float64 selection,
+    computed in float32.
+
+    ``q`` (B, H, Nq, D), ``keys`` (B, H, n, D) float64 (block summaries), ``bias`` broadcastable
+    to (B, H, Nq, n), the rule's 0 / -inf / +inf. The gates are float32 products; a row is
+    recomputed in float64 only where its k-th and (k+1)-th gates are closer than twice the float32
+    error bound of a D-term dot product (``(D + 2) u |q_i| max_b |key_b|``, u = 2^-24, any
+    summation order): past that margin the float32 order of every kept and dropped gate is
+    float64's, so the selection is the same. Random inputs send a handful of rows to float64.
+    """
+    if q.dtype == torch.float64 or k >= keys.shape[-2]:
+        return top_k_mask(q.double() @ keys.transpose(-1, -2) + bias, k)
+    q32 = q.float()
+    gates = q32 @ keys.float().transpose(-1, -2) + bias.float()
+    top = gates.topk(k + 1, dim=-1).values
+    kept = top_k_mask(gates, k, kth=top[..., k - 1 : k])
+    margin = top[..., k - 1] - top[..., k]  # inf - x and x - (-inf) are sure; NaN (-inf - -inf, NaN inputs) is not
+    bound = (q.shape[-1] + 2) * 2.0**-24 * 1.01 * q32.norm(dim=-1) * keys.norm(dim=-1).amax(-1, keepdim=True).float()
+    # fewer than k candidates (the k-th is -inf): every finite gate is kept in both precisions
+    unsure = ~((margin > 2 * bound) | ((top[..., k - 1] == NEG_INF) & torch.isfinite(bound)))
+    if bool(unsure.any()):
+        b, h, i = unsure.nonzero(as_tuple=True)
+        exact = torch.einsum("ed,end->en", q[b, h, i].double(), keys[b, h]) + bias.expand(*unsure.shape, -1)[b, h, i]
+        kept[b, h, i] = top_k_mask(exact, k)
+    return kept
 
 
 def sorted_top_k_mask(scores: Tensor, k: int) -> Tensor:

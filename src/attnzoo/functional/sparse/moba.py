@@ -37,7 +37,7 @@ from ...kernels.reference import default_scale, materialized_attention
 from ...registry import Backend, Mechanism, Param, Problem, flag, positive_number, register
 from .._padding import refuse_unless_right_padded
 from ._params import PADDING_PARAM, native_backend, positive_int, sample_options
-from ._select import NEG_INF, merge_partials, attend_row_blocks, attend_selected, block_means, dense_selection, softmax_lse, sorted_top_k_mask, top_k_mask
+from ._select import NEG_INF, merge_partials, attend_row_blocks, attend_selected, block_means, dense_selection, gate_top_k_mask, softmax_lse, sorted_top_k_mask
 
 __all__ = ["moba_attention", "MOBA"]
 
@@ -61,23 +61,22 @@ def _own_block(nq: int, nk: int, block_size: int, device: torch.device) -> Tenso
     return (torch.arange(nq, device=device) + nk - nq) // block_size
 
 
-def _masked_gates(gates: Tensor, own: Tensor, has_keys: Tensor) -> Tensor:
-    """-inf on future and empty blocks, +inf on the own block (always selected): one pass adding a
-    (B, 1, Nq, n_blocks) bias of 0 / -inf / +inf (the gates are finite or NaN, which stays NaN)."""
-    blocks = torch.arange(gates.shape[-1], device=gates.device)
-    bias = torch.zeros(own.shape[0], blocks.shape[0], dtype=gates.dtype, device=gates.device)
+def _gate_bias(own: Tensor, has_keys: Tensor, n_blocks: int) -> Tensor:
+    """(B, 1, Nq, n_blocks) float64: -inf on future and empty blocks, +inf on the own block (always
+    selected), 0 elsewhere; added to the gates (finite or NaN, which stays NaN)."""
+    blocks = torch.arange(n_blocks, device=own.device)
+    bias = torch.zeros(own.shape[0], n_blocks, dtype=torch.float64, device=own.device)
     bias = bias.masked_fill(blocks > own[:, None], NEG_INF).masked_fill(blocks == own[:, None], float("inf"))
-    bias = bias.masked_fill(~has_keys[:, :, None, :] & (blocks != own[:, None]), NEG_INF)  # (B, 1, Nq, n_blocks)
-    return gates + bias
+    return bias.masked_fill(~has_keys[:, :, None, :] & (blocks != own[:, None]), NEG_INF)
 
 
 def moba_selection(q: Tensor, k: Tensor, block_size: int, top_k: int, key_padding_mask: Optional[Tensor]) -> Tensor:
-    """(B, H, Nq, n_blocks) bool: the blocks each query attends (the fast paths' selection)."""
+    """(B, H, Nq, n_blocks) bool: the blocks each query attends (the fast paths' selection; the
+    float64 gates' choice, computed in float32 where that cannot change it: :func:`._select.gate_top_k_mask`)."""
     group = q.shape[1] // k.shape[1]
     means, has_keys = block_means(k.detach(), block_size, key_padding_mask)
-    gates = torch.matmul(q.detach().double(), means.repeat_interleave(group, dim=1).transpose(-1, -2))
     own = _own_block(q.shape[2], k.shape[2], block_size, q.device)
-    return top_k_mask(_masked_gates(gates, own, has_keys), top_k)
+    return gate_top_k_mask(q.detach(), means.repeat_interleave(group, dim=1), top_k, _gate_bias(own, has_keys, means.shape[2]))
 
 
 def _reference_selection(q: Tensor, k: Tensor, block_size: int, top_k: int, key_padding_mask: Optional[Tensor]) -> Tensor:
@@ -95,7 +94,7 @@ def _reference_selection(q: Tensor, k: Tensor, block_size: int, top_k: int, key_
         gates[..., blk] = torch.einsum("bhqd,bhd->bhq", q.double(), mean.repeat_interleave(group, dim=1))
     has_keys = torch.stack([real[:, blk * block_size : (blk + 1) * block_size].any(-1) for blk in range(n_blocks)], -1)[:, None]
     own = _own_block(nq, nk, block_size, q.device)
-    return sorted_top_k_mask(_masked_gates(gates, own, has_keys), top_k)
+    return sorted_top_k_mask(gates + _gate_bias(own, has_keys, n_blocks), top_k)
 
 
 # --------------------------------------------------------------------------------------------

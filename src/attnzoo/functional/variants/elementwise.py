@@ -122,7 +122,7 @@ def _heads(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     return (k, v) if group == 1 else (k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1))
 
 
-def _weights(activation: str, q: Tensor, k: Tensor, *, bias: Optional[float], length: Optional[int], causal: bool, causal_alignment: str,
+def _weights(activation: str, q: Tensor, k: Tensor, *, bias: Optional[float] = None, length: Optional[int], causal: bool, causal_alignment: str,
              key_padding_mask: Optional[Tensor], scale: Optional[float]) -> Tensor:
     """(B, Hq, Nq, Nk) phi of every score, 0 where the pair is masked (the matrix the output is ``w @ v`` of)."""
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -239,7 +239,7 @@ def _sample_params(p: Problem, pattern: str, rng: Optional[random.Random]) -> di
         return {**params, "length": p.kv_len} if params["causal"] else params
     if rng.random() < 0.3:
         params["causal_alignment"] = "top_left"
-    if rng.random() < 0.3:
+    if params["causal"] or rng.random() < 0.3:  # (always when causal: decoding needs it)
         params["length"] = rng.randint(1, 3 * p.kv_len)
     pad = sample_padding(p, rng)
     if pad is not None:
