@@ -165,13 +165,15 @@ def _measure(mech: Mechanism, sample: Sample, share: float, exact: tuple[Tensor,
         return row
     finally:
         _reference_kernel.TAP = previous
-    if tap.kept is None or tap.kept.numel() != b * h * n * n:
-        row.note = "its reference has no softmax over exactly the input's keys (none, or pooled / extra keys): the kept pairs cannot be read"
-        return row
     out = (out[0] if isinstance(out, tuple) else out).reshape(b, h, n, -1)
-    tap.kept = tap.kept.reshape(tap.kept.shape[0], tap.kept.shape[1], n, n)
     exact_out, exact_p = exact
     real = ~sample.padding  # (B, N): real query rows
+    diff = (out - exact_out).permute(0, 2, 1, 3)[real]
+    row.rel_error = float(diff.norm() / exact_out.permute(0, 2, 1, 3)[real].norm())
+    if tap.kept is None or tap.kept.numel() != b * h * n * n:
+        row.note = "its reference has no softmax over exactly the input's keys (none, or pooled / extra keys): density and mass cannot be read"
+        return row
+    tap.kept = tap.kept.reshape(tap.kept.shape[0], tap.kept.shape[1], n, n)
     visible = _visible(sample, _causal_only(mech))
     kept = tap.kept & visible
     row.density = float(kept.expand_as(exact_p)[real[:, None, :].expand(-1, exact_p.shape[1], -1)].sum()) / float(
@@ -180,8 +182,6 @@ def _measure(mech: Mechanism, sample: Sample, share: float, exact: tuple[Tensor,
     mass = (exact_p * kept).sum(-1)[real[:, None, :].expand(-1, exact_p.shape[1], -1)]
     row.mass = float(mass.mean())
     row.kl = float((-mass.clamp_min(1e-300).log()).mean())
-    diff = (out - exact_out).permute(0, 2, 1, 3)[real]
-    row.rel_error = float(diff.norm() / exact_out.permute(0, 2, 1, 3)[real].norm())
     return row
 
 

@@ -603,7 +603,8 @@ def sparsity_table(rows: Sequence[SparsityRow]) -> Table:
                           ("KL(p||p*)", "right"), ("rel. error", "right"), ("params / note", "left")):
         table.add_column(name, justify=justify, overflow="fold")
     for r in rows:
-        cells = [f"{r.density:.3f}", f"{r.mass:.3f}", f"{r.kl:.3g}", f"{r.rel_error:.3g}"] if r.density is not None else ["-"] * 4
+        fmt = lambda value, spec: "-" if value is None else format(value, spec)  # noqa: E731
+        cells = [fmt(r.density, ".3f"), fmt(r.mass, ".3f"), fmt(r.kl, ".3g"), fmt(r.rel_error, ".3g")]
         shown = ", ".join(f"{k}={v}" for k, v in r.params.items())
         table.add_row(r.mechanism, r.label, f"{r.share:g}", *cells, Text(r.note or shown, "dim"))
     return table

@@ -47,10 +47,11 @@ def unit_interval(what: str) -> Callable[[Any, Problem], Optional[str]]:
 WHOLE_SEQUENCE = 1 << 62
 
 
-def sample_options(params: dict[str, Any], p: Problem, rng: random.Random, **padding: Any) -> dict[str, Any]:
+def sample_options(params: dict[str, Any], p: Problem, rng: random.Random, *, padded: bool = True, **padding: Any) -> dict[str, Any]:
     """The options every sparse mechanism shares, switched on at random (the conformance suite):
-    key padding (``padding`` goes to :func:`sample_padding`), ``return_lse``, ``scale``."""
-    pad = sample_padding(p, rng, **padding)
+    key padding (unless ``padded`` is False; ``padding`` goes to :func:`sample_padding`),
+    ``return_lse``, ``scale``."""
+    pad = sample_padding(p, rng, **padding) if padded else None
     if pad is not None:
         params["key_padding_mask"] = pad
     if rng.random() < 0.3:

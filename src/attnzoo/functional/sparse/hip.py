@@ -50,7 +50,7 @@ from torch import Tensor
 from ...kernels.reference import default_scale, materialized_attention
 from ...registry import Backend, Mechanism, Param, Problem, flag, positive_number, register
 from ...errors import ParameterError
-from ._params import PADDING_PARAM, int_at_least, positive_int
+from ._params import PADDING_PARAM, int_at_least, positive_int, sample_options
 from ._select import NEG_INF, softmax_lse, sorted_top_k_mask, top_k_mask
 
 __all__ = ["hip_attention", "HIP", "hip_selection", "hip_reference_selection"]
@@ -303,11 +303,7 @@ def _sample_params(p: Problem, pattern: str, rng: Optional[random.Random]) -> di
         "sliding_window": rng.randint(1, 12),
         "sink": rng.choice((0, 0, 1, 3)),
     }
-    if rng.random() < 0.3:
-        params["return_lse"] = True
-    if rng.random() < 0.2:
-        params["scale"] = rng.choice((0.05, 0.5, 1.0))
-    return params
+    return sample_options(params, p, rng, padded=False)
 
 
 def _sparsity_params(p: Problem, share: float) -> dict[str, Any]:

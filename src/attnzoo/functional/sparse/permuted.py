@@ -494,11 +494,7 @@ def _paro_sample(p: Problem, pattern: str, rng: Optional[random.Random]) -> dict
             nb = math.ceil(p.q_len / block)
             gen = torch.Generator().manual_seed(rng.randrange(2**31))
             params["block_mask"] = (torch.rand(p.q_heads, nb, nb, generator=gen) < 0.5).to(p.device)
-    if rng.random() < 0.3:
-        params["return_lse"] = True
-    if rng.random() < 0.2:
-        params["scale"] = rng.choice((0.05, 0.5, 1.0))
-    return params
+    return sample_options(params, p, rng, padded=False)
 
 
 PARO = register(

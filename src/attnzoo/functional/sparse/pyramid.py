@@ -53,7 +53,7 @@ from torch import Tensor
 from ...errors import ParameterError
 from ...kernels.reference import default_scale, materialized_attention
 from ...registry import Backend, Mechanism, Param, Problem, flag, positive_number, register
-from ._params import PADDING_PARAM, int_at_least, positive_int
+from ._params import PADDING_PARAM, int_at_least, positive_int, sample_options
 from ._select import NEG_INF, softmax_lse
 
 __all__ = ["pyramid_sparse_attention", "PYRAMID_SPARSE", "DEFAULT_MASK_RATIOS"]
@@ -277,11 +277,7 @@ def _sample_params(p: Problem, pattern: str, rng: Optional[random.Random]) -> di
     if rng is None:
         return {} if p.kv_len >= 1024 else {"block_q": 16, "block_k": 16}
     params: dict[str, Any] = {"block_q": rng.randint(1, 9), "block_k": rng.randint(1, 17), "mask_ratios": rng.choice(_SAMPLE_RATIOS), "seed": rng.randrange(1000)}
-    if rng.random() < 0.3:
-        params["return_lse"] = True
-    if rng.random() < 0.2:
-        params["scale"] = rng.choice((0.05, 0.5, 1.0))
-    return params
+    return sample_options(params, p, rng, padded=False)
 
 
 def _sparsity_params(p: Problem, share: float) -> dict[str, Any]:

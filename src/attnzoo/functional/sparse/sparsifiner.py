@@ -39,7 +39,7 @@ from torch import Tensor
 
 from ...kernels.reference import default_scale, materialized_attention
 from ...registry import Backend, Mechanism, Param, Problem, flag, positive_number, register
-from ._params import PADDING_PARAM
+from ._params import PADDING_PARAM, sample_options
 from ._select import NEG_INF, softmax_lse, sorted_top_k_mask, top_k_mask
 
 __all__ = ["sparsifiner_attention", "SPARSIFINER"]
@@ -154,11 +154,7 @@ def _sample_params(p: Problem, pattern: str, rng: Optional[random.Random]) -> di
     params: dict[str, Any] = {"coef": coef, "basis": basis, "keep": rng.randint(1, p.kv_len)}
     if rng.random() < 0.3:
         params["key_padding_mask"] = torch.rand(p.batch, p.kv_len, generator=torch.Generator().manual_seed(rng.randrange(2**31))).lt(0.3).to(p.device)
-    if rng.random() < 0.3:
-        params["return_lse"] = True
-    if rng.random() < 0.2:
-        params["scale"] = rng.choice((0.05, 0.5, 1.0))
-    return params
+    return sample_options(params, p, rng, padded=False)
 
 
 def _sparsity_params(p: Problem, share: float) -> dict[str, Any]:
