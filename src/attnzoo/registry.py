@@ -19,7 +19,7 @@ import dataclasses
 import inspect
 import random
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequence
+from typing import Any, Callable, Collection, Iterable, Iterator, Mapping, Protocol, Sequence
 
 import torch
 
@@ -378,6 +378,9 @@ class Mechanism:
     gqa: bool = False
     exact: bool = True
     decoder: Decoder | None = None
+    # why a causal mechanism has no decoder (e.g. its selection reads tokens after the query): a
+    # documented refusal, which init_state/step raise; every causal mechanism has one or the other
+    decoder_refusal: str | None = None
     sample_params: Callable[[Problem, str, "random.Random | None"], dict[str, Any]] | None = None
     check_params: Callable[[dict[str, Any], Problem], "tuple[str, str] | None"] | None = None  # across params
     backends: dict[str, Backend] = field(default_factory=dict)
@@ -457,8 +460,11 @@ class Mechanism:
         cross = bool(self.patterns & {"noncausal_cross", "causal_cross"})
         return describe(q, k, v, mechanism=self.name, spatial_dims=self.spatial_dims, allow_gqa=self.gqa, allow_cross=cross)
 
-    def bind(self, problem: Problem, params: Mapping[str, Any]) -> dict[str, Any]:
-        """Fill defaults and validate every parameter; unknown names are an error."""
+    def bind(self, problem: Problem, params: Mapping[str, Any], validated: Collection[str] = ()) -> dict[str, Any]:
+        """Fill defaults and validate every parameter; unknown names are an error. ``validated``:
+        names already checked (a decoding state's bound parameters, checked at ``init_state``
+        against the whole problem, not against one step's tokens); with any, ``check_params`` is
+        skipped too, for the same reason."""
         unknown = [n for n in params if n not in self._params]
         if unknown:
             accepted = ", ".join(self._params) or "none"
@@ -468,9 +474,10 @@ class Mechanism:
         bound = {}
         for p in self.params:
             value = params.get(p.name, p.default)
-            p.validate(value, problem, self.name)
+            if p.name not in validated:
+                p.validate(value, problem, self.name)
             bound[p.name] = value
-        if self.check_params is not None:
+        if self.check_params is not None and not validated:
             conflict = self.check_params(bound, problem)
             if conflict is not None:
                 name, message = conflict
@@ -551,8 +558,7 @@ class Mechanism:
         The parameters given here (defaults filled in) are bound to the state and to every state
         stepped from it, except the decoder's ``per_step`` ones (see :class:`Decoder`).
         """
-        if self.decoder is None:
-            raise ParameterError(f"{self.name}: does not support incremental decoding", argument="mechanism")
+        self._refuse_without_decoder()
         problem = self.describe(q, k, v)
         bound = self.bind(problem, params)
         state = self.decoder.init_state(problem, **bound)
@@ -567,13 +573,17 @@ class Mechanism:
         again (branching). Parameters bound at ``init_state`` may be omitted; given, they must
         equal the bound values.
         """
-        if self.decoder is None:
-            raise ParameterError(f"{self.name}: does not support incremental decoding", argument="mechanism")
+        self._refuse_without_decoder()
         if not isinstance(state, DecodingState) or state.mechanism not in ("", self.name):
             made = f"{state.mechanism!r}'s" if isinstance(state, DecodingState) else type(state).__name__
             raise ParameterError(f"{self.name}: state: expected a state of {self.name}'s init_state or step, got {made}", argument="state")
         problem = self.describe(q, k, v)
-        return self.decoder.step(q, k, v, state, **self.bind(problem, _with_bound(self.name, state, params)))
+        return self.decoder.step(q, k, v, state, **self.bind(problem, _with_bound(self.name, state, params), validated=state.params.keys()))
+
+    def _refuse_without_decoder(self) -> None:
+        if self.decoder is None:
+            why = f": {self.decoder_refusal}" if self.decoder_refusal else ""
+            raise ParameterError(f"{self.name}: does not support incremental decoding{why}", argument="mechanism")
 
     # ---- documentation -----------------------------------------------------------------
     def info(self) -> dict[str, Any]:

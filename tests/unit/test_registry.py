@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -190,3 +192,16 @@ def test_a_score_mod_with_learnable_captures_is_not_sent_to_tiled():
     assert [n for n, reason in softmax.explain(x, x, x, score_mod=learned_alibi) if reason is None] == ["reference"]
     with torch.no_grad():  # no gradient wanted: tiled is fine
         assert softmax.select(softmax.describe(q, q, q), bound).name == "tiled"
+
+
+def test_every_causal_mechanism_decodes_or_says_why():
+    """Catalog K1: a causal mechanism has a decoder (checked against its forward in any split by
+    the conformance suite) or a documented refusal, which init_state raises."""
+    for mech in attnzoo.list_mechanisms():
+        if not any(p.startswith("causal") for p in mech.patterns):
+            continue
+        assert mech.decoder is not None or mech.decoder_refusal, f"{mech.name}: causal, with no decoder and no decoder_refusal"
+        if mech.decoder is None:
+            x = torch.zeros(1, 1, *([4] * mech.spatial_dims[0]), 8)
+            with pytest.raises(ParameterError, match=re.escape(mech.decoder_refusal)):
+                mech.init_state(x, x, x)

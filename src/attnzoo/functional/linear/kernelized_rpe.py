@@ -436,3 +436,4 @@ def kernelized_rpe_attention(
 
 
 KERNELIZED_RPE.function = kernelized_rpe_attention
+KERNELIZED_RPE.decoder_refusal = "its rpe table is sized by the sequence length (2N - 1 offsets), which decoding grows"

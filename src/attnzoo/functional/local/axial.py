@@ -170,3 +170,4 @@ def axial_attention(
 
 
 AXIAL.function = axial_attention
+AXIAL.decoder_refusal = "a causal line along one axis of an N-D grid has no token order to decode in"

@@ -81,6 +81,7 @@ from ...kernels.reference import default_scale
 from ...registry import Backend, Mechanism, Param, Problem, choice, flag, positive_number, register
 from .._padding import sample_padding
 from ._shared import key_padding_param, key_spans
+from .._prefix_decoder import PrefixDecoder
 
 __all__ = ["combiner_attention", "COMBINER", "combiner_weights"]
 
@@ -508,3 +509,4 @@ def combiner_attention(
 
 
 COMBINER.function = combiner_attention
+COMBINER.decoder = PrefixDecoder("combiner", "all")

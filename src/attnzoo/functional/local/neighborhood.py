@@ -765,3 +765,4 @@ def neighborhood_attention(
 
 
 NEIGHBORHOOD.function = neighborhood_attention
+NEIGHBORHOOD.decoder_refusal = "not written yet: causal windows clamp at the sequence start and N-D grids have no token order to decode in (1D: sliding_window decodes)"

@@ -19,6 +19,7 @@ from ._shared import (
     key_padding_param,
     sample_padding,
 )
+from .._prefix_decoder import PrefixDecoder
 
 
 @dataclass(frozen=True)
@@ -382,3 +383,4 @@ def per_head_patterns_attention(
 
 
 PER_HEAD.function = per_head_patterns_attention
+PER_HEAD.decoder = PrefixDecoder("per_head_patterns", "new")

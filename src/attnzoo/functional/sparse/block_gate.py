@@ -171,3 +171,4 @@ def block_gate_attention(
 
 
 BLOCK_GATE.function = block_gate_attention
+BLOCK_GATE.decoder_refusal = "block_scores covers the blocks of the whole sequence: decode with softmax and the selected blocks as a mask"

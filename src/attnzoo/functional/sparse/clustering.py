@@ -68,6 +68,7 @@ from ...kernels.reference import default_scale, materialized_attention
 from ...registry import Backend, Mechanism, Param, Problem, choice, flag, positive_number, register
 from ._params import PADDING_PARAM, WHOLE_SEQUENCE, native_backend, positive_int, sample_options
 from ._select import NEG_INF, merge_partials, softmax_lse, top_k_mask
+from .._prefix_decoder import READS_AHEAD
 
 __all__ = [
     "region_attention", "kmeans_routing_attention", "token_centres_attention", "histogram_attention", "histogram_labels", "route_scores",
@@ -861,3 +862,5 @@ def histogram_attention(
 
 
 HISTOGRAM.function = histogram_attention
+REGION.decoder_refusal = "labels are sized by the sequence, which decoding grows"
+KMEANS_ROUTING.decoder_refusal = READS_AHEAD

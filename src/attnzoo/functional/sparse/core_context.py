@@ -50,6 +50,7 @@ from ...kernels.reference import default_scale, stable_softmax_lse
 from ...registry import Backend, Mechanism, Param, Problem, flag, positive_number, register
 from .._padding import refuse_unless_right_padded
 from ._params import PADDING_PARAM, positive_int, sample_options
+from .._prefix_decoder import PrefixDecoder
 
 __all__ = ["core_context_attention", "CORE_CONTEXT"]
 
@@ -244,3 +245,4 @@ def core_context_attention(
 
 
 CORE_CONTEXT.function = core_context_attention
+CORE_CONTEXT.decoder = PrefixDecoder("core_context", "all")

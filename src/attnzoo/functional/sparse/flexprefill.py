@@ -40,6 +40,7 @@ from .._padding import refuse_unless_right_padded
 from ._params import WHOLE_SEQUENCE, unit_interval, PADDING_PARAM, native_backend, positive_int, sample_options
 from ._select import NEG_INF, block_means, block_selection_plan, mass_mask, masked_softmax, sorted_mass_mask
 from .minference import VerticalSlashMask, _estimate, _last_rows, _line_scores, causal_plan_from_words, vs_tile_words
+from .._prefix_decoder import READS_AHEAD
 
 __all__ = ["flexprefill_attention", "FLEXPREFILL"]
 
@@ -254,3 +255,4 @@ def flexprefill_attention(
 
 
 FLEXPREFILL.function = flexprefill_attention
+FLEXPREFILL.decoder_refusal = READS_AHEAD

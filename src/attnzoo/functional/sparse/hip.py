@@ -52,6 +52,7 @@ from ...registry import Backend, Mechanism, Param, Problem, flag, positive_numbe
 from ...errors import ParameterError
 from ._params import PADDING_PARAM, int_at_least, positive_int, sample_options
 from ._select import NEG_INF, softmax_lse, sorted_top_k_mask, top_k_mask
+from .._prefix_decoder import READS_AHEAD
 
 __all__ = ["hip_attention", "HIP", "hip_selection", "hip_reference_selection"]
 
@@ -383,3 +384,4 @@ def hip_attention(
 
 
 HIP.function = hip_attention
+HIP.decoder_refusal = READS_AHEAD

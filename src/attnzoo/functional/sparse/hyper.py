@@ -60,6 +60,7 @@ from ...registry import Backend, Mechanism, Param, Problem, flag, positive_numbe
 from .._padding import key_padding_param
 from ._params import WHOLE_SEQUENCE, int_at_least, positive_int, sample_options
 from ._select import merge_partials
+from .._prefix_decoder import READS_AHEAD
 
 __all__ = ["hyper_attention", "HYPER", "gray_code", "lsh_buckets", "hyper_plan"]
 
@@ -375,3 +376,4 @@ def hyper_attention(
 
 
 HYPER.function = hyper_attention
+HYPER.decoder_refusal = READS_AHEAD

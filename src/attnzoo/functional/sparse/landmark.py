@@ -54,6 +54,7 @@ from ...registry import Backend, Mechanism, Param, Problem, positive_number, reg
 from .._padding import refuse_unless_right_padded
 from ._params import PADDING_PARAM, positive_int, sample_options
 from ._select import merge_partials, sorted_top_k_mask, top_k_mask
+from .._prefix_decoder import PrefixDecoder
 
 __all__ = ["landmark_attention", "LANDMARK"]
 
@@ -301,3 +302,4 @@ def landmark_attention(
 
 
 LANDMARK.function = landmark_attention
+LANDMARK.decoder = PrefixDecoder("landmark", "all")

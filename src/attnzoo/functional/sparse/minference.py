@@ -41,6 +41,7 @@ from ...registry import Backend, Mechanism, Param, Problem, flag, positive_numbe
 from .._padding import refuse_unless_right_padded
 from ._params import WHOLE_SEQUENCE, int_at_least, PADDING_PARAM, native_backend, positive_int, sample_options
 from ._select import NEG_INF, low_bits, masked_softmax, sorted_top_k_mask, top_k_mask
+from .._prefix_decoder import READS_AHEAD
 
 __all__ = ["vertical_slash_attention", "VERTICAL_SLASH"]
 
@@ -300,3 +301,4 @@ def vertical_slash_attention(
 
 
 VERTICAL_SLASH.function = vertical_slash_attention
+VERTICAL_SLASH.decoder_refusal = READS_AHEAD

@@ -38,6 +38,7 @@ from ...registry import Backend, Mechanism, Param, Problem, flag, positive_numbe
 from .._padding import refuse_unless_right_padded
 from ._params import PADDING_PARAM, native_backend, positive_int, sample_options
 from ._select import NEG_INF, merge_partials, attend_row_blocks, attend_selected, block_means, dense_selection, gate_top_k_mask, softmax_lse, sorted_top_k_mask
+from .._prefix_decoder import PrefixDecoder
 
 __all__ = ["moba_attention", "MOBA"]
 
@@ -276,3 +277,4 @@ def moba_attention(
 
 
 MOBA.function = moba_attention
+MOBA.decoder = PrefixDecoder("moba", "all")

@@ -43,6 +43,7 @@ from ...registry import Backend, Mechanism, Param, Problem, positive_number, reg
 from .._padding import refuse_unless_right_padded
 from ._params import PADDING_PARAM, native_backend, positive_int, sample_options
 from ._select import NEG_INF, attend_row_blocks, dense_selection, softmax_lse, sorted_top_k_mask, top_k_mask
+from .._prefix_decoder import PrefixDecoder
 
 __all__ = ["nsa_attention", "NSA"]
 
@@ -323,3 +324,4 @@ def nsa_attention(
 
 
 NSA.function = nsa_attention
+NSA.decoder = PrefixDecoder("nsa", "all")

@@ -80,6 +80,7 @@ from ...kernels.reference import default_scale, materialized_attention
 from ...registry import Backend, Mechanism, Param, Problem, flag, positive_number, register
 from ._params import PADDING_PARAM, WHOLE_SEQUENCE, native_backend, positive_int, sample_options, unit_interval
 from ._select import attend_blocks, block_means, masked_softmax, mass_mask, merge_partials, sorted_mass_mask
+from .._prefix_decoder import READS_AHEAD
 
 __all__ = ["pbs_attention", "PBS", "paro_attention", "paro_calibrate", "PARO"]
 
@@ -573,3 +574,4 @@ def paro_attention(
 
 
 PARO.function = paro_attention
+PBS.decoder_refusal = READS_AHEAD

@@ -31,6 +31,7 @@ from ...kernels.reference import default_scale, materialized_attention
 from ...registry import Backend, Mechanism, Param, Problem, choice, flag, positive_number, register
 from ._params import PADDING_PARAM, sample_options
 from ._select import NEG_INF, softmax_lse, sorted_top_k_mask, top_k_mask
+from .._prefix_decoder import PrefixDecoder
 
 __all__ = ["topk_attention", "TOPK"]
 
@@ -228,3 +229,4 @@ def topk_attention(
 
 
 TOPK.function = topk_attention
+TOPK.decoder = PrefixDecoder("topk", "new", fit=lambda params, keys: {**params, "top_k": min(params["top_k"], keys)})

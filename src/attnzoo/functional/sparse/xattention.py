@@ -44,6 +44,7 @@ from ...registry import Backend, Mechanism, Param, Problem, flag, positive_numbe
 from .._padding import refuse_unless_right_padded
 from ._params import unit_interval, PADDING_PARAM, native_backend, positive_int, sample_options
 from ._select import attend_blocks, block_rows, dense_selection, masked_softmax, mass_mask, sorted_mass_mask
+from .._prefix_decoder import READS_AHEAD
 
 __all__ = ["xattention", "XATTENTION"]
 
@@ -270,3 +271,4 @@ def xattention(
 
 
 XATTENTION.function = xattention
+XATTENTION.decoder_refusal = READS_AHEAD
