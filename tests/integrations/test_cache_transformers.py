@@ -291,3 +291,21 @@ def test_a_batch_of_equal_length_rows_equals_each_row_alone(policy):
     for b in range(2):
         alone = generate(m, ids[b : b + 1], POLICIES[policy](m, budget=16), max_new_tokens=12, min_new_tokens=12)
         assert torch.equal(together[b : b + 1], alone)
+
+
+def test_the_readmes_transformers_and_cache_examples_run():
+    """README "## transformers": the model example, then the KV-cache example on that model."""
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).parents[2] / "README.md").read_text()
+    part = text[text.index("## transformers") : text.index("## Hooks and analysis")]
+    blocks = [body for lang, body in re.findall(r"^```(\w*)\n(.*?)^```$", part, re.S | re.M) if lang == "python"]
+    assert len(blocks) == 2, "the model example and the cache example"
+    namespace = {"torch": torch}
+    torch.manual_seed(0)
+    for i, block in enumerate(blocks):
+        exec(compile(block, f"README.md:transformers[{i}]", "exec"), namespace)
+    cache, tokens = namespace["cache"], namespace["tokens"]
+    assert tokens.shape == (1, 96 + 8)
+    assert all(cache.stored_length(layer) <= 48 + 8 for layer in range(2))  # the budget after the prompt, then the new tokens
