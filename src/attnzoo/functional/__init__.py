@@ -36,7 +36,7 @@ from .sparse import (
     vertical_slash_attention,
     xattention,
 )
-from .variants import relu_attention, sigmoid_attention
+from .variants import differential_attention, relu_attention, sigmoid_attention
 from .local import (
     HeadPattern,
     axial_attention,
@@ -66,6 +66,7 @@ __all__ = [
     "sparsifiner_attention",
     "combiner_attention",
     "sigmoid_attention",
+    "differential_attention",
     "relu_attention",
     "topk_attention",
     "moba_attention",

@@ -1,6 +1,7 @@
 """Modules: learnable state (projections, feature maps, pooling) around the functional forms."""
 
 from .agent import AgentAttention
+from .differential import DifferentialAttention
 from .based import BaseConv, BasedMixer, SlidingWindowAttention, TaylorLinearAttention
 from .clustering import RoutingAttention, TokenCentreAttention
 from .fit import FITBlock
@@ -22,6 +23,7 @@ from .local import NeighborhoodAttention1D, NeighborhoodAttention2D, Neighborhoo
 from .varying_window import VaryingWindowAttention
 
 __all__ = [
+    "DifferentialAttention",
     "NeighborhoodAttention1D",
     "NeighborhoodAttention2D",
     "NeighborhoodAttention3D",
