@@ -381,6 +381,10 @@ class Mechanism:
     # why a causal mechanism has no decoder (e.g. its selection reads tokens after the query): a
     # documented refusal, which init_state/step raise; every causal mechanism has one or the other
     decoder_refusal: str | None = None
+    # the finite check reads q, k, v before the call, not only the output after it: for mechanisms
+    # where a key is seen by few queries (one group or cluster), so that an inf key whose scores
+    # all come out -inf would vanish from a finite output (a pad holding NaN then raises too)
+    check_inputs: bool = False
     sample_params: Callable[[Problem, str, "random.Random | None"], dict[str, Any]] | None = None
     check_params: Callable[[dict[str, Any], Problem], "tuple[str, str] | None"] | None = None  # across params
     backends: dict[str, Backend] = field(default_factory=dict)
@@ -528,6 +532,8 @@ class Mechanism:
             return _INTERCEPTORS[-1](self, q, k, v, backend, params)
         problem, bound = self.prepare(q, k, v, params)
         chosen = self.select(problem, bound, backend)
+        if self.check_inputs and _CHECKS.finite and not torch.compiler.is_compiling():
+            check_finite_inputs(self.name, {"q": q, "k": k, "v": v})
         result = chosen.fn(q, k, v, **bound)
         if _CHECKS.finite:
             self._check_output(result, q, k, v, bound)

@@ -295,3 +295,4 @@ def sliding_window_attention(
 
 
 SLIDING_WINDOW.function = sliding_window_attention
+SLIDING_WINDOW.check_inputs = True  # a key is seen by its window alone: an inf one could vanish

@@ -864,3 +864,5 @@ def histogram_attention(
 HISTOGRAM.function = histogram_attention
 REGION.decoder_refusal = "labels are sized by the sequence, which decoding grows"
 KMEANS_ROUTING.decoder_refusal = READS_AHEAD
+for _grouped in (REGION, KMEANS_ROUTING, TOKEN_CENTRES, HISTOGRAM):
+    _grouped.check_inputs = True  # a key is seen by its group alone: an inf one could vanish
