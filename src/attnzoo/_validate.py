@@ -163,15 +163,15 @@ def describe(
     )
 
 
-def check_finite_inputs(mechanism: str, tensors: dict[str, Any]) -> None:
+def check_finite_inputs(mechanism: str, tensors: dict[str, Any], consequence: str = "they reach the output") -> None:
     """Raise :class:`NonFiniteError` naming the first tensor holding NaN or infinity."""
     for name, t in tensors.items():
         if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
             n_nan = int(torch.isnan(t).sum())
             n_inf = int(torch.isinf(t).sum())
             raise NonFiniteError(
-                f"{mechanism}: {name}: holds {n_nan} NaN and {n_inf} infinite values, and they reach the "
-                f"output; clean the input (or call attnzoo.set_checks(finite=False) to skip this check)",
+                f"{mechanism}: {name}: holds {n_nan} NaN and {n_inf} infinite values, and {consequence}; "
+                f"clean the input (or call attnzoo.set_checks(finite=False) to skip this check)",
                 argument=name,
             )
 

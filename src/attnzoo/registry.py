@@ -533,7 +533,7 @@ class Mechanism:
         problem, bound = self.prepare(q, k, v, params)
         chosen = self.select(problem, bound, backend)
         if self.check_inputs and _CHECKS.finite and not torch.compiler.is_compiling():
-            check_finite_inputs(self.name, {"q": q, "k": k, "v": v})
+            check_finite_inputs(self.name, {"q": q, "k": k, "v": v}, "this mechanism checks its inputs (a key seen by one group could vanish)")
         result = chosen.fn(q, k, v, **bound)
         if _CHECKS.finite:
             self._check_output(result, q, k, v, bound)

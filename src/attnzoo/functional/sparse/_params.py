@@ -47,6 +47,18 @@ def unit_interval(what: str) -> Callable[[Any, Problem], Optional[str]]:
 WHOLE_SEQUENCE = 1 << 62
 
 
+def multiple_of(name: str, of: str) -> Callable[[dict, Problem], Optional[tuple[str, str]]]:
+    """A ``check_params``: the int parameter ``name`` must be a multiple of the int parameter ``of``."""
+
+    def check(params: dict, p: Problem) -> Optional[tuple[str, str]]:
+        value, base = params.get(name), params.get(of)
+        if isinstance(value, int) and isinstance(base, int) and base >= 1 and value % base:
+            return name, f"a multiple of {of}={base}, got {value}"
+        return None
+
+    return check
+
+
 def sample_options(params: dict[str, Any], p: Problem, rng: random.Random, *, padded: bool = True, **padding: Any) -> dict[str, Any]:
     """The options every sparse mechanism shares, switched on at random (the conformance suite):
     key padding (unless ``padded`` is False; ``padding`` goes to :func:`sample_padding`),

@@ -78,7 +78,7 @@ from torch import Tensor
 from ...errors import ParameterError
 from ...kernels.reference import default_scale, materialized_attention
 from ...registry import Backend, Mechanism, Param, Problem, flag, positive_number, register
-from ._params import PADDING_PARAM, WHOLE_SEQUENCE, native_backend, positive_int, sample_options, unit_interval
+from ._params import PADDING_PARAM, WHOLE_SEQUENCE, multiple_of, native_backend, positive_int, sample_options, unit_interval
 from ._select import attend_blocks, block_means, masked_softmax, mass_mask, merge_partials, sorted_mass_mask
 from .._prefix_decoder import READS_AHEAD
 
@@ -96,11 +96,7 @@ def _refuse_padding(name: str, key_padding_mask: Optional[Tensor], why: str) -> 
 _PBS_PADDING_WHY = "the key permutation is sorted by the attention of the last block_size queries of the padded length, which pads would change"
 
 
-def _pbs_check(params: dict, p: Problem) -> Optional[tuple[str, str]]:
-    block, seg = params.get("block_size"), params.get("segment_size")
-    if isinstance(block, int) and isinstance(seg, int) and block >= 1 and seg % block:
-        return "segment_size", f"a multiple of block_size={block}, got {seg}"
-    return None
+_pbs_check = multiple_of("segment_size", "block_size")
 
 
 PBS_PARAMS = (

@@ -42,7 +42,7 @@ from torch import Tensor
 from ...kernels.reference import default_scale, materialized_attention
 from ...registry import Backend, Mechanism, Param, Problem, flag, positive_number, register
 from .._padding import refuse_unless_right_padded
-from ._params import unit_interval, PADDING_PARAM, native_backend, positive_int, sample_options
+from ._params import PADDING_PARAM, multiple_of, native_backend, positive_int, sample_options, unit_interval
 from ._select import attend_blocks, block_rows, dense_selection, masked_softmax, mass_mask, sorted_mass_mask
 from .._prefix_decoder import READS_AHEAD
 
@@ -51,11 +51,7 @@ __all__ = ["xattention", "XATTENTION"]
 _PADDING_WHY = "XAttention's blocks and stride tiles start at position 0, so pads before a sequence would move them"
 
 
-def _check_params(params: dict, p: Problem) -> Optional[tuple[str, str]]:
-    block, stride = params.get("block_size"), params.get("stride")
-    if isinstance(block, int) and isinstance(stride, int) and stride >= 1 and block % stride:
-        return "block_size", f"a multiple of stride={stride}, got {block}"
-    return None
+_check_params = multiple_of("block_size", "stride")
 
 
 XATTENTION_PARAMS = (
