@@ -47,6 +47,13 @@ def refuse_unless_right_padded(name: str, mask: Optional[Tensor], why: str) -> N
         raise ParameterError(f"{name}: key_padding_mask: only padding on the right is exact here: {why}", argument="key_padding_mask")
 
 
+def refuse_padding(name: str, mask: Optional[Tensor], why: str) -> None:
+    """ParameterError naming ``key_padding_mask`` when any key is padded (a mask with no pad is
+    accepted): for mechanisms whose selection reads every key of the sequence. One host sync."""
+    if mask is not None and bool(mask.any()):
+        raise ParameterError(f"{name}: key_padding_mask: padding is not supported: {why}", argument="key_padding_mask")
+
+
 PADDING_DOC = (
     "(B, Nk) bool, or (B, *spatial_k) for spatial inputs (row-major, the same keys); True = ignore "
     "that key (torch.nn.MultiheadAttention's convention)"

@@ -49,7 +49,7 @@ from torch import Tensor
 
 from ...kernels.reference import default_scale, materialized_attention
 from ...registry import Backend, Mechanism, Param, Problem, flag, positive_number, register
-from ...errors import ParameterError
+from .._padding import refuse_padding
 from ._params import PADDING_PARAM, int_at_least, positive_int, sample_options
 from ._select import NEG_INF, softmax_lse, sorted_top_k_mask, top_k_mask
 from .._prefix_decoder import READS_AHEAD
@@ -75,16 +75,13 @@ HIP_PARAMS = (
 )
 
 
-def _refuse_padding(mask: Optional[Tensor]) -> None:
-    """Key padding is refused (a mask with no pad is accepted): a query block's spans cut the keys
-    up to its last query evenly and its score pools over all its queries, so a pad inside a block
-    or before a real token would change every span of the sequence."""
-    if mask is not None and bool(mask.any()):
-        raise ParameterError(
-            "hip: key_padding_mask: padding is not supported: the spans of a query block divide the keys up to its last query "
-            "and its score pools all its queries, so pads would change the selection of the real tokens; run each sequence alone",
-            argument="key_padding_mask",
-        )
+# Key padding is refused (a mask with no pad is accepted): a query block's spans cut the keys up to
+# its last query evenly and its score pools over all its queries, so a pad inside a block or
+# before a real token would change every span of the sequence.
+_PADDING_WHY = (
+    "the spans of a query block divide the keys up to its last query and its score pools all its queries, "
+    "so pads would change the selection of the real tokens; run each sequence alone"
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -220,7 +217,7 @@ def _extra(i: Tensor, j: Tensor, sink: int, window: int) -> Tensor:
 # --------------------------------------------------------------------------------------------
 def _reference(q, k, v, *, mask_k, block_q, block_k, sliding_window, sink, key_padding_mask, scale, return_lse):
     """Alg. 1 as loops over query blocks, then a dense masked softmax: the spec."""
-    _refuse_padding(key_padding_mask)
+    refuse_padding("hip", key_padding_mask, _PADDING_WHY)
     b, h, nq, _ = q.shape
     nk = k.shape[2]
     kk = k.repeat_interleave(h // k.shape[1], dim=1)
@@ -236,7 +233,7 @@ def _reference(q, k, v, *, mask_k, block_q, block_k, sliding_window, sink, key_p
 def _gathered(q, k, v, *, mask_k, block_q, block_k, sliding_window, sink, key_padding_mask, scale, return_lse):
     """The vectorized selection; every query block attends its selected keys, its window and the
     sinks gathered into one (block_q x L) softmax, L = mask_k + window + block_q - 1 + sink."""
-    _refuse_padding(key_padding_mask)
+    refuse_padding("hip", key_padding_mask, _PADDING_WHY)
     b, h, nq, d = q.shape
     nk, dv = k.shape[2], v.shape[-1]
     group = h // k.shape[1]

@@ -75,19 +75,14 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor
 
-from ...errors import ParameterError
 from ...kernels.reference import default_scale, materialized_attention
 from ...registry import Backend, Mechanism, Param, Problem, flag, positive_number, register
+from .._padding import refuse_padding
 from ._params import PADDING_PARAM, WHOLE_SEQUENCE, multiple_of, native_backend, positive_int, sample_options, unit_interval
 from ._select import attend_blocks, block_means, masked_softmax, mass_mask, merge_partials, sorted_mass_mask
 from .._prefix_decoder import READS_AHEAD
 
 __all__ = ["pbs_attention", "PBS", "paro_attention", "paro_calibrate", "PARO"]
-
-
-def _refuse_padding(name: str, key_padding_mask: Optional[Tensor], why: str) -> None:
-    if key_padding_mask is not None and bool(key_padding_mask.any()):
-        raise ParameterError(f"{name}: key_padding_mask: padding is not supported: {why}", argument="key_padding_mask")
 
 
 # ============================================================================================
@@ -156,7 +151,7 @@ def pbs_selection(q: Tensor, kp: Tensor, perm: Tensor, *, block_size: int, segme
 
 def _pbs_reference(q, k, v, *, block_size, segment_size, threshold, key_padding_mask, scale, return_lse):
     """The permutation as index sets and a dense mask over the original key order: the spec."""
-    _refuse_padding("pbs", key_padding_mask, _PBS_PADDING_WHY)
+    refuse_padding("pbs", key_padding_mask, _PBS_PADDING_WHY)
     sc = default_scale(q, scale)
     kh, vh = _repeat_kv(q, k, v)
     b, h, n, _ = q.shape
@@ -177,7 +172,7 @@ def _pbs_reference(q, k, v, *, block_size, segment_size, threshold, key_padding_
 
 def _pbs_engine(engine: str):
     def run(q, k, v, *, block_size, segment_size, threshold, key_padding_mask, scale, return_lse):
-        _refuse_padding("pbs", key_padding_mask, _PBS_PADDING_WHY)
+        refuse_padding("pbs", key_padding_mask, _PBS_PADDING_WHY)
         sc = default_scale(q, scale)
         kh, vh = _repeat_kv(q, k, v)
         b, h, n, _ = q.shape
@@ -441,7 +436,7 @@ def paro_calibrate(q: Tensor, k: Tensor, *, block_size: int = 64, threshold: flo
 def _paro_reference(q, k, v, *, block_size, threshold, orders, block_mask, key_padding_mask, scale, return_lse):
     """Calibration on the materialized attention, the kept blocks as a dense mask over the
     row-major tokens (token i and j meet where their blocks under i's head order are kept): the spec."""
-    _refuse_padding("paro", key_padding_mask, _PARO_PADDING_WHY)
+    refuse_padding("paro", key_padding_mask, _PARO_PADDING_WHY)
     shape = tuple(q.shape[2:-1])
     qf, kf, vf = q.flatten(2, -2), k.flatten(2, -2), v.flatten(2, -2)
     kh, vh = _repeat_kv(qf, kf, vf)
@@ -457,7 +452,7 @@ def _paro_reference(q, k, v, *, block_size, threshold, orders, block_mask, key_p
 
 def _paro_engine(engine: str):
     def run(q, k, v, *, block_size, threshold, orders, block_mask, key_padding_mask, scale, return_lse):
-        _refuse_padding("paro", key_padding_mask, _PARO_PADDING_WHY)
+        refuse_padding("paro", key_padding_mask, _PARO_PADDING_WHY)
         shape = tuple(q.shape[2:-1])
         qf, kf, vf = q.flatten(2, -2), k.flatten(2, -2), v.flatten(2, -2)
         kh, vh = _repeat_kv(qf, kf, vf)

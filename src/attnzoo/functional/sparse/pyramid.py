@@ -50,9 +50,9 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from ...errors import ParameterError
 from ...kernels.reference import default_scale, materialized_attention
 from ...registry import Backend, Mechanism, Param, Problem, flag, positive_number, register
+from .._padding import refuse_padding
 from ._params import PADDING_PARAM, int_at_least, positive_int, sample_options
 from ._select import NEG_INF, softmax_lse
 
@@ -179,17 +179,12 @@ def _prepare(q, k, v):
     return kh, vh
 
 
-def _refuse_padding(key_padding_mask: Optional[Tensor]) -> None:
-    if key_padding_mask is not None and bool(key_padding_mask.any()):
-        raise ParameterError(f"pyramid_sparse: key_padding_mask: padding is not supported: {_PADDING_WHY}", argument="key_padding_mask")
-
-
 # --------------------------------------------------------------------------------------------
 # backends
 # --------------------------------------------------------------------------------------------
 def _reference(q, k, v, *, block_q, block_k, mask_ratios, seed, key_padding_mask, scale, return_lse):
     """Every level's pooled keys side by side, a dense (query, pooled key) mask, one softmax: the spec."""
-    _refuse_padding(key_padding_mask)
+    refuse_padding("pyramid_sparse", key_padding_mask, _PADDING_WHY)
     kh, vh = _prepare(q, k, v)
     sc = default_scale(q, scale)
     level = _levels(q, kh, block_q, block_k, mask_ratios, seed, sc)  # (B, H, nqb, nkb)
@@ -218,7 +213,7 @@ CHUNK_QUERIES = 4096
 def _gathered(q, k, v, *, block_q, block_k, mask_ratios, seed, key_padding_mask, scale, return_lse):
     """Per query block, the key blocks of each level gathered from that level's pooled tensors, one
     softmax over their concatenation (scores + log |g|): work = the attended pooled keys."""
-    _refuse_padding(key_padding_mask)
+    refuse_padding("pyramid_sparse", key_padding_mask, _PADDING_WHY)
     kh, vh = _prepare(q, k, v)
     sc = default_scale(q, scale)
     level = _levels(q, kh, block_q, block_k, mask_ratios, seed, sc)
