@@ -56,15 +56,25 @@ class PrefixDecoder:
 
     per_step = frozenset({"key_padding_mask", "return_lse", "causal", "causal_alignment"})
 
-    def __init__(self, mechanism: str, queries: str, fit: Optional[Callable[[dict[str, Any], int], dict[str, Any]]] = None):
+    def __init__(
+        self,
+        mechanism: str,
+        queries: str,
+        fit: Optional[Callable[[dict[str, Any], int], dict[str, Any]]] = None,
+        required: Optional[dict[str, str]] = None,
+    ):
         """``fit(params, keys_seen)``: the parameters for a forward over the keys seen so far, where
         one is bounded by the keys (``topk``'s k: the full forward's early queries keep all of
-        theirs, which a short cache would otherwise refuse)."""
+        theirs, which a short cache would otherwise refuse). ``required``: parameters whose default
+        depends on the call's length (name -> why), which decoding needs given."""
         if queries not in ("new", "all"):
             raise ValueError(f"PrefixDecoder: queries: expected 'new' or 'all', got {queries!r}")
-        self.mechanism, self.queries, self.fit = mechanism, queries, fit
+        self.mechanism, self.queries, self.fit, self.required = mechanism, queries, fit, required or {}
 
     def _check(self, params: dict[str, Any]) -> None:
+        for name, why in self.required.items():
+            if params.get(name) is None:
+                raise ParameterError(f"{self.mechanism}: {name}: {why}", argument=name)
         for name, value in params.items():
             if name == "key_padding_mask" and value is not None:
                 raise ParameterError(f"{self.mechanism}: key_padding_mask: not supported while decoding (pass None)", argument=name)

@@ -31,11 +31,10 @@ import torch
 from torch import Tensor
 
 from ... import masks
-from ...errors import ParameterError
 from ...kernels.reference import default_scale
 from ...registry import PATTERNS, Backend, Mechanism, Param, Problem, choice, flag, positive_number, register
-from .._kv_cache import KVState
 from .._padding import key_padding_param, sample_padding
+from .._prefix_decoder import PrefixDecoder
 
 __all__ = ["SIGMOID", "RELU", "sigmoid_attention", "relu_attention", "CHUNK"]
 
@@ -198,36 +197,9 @@ def _chunked(activation: str):
     return run
 
 
-# --------------------------------------------------------------------------------------------
-# decoding: a KV cache, n fixed by ``length``
-# --------------------------------------------------------------------------------------------
-class _Decoder:
-    """Append to the cache and attend causally (bottom-right) over it. ``length`` must be given:
-    the forward's default n (the keys of the call) changes with every step."""
-
-    per_step = frozenset({"causal", "causal_alignment", "key_padding_mask"})
-
-    def __init__(self, name: str):
-        self.name = name
-
-    def _check(self, params: dict) -> None:
-        if params.get("length") is None:
-            raise ParameterError(f"{self.name}: length: decoding needs a fixed n (e.g. the full sequence length); the forward's default is its key count", argument="length")
-        if params.get("key_padding_mask") is not None:
-            raise ParameterError(f"{self.name}: key_padding_mask: not supported while decoding (pass None)", argument="key_padding_mask")
-
-    def init_state(self, problem: Problem, **params: Any) -> KVState:
-        self._check(params)
-        return KVState()
-
-    def step(self, q: Tensor, k: Tensor, v: Tensor, state: KVState, **params: Any) -> tuple[Tensor, KVState]:
-        self._check(params)
-        copy = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-        state = state.append(k, v, copy=copy)
-        mech = SIGMOID if self.name == "sigmoid" else RELU
-        fixed = {name: params[name] for name in ("bias", "scale") if name in params}
-        out = mech(q, state.k, state.v, causal=True, length=params["length"], **fixed)
-        return out, state
+#: Decoding (a KV cache, :class:`.._prefix_decoder.PrefixDecoder`) needs n fixed: the forward's
+#: default n, the keys of the call, changes with every step.
+_DECODING_NEEDS = {"length": "decoding needs a fixed n (e.g. the full sequence length); the forward's default is its key count"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -262,7 +234,7 @@ def _register(name: str, params: tuple[Param, ...], paper: str, formula: str, su
             patterns=frozenset(PATTERNS),
             params=params,
             gqa=True,
-            decoder=_Decoder(name),
+            decoder=PrefixDecoder(name, "new", required=_DECODING_NEEDS),
             sample_params=_sample_params,
             weights=lambda q, k, v, **bound: (_weights(name, q, k, **bound), False),
         )
