@@ -35,6 +35,13 @@ def sample_padding(p: Problem, rng: random.Random, *, right_only: bool = False, 
     return pad.to(p.device)
 
 
+def real_keys(key_padding_mask: Optional[Tensor], batch: int, length: int, device: torch.device) -> Tensor:
+    """(B, N) bool, True = a real key: the inverse of ``key_padding_mask`` (any layout of N keys), or all True."""
+    if key_padding_mask is None:
+        return torch.ones(batch, length, dtype=torch.bool, device=device)
+    return ~key_padding_mask.reshape(batch, length)
+
+
 def refuse_unless_right_padded(name: str, mask: Optional[Tensor], why: str) -> None:
     """ParameterError naming ``key_padding_mask`` when a real key follows a pad in some row.
 

@@ -94,9 +94,10 @@ class PrefixDecoder:
         kv = state.kv.append(k, v, copy=copy)
         mech = get(self.mechanism)
         call = {name: value for name, value in params.items() if name != "key_padding_mask"}
-        if "causal" in mech._params:
+        names = {p.name for p in mech.params}
+        if "causal" in names:
             call["causal"] = True
-        if "causal_alignment" in mech._params:
+        if "causal_alignment" in names:
             call["causal_alignment"] = "bottom_right"
         if self.fit is not None:
             call = self.fit(call, kv.length)

@@ -79,7 +79,7 @@ from torch import Tensor
 
 from ...kernels.reference import default_scale
 from ...registry import Backend, Mechanism, Param, Problem, choice, flag, positive_number, register
-from .._padding import sample_padding
+from .._padding import real_keys, sample_padding
 from ._shared import key_padding_param, key_spans
 from .._prefix_decoder import PrefixDecoder
 
@@ -131,10 +131,6 @@ def _masked_softmax(logits: Tensor, allowed: Tensor) -> Tensor:
     e = torch.exp(x - m)
     z = e.sum(-1, keepdim=True)
     return e / torch.where(z > 0, z, torch.ones_like(z))
-
-
-def _real_keys(key_padding_mask: Optional[Tensor], b: int, n: int, device: torch.device) -> Tensor:
-    return torch.ones(b, n, dtype=torch.bool, device=device) if key_padding_mask is None else ~key_padding_mask.reshape(b, n)
 
 
 def _roll_plan(key_padding_mask: Optional[Tensor], b: int, n: int) -> Optional[tuple[Tensor, Tensor, Tensor]]:
@@ -209,7 +205,7 @@ def combiner_weights(q: Tensor, k: Tensor, *, block_size: Optional[int], variant
     cdt = _compute_dtype(q)
     qf, kf = q.to(cdt), k.to(cdt)
     sc = default_scale(q, scale)
-    real = _real_keys(key_padding_mask, b, n, q.device)
+    real = real_keys(key_padding_mask, b, n, q.device)
     plan = _roll_plan(key_padding_mask, b, n)
     if plan is not None:  # each sequence's first real token at 0; the matrix is rolled back at the end
         qf, kf, real = _take(qf, plan[0]), _take(kf, plan[0]), real.gather(1, plan[0])
@@ -400,7 +396,7 @@ def _factorized(q, k, v, *, block_size, variant, causal, pooling, key_padding_ma
     scores and region scores; O(N sqrt N) time and memory at ``block_size ~ sqrt N``."""
     cdt = _compute_dtype(q)
     b, n = q.shape[0], q.shape[2]
-    real = _real_keys(key_padding_mask, b, n, q.device)
+    real = real_keys(key_padding_mask, b, n, q.device)
     qc, kc, vc, sc = q.to(cdt), k.to(cdt), v.to(cdt), default_scale(q, scale)
     plan = _roll_plan(key_padding_mask, b, n)
     if plan is not None:  # each sequence's first real token at 0 (rolled back below)

@@ -48,7 +48,7 @@ from torch import Tensor
 
 from ...kernels.reference import default_scale, stable_softmax_lse
 from ...registry import Backend, Mechanism, Param, Problem, flag, positive_number, register
-from .._padding import refuse_unless_right_padded
+from .._padding import real_keys, refuse_unless_right_padded
 from ._params import PADDING_PARAM, positive_int, sample_options
 from .._prefix_decoder import PrefixDecoder
 
@@ -72,10 +72,6 @@ def pooled_groups(i: Tensor, group_size: int, window: int) -> Tensor:
     return torch.div(i + 1 - window, group_size, rounding_mode="floor").clamp(min=0)
 
 
-def _real(key_padding_mask: Optional[Tensor], b: int, n: int, device: torch.device) -> Tensor:
-    return torch.ones(b, n, dtype=torch.bool, device=device) if key_padding_mask is None else ~key_padding_mask
-
-
 # --------------------------------------------------------------------------------------------
 # reference
 # --------------------------------------------------------------------------------------------
@@ -89,7 +85,7 @@ def _reference(q, k, v, *, group_size, window, key_padding_mask, scale, return_l
     group = hq // k.shape[1]
     qq = q.to(cdt)
     kk, vv = k.to(cdt).repeat_interleave(group, dim=1), v.to(cdt).repeat_interleave(group, dim=1)
-    real = _real(key_padding_mask, b, n, q.device)
+    real = real_keys(key_padding_mask, b, n, q.device)
     n_groups = n // group_size
     kc = qq.new_zeros(b, hq, n_groups, kk.shape[-1])
     vc = qq.new_zeros(b, hq, n_groups, vv.shape[-1])
@@ -143,7 +139,7 @@ def _chunked(q, k, v, *, group_size, window, key_padding_mask, scale, return_lse
     group = hq // k.shape[1]
     qq = q.to(cdt)
     kk, vv = k.to(cdt).repeat_interleave(group, dim=1), v.to(cdt).repeat_interleave(group, dim=1)
-    real = _real(key_padding_mask, b, n, q.device)
+    real = real_keys(key_padding_mask, b, n, q.device)
     kc, vc, has_core = core_tokens(qq, kk, vv, group_size, real, sc)
     n_groups = kc.shape[2]
     c = min(CHUNK, n)

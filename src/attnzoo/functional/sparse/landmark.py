@@ -51,7 +51,7 @@ from torch import Tensor
 
 from ...kernels.reference import default_scale, stable_softmax_lse
 from ...registry import Backend, Mechanism, Param, Problem, positive_number, register
-from .._padding import refuse_unless_right_padded
+from .._padding import real_keys, refuse_unless_right_padded
 from ._params import PADDING_PARAM, positive_int, sample_options
 from ._select import merge_partials, sorted_top_k_mask, top_k_mask
 from .._prefix_decoder import PrefixDecoder
@@ -102,10 +102,6 @@ def _selected(gates: Tensor, top_k: Optional[int], rule) -> Tensor:
     return gates > NEG_INF if top_k is None else rule(gates, top_k)
 
 
-def _real(key_padding_mask: Optional[Tensor], b: int, n: int, device: torch.device) -> Tensor:
-    return torch.ones(b, n, dtype=torch.bool, device=device) if key_padding_mask is None else ~key_padding_mask
-
-
 # --------------------------------------------------------------------------------------------
 # reference: the grouped softmax over N x N scores
 # --------------------------------------------------------------------------------------------
@@ -119,7 +115,7 @@ def _reference(q, k, v, *, block_size, top_k, key_padding_mask, scale):
     group = hq // k.shape[1]
     kk, vv = k.to(cdt).repeat_interleave(group, dim=1), v.to(cdt).repeat_interleave(group, dim=1)
     s = torch.matmul(q.to(cdt), kk.transpose(-1, -2)) * default_scale(q, scale)  # (B, H, N, N)
-    real = _real(key_padding_mask, b, n, q.device)
+    real = real_keys(key_padding_mask, b, n, q.device)
     pos = torch.arange(n, device=q.device)
     blk_q, blk_k = (pos // p_len)[:, None], (pos // p_len)[None, :]
     mem = is_landmark(pos, block_size)[None, :]
@@ -159,7 +155,7 @@ def _blockwise(q, k, v, *, block_size, top_k, key_padding_mask, scale):
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
     sc = default_scale(q, scale)
     group = hq // k.shape[1]
-    real = _real(key_padding_mask, b, n, q.device)
+    real = real_keys(key_padding_mask, b, n, q.device)
     gates = _available_gates(q, k, block_size, real)
     nb, n_blk = gates.shape[-1], -(-n // p_len)
     pad = torch.nn.functional.pad

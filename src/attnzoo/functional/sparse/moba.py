@@ -35,7 +35,7 @@ from torch import Tensor
 
 from ...kernels.reference import default_scale, materialized_attention
 from ...registry import Backend, Mechanism, Param, Problem, flag, positive_number, register
-from .._padding import refuse_unless_right_padded
+from .._padding import real_keys, refuse_unless_right_padded
 from ._params import PADDING_PARAM, native_backend, positive_int, sample_options
 from ._select import NEG_INF, merge_partials, attend_row_blocks, attend_selected, block_means, dense_selection, gate_top_k_mask, softmax_lse, sorted_top_k_mask
 from .._prefix_decoder import PrefixDecoder
@@ -85,7 +85,7 @@ def _reference_selection(q: Tensor, k: Tensor, block_size: int, top_k: int, key_
     b, h, nq, _ = q.shape
     nk, group = k.shape[2], q.shape[1] // k.shape[1]
     n_blocks = math.ceil(nk / block_size)
-    real = torch.ones(b, nk, dtype=torch.bool, device=k.device) if key_padding_mask is None else ~key_padding_mask
+    real = real_keys(key_padding_mask, b, nk, k.device)
     gates = torch.empty(b, h, nq, n_blocks, dtype=torch.float64, device=q.device)
     for blk in range(n_blocks):
         span = slice(blk * block_size, (blk + 1) * block_size)
@@ -182,7 +182,7 @@ def _as_blocks(k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], block_s
     """(B, Hkv, n_blocks, block, D) keys and values, and (B, n_blocks, block) "a real key"."""
     b, hkv, n, _ = k.shape
     pad = n_blocks * block_size - n
-    real = torch.ones(b, n, dtype=torch.bool, device=k.device) if key_padding_mask is None else ~key_padding_mask
+    real = real_keys(key_padding_mask, b, n, k.device)
     key_ok = torch.nn.functional.pad(real, (0, pad)).view(b, n_blocks, block_size)
     if pad:  # (no copy when the blocks tile the sequence)
         k, v = torch.nn.functional.pad(k, (0, 0, 0, pad)), torch.nn.functional.pad(v, (0, 0, 0, pad))
