@@ -1,4 +1,4 @@
-"""based (F5) and the Based layer mix (attnzoo.nn.based).
+"""based (F5) and the Based layer mix (attnzoo.nn.linear.based).
 
 External oracles, written out here from the official formulations (not imported):
 * flash-linear-attention's ``naive_parallel_based`` (fla/ops/based/naive.py): q scaled by
@@ -18,7 +18,7 @@ import torch
 import attnzoo
 from attnzoo.errors import ParameterError
 from attnzoo.functional.linear.based import based_attention
-from attnzoo.nn.based import MIXER_KINDS, BaseConv, BasedMixer, SlidingWindowAttention, TaylorLinearAttention
+from attnzoo.nn.linear.based import MIXER_KINDS, BaseConv, BasedMixer, SlidingWindowAttention, TaylorLinearAttention
 from attnzoo.nn.mha import ShortConvolution
 from .padding import N as PAD_N, assert_padded_equals_alone
 from .qkv import random_qkv as _padding_qkv

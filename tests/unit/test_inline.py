@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import attnzoo
 from attnzoo.errors import ParameterError, ShapeError
 from attnzoo.functional.linear.inline import inline_attention
-from attnzoo.nn.inline import InLineAttention
+from attnzoo.nn.linear.inline import InLineAttention
 
 from .qkv import random_qkv
 from .padding import N as PAD_N, assert_padded_equals_alone

@@ -15,8 +15,8 @@ from attnzoo.errors import ParameterError, ShapeError
 from attnzoo.functional.linear import kernelized_rpe as krpe
 from attnzoo.functional.linear.feature_maps import orthogonal_gaussian
 from attnzoo.functional.linear.kernelized_rpe import kernelized_rpe_attention
-from attnzoo.nn.kernelized_rpe import KernelizedRPEAttention
-from attnzoo.nn.linear import RandomFeatureMap
+from attnzoo.nn.linear.kernelized_rpe import KernelizedRPEAttention
+from attnzoo.nn.linear.attention import RandomFeatureMap
 
 from .qkv import random_qkv
 from .padding import N as PAD_N, assert_padded_equals_alone

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from attnzoo.errors import ParameterError, ShapeError
-from attnzoo.nn.l2vit import L2ViTAttention, LocalConcentrationModule
+from attnzoo.nn.linear.l2vit import L2ViTAttention, LocalConcentrationModule
 
 
 def _official_attention(m: L2ViTAttention, tokens: torch.Tensor) -> torch.Tensor:

@@ -130,10 +130,10 @@ def test_layers_name_bad_arguments():
 # key_padding_mask through the family's sequence modules: real rows equal each sequence alone
 # --------------------------------------------------------------------------------------------
 def _padded_module_cases():
-    from attnzoo.nn.based import TaylorLinearAttention
-    from attnzoo.nn.kernelized_rpe import KernelizedRPEAttention
-    from attnzoo.nn.linfusion import LinFusionAttention
-    from attnzoo.nn.transnormer import TransNormerAttention
+    from attnzoo.nn.linear.based import TaylorLinearAttention
+    from attnzoo.nn.linear.kernelized_rpe import KernelizedRPEAttention
+    from attnzoo.nn.linear.linfusion import LinFusionAttention
+    from attnzoo.nn.linear.transnormer import TransNormerAttention
 
     return [
         pytest.param(lambda: LinearAttention(16, 2, causal=True), ("right", "left"), id="LinearAttention"),

@@ -13,7 +13,7 @@ import attnzoo
 from attnzoo.errors import ParameterError, ShapeError
 from attnzoo.functional.linear import linear_attention
 from attnzoo.functional.linear.linfusion import linfusion_attention
-from attnzoo.nn.linfusion import LinFusionAttention
+from attnzoo.nn.linear.linfusion import LinFusionAttention
 
 from .qkv import random_qkv
 from .padding import N as PAD_N, assert_padded_equals_alone

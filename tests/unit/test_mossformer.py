@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from attnzoo.errors import ParameterError, ShapeError
 from attnzoo.functional.linear.mossformer import JOINT_CHUNK, joint_chunk_attention
-from attnzoo.nn.mossformer import MossFormerAttention
+from attnzoo.nn.linear.mossformer import MossFormerAttention
 from .padding import N as PAD_N, assert_padded_equals_alone, padding
 from .qkv import random_qkv as _padding_qkv
 

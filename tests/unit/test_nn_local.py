@@ -115,7 +115,7 @@ def test_the_2d_layer_passes_the_mask_to_the_functional_form():
 
 
 def test_the_vwa_layer_reads_pads_as_zeros_and_masks_them():
-    from attnzoo.nn.varying_window import VaryingWindowAttention
+    from attnzoo.nn.local.varying_window import VaryingWindowAttention
 
     torch.manual_seed(5)
     layer = VaryingWindowAttention(dim=16, num_heads=2, window_size=2, ratio=2).double()

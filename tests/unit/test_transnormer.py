@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import attnzoo
 from attnzoo.errors import ParameterError, ShapeError
 from attnzoo.functional.linear.transnormer import transnormer_attention, transnormer_diag_attention
-from attnzoo.nn.transnormer import TransNormerAttention
+from attnzoo.nn.linear.transnormer import TransNormerAttention
 
 from .qkv import random_qkv
 from .padding import N as PAD_N, assert_padded_equals_alone, padding

@@ -14,7 +14,7 @@ import torch
 import attnzoo
 from attnzoo.errors import NonFiniteError, ParameterError, ShapeError
 from attnzoo.functional.local import varying_window_attention
-from attnzoo.nn.varying_window import VaryingWindowAttention
+from attnzoo.nn.local.varying_window import VaryingWindowAttention
 
 
 def copy_shift_windows(x: torch.Tensor, P: int, R: int, first_axis: int = 2) -> torch.Tensor:

@@ -28,7 +28,7 @@ q . k directly, the spec: O(Nq Nk d)), ``chunked`` (Lightning Attention-2 tiling
 Taylor features, O(N (L F + F Dv)), the default) and ``recurrent``. Decoding keeps the state,
 F x (Dv + 1) numbers per head (153 x (Dv + 1) at d = 16), not a cache. The sliding-window and
 short-convolution layers Based interleaves with this one are modules:
-:mod:`attnzoo.nn.based`.
+:mod:`attnzoo.nn.linear.based`.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ causal::
 
 q, k are the quadratic operands, ``lq = linear_q`` and ``lk = linear_k`` the linear ones (FLASH
 and MossFormer derive all four from one shared base by per-dim scale and offset; that lives in
-:class:`attnzoo.nn.mossformer.MossFormerAttention`, the functional form takes the tensors,
+:class:`attnzoo.nn.linear.mossformer.MossFormerAttention`, the functional form takes the tensors,
 ``linear_q``/``linear_k`` defaulting to q and k). The scalings are the official code's
 (modelscope/ClearerVoice-Studio and alibabasglab/MossFormer2, ``FLASH_ShareA_FFConvM.cal_attention``,
 after lucidrains' FLASH-pytorch): scores divided by the group size g before relu^2; the linear

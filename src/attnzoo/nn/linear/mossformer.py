@@ -34,9 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._checks import positive_int
-from ..errors import ParameterError, ShapeError
-from ..functional.linear.mossformer import DEFAULT_GROUP_SIZE, joint_chunk_attention
+from .._checks import positive_int
+from ...errors import ParameterError, ShapeError
+from ...functional.linear.mossformer import DEFAULT_GROUP_SIZE, joint_chunk_attention
 
 __all__ = ["MossFormerAttention", "FFConvM", "ScaleNorm"]
 

@@ -32,11 +32,11 @@ from typing import Any, Optional
 
 from torch import Tensor, nn
 
-from ._checks import check_tokens, merge_heads, positive_int, split_heads
-from .mha import ShortConvolution
-from ..errors import ParameterError
-from ..functional import sliding_window_attention
-from ..functional.linear.based import BASED, DEFAULT_FEATURE_DIM, based_attention
+from .._checks import check_tokens, merge_heads, positive_int, split_heads
+from ..mha import ShortConvolution
+from ...errors import ParameterError
+from ...functional import sliding_window_attention
+from ...functional.linear.based import BASED, DEFAULT_FEATURE_DIM, based_attention
 
 __all__ = ["BaseConv", "TaylorLinearAttention", "SlidingWindowAttention", "BasedMixer", "MIXER_KINDS"]
 

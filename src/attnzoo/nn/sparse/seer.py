@@ -19,8 +19,8 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from ..errors import ShapeError
-from ._checks import positive_int
+from ...errors import ShapeError
+from .._checks import positive_int
 
 __all__ = ["SeerAttentionGate", "seer_distillation_target", "seer_distillation_loss"]
 

@@ -21,8 +21,8 @@ from typing import Any, Optional
 
 from torch import Tensor, nn
 
-from ..errors import ParameterError, ShapeError
-from ..functional.linear.linfusion import linfusion_attention
+from ...errors import ParameterError, ShapeError
+from ...functional.linear.linfusion import linfusion_attention
 
 __all__ = ["LinFusionAttention", "token_mlp"]
 

@@ -19,9 +19,9 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from ..errors import ParameterError
-from ..functional.variants import differential_attention
-from ._checks import check_tokens, positive_int
+from ...errors import ParameterError
+from ...functional.variants import differential_attention
+from .._checks import check_tokens, positive_int
 
 __all__ = ["DifferentialAttention"]
 

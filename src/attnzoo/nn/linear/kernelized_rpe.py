@@ -15,10 +15,10 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from ..errors import ParameterError, ShapeError
-from ..functional.linear.kernelized_rpe import kernelized_rpe_attention
-from ._checks import positive_int
-from .linear import RandomFeatureMap, _TokenMixer
+from ...errors import ParameterError, ShapeError
+from ...functional.linear.kernelized_rpe import kernelized_rpe_attention
+from .._checks import positive_int
+from .attention import RandomFeatureMap, _TokenMixer
 
 __all__ = ["KernelizedRPEAttention"]
 

@@ -20,9 +20,9 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ..errors import ParameterError, ShapeError
-from ..functional.sparse import bilevel_routing_attention
-from ._checks import odd_kernel, positive_int
+from ...errors import ParameterError, ShapeError
+from ...functional.sparse import bilevel_routing_attention
+from .._checks import odd_kernel, positive_int
 
 __all__ = ["BiLevelRoutingAttention"]
 

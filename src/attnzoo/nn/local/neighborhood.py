@@ -13,9 +13,9 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from .._validate import per_axis
-from ..errors import ParameterError, ShapeError
-from ..functional.local import neighborhood_attention
+from ..._validate import per_axis
+from ...errors import ParameterError, ShapeError
+from ...functional.local import neighborhood_attention
 
 __all__ = ["NeighborhoodAttention1D", "NeighborhoodAttention2D", "NeighborhoodAttention3D"]
 

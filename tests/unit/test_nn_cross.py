@@ -20,7 +20,7 @@ import torch
 import attnzoo
 from attnzoo import registry
 from attnzoo.errors import ParameterError, ShapeError
-from attnzoo.nn.heads import AttentiveProbe, PointerHead
+from attnzoo.nn.cross import AttentiveProbe, PointerHead
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

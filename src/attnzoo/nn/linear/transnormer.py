@@ -22,9 +22,9 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from ..errors import ParameterError
-from ..functional.linear.transnormer import normalize_output, transnormer_attention, transnormer_diag_attention
-from .linear import _TokenMixer
+from ...errors import ParameterError
+from ...functional.linear.transnormer import normalize_output, transnormer_attention, transnormer_diag_attention
+from .attention import _TokenMixer
 
 __all__ = ["TransNormerAttention"]
 

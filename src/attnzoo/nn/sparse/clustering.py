@@ -32,9 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import ParameterError
-from ..functional.sparse.clustering import kmeans_routing_attention, route_scores, token_centres_attention
-from ._checks import check_tokens, merge_heads, positive_int, split_heads
+from ...errors import ParameterError
+from ...functional.sparse.clustering import kmeans_routing_attention, route_scores, token_centres_attention
+from .._checks import check_tokens, merge_heads, positive_int, split_heads
 
 __all__ = ["RoutingAttention", "TokenCentreAttention", "online_kmeans_update", "spherical_kmeans_step"]
 

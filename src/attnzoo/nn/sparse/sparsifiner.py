@@ -39,9 +39,9 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ..errors import ParameterError, ShapeError
-from ..functional.sparse.sparsifiner import sparsifiner_attention
-from ._checks import check_tokens, merge_heads, positive_int, split_heads
+from ...errors import ParameterError, ShapeError
+from ...functional.sparse.sparsifiner import sparsifiner_attention
+from .._checks import check_tokens, merge_heads, positive_int, split_heads
 
 __all__ = ["Sparsifiner", "sparsifiner_reconstruction_loss"]
 

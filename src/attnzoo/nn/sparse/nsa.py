@@ -23,10 +23,10 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ..errors import ParameterError
-from ..functional.sparse import nsa_attention
-from ..functional.sparse.nsa import compressed_count
-from ._checks import check_tokens, merge_heads, positive_int, split_heads
+from ...errors import ParameterError
+from ...functional.sparse import nsa_attention
+from ...functional.sparse.nsa import compressed_count
+from .._checks import check_tokens, merge_heads, positive_int, split_heads
 
 __all__ = ["NativeSparseAttention", "BlockCompressor"]
 

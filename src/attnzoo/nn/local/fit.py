@@ -38,9 +38,9 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ..errors import ParameterError, ShapeError
-from ..functional.dense import softmax_attention
-from ._checks import positive_int
+from ...errors import ParameterError, ShapeError
+from ...functional.dense import softmax_attention
+from .._checks import positive_int
 
 __all__ = ["FITBlock"]
 

@@ -16,11 +16,11 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from ._checks import positive_int
-from ..errors import ParameterError, ShapeError
-from ..functional.linear import linear_attention, retention
-from ..functional.linear.feature_maps import default_num_features, hedgehog_features, orthogonal_gaussian, positive_random_features
-from ..kernels.linear_scan import parallel_scores
+from .._checks import positive_int
+from ...errors import ParameterError, ShapeError
+from ...functional.linear import linear_attention, retention
+from ...functional.linear.feature_maps import default_num_features, hedgehog_features, orthogonal_gaussian, positive_random_features
+from ...kernels.linear_scan import parallel_scores
 
 __all__ = ["HedgehogFeatureMap", "RandomFeatureMap", "LinearAttention", "Retention"]
 

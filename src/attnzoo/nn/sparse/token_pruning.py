@@ -15,7 +15,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ..errors import ParameterError, ShapeError
+from ...errors import ParameterError, ShapeError
 
 __all__ = ["TokenKeepFuse"]
 
