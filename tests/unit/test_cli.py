@@ -15,6 +15,7 @@ import attnzoo
 from attnzoo.bench.efficiency import AUTO, BASELINE, NOT_DECLARED, RAW_TORCH, EfficiencyConfig, plan_cases, quick_config, run_efficiency
 from attnzoo.bench.results import ResultStore
 from attnzoo.cli import catalog_ids_covered, main, mechanism_table_markdown, pattern_marks
+from attnzoo.cli.catalog import module_table_markdown, readme_tables_markdown
 from attnzoo.registry import PATTERNS
 
 TINY_BENCH = ["bench", "--lengths", "16", "32", "--budget", "0.01", "--max-repeats", "3", "--device", "cpu", "--patterns", "noncausal_self"]
@@ -42,8 +43,24 @@ def test_list_table_shows_every_mechanism_and_the_coverage_line():
         assert pattern_marks(mech) in out
         for backend in mech.backends:
             assert backend in out
-    ids = catalog_ids_covered(all_mechanisms())
+    for entry in attnzoo.nn.list_modules():
+        assert entry.name in out
+    ids = catalog_ids_covered(all_mechanisms(), attnzoo.nn.list_modules())
     assert out.rstrip().splitlines()[-1] == f"catalog ids covered: {' '.join(ids)} ({len(ids)})"
+
+
+def test_coverage_counts_module_catalog_ids():
+    toy = attnzoo.nn.ModuleEntry(name="Toy", cls=object, catalog=("M99",), family="vision", paper="-", layout="-")
+    assert catalog_ids_covered([], [toy]) == ["M99"]
+    assert catalog_ids_covered([attnzoo.get("softmax")], [toy])[-1] == "M99"
+
+
+def test_list_modules_only():
+    status, out = run_cli("list", "--modules", "--markdown")
+    assert status == 0
+    assert out == module_table_markdown()
+    rows = [line for line in out.splitlines() if line.startswith("| `nn.")]
+    assert len(rows) == len(attnzoo.nn.list_modules()) > 0
 
 
 def test_list_narrow_terminal_keeps_summaries():
@@ -58,12 +75,13 @@ def test_list_narrow_terminal_keeps_summaries():
 def test_list_markdown_is_the_rendered_table_one_row_per_mechanism():
     status, out = run_cli("list", "--markdown")
     assert status == 0
-    assert out == mechanism_table_markdown()
+    assert out == readme_tables_markdown()
+    assert out.startswith(mechanism_table_markdown())
     assert "\x1b[" not in out  # plain text, no terminal codes
     lines = out.splitlines()
     assert lines[0] == "| name | family | catalog | patterns | backends | exact | decoding | summary |"
     assert lines[1] == "|---|---|---|---|---|---|---|---|"
-    rows = [line for line in lines[2:] if line.startswith("| `")]
+    rows = [line for line in lines[2:] if line.startswith("| `") and not line.startswith("| `nn.")]
     assert [row.split(" | ")[0] for row in rows] == [f"| `{m.name}`" for m in all_mechanisms()]
     softmax = next(row for row in rows if row.startswith("| `softmax`"))
     assert "| dense | D1 D2 D3 L9 | ns cs nc cc |" in softmax
@@ -86,7 +104,7 @@ def test_markdown_escapes_pipes_and_pattern_marks_show_gaps():
     assert pattern_marks(causal_only) == "-- cs -- --"
     table = mechanism_table_markdown([causal_only])
     assert "| `toy\\|pipe` |" in table and "| a \\| b |" in table
-    assert table.rstrip().endswith("catalog ids covered: Z9 Z10 (2)")  # numeric, not string, order
+    assert catalog_ids_covered([causal_only]) == ["Z9", "Z10"]  # numeric, not string, order
 
 
 def test_list_write_readme_replaces_only_the_marked_block(tmp_path):
@@ -95,7 +113,7 @@ def test_list_write_readme_replaces_only_the_marked_block(tmp_path):
     status, out = run_cli("list", "--write-readme", str(readme))
     assert status == 0 and str(readme) in out
     expected = (
-        "# title\n\n<!-- mechanisms:start -->\n" + mechanism_table_markdown() + "<!-- mechanisms:end -->\n\nrest\n"
+        "# title\n\n<!-- mechanisms:start -->\n" + readme_tables_markdown() + "<!-- mechanisms:end -->\n\nrest\n"
     )
     assert readme.read_text() == expected
 

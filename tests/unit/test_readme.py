@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from attnzoo.cli import mechanism_table_markdown, readme_table, with_readme_table
+from attnzoo.cli import readme_table, with_readme_table
+from attnzoo.cli.catalog import readme_tables_markdown
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
@@ -36,13 +37,13 @@ def block_after(text: str, marker: str) -> str:
 
 
 def test_mechanism_table_is_the_output_of_attnzoo_list_markdown(readme):
-    assert readme_table(readme) == mechanism_table_markdown(), (
+    assert readme_table(readme) == readme_tables_markdown(), (
         "README mechanism table is stale: run `attnzoo list --write-readme` (or paste `attnzoo list --markdown`)"
     )
 
 
 def test_write_readme_round_trips(readme):
-    table = mechanism_table_markdown()
+    table = readme_tables_markdown()
     assert with_readme_table(readme, table) == readme
     changed = with_readme_table(readme, "| x |\n")
     assert readme_table(changed) == "| x |\n"

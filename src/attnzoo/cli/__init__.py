@@ -1,6 +1,7 @@
 """The ``attnzoo`` command: list the registry, explain one mechanism, benchmark them all.
 
-    attnzoo list [--family F] [--markdown]   mechanisms, their catalog ids, patterns, backends
+    attnzoo list [--family F] [--markdown]   mechanisms, their catalog ids, patterns, backends; modules
+    attnzoo list --modules                     the registered modules (attnzoo.nn), layout, timm counterpart
     attnzoo list --write-readme [PATH]         refresh the README's table (between its markers)
     attnzoo info NAME                          formula, cost, paper, parameters, backends
     attnzoo bench                              the quick efficiency run over every mechanism, then its report
@@ -60,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     lister = sub.add_parser("list", help="the registered mechanisms")
     lister.add_argument("--family", help="only this family")
     lister.add_argument("--markdown", action="store_true", help="a GitHub Markdown table (the README's)")
+    lister.add_argument("--modules", action="store_true", help="only the registered modules (attnzoo.nn)")
     lister.add_argument(
         "--write-readme", nargs="?", const="README.md", metavar="PATH", help="rewrite the table in PATH (README.md)"
     )

@@ -19,6 +19,7 @@ from rich.text import Text
 from .. import __version__
 from .._markers import marked_block, replace_marked_block
 from ..errors import ParameterError
+from ..nn import ModuleEntry, list_modules
 from ..registry import PATTERNS, Mechanism, get, list_mechanisms
 
 __all__ = [
@@ -29,6 +30,8 @@ __all__ = [
     "coverage_line",
     "mechanism_table_markdown",
     "mechanism_table",
+    "module_table_markdown",
+    "module_table",
     "readme_table",
     "with_readme_table",
     "cmd_list",
@@ -57,15 +60,55 @@ def _catalog_sort_key(cat_id: str) -> tuple[str, int, str]:
     return (match.group(1), int(match.group(2)), match.group(3))
 
 
-def catalog_ids_covered(mechs: Iterable[Mechanism]) -> list[str]:
-    """The distinct catalog ids the mechanisms implement, sorted by letter then number."""
-    return sorted({c for m in mechs for c in m.catalog}, key=_catalog_sort_key)
+def catalog_ids_covered(mechs: Iterable[Mechanism], modules: Iterable[ModuleEntry] = ()) -> list[str]:
+    """The distinct catalog ids the mechanisms and modules implement, sorted by letter then number."""
+    ids = {c for m in mechs for c in m.catalog} | {c for e in modules for c in e.catalog}
+    return sorted(ids, key=_catalog_sort_key)
 
 
-def coverage_line(mechs: Iterable[Mechanism]) -> str:
-    """``catalog ids covered: D1 D2 (2)``."""
-    ids = catalog_ids_covered(mechs)
+def coverage_line(mechs: Iterable[Mechanism], modules: Iterable[ModuleEntry] = ()) -> str:
+    """``catalog ids covered: D1 D2 (2)``, by the registered mechanisms and modules together."""
+    ids = catalog_ids_covered(mechs, modules)
     return f"catalog ids covered: {' '.join(ids)} ({len(ids)})"
+
+
+WIDE_CONSOLE = 120
+
+MODULE_COLUMNS = ("module", "family", "catalog", "layout", "from_timm", "paper", "summary")
+
+
+def _module_cells(entry: ModuleEntry) -> list[str]:
+    return [
+        entry.name,
+        entry.family,
+        " ".join(entry.catalog),
+        entry.layout,
+        "yes" if entry.has_from_timm else "-",
+        entry.paper,
+        entry.summary,
+    ]
+
+
+def module_table_markdown(modules: Optional[Sequence[ModuleEntry]] = None) -> str:
+    """The registered modules as GitHub Markdown (the README's second table)."""
+    modules = list_modules() if modules is None else list(modules)
+    lines = ["| " + " | ".join(MODULE_COLUMNS) + " |", "|" + "---|" * len(MODULE_COLUMNS)]
+    for entry in modules:
+        cells = _module_cells(entry)
+        cells[0] = f"`nn.{cells[0]}`"
+        lines.append("| " + " | ".join(_markdown_cell(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def module_table(modules: Sequence[ModuleEntry], width: int = WIDE_CONSOLE) -> Table:
+    """The registered modules for a terminal (paper and summary only when it is wide)."""
+    columns = MODULE_COLUMNS if width >= WIDE_CONSOLE else MODULE_COLUMNS[:5]
+    table = Table(title=f"attnzoo {__version__}: registered modules (attnzoo.nn)")
+    for col in columns:
+        table.add_column(col, overflow="fold", no_wrap=col in ("module", "family", "from_timm"))
+    for entry in modules:
+        table.add_row(*[Text(c) for c in _module_cells(entry)[: len(columns)]])
+    return table
 
 
 def _mechanism_cells(mech: Mechanism) -> list[str]:
@@ -99,10 +142,15 @@ def mechanism_table_markdown(mechs: Optional[Sequence[Mechanism]] = None) -> str
         cells = _mechanism_cells(mech)
         cells[0] = f"`{cells[0]}`"
         lines.append("| " + " | ".join(_markdown_cell(c) for c in cells) + " |")
-    return "\n".join(lines + ["", PATTERN_LEGEND, "", coverage_line(mechs)]) + "\n"
+    return "\n".join(lines + ["", PATTERN_LEGEND]) + "\n"
 
 
-WIDE_CONSOLE = 120
+def readme_tables_markdown() -> str:
+    """The README's block: the mechanism table, the module table, and the coverage of both."""
+    mechs, modules = list_mechanisms(), list_modules()
+    return "\n".join(
+        [mechanism_table_markdown(mechs), module_table_markdown(modules), coverage_line(mechs, modules) + "\n"]
+    )
 
 
 def mechanism_table(mechs: Sequence[Mechanism], width: int = WIDE_CONSOLE) -> Table:
@@ -154,24 +202,32 @@ def with_readme_table(readme_text: str, table: str) -> str:
 
 def _write_readme(path: Path, console: Console) -> int:
     """Replace the mechanism table of the README at ``path`` (between its markers)."""
-    mechs = list_mechanisms()
     try:
-        path.write_text(with_readme_table(path.read_text(), mechanism_table_markdown(mechs)))
+        path.write_text(with_readme_table(path.read_text(), readme_tables_markdown()))
     except (OSError, ValueError) as err:
         raise ParameterError(f"--write-readme: {err}", argument="write_readme") from None
-    console.print(Text(f"wrote the table of {len(mechs)} mechanisms into {path}"))
+    console.print(
+        Text(f"wrote the tables of {len(list_mechanisms())} mechanisms and {len(list_modules())} modules into {path}")
+    )
     return 0
 
 
 def cmd_list(args: argparse.Namespace, console: Console) -> int:
-    mechs = list_mechanisms(args.family)
     if args.write_readme:
         return _write_readme(Path(args.write_readme), console)
+    mechs = [] if args.modules else list_mechanisms(args.family)
+    modules = list_modules(args.family)
     if args.markdown:
-        console.out(mechanism_table_markdown(mechs), end="", highlight=False)
+        text = readme_tables_markdown() if args.family is None and not args.modules else (
+            (mechanism_table_markdown(mechs) + "\n" if mechs else "") + module_table_markdown(modules)
+        )
+        console.out(text, end="", highlight=False)
         return 0
-    console.print(mechanism_table(mechs, console.width))
-    console.print(Text(coverage_line(mechs)))
+    if mechs:
+        console.print(mechanism_table(mechs, console.width))
+    if modules:
+        console.print(module_table(modules, console.width))
+    console.print(Text(coverage_line(mechs, modules)))
     return 0
 
 

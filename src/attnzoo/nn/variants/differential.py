@@ -22,10 +22,17 @@ from torch import Tensor, nn
 from ...errors import ParameterError
 from ...functional.variants import differential_attention
 from .._checks import check_tokens, positive_int
+from .._registry import ModuleExample, register_module
 
 __all__ = ["DifferentialAttention"]
 
 
+@register_module(
+    paper="Differential Transformer (Ye et al., ICLR 2025)",
+    layout="(B, N, C)",
+    example=ModuleExample(dict(dim=512, num_heads=8), inputs=[(1, 1024, 512)], test_inputs=[(2, 17, 32)],
+                          test_kwargs=dict(dim=32, num_heads=2)),
+)
 class DifferentialAttention(nn.Module):
     """Multi-head differential attention over tokens (B, N, C).
 
