@@ -87,10 +87,11 @@ class ReportData:
     runs: list[dict[str, Any]]
     db: str = ""
     sparsity: list[dict[str, Any]] = field(default_factory=list)
+    modules: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:
-        return not (self.efficiency or self.mqar or self.error or self.sparsity)
+        return not (self.efficiency or self.mqar or self.error or self.sparsity or self.modules)
 
 
 def collect(store_or_path: StoreLike, run: Optional[int] = None) -> ReportData:
@@ -102,12 +103,12 @@ def collect(store_or_path: StoreLike, run: Optional[int] = None) -> ReportData:
 
 
 def _collect(store: ResultStore, run: Optional[int]) -> ReportData:
-    by_kind = {kind: store.results(kind=kind, run_id=run, latest=True) for kind in ("efficiency", "mqar", "error", "sparsity")}
+    by_kind = {kind: store.results(kind=kind, run_id=run, latest=True) for kind in ("efficiency", "mqar", "error", "sparsity", "modules")}
     configs = {r["id"]: r["config"] for r in store.runs()}
     by_kind["efficiency"] = _newest_per_cell(_with_queries(by_kind["efficiency"], configs))
     used = {r["run_id"] for rows in by_kind.values() for r in rows}
     runs = [r for r in store.runs() if r["id"] in used]
-    return ReportData(by_kind["efficiency"], by_kind["mqar"], by_kind["error"], runs, str(store.path), by_kind["sparsity"])
+    return ReportData(by_kind["efficiency"], by_kind["mqar"], by_kind["error"], runs, str(store.path), by_kind["sparsity"], by_kind["modules"])
 
 
 def _with_queries(rows: list[dict[str, Any]], configs: Mapping[int, Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -713,6 +714,26 @@ def _sparsity_blocks(rows: Sequence[dict[str, Any]], level: int) -> list[Block]:
     ]
 
 
+def _modules_blocks(rows: Sequence[dict[str, Any]], level: int) -> list[Block]:
+    if not rows:
+        return []
+    table_rows = []
+    for r in sorted(rows, key=lambda r: (r["metrics"].get("family", ""), r["mechanism"])):
+        m = r["metrics"]
+        train = m.get("train_median_ms")
+        table_rows.append([
+            r["mechanism"], m.get("family", ""), " ".join(m.get("catalog", [])), " ".join("x".join(map(str, s)) for s in m.get("inputs", [])),
+            f"{m.get('params', 0):,}", "-" if m.get("gflops") is None else f"{m['gflops']:.3g}",
+            "-" if r.get("median_ms") is None else _ms(r["median_ms"]), "-" if train is None else _ms(train), r.get("note") or "",
+        ])
+    return [
+        Heading("Modules at their standard size", level),
+        Para("Every registered attnzoo.nn module at the input size it declares: parameters, forward GFLOPs (torch's FLOP counter: "
+             "matmuls, convolutions, SDPA), forward time without autograd and forward + backward time, median of repeats."),
+        Table(["module", "family", "catalog", "input", "params", "GFLOPs", "forward", "train", "note"], table_rows),
+    ]
+
+
 def _sparsity_cell(point: tuple[float, float, float, float]) -> str:
     density, mass, rel, _ = point
     return f"{density:.2f} / {mass:.2f} / {rel:.2g}"
@@ -956,6 +977,7 @@ def report_blocks(data: ReportData, *, level: int = 1, full: bool = True) -> lis
     blocks += _mqar_blocks(data.mqar, level + 1)
     blocks += _error_blocks(data.error, level + 1)
     blocks += _sparsity_blocks(data.sparsity, level + 1)
+    blocks += _modules_blocks(data.modules, level + 1)
     return blocks
 
 

@@ -33,6 +33,7 @@ from ..bench.efficiency import (
     run_efficiency,
 )
 from ..bench.error import SOURCES, ErrorConfig, ErrorRow, run_error, table as error_table
+from ..bench.modules import ModuleRow, ModulesConfig, run_modules
 from ..bench.sparsity import SHARES, SparsityConfig, SparsityRow, plot_sparsity, run_sparsity
 from ..bench.machine import machine_info
 from ..bench.mqar import PRESETS as MQAR_PRESETS
@@ -49,7 +50,7 @@ __all__ = ["add_bench_parser", "add_report_parser", "bench_table", "BENCH_KINDS"
 DEFAULT_REPORT_DIR = "attnzoo-report"
 
 #: The subcommands of ``attnzoo bench``; options without one mean ``efficiency``.
-BENCH_KINDS = ("efficiency", "mqar", "error", "sparsity")
+BENCH_KINDS = ("efficiency", "mqar", "error", "sparsity", "modules")
 PATTERN_ALIASES = {"all": PATTERNS, "self": ("noncausal_self", "causal_self"), "cross": ("noncausal_cross", "causal_cross")}
 
 
@@ -425,6 +426,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     _add_mqar_options(kinds.add_parser("mqar", help="multi-query associative recall (Zoology): accuracy against d_model and state size (B2)"))
     _add_error_options(kinds.add_parser("error", help="approximation error against softmax on random and MiniLM q/k/v (B6)"))
     _add_sparsity_options(kinds.add_parser("sparsity", help="content-sparse mechanisms: error and mass kept against density, random and MiniLM q/k/v"))
+    _add_modules_options(kinds.add_parser("modules", help="every registered attnzoo.nn module at its standard size: params, GFLOPs, forward and train time"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -668,3 +670,50 @@ def normalize_bench_argv(argv: Sequence[str]) -> list[str]:
     options = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("-")]
     quick = all(o in QUICK_OPTIONS for o in options)
     return [argv[0], "efficiency", *(["--quick"] if quick else []), *argv[1:]]
+
+
+# --------------------------------------------------------------------------------------------
+# bench modules (issue 15: a row per registered module)
+# --------------------------------------------------------------------------------------------
+def modules_table(rows: Sequence[ModuleRow]) -> Table:
+    table = Table(title="registered modules at their standard size (forward: no_grad; train: forward + backward)")
+    for name, justify in (("module", "left"), ("family", "left"), ("catalog", "left"), ("input", "left"), ("params", "right"),
+                          ("GFLOPs", "right"), ("forward ms", "right"), ("train ms", "right"), ("note", "left")):
+        table.add_column(name, justify=justify, overflow="fold")
+    for r in rows:
+        fmt = lambda value, spec: "-" if value is None or value != value else format(value, spec)  # noqa: E731
+        shape = " ".join("x".join(map(str, s)) for s in r.input_shapes)
+        table.add_row(
+            r.module, r.family, " ".join(r.catalog), shape, f"{r.params:,}", fmt(r.gflops, ".3g"),
+            fmt(r.forward.median_ms, ".3g"), fmt(None if r.train is None else r.train.median_ms, ".3g"), Text(r.note, "red"),
+        )
+    return table
+
+
+def _cmd_modules(args: argparse.Namespace, console: Console) -> int:
+    from ..nn import get_module
+
+    for name in args.modules or ():
+        get_module(name)
+    config = ModulesConfig(
+        modules=tuple(args.modules) if args.modules else None, families=tuple(args.family) if args.family else None,
+        size=args.size, budget_s=args.budget, max_repeats=args.max_repeats, train=not args.no_train,
+    )
+    with ResultStore(args.db) as store:
+        rows = _with_threads(args.threads, lambda: run_modules(config, store))
+    console.print(modules_table(rows))
+    failed = [r.module for r in rows if r.note]
+    console.print(Text(f"{len(rows)} modules; results in {args.db}" + (f"; failed: {', '.join(failed)}" if failed else "")))
+    return 1 if failed else 0
+
+
+def _add_modules_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--modules", nargs="+", metavar="NAME", help="only these modules (`attnzoo list --modules` names them)")
+    parser.add_argument("--family", nargs="+", help="only these families (vision, cnn, heads, linear, ...)")
+    parser.add_argument("--size", choices=("bench", "test"), default="bench", help="the standard size (default) or the test suite's small size")
+    parser.add_argument("--budget", type=_positive_float, default=ModulesConfig.budget_s, help="seconds of timed repeats per measure")
+    parser.add_argument("--max-repeats", type=_positive_int, default=ModulesConfig.max_repeats)
+    parser.add_argument("--no-train", action="store_true", help="forward only")
+    parser.add_argument("--threads", type=_positive_int, help="torch intra-op threads")
+    _add_db_option(parser)
+    parser.set_defaults(handler=_cmd_modules)
