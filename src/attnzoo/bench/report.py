@@ -88,10 +88,11 @@ class ReportData:
     db: str = ""
     sparsity: list[dict[str, Any]] = field(default_factory=list)
     modules: list[dict[str, Any]] = field(default_factory=list)
+    cache: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:
-        return not (self.efficiency or self.mqar or self.error or self.sparsity or self.modules)
+        return not (self.efficiency or self.mqar or self.error or self.sparsity or self.modules or self.cache)
 
 
 def collect(store_or_path: StoreLike, run: Optional[int] = None) -> ReportData:
@@ -103,12 +104,12 @@ def collect(store_or_path: StoreLike, run: Optional[int] = None) -> ReportData:
 
 
 def _collect(store: ResultStore, run: Optional[int]) -> ReportData:
-    by_kind = {kind: store.results(kind=kind, run_id=run, latest=True) for kind in ("efficiency", "mqar", "error", "sparsity", "modules")}
+    by_kind = {kind: store.results(kind=kind, run_id=run, latest=True) for kind in ("efficiency", "mqar", "error", "sparsity", "modules", "cache")}
     configs = {r["id"]: r["config"] for r in store.runs()}
     by_kind["efficiency"] = _newest_per_cell(_with_queries(by_kind["efficiency"], configs))
     used = {r["run_id"] for rows in by_kind.values() for r in rows}
     runs = [r for r in store.runs() if r["id"] in used]
-    return ReportData(by_kind["efficiency"], by_kind["mqar"], by_kind["error"], runs, str(store.path), by_kind["sparsity"], by_kind["modules"])
+    return ReportData(by_kind["efficiency"], by_kind["mqar"], by_kind["error"], runs, str(store.path), by_kind["sparsity"], by_kind["modules"], by_kind["cache"])
 
 
 def _with_queries(rows: list[dict[str, Any]], configs: Mapping[int, Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -734,6 +735,25 @@ def _modules_blocks(rows: Sequence[dict[str, Any]], level: int) -> list[Block]:
     ]
 
 
+def _cache_blocks(rows: Sequence[dict[str, Any]], level: int) -> list[Block]:
+    if not rows:
+        return []
+    points = [(r["mechanism"], r["metrics"]["kv_bytes"] / 1024, r["metrics"]["accuracy"]) for r in rows]
+    table_rows = [
+        [r["mechanism"], f"{r['metrics']['budget_fraction']:.0%}", str(r["params"].get("budget", "")), f"{r['metrics']['kv_bytes'] / 1024:.1f}",
+         f"{r['metrics']['accuracy']:.3f}", "-" if r.get("median_ms") is None else _ms(r["median_ms"])]
+        for r in sorted(rows, key=lambda r: (r["mechanism"] != "full", r["mechanism"], r["metrics"]["budget_fraction"]))
+    ]
+    return [
+        Heading("KV-cache eviction: needle recall against memory", level),
+        Para("A 2-layer softmax recall model trained by `attnzoo bench cache`; each policy cuts every layer's prompt cache to the budget "
+             "once after the prefill, then the answers are decoded one token per step (accuracy of the answers, KV bytes kept per sequence, "
+             "median time per generated token)."),
+        Table(["policy", "budget", "tokens kept", "KV KiB", "accuracy", "per token"], table_rows),
+        Figure("cache_recall", "needle recall accuracy against the KV cache kept", lambda: cache_figure(points)),
+    ]
+
+
 def _sparsity_cell(point: tuple[float, float, float, float]) -> str:
     density, mass, rel, _ = point
     return f"{density:.2f} / {mass:.2f} / {rel:.2g}"
@@ -941,6 +961,21 @@ def sparsity_figure(lines: Mapping[tuple[str, str], Sequence[tuple[float, float,
     return fig
 
 
+def cache_figure(points: Sequence[tuple[str, float, float]]) -> Any:
+    """Accuracy against kept KV KiB, one line per policy (``(policy, kib, accuracy)`` points)."""
+    policies = list(dict.fromkeys(p[0] for p in points))
+    fig, axes = _figure(1, len(policies))
+    ax = axes[0]
+    for i, policy in enumerate(policies):
+        line = sorted((kib, acc) for name, kib, acc in points if name == policy)
+        style = _style(i) | ({"marker": "*", "markersize": 12} if len(line) == 1 else {})
+        ax.plot([p[0] for p in line], [p[1] for p in line], label=policy, **style)
+    ax.set(xlabel="KV cache kept per sequence (KiB, all layers)", ylabel="needle recall accuracy", ylim=(-0.02, 1.02))
+    ax.grid(True, alpha=0.3)
+    _legend_outside(fig, ax)
+    return fig
+
+
 def save_png(fig: Any, path: str | os.PathLike[str]) -> None:
     """Write a report figure to ``path`` (what ``--plot`` options use)."""
     Path(path).write_bytes(_png(fig))
@@ -978,6 +1013,7 @@ def report_blocks(data: ReportData, *, level: int = 1, full: bool = True) -> lis
     blocks += _error_blocks(data.error, level + 1)
     blocks += _sparsity_blocks(data.sparsity, level + 1)
     blocks += _modules_blocks(data.modules, level + 1)
+    blocks += _cache_blocks(data.cache, level + 1)
     return blocks
 
 

@@ -33,6 +33,7 @@ from ..bench.efficiency import (
     run_efficiency,
 )
 from ..bench.error import SOURCES, ErrorConfig, ErrorRow, run_error, table as error_table
+from ..bench.cache_recall import POLICIES, CacheConfig, CacheRow, plot_cache, run_cache
 from ..bench.modules import ModuleRow, ModulesConfig, run_modules
 from ..bench.sparsity import SHARES, SparsityConfig, SparsityRow, plot_sparsity, run_sparsity
 from ..bench.machine import machine_info
@@ -50,7 +51,7 @@ __all__ = ["add_bench_parser", "add_report_parser", "bench_table", "BENCH_KINDS"
 DEFAULT_REPORT_DIR = "attnzoo-report"
 
 #: The subcommands of ``attnzoo bench``; options without one mean ``efficiency``.
-BENCH_KINDS = ("efficiency", "mqar", "error", "sparsity", "modules")
+BENCH_KINDS = ("efficiency", "mqar", "error", "sparsity", "modules", "cache")
 PATTERN_ALIASES = {"all": PATTERNS, "self": ("noncausal_self", "causal_self"), "cross": ("noncausal_cross", "causal_cross")}
 
 
@@ -426,6 +427,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     _add_mqar_options(kinds.add_parser("mqar", help="multi-query associative recall (Zoology): accuracy against d_model and state size (B2)"))
     _add_error_options(kinds.add_parser("error", help="approximation error against softmax on random and MiniLM q/k/v (B6)"))
     _add_sparsity_options(kinds.add_parser("sparsity", help="content-sparse mechanisms: error and mass kept against density, random and MiniLM q/k/v"))
+    _add_cache_options(kinds.add_parser("cache", help="KV-cache eviction policies: needle recall of a model trained here, against KV memory (B5)"))
     _add_modules_options(kinds.add_parser("modules", help="every registered attnzoo.nn module at its standard size: params, GFLOPs, forward and train time"))
 
 
@@ -717,3 +719,70 @@ def _add_modules_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=_positive_int, help="torch intra-op threads")
     _add_db_option(parser)
     parser.set_defaults(handler=_cmd_modules)
+
+
+# --------------------------------------------------------------------------------------------
+# bench cache (issue 14: recall at a fixed KV budget)
+# --------------------------------------------------------------------------------------------
+def cache_table(rows: Sequence[CacheRow]) -> Table:
+    table = Table(title="needle recall from a compressed KV cache (compressed once after the prompt, kvpress's protocol)")
+    for name, justify in (("policy", "left"), ("budget", "right"), ("tokens kept", "right"), ("KV KiB", "right"),
+                          ("accuracy", "right"), ("ms / token", "right")):
+        table.add_column(name, justify=justify)
+    for r in rows:
+        table.add_row(r.policy, f"{r.budget_fraction:.0%}", str(r.budget_tokens), f"{r.kv_bytes / 1024:.1f}", f"{r.accuracy:.3f}", f"{r.ms_per_token:.2f}")
+    return table
+
+
+def _snapkv_verdict(rows: Sequence[CacheRow]) -> str:
+    """Whether SnapKV beats StreamingLLM at equal budgets, budget by budget (the paper's claim)."""
+    snap = {r.budget_fraction: r for r in rows if r.policy == "snapkv"}
+    stream = {r.budget_fraction: r for r in rows if r.policy == "streaming_llm"}
+    cells = [f"{f:.0%}: {snap[f].accuracy:.2f} vs {stream[f].accuracy:.2f}" for f in sorted(snap) if f in stream]
+    if not cells:
+        return ""
+    wins = sum(snap[f].accuracy > stream[f].accuracy for f in snap if f in stream)
+    return f"SnapKV vs StreamingLLM (accuracy at each budget): {'; '.join(cells)}; SnapKV higher at {wins} of {len(cells)}"
+
+
+def _cmd_cache(args: argparse.Namespace, console: Console) -> int:
+    changes: dict[str, Any] = {}
+    for name in ("num_pairs", "num_questions", "d_model", "train_steps", "batch_size", "lr", "test_examples", "seed"):
+        if getattr(args, name) is not None:
+            changes[name] = getattr(args, name)
+    if args.budgets:
+        changes["budgets"] = tuple(args.budgets)
+    if args.policies:
+        changes["policies"] = tuple(args.policies)
+    config = CacheConfig(**changes)
+    log = (lambda line: console.print(Text(line, "dim"))) if args.verbose else None
+    with ResultStore(args.db) as store:
+        trained, rows = _with_threads(args.threads, lambda: run_cache(config, store, log=log))
+    console.print(Text(f"trained {trained.steps} steps in {trained.seconds:.0f} s; full-cache accuracy {trained.accuracy:.3f} "
+                       f"(prompt S = {config.prompt_length} tokens: {config.num_pairs} pairs, {config.num_questions} questions)"))
+    console.print(cache_table(rows))
+    verdict = _snapkv_verdict(rows)
+    if verdict:
+        console.print(Text(verdict))
+    if args.plot:
+        plot_cache(rows, str(args.plot))
+        console.print(Text(f"plot: {args.plot}"))
+    return 0
+
+
+def _add_cache_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--policies", nargs="+", choices=POLICIES, help="eviction policies (default: all, with full as the ceiling)")
+    parser.add_argument("--budgets", type=_positive_float, nargs="+", help="fractions of the prompt kept (default 0.1 0.2 0.3 0.5)")
+    parser.add_argument("--num-pairs", type=_positive_int, help=f"key-value pairs in the prompt (default {CacheConfig.num_pairs})")
+    parser.add_argument("--num-questions", type=_positive_int, help=f"keys asked (default {CacheConfig.num_questions})")
+    parser.add_argument("--d-model", type=_positive_int)
+    parser.add_argument("--train-steps", type=_positive_int, help=f"optimizer steps (default {CacheConfig.train_steps})")
+    parser.add_argument("--batch-size", type=_positive_int)
+    parser.add_argument("--lr", type=_positive_float)
+    parser.add_argument("--test-examples", type=_positive_int)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--threads", type=_positive_int, help="torch intra-op threads")
+    parser.add_argument("--plot", type=Path, help="write accuracy against KV memory to this PNG")
+    parser.add_argument("--verbose", action="store_true", help="print the training loss and each case as it finishes")
+    _add_db_option(parser)
+    parser.set_defaults(handler=_cmd_cache)

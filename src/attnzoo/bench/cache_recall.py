@@ -1,0 +1,370 @@
+"""``attnzoo bench cache``: recall at a fixed KV-cache budget, for every eviction policy (B5, K2-K4).
+
+No LLM weights can be downloaded, so the benchmark trains its own small causal LM (Zoology's
+recall model, :class:`~attnzoo.bench.mqar.MQARModel`: 2 softmax layers with short convolutions)
+on a needle task with the question in the prompt, then decodes the answers from a compressed
+KV cache:
+
+* :func:`needle_recall`: ``P`` key-value pairs ``k1 v1 ... kP vP`` (keys from ``[2, V/2)``,
+  values from ``[V/2, V)``, as MQAR), a separator, the question (``m`` of the keys, in random
+  order), a separator, and the same ``m`` keys again, where the model must answer each key's
+  value. The first copy is what makes the question visible at compression time: SnapKV's claim
+  ("LLM knows what you are looking for before generation") is about a prompt that ends with the
+  question, and this is that prompt.
+* :class:`CachedDecoder`: the trained model run as a decoder with a per-layer KV cache. The prompt
+  (pairs, question, separators: ``S = 2P + m + 2`` tokens) is prefilled, each layer's cache is cut
+  to the budget by the policy **once, after the prefill** (kvpress's protocol), then the second
+  copy is fed one token per step (teacher forcing), each step appending its key and value. At
+  budget = S the decoder's logits equal the model's full forward (tested).
+* Policies (:mod:`attnzoo.cache.policies`, scored on each layer's own prefill queries and keys):
+  ``streaming_llm`` (4 sinks + recent), ``h2o`` (accumulated attention of every prompt query;
+  half the budget heavy hitters, half recent, as H2O's experiments), ``snapkv`` (observation
+  window = the last ``m + 1`` prompt queries, i.e. the question and its separator; pooling
+  kernel 5), ``tova`` (the last prompt query's attention), ``key_norm`` (lowest ||k||), and
+  ``full`` (no eviction) as the ceiling. Budgets are fractions of ``S``.
+* Measures: accuracy (answers whose argmax is the value), the KV memory kept (bytes, all
+  layers, float32), and the time per generated token (median of the decode steps).
+
+Results are stored under kind ``"cache"``; :func:`plot_cache` draws accuracy against KV memory.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..cache import policies
+from ..errors import ParameterError
+from .machine import machine_info
+from .mqar import IGNORE_INDEX, MQARModel
+from .results import Result, ResultStore, case_key
+
+__all__ = [
+    "CacheConfig",
+    "CacheRow",
+    "CachedDecoder",
+    "POLICIES",
+    "needle_recall",
+    "train_recall_model",
+    "evaluate_policy",
+    "run_cache",
+    "plot_cache",
+]
+
+SEP = 1  # the separator token; 0 is unused, keys start at 2
+
+
+def needle_recall(
+    vocab_size: int, num_pairs: int, num_questions: int, num_examples: int, seed: int = 0
+) -> tuple[Tensor, Tensor]:
+    """Needle-recall examples ``(inputs, labels)``, each ``(num_examples, 2P + 2m + 2)`` int64.
+
+    ``inputs = k1 v1 ... kP vP SEP q1 ... qm SEP q1 ... qm``; ``labels`` hold each question key's
+    value at the positions of its second copy and -100 elsewhere. The prompt is everything up to
+    and including the second ``SEP`` (:func:`prompt_length`).
+    """
+    if num_questions > num_pairs:
+        raise ParameterError(f"num_questions: at most num_pairs ({num_pairs}), got {num_questions}", argument="num_questions")
+    half = vocab_size // 2
+    if half - 2 < num_pairs:
+        raise ParameterError(f"vocab_size: need V/2 - 2 >= num_pairs distinct keys, got V={vocab_size}", argument="vocab_size")
+    gen = torch.Generator().manual_seed(seed)
+    keys = torch.stack([torch.randperm(half - 2, generator=gen)[:num_pairs] + 2 for _ in range(num_examples)])
+    values = torch.randint(half, vocab_size, (num_examples, num_pairs), generator=gen)
+    asked = torch.stack([torch.randperm(num_pairs, generator=gen)[:num_questions] for _ in range(num_examples)])
+    q_keys, q_values = keys.gather(1, asked), values.gather(1, asked)
+    sep = torch.full((num_examples, 1), SEP, dtype=torch.int64)
+    pairs = torch.stack([keys, values], dim=2).reshape(num_examples, 2 * num_pairs)
+    inputs = torch.cat([pairs, sep, q_keys, sep, q_keys], dim=1)
+    labels = torch.full_like(inputs, IGNORE_INDEX)
+    labels[:, -num_questions:] = q_values
+    return inputs, labels
+
+
+def prompt_length(num_pairs: int, num_questions: int) -> int:
+    """S: the tokens prefilled before the answers are decoded (pairs, separators, the question)."""
+    return 2 * num_pairs + num_questions + 2
+
+
+# --------------------------------------------------------------------------------------------
+# configuration
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CacheConfig:
+    vocab_size: int = 256
+    num_pairs: int = 48
+    num_questions: int = 8
+    d_model: int = 64
+    num_heads: int = 2
+    num_layers: int = 2
+    train_steps: int = 1500
+    batch_size: int = 64
+    lr: float = 3e-3
+    test_examples: int = 256
+    budgets: tuple[float, ...] = (0.1, 0.2, 0.3, 0.5)
+    policies: tuple[str, ...] = ("full", "streaming_llm", "h2o", "snapkv", "tova", "key_norm")
+    seed: int = 0
+
+    @property
+    def prompt_length(self) -> int:
+        return prompt_length(self.num_pairs, self.num_questions)
+
+
+# --------------------------------------------------------------------------------------------
+# training
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Trained:
+    model: MQARModel
+    accuracy: float  # full-cache accuracy on the test set (the ceiling every policy is measured against)
+    steps: int
+    seconds: float
+    losses: list[float] = field(default_factory=list)
+
+
+def train_recall_model(config: CacheConfig, log: Optional[Callable[[int, float], None]] = None) -> Trained:
+    """Train :class:`MQARModel` (softmax, short convolutions) on fresh :func:`needle_recall` batches.
+
+    AdamW, cosine decay to 0 over ``train_steps``, cross-entropy on the answer positions only.
+    Each batch draws its number of pairs uniformly from ``[num_questions, num_pairs]``: the short
+    prompts are learned first and carry the longer ones (a fixed 32 pairs did not leave chance
+    level in 1200 steps on the CPU; the mixture did).
+    """
+    torch.manual_seed(config.seed)
+    model = MQARModel(config.vocab_size, config.d_model, "softmax", num_heads=config.num_heads, num_layers=config.num_layers, conv_kernel=3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.01)
+    total = config.train_steps
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / max(total, 1))))
+    start, losses = time.perf_counter(), []
+    model.train()
+    sizes = torch.randint(config.num_questions, config.num_pairs + 1, (total,), generator=torch.Generator().manual_seed(config.seed))
+    for step in range(total):
+        inputs, labels = needle_recall(config.vocab_size, int(sizes[step]), config.num_questions, config.batch_size, seed=config.seed * 1_000_003 + step + 1)
+        logits, targets = model.answer_logits(inputs, labels)
+        loss = F.cross_entropy(logits, targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        losses.append(float(loss.detach()))
+        if log is not None and (step % 100 == 0 or step == total - 1):
+            log(step, losses[-1])
+    model.eval()
+    inputs, labels = test_set(config)
+    with torch.no_grad():
+        logits, targets = model.answer_logits(inputs, labels)
+    accuracy = float((logits.argmax(-1) == targets).float().mean())
+    return Trained(model, accuracy, total, time.perf_counter() - start, losses)
+
+
+def test_set(config: CacheConfig) -> tuple[Tensor, Tensor]:
+    return needle_recall(config.vocab_size, config.num_pairs, config.num_questions, config.test_examples, seed=config.seed * 1_000_003)
+
+
+# --------------------------------------------------------------------------------------------
+# decoding from a compressed cache
+# --------------------------------------------------------------------------------------------
+@dataclass
+class _LayerCache:
+    keys: Tensor  # (B, H, S, D)
+    values: Tensor
+    conv_inputs: Tensor  # (B, K-1, C): the short convolution's last normed inputs
+
+
+class CachedDecoder:
+    """:class:`MQARModel` as a KV-cache decoder: ``prefill`` the prompt, ``compress`` each layer's
+    cache with a policy, then ``step`` one token at a time.
+
+    The layers' arithmetic is the model's own (its norms, short convolution taps, q/k/v/out
+    projections, softmax attention with scale ``D ** -0.5``), so with no compression the step
+    logits equal ``model(tokens)`` at those positions.
+    """
+
+    def __init__(self, model: MQARModel):
+        for layer in model.layers:
+            if layer.conv is None or layer.mixer.mechanism.name != "softmax":
+                raise ParameterError("CachedDecoder: expects softmax mixers with short convolutions (bench cache's model)", argument="model")
+        self.model = model
+        self.caches: list[_LayerCache] = []
+        self.prefill_queries: list[Tensor] = []
+
+    def _heads(self, mixer, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        b, n, _ = x.shape
+        split = lambda t: t.view(b, n, mixer.num_heads, mixer.head_dim).transpose(1, 2)  # noqa: E731
+        return split(mixer.q_proj(x)), split(mixer.k_proj(x)), split(mixer.v_proj(x))
+
+    def _merge(self, mixer, out: Tensor) -> Tensor:
+        b, h, n, d = out.shape
+        return mixer.out_proj(out.transpose(1, 2).reshape(b, n, h * d))
+
+    @torch.no_grad()
+    def prefill(self, tokens: Tensor) -> Tensor:
+        """Run the prompt ``(B, S)``; keep each layer's keys, values, queries and conv inputs. Returns the logits."""
+        x = self.model.embedding(tokens)
+        self.caches, self.prefill_queries = [], []
+        for layer in self.model.layers:
+            normed = layer.conv_norm(x)
+            x = x + layer.conv(normed)
+            q, k, v = self._heads(layer.mixer, layer.mixer_norm(x))
+            x = x + self._merge(layer.mixer, F.scaled_dot_product_attention(q, k, v, is_causal=True))
+            keep = layer.conv.kernel_size - 1
+            self.caches.append(_LayerCache(k, v, normed[:, normed.shape[1] - keep :]))
+            self.prefill_queries.append(q)
+        return self.model.logits(x)
+
+    @torch.no_grad()
+    def compress(self, policy: str, budget: int, *, num_questions: int) -> None:
+        """Cut every layer's cache to ``budget`` tokens with ``policy`` (see the module docstring)."""
+        for cache, q in zip(self.caches, self.prefill_queries):
+            kept = select(policy, cache.keys, q, budget, window=num_questions + 1)
+            cache.keys, cache.values = policies.gather_kept(cache.keys, kept), policies.gather_kept(cache.values, kept)
+
+    @torch.no_grad()
+    def step(self, token: Tensor) -> Tensor:
+        """One token ``(B,)`` through every layer against its cache; returns ``(B, V)`` logits."""
+        x = self.model.embedding(token[:, None])
+        for layer, cache in zip(self.model.layers, self.caches):
+            normed = layer.conv_norm(x)
+            window = torch.cat([cache.conv_inputs, normed], dim=1)  # the K inputs the causal taps see
+            conv = (window * layer.conv.weight).sum(1, keepdim=True)
+            if layer.conv.bias is not None:
+                conv = conv + layer.conv.bias
+            cache.conv_inputs = window[:, 1:]
+            x = x + conv
+            q, k, v = self._heads(layer.mixer, layer.mixer_norm(x))
+            cache.keys, cache.values = torch.cat([cache.keys, k], 2), torch.cat([cache.values, v], 2)
+            x = x + self._merge(layer.mixer, F.scaled_dot_product_attention(q, cache.keys, cache.values))
+        return self.model.logits(x)[:, 0]
+
+    def cache_bytes(self) -> int:
+        """Bytes of keys and values held now, all layers."""
+        return sum(c.keys.numel() * c.keys.element_size() + c.values.numel() * c.values.element_size() for c in self.caches)
+
+
+POLICIES = ("full", "streaming_llm", "h2o", "snapkv", "tova", "key_norm")
+
+
+def select(policy: str, keys: Tensor, queries: Tensor, budget: int, *, window: int) -> Tensor:
+    """Kept indices ``(B, H, budget)`` of one layer's prompt cache under ``policy``."""
+    if policy == "full":
+        b, h, n, _ = keys.shape
+        return torch.arange(n, device=keys.device).expand(b, h, n)
+    if policy == "streaming_llm":
+        return policies.streaming_llm(keys, budget=budget, n_sink=min(4, budget - 1))
+    if policy == "h2o":
+        return policies.h2o(policies.accumulate_attention(None, queries, keys), budget=budget, recent=budget // 2)
+    if policy == "snapkv":
+        return policies.snapkv(keys, queries[:, :, -window:], budget=max(budget, window))
+    if policy == "tova":
+        return policies.tova(keys, queries[:, :, -1:], budget=budget)
+    if policy == "key_norm":
+        return policies.key_norm(keys, budget=budget)
+    raise ParameterError(f"policy: expected one of {', '.join(POLICIES)}, got {policy!r}", argument="policy")
+
+
+# --------------------------------------------------------------------------------------------
+# evaluation
+# --------------------------------------------------------------------------------------------
+@dataclass
+class CacheRow:
+    policy: str
+    budget_fraction: float
+    budget_tokens: int
+    accuracy: float
+    kv_bytes: int  # kept prompt cache, all layers, at the first decode step, per sequence
+    ms_per_token: float
+    full_accuracy: float
+    note: str = ""
+
+
+def evaluate_policy(model: MQARModel, config: CacheConfig, policy: str, fraction: float, inputs: Tensor, labels: Tensor) -> CacheRow:
+    """Accuracy, kept KV bytes and time per generated token of ``policy`` at ``fraction`` of the prompt."""
+    s = config.prompt_length
+    budget = s if policy == "full" else max(1, int(round(fraction * s)))
+    if policy == "snapkv":
+        budget = max(budget, config.num_questions + 1)  # the observation window is always kept
+    decoder = CachedDecoder(model)
+    decoder.prefill(inputs[:, :s])
+    decoder.compress(policy, budget, num_questions=config.num_questions)
+    kv_bytes = decoder.cache_bytes() // inputs.shape[0]
+    correct, times = [], []
+    for t in range(s, inputs.shape[1]):
+        start = time.perf_counter()
+        logits = decoder.step(inputs[:, t])
+        times.append((time.perf_counter() - start) * 1e3)
+        correct.append(logits.argmax(-1) == labels[:, t])
+    accuracy = float(torch.stack(correct).float().mean())
+    return CacheRow(policy, fraction, budget, accuracy, kv_bytes, statistics.median(times), float("nan"))
+
+
+def run_cache(
+    config: CacheConfig,
+    store: Optional[ResultStore] = None,
+    *,
+    trained: Optional[Trained] = None,
+    log: Optional[Callable[[str], None]] = None,
+) -> tuple[Trained, list[CacheRow]]:
+    """Train (unless ``trained`` is given), then every policy x budget; rows stored under kind ``"cache"``."""
+    for name in config.policies:
+        if name not in POLICIES:
+            raise ParameterError(f"policies: expected names from {', '.join(POLICIES)}, got {name!r}", argument="policies")
+    if trained is None:
+        trained = train_recall_model(config, None if log is None else (lambda step, loss: log(f"step {step}: loss {loss:.3f}")))
+    inputs, labels = test_set(config)
+    run_id = store.start_run("cache", _config_json(config), machine_info("cpu")) if store is not None else None
+    rows = []
+    for policy in config.policies:
+        for fraction in (1.0,) if policy == "full" else config.budgets:
+            row = evaluate_policy(trained.model, config, policy, fraction, inputs, labels)
+            row.full_accuracy = trained.accuracy
+            rows.append(row)
+            if store is not None and run_id is not None:
+                store.add(run_id, _result(row, config, trained))
+            if log is not None:
+                log(f"{policy} at {fraction:g}: accuracy {row.accuracy:.3f}")
+    if store is not None and run_id is not None:
+        store.finish_run(run_id)
+    return trained, rows
+
+
+def _config_json(config: CacheConfig) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
+
+
+def _result(row: CacheRow, config: CacheConfig, trained: Trained) -> Result:
+    identity = {"policy": row.policy, "fraction": row.budget_fraction, "config": _config_json(config)}
+    return Result(
+        kind="cache",
+        mechanism=row.policy,
+        case_key=case_key("cache", identity),
+        mode="decode",
+        dtype="float32",
+        device="cpu",
+        batch=config.test_examples,
+        heads=config.num_heads,
+        q_len=config.num_questions,
+        kv_len=config.prompt_length,
+        head_dim=config.d_model // config.num_heads,
+        median_ms=row.ms_per_token,
+        params={"budget": row.budget_tokens},
+        metrics={
+            "budget_fraction": row.budget_fraction, "accuracy": row.accuracy, "kv_bytes": row.kv_bytes,
+            "full_accuracy": trained.accuracy, "train_steps": trained.steps, "train_seconds": trained.seconds,
+        },
+        note=row.note,
+    )
+
+
+def plot_cache(rows: Sequence[CacheRow], path: str) -> None:
+    """Accuracy against kept KV memory, one line per policy, as a PNG (the report's figure)."""
+    from .report import cache_figure, save_png
+
+    save_png(cache_figure([(r.policy, r.kv_bytes / 1024, r.accuracy) for r in rows]), path)
