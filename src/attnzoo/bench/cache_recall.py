@@ -22,6 +22,10 @@ KV cache:
   window = the last ``m + 1`` prompt queries, i.e. the question and its separator; pooling
   kernel 5), ``tova`` (the last prompt query's attention), ``key_norm`` (lowest ||k||), and
   ``full`` (no eviction) as the ceiling. Budgets are fractions of ``S``.
+* ``zipcache`` (K5) evicts nothing: every token is kept, quantized (:mod:`attnzoo.cache.quantized`),
+  the budget fraction of them (the most salient by ZipCache's normalized attention) in 4 bits and
+  the rest in 2; its memory is the packed codes plus scales, so at budget 10% it holds about as
+  many bytes as an eviction policy keeping ~10% of the tokens in float32.
 * Measures: accuracy (answers whose argmax is the value), the KV memory kept (bytes, all
   layers, float32), and the time per generated token (median of the decode steps).
 
@@ -41,6 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..cache import policies
+from ..cache.quantized import mixed_precision_kv, normalized_attention_saliency
 from ..errors import ParameterError
 from .machine import machine_info
 from .mqar import IGNORE_INDEX, MQARModel
@@ -109,7 +114,7 @@ class CacheConfig:
     lr: float = 3e-3
     test_examples: int = 256
     budgets: tuple[float, ...] = (0.1, 0.2, 0.3, 0.5)
-    policies: tuple[str, ...] = ("full", "streaming_llm", "h2o", "snapkv", "tova", "key_norm")
+    policies: tuple[str, ...] = ("full", "streaming_llm", "h2o", "snapkv", "tova", "key_norm", "zipcache")
     seed: int = 0
 
     @property
@@ -177,6 +182,7 @@ class _LayerCache:
     keys: Tensor  # (B, H, S, D)
     values: Tensor
     conv_inputs: Tensor  # (B, K-1, C): the short convolution's last normed inputs
+    stored_bytes: Optional[int] = None  # bytes the prompt's cache is held in, when quantized
 
 
 class CachedDecoder:
@@ -224,6 +230,12 @@ class CachedDecoder:
     def compress(self, policy: str, budget: int, *, num_questions: int) -> None:
         """Cut every layer's cache to ``budget`` tokens with ``policy`` (see the module docstring)."""
         for cache, q in zip(self.caches, self.prefill_queries):
+            if policy == "zipcache":
+                fraction = budget / cache.keys.shape[2]
+                mixed = mixed_precision_kv(cache.keys, cache.values, normalized_attention_saliency(q, cache.keys), high_fraction=fraction)
+                cache.keys, cache.values = mixed.dequantize()
+                cache.stored_bytes = mixed.nbytes
+                continue
             kept = select(policy, cache.keys, q, budget, window=num_questions + 1)
             cache.keys, cache.values = policies.gather_kept(cache.keys, kept), policies.gather_kept(cache.values, kept)
 
@@ -245,11 +257,14 @@ class CachedDecoder:
         return self.model.logits(x)[:, 0]
 
     def cache_bytes(self) -> int:
-        """Bytes of keys and values held now, all layers."""
-        return sum(c.keys.numel() * c.keys.element_size() + c.values.numel() * c.values.element_size() for c in self.caches)
+        """Bytes the prompt's keys and values are held in (right after :meth:`compress`), all layers."""
+        return sum(
+            c.stored_bytes if c.stored_bytes is not None else c.keys.numel() * c.keys.element_size() + c.values.numel() * c.values.element_size()
+            for c in self.caches
+        )
 
 
-POLICIES = ("full", "streaming_llm", "h2o", "snapkv", "tova", "key_norm")
+POLICIES = ("full", "streaming_llm", "h2o", "snapkv", "tova", "key_norm", "zipcache")
 
 
 def select(policy: str, keys: Tensor, queries: Tensor, budget: int, *, window: int) -> Tensor:
@@ -288,7 +303,7 @@ class CacheRow:
 def evaluate_policy(model: MQARModel, config: CacheConfig, policy: str, fraction: float, inputs: Tensor, labels: Tensor) -> CacheRow:
     """Accuracy, kept KV bytes and time per generated token of ``policy`` at ``fraction`` of the prompt."""
     s = config.prompt_length
-    budget = s if policy == "full" else max(1, int(round(fraction * s)))
+    budget = s if policy == "full" else max(1, int(round(fraction * s)))  # zipcache: tokens in high bits
     if policy == "snapkv":
         budget = max(budget, config.num_questions + 1)  # the observation window is always kept
     decoder = CachedDecoder(model)

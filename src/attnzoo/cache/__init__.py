@@ -1,7 +1,9 @@
-"""KV-cache eviction policies (catalog K2-K4, TOVA, key-norm).
+"""KV-cache eviction and compression policies (catalog K2-K6, TOVA, key-norm).
 
 - :mod:`attnzoo.cache.policies`: the rules as pure tensor functions (kept indices per batch and
   kv head), each citing its paper; no transformers needed.
+- :mod:`attnzoo.cache.quantized`: ZipCache-style mixed precision (K5): salient tokens in more
+  bits, packed codes through torch's decomposed quantization ops.
 - :mod:`attnzoo.cache.transformers`: the same rules as transformers 5.x caches for
   ``model.generate(..., cache=SnapKVCache(model, budget=...))``, imported lazily (the ``hf``
   extra).
@@ -9,10 +11,11 @@
 
 from __future__ import annotations
 
-from . import policies
+from . import policies, quantized
 
 __all__ = [
     "policies",
+    "quantized",
     "StreamingLLMCache",
     "KeyNormCache",
     "H2OCache",
