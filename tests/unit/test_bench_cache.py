@@ -137,3 +137,31 @@ def test_cli_bench_cache(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "snapkv" in out and "SnapKV vs StreamingLLM" in out
     assert (tmp_path / "c.png").stat().st_size > 1000
+
+
+def test_k6_policies_keep_their_budgets():
+    model = small_model()
+    config = CacheConfig(vocab_size=64, num_pairs=8, num_questions=4, d_model=32, test_examples=3)
+    inputs, labels = needle_recall(64, 8, 4, 3, seed=6)
+    s = config.prompt_length
+    per_token = 2 * 32 * 4  # K and V, d_model float32, one layer
+    longgen = evaluate_policy(model, config, "longgen", 0.3, inputs, labels)
+    assert longgen.kv_bytes == (s + round(0.3 * s)) * per_token  # one full layer, one at the budget
+    pyramid = evaluate_policy(model, config, "pyramidkv", 0.5, inputs, labels)
+    assert pyramid.kv_bytes <= 2 * round(0.5 * s) * per_token + per_token
+    moa = evaluate_policy(model, config, "moa", 0.3, inputs, labels)
+    heads = 2
+    assert moa.kv_bytes <= 2 * heads * round(0.3 * s) * per_token // heads  # H x budget keys per layer, per head d_model / H
+
+
+def test_moa_with_whole_spans_equals_the_full_cache():
+    model = small_model()
+    inputs, _ = needle_recall(64, 8, 4, 2, seed=7)
+    s = prompt_length(8, 4)
+    decoder = CachedDecoder(model)
+    decoder.prefill(inputs[:, :s])
+    decoder.head_spans = [torch.full((2,), s), torch.full((2,), s)]
+    decoder.compress("moa", s, num_questions=4)
+    full = model(inputs)
+    for t in range(s, inputs.shape[1]):
+        torch.testing.assert_close(decoder.step(inputs[:, t]), full[:, t], rtol=1e-5, atol=1e-5)

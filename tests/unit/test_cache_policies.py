@@ -291,3 +291,64 @@ def test_attention_probs_chunks_agree():
     torch.testing.assert_close(whole, parts)
     torch.testing.assert_close(whole.sum(-1), torch.ones(B, HQ, 9, dtype=torch.float64))
     assert whole[0, 0, 0, 12:].abs().max() == 0  # query 0 sits at key 11 (bottom-right) and sees no later key
+
+
+# --------------------------------------------------------------------------------------------
+# K6: budgets per layer and head
+# --------------------------------------------------------------------------------------------
+def test_pyramid_budgets_follow_pyramidkv_rule():
+    from attnzoo.cache.policies import pyramid_budgets
+
+    # written out from PyramidKV's rule: prefix c = budget - window, top c // beta, bottom 2c - top
+    budgets = pyramid_budgets(330, 4, 10_000, window=10, beta=20)
+    c = 320
+    top, bottom = c // 20, 2 * c - c // 20
+    step = (bottom - top) // 3
+    assert budgets == [bottom - i * step + 10 for i in range(4)]
+    assert budgets[0] > budgets[-1] and abs(sum(budgets) / 4 - 330) <= step  # the same mean, up to rounding
+    capped = pyramid_budgets(60, 2, 80, window=10)  # bottom capped at the 70 prefix keys
+    assert capped[0] == 80 and capped[1] == 2 * 50 - 70 + 10
+    with pytest.raises(ParameterError, match="budget"):
+        pyramid_budgets(10, 4, 100, window=10)
+
+
+def test_middle_full_layers():
+    from attnzoo.cache.policies import middle_full_layers
+
+    assert middle_full_layers(12) == [4, 5, 6, 7]
+    assert middle_full_layers(1) == [0] and len(middle_full_layers(2)) == 1
+    with pytest.raises(ParameterError, match="fraction"):
+        middle_full_layers(4, fraction=0)
+
+
+def test_moa_spans_and_per_head_recent():
+    from attnzoo.cache.policies import moa_spans, per_head_recent
+
+    spans = moa_spans(100, torch.tensor([4.0, 0.0, 500.0]), torch.tensor([0.1, 0.5, 0.0]))
+    assert spans.tolist() == [14, 50, 100]
+    keys = torch.randn(2, 3, 100, 4)
+    keep = per_head_recent(keys, spans, n_sink=2)
+    for h, span in enumerate(spans.tolist()):
+        expected = torch.zeros(100, dtype=torch.bool)
+        expected[100 - span :] = True
+        expected[:2] = True
+        assert torch.equal(keep[0, h], expected) and torch.equal(keep[1, h], expected)
+    with pytest.raises(ShapeError, match="spans"):
+        per_head_recent(keys, spans[:2])
+
+
+def test_allocate_head_spans_is_the_greedy_marginal_gain_rule():
+    from attnzoo.cache.policies import allocate_head_spans
+
+    candidates = [2, 4, 8]
+    captured = torch.tensor([[0.9, 0.95, 1.0], [0.1, 0.6, 1.0]])  # head 1 needs long spans, head 0 does not
+    spans = allocate_head_spans(captured, candidates, total=10)
+    # start (2, 2), used 4; gains per key: head0 0.025, head1 0.25 -> head1 to 4 (used 6);
+    # then head0 0.025 vs head1 0.1 -> head1 to 8 (used 10): budget reached
+    assert spans.tolist() == [2, 8]
+    assert allocate_head_spans(captured, candidates, total=16).tolist() == [8, 8]
+    assert allocate_head_spans(captured, candidates, total=4).tolist() == [2, 2]
+    with pytest.raises(ParameterError, match="total"):
+        allocate_head_spans(captured, candidates, total=3)
+    with pytest.raises(ParameterError, match="candidates"):
+        allocate_head_spans(captured, [4, 2, 8], total=10)

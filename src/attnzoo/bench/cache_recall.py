@@ -26,6 +26,12 @@ KV cache:
   the budget fraction of them (the most salient by ZipCache's normalized attention) in 4 bits and
   the rest in 2; its memory is the packed codes plus scales, so at budget 10% it holds about as
   many bytes as an eviction policy keeping ~10% of the tokens in float32.
+* Budgets per layer and head (K6): ``pyramidkv`` (SnapKV's selection with PyramidKV's per-layer
+  budgets, more in the lower layer, the same mean), ``longgen`` (LongGen's layout: the middle
+  layer(s) keep the full cache, the others sinks + recent at the budget: more memory, plotted as
+  such), ``moa`` (per-head recent spans allocated under ``H x budget`` keys per layer from the
+  attention mass each span captured on separate calibration prompts, MoA's search with a cheaper
+  objective; the kept sets are ragged, so evicted keys are masked and only kept ones counted).
 * Measures: accuracy (answers whose argmax is the value), the KV memory kept (bytes, all
   layers, float32), and the time per generated token (median of the decode steps).
 
@@ -101,20 +107,22 @@ def prompt_length(num_pairs: int, num_questions: int) -> int:
 # --------------------------------------------------------------------------------------------
 # configuration
 # --------------------------------------------------------------------------------------------
+POLICIES = ("full", "streaming_llm", "h2o", "snapkv", "tova", "key_norm", "zipcache", "pyramidkv", "longgen", "moa")
+
 @dataclass(frozen=True)
 class CacheConfig:
     vocab_size: int = 256
-    num_pairs: int = 48
+    num_pairs: int = 32
     num_questions: int = 8
     d_model: int = 64
     num_heads: int = 2
     num_layers: int = 2
-    train_steps: int = 1500
+    train_steps: int = 1200
     batch_size: int = 64
     lr: float = 3e-3
     test_examples: int = 256
     budgets: tuple[float, ...] = (0.1, 0.2, 0.3, 0.5)
-    policies: tuple[str, ...] = ("full", "streaming_llm", "h2o", "snapkv", "tova", "key_norm", "zipcache")
+    policies: tuple[str, ...] = POLICIES
     seed: int = 0
 
     @property
@@ -183,6 +191,7 @@ class _LayerCache:
     values: Tensor
     conv_inputs: Tensor  # (B, K-1, C): the short convolution's last normed inputs
     stored_bytes: Optional[int] = None  # bytes the prompt's cache is held in, when quantized
+    keep: Optional[Tensor] = None  # (B, H, S) bool: per-head kept prompt keys (ragged budgets)
 
 
 class CachedDecoder:
@@ -201,6 +210,7 @@ class CachedDecoder:
         self.model = model
         self.caches: list[_LayerCache] = []
         self.prefill_queries: list[Tensor] = []
+        self.head_spans: Optional[list[Tensor]] = None  # per layer (H,), from calibrate_head_spans
 
     def _heads(self, mixer, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         b, n, _ = x.shape
@@ -228,16 +238,51 @@ class CachedDecoder:
 
     @torch.no_grad()
     def compress(self, policy: str, budget: int, *, num_questions: int) -> None:
-        """Cut every layer's cache to ``budget`` tokens with ``policy`` (see the module docstring)."""
-        for cache, q in zip(self.caches, self.prefill_queries):
+        """Cut every layer's cache to ``budget`` tokens (a mean over layers and heads for the K6
+        policies) with ``policy`` (see the module docstring)."""
+        window = num_questions + 1
+        layers = len(self.caches)
+        s = self.caches[0].keys.shape[2]
+        if policy == "pyramidkv":
+            budgets = policies.pyramid_budgets(max(budget, window + 1), layers, s, window=window)
+        elif policy == "longgen":
+            full = set(policies.middle_full_layers(layers))
+            budgets = [s if i in full else budget for i in range(layers)]
+        else:
+            budgets = [budget] * layers
+        for i, (cache, q) in enumerate(zip(self.caches, self.prefill_queries)):
             if policy == "zipcache":
-                fraction = budget / cache.keys.shape[2]
-                mixed = mixed_precision_kv(cache.keys, cache.values, normalized_attention_saliency(q, cache.keys), high_fraction=fraction)
+                mixed = mixed_precision_kv(cache.keys, cache.values, normalized_attention_saliency(q, cache.keys), high_fraction=budget / s)
                 cache.keys, cache.values = mixed.dequantize()
                 cache.stored_bytes = mixed.nbytes
                 continue
-            kept = select(policy, cache.keys, q, budget, window=num_questions + 1)
+            if policy == "moa":
+                if self.head_spans is None:
+                    raise ParameterError("compress: policy 'moa' needs calibrate_head_spans() first", argument="policy")
+                cache.keep = policies.per_head_recent(cache.keys, self.head_spans[i])
+                continue
+            inner = {"pyramidkv": "snapkv", "longgen": "streaming_llm"}.get(policy, policy)
+            kept = select(inner, cache.keys, q, budgets[i], window=window)
             cache.keys, cache.values = policies.gather_kept(cache.keys, kept), policies.gather_kept(cache.values, kept)
+
+    @torch.no_grad()
+    def calibrate_head_spans(self, tokens: Tensor, budget: int, *, window: int, candidates: Optional[Sequence[int]] = None) -> list[Tensor]:
+        """MoA-style per-head spans for each layer (:func:`attnzoo.cache.policies.allocate_head_spans`),
+        profiled on calibration prompts ``tokens``: the attention mass the last ``window`` prompt
+        queries put inside each candidate span; heads share ``H * budget`` keys per layer."""
+        self.prefill(tokens)
+        s = tokens.shape[1]
+        candidates = sorted({max(1, int(s * f)) for f in (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)} if candidates is None else set(candidates))
+        spans = []
+        for cache, q in zip(self.caches, self.prefill_queries):
+            probs = torch.cat([p for _, p in policies.attention_probs(q[:, :, -window:], cache.keys)], dim=2)  # (B, H, w, S)
+            recent_mass = probs.flip(-1).cumsum(-1)  # mass inside the last j + 1 keys
+            captured = torch.stack([recent_mass[..., c - 1] for c in candidates], -1).mean((0, 2))  # (H, C)
+            heads = captured.shape[0]
+            total = max(heads * budget, heads * candidates[0])
+            spans.append(policies.allocate_head_spans(captured, candidates, total))
+        self.head_spans = spans
+        return spans
 
     @torch.no_grad()
     def step(self, token: Tensor) -> Tensor:
@@ -253,18 +298,25 @@ class CachedDecoder:
             x = x + conv
             q, k, v = self._heads(layer.mixer, layer.mixer_norm(x))
             cache.keys, cache.values = torch.cat([cache.keys, k], 2), torch.cat([cache.values, v], 2)
-            x = x + self._merge(layer.mixer, F.scaled_dot_product_attention(q, cache.keys, cache.values))
+            mask = None
+            if cache.keep is not None:  # per-head evictions: the prompt keys a head dropped stay masked
+                cache.keep = torch.cat([cache.keep, cache.keep.new_ones(*cache.keep.shape[:2], 1)], 2)
+                mask = cache.keep[:, :, None, :]
+            x = x + self._merge(layer.mixer, F.scaled_dot_product_attention(q, cache.keys, cache.values, attn_mask=mask))
         return self.model.logits(x)[:, 0]
 
     def cache_bytes(self) -> int:
-        """Bytes the prompt's keys and values are held in (right after :meth:`compress`), all layers."""
-        return sum(
-            c.stored_bytes if c.stored_bytes is not None else c.keys.numel() * c.keys.element_size() + c.values.numel() * c.values.element_size()
-            for c in self.caches
-        )
-
-
-POLICIES = ("full", "streaming_llm", "h2o", "snapkv", "tova", "key_norm", "zipcache")
+        """Bytes the prompt's keys and values are held in (right after :meth:`compress`), all layers;
+        a per-head keep mask counts the kept keys only (a ragged store would hold those)."""
+        total = 0
+        for c in self.caches:
+            if c.stored_bytes is not None:
+                total += c.stored_bytes
+                continue
+            per_token = (c.keys.shape[-1] * c.keys.element_size() + c.values.shape[-1] * c.values.element_size())
+            tokens = int(c.keep.sum()) if c.keep is not None else c.keys.shape[0] * c.keys.shape[1] * c.keys.shape[2]
+            total += tokens * per_token
+        return total
 
 
 def select(policy: str, keys: Tensor, queries: Tensor, budget: int, *, window: int) -> Tensor:
@@ -307,6 +359,9 @@ def evaluate_policy(model: MQARModel, config: CacheConfig, policy: str, fraction
     if policy == "snapkv":
         budget = max(budget, config.num_questions + 1)  # the observation window is always kept
     decoder = CachedDecoder(model)
+    if policy == "moa":  # profiled offline, on prompts of the training distribution (not the test set)
+        calibration, _ = needle_recall(config.vocab_size, config.num_pairs, config.num_questions, 64, seed=config.seed * 1_000_003 - 1)
+        decoder.calibrate_head_spans(calibration[:, :s], budget, window=config.num_questions + 1)
     decoder.prefill(inputs[:, :s])
     decoder.compress(policy, budget, num_questions=config.num_questions)
     kv_bytes = decoder.cache_bytes() // inputs.shape[0]

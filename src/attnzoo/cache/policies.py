@@ -1,4 +1,4 @@
-"""KV-cache eviction rules as pure tensor functions.
+"""KV-cache eviction rules as pure tensor functions, and budgets per layer and head (K6).
 
 Every rule takes the cached keys ``(B, Hkv, S, D)`` (and, where the rule needs them, queries or
 accumulated attention) and returns the **kept indices** ``(B, Hkv, k)``: int64, sorted ascending
@@ -18,7 +18,7 @@ query is the last key, as in a KV cache), scale ``D ** -0.5`` unless given.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +38,11 @@ __all__ = [
     "tova_scores",
     "tova",
     "key_norm",
+    "pyramid_budgets",
+    "middle_full_layers",
+    "moa_spans",
+    "per_head_recent",
+    "allocate_head_spans",
 ]
 
 
@@ -303,3 +308,100 @@ def key_norm(keys: Tensor, *, budget: int) -> Tensor:
     if keys.shape[2] <= budget:
         return _all(keys)
     return _top(-keys.float().norm(dim=-1), budget)
+
+
+# --------------------------------------------------------------------------------------------
+# K6 budgets per layer and per head
+# --------------------------------------------------------------------------------------------
+def pyramid_budgets(budget: int, num_layers: int, prompt_length: int, *, window: int, beta: int = 20) -> list[int]:
+    """PyramidKV's per-layer budgets (Cai et al., arXiv 2406.02069, Sec. 3.2; the rule of its public
+    ``pyramidkv_utils.py``): an arithmetic sequence, more keys in the lower layers, the same mean.
+
+    With ``c = budget - window`` prefix keys on average: the top layer keeps ``c // beta``, the
+    bottom ``2c - c // beta`` (capped at the ``prompt_length - window`` prefix keys, the cap's excess
+    moved to the top), layer ``l`` keeps ``bottom - l * ((bottom - top) // (L - 1))``; each layer's
+    budget adds the ``window`` back (the layer's SnapKV observation window, always kept).
+    """
+    budget = _check_int("budget", budget, 1)
+    num_layers = _check_int("num_layers", num_layers, 1)
+    window = _check_int("window", window, 0)
+    beta = _check_int("beta", beta, 1)
+    if budget <= window:
+        raise ParameterError(f"budget: must exceed the window ({window}) it includes, got {budget}", argument="budget")
+    prefix = budget - window
+    low = prefix // beta
+    high = 2 * prefix - low
+    if high >= prompt_length - window:
+        high = prompt_length - window
+        low = 2 * prefix - high
+    steps = (high - low) // (num_layers - 1) if num_layers > 1 else 0
+    return [max(1, high - layer * steps) + window for layer in range(num_layers)]
+
+
+def middle_full_layers(num_layers: int, fraction: float = 1 / 3) -> list[int]:
+    """LongGen's layout (Ge et al., "A Little Goes a Long Way: Efficient Long Context Training and
+    Inference with Partial Contexts", arXiv 2410.01485, Sec. 3): the middle ``fraction`` of the
+    layers keep full attention (a full KV cache); the others a sink + recent window. At least one
+    layer is full; with few layers, the middle one."""
+    num_layers = _check_int("num_layers", num_layers, 1)
+    if not isinstance(fraction, (int, float)) or isinstance(fraction, bool) or not 0.0 < fraction <= 1.0:
+        raise ParameterError(f"fraction: expected a float in (0, 1], got {fraction!r}", argument="fraction")
+    count = max(1, round(num_layers * fraction))
+    start = (num_layers - count) // 2
+    return list(range(start, start + count))
+
+
+def moa_spans(length: int, alpha: Tensor, beta: Tensor) -> Tensor:
+    """MoA's elastic spans (Fu et al., "MoA: Mixture of Sparse Attention for Automatic Large
+    Language Model Compression", arXiv 2406.14909, Sec. 4.1): head ``h`` attends the last
+    ``S_h = alpha_h + beta_h * N`` tokens at length ``N``; returns ``(H,)`` int64 spans in ``[1, N]``."""
+    length = _check_int("length", length, 1)
+    if not isinstance(alpha, Tensor) or not isinstance(beta, Tensor) or alpha.shape != beta.shape or alpha.ndim != 1:
+        raise ShapeError("alpha, beta: expected two (H,) tensors of the same shape", argument="alpha")
+    return (alpha.double() + beta.double() * length).round().clamp(1, length).long()
+
+
+def per_head_recent(keys: Tensor, spans: Tensor, *, n_sink: int = 0) -> Tensor:
+    """Keep mask ``(B, Hkv, S)`` bool: for kv head ``h`` the first ``n_sink`` keys and the last
+    ``spans[h]`` (per-head budgets make the kept sets ragged, so a mask, not indices)."""
+    _check_keys(keys)
+    n_sink = _check_int("n_sink", n_sink, 0)
+    b, h, s, _ = keys.shape
+    if not isinstance(spans, Tensor) or spans.shape != (h,):
+        raise ShapeError(f"spans: expected ({h},), one span per kv head, got {getattr(spans, 'shape', type(spans))}", argument="spans")
+    j = torch.arange(s, device=keys.device)
+    keep = (j >= s - spans.to(keys.device)[:, None]) | (j < n_sink)
+    return keep.expand(b, h, s)
+
+
+def allocate_head_spans(captured: Tensor, candidates: Sequence[int], total: int) -> Tensor:
+    """Per-head spans under a total budget, chosen by the attention mass each span captures.
+
+    ``captured`` ``(H, C)``: the mass of head ``h``'s attention inside the recent ``candidates[c]``
+    keys (non-decreasing in ``c``), measured on calibration prompts. Every head starts at the
+    smallest candidate; then the head whose next candidate adds the most mass per extra key grows,
+    while the spans' sum stays within ``total``. This is MoA's search (arXiv 2406.14909, Sec. 4.2)
+    with captured attention mass standing in for its gradient-based loss estimate: the same
+    budgeted per-head choice among candidate spans, a cheaper objective. Returns ``(H,)`` int64.
+    """
+    if not isinstance(captured, Tensor) or captured.ndim != 2 or captured.shape[1] != len(candidates):
+        raise ShapeError(f"captured: expected (H, {len(candidates)}), got {getattr(captured, 'shape', type(captured))}", argument="captured")
+    if list(candidates) != sorted(set(candidates)) or not candidates or candidates[0] < 1:
+        raise ParameterError(f"candidates: expected increasing positive spans, got {list(candidates)}", argument="candidates")
+    h = captured.shape[0]
+    total = _check_int("total", total, h * candidates[0])
+    choice = [0] * h
+    used = h * candidates[0]
+    while True:
+        best, best_gain = None, 0.0
+        for head in range(h):
+            c = choice[head]
+            if c + 1 < len(candidates) and used + candidates[c + 1] - candidates[c] <= total:
+                gain = float(captured[head, c + 1] - captured[head, c]) / (candidates[c + 1] - candidates[c])
+                if best is None or gain > best_gain:
+                    best, best_gain = head, gain
+        if best is None:
+            break
+        used += candidates[choice[best] + 1] - candidates[choice[best]]
+        choice[best] += 1
+    return torch.tensor([candidates[c] for c in choice], dtype=torch.int64)
