@@ -211,3 +211,31 @@ def test_presets():
     with pytest.raises(ParameterError):
         preset("gpu")
     assert math.isclose(zoology.early_stop, 0.99)
+
+
+def test_extrapolation_preset_trains_at_one_length_and_tests_to_16x():
+    from attnzoo.bench.mqar import EXTRAPOLATION, preset
+
+    config = preset("extrapolation")
+    assert config is not None and config == EXTRAPOLATION
+    train_lengths = {s.seq_len for s in config.train}
+    test_lengths = [s.seq_len for s in config.test]
+    assert train_lengths == {64} and max(test_lengths) == 16 * 64
+    assert all(s.num_kv_pairs * 16 == s.seq_len for s in config.test)  # Zoology's L / 16 pairs
+    assert config.vocab_size > max(test_lengths)
+    assert dict(config.overrides)["window"] == (32, 0)  # fixed across lengths
+    assert config.early_stop > 1.0
+
+
+def test_mqar_length_table_shows_each_test_length():
+    from rich.console import Console
+
+    from attnzoo.bench.mqar import EXTRAPOLATION
+    from attnzoo.cli.bench import mqar_length_table
+
+    rows = [{"mechanism": "softmax", "metrics": {"d_model": 64, "accuracy": 0.5, "lr": 3e-3,
+             "by_segment": {"L64-kv4": 1.0, "L1024-kv64": 0.25}}}]
+    console = Console(record=True, width=200)
+    console.print(mqar_length_table(rows, EXTRAPOLATION))
+    text = console.export_text()
+    assert "L=64*" in text and "L=1024" in text and "1.000" in text and "0.250" in text

@@ -376,7 +376,26 @@ CPU = MQARConfig(
     test_batch_size=50,
 )
 
-PRESETS: dict[str, MQARConfig] = {"cpu": CPU, "zoology": ZOOLOGY}
+#: B4 length extrapolation: train at L = 64 only, test at 64 ... 1024 (16 L) with Zoology's ratio
+#: of pairs to length (L / 16); V = 2048 > 1024. The mechanisms of the catalog's B4 entry, each
+#: with parameters fixed across lengths (a window that grew with N would not be extrapolating):
+#: softmax, sliding_window with 4 sinks and a 32-token window, linear, retention, and the
+#: score-level variants (sigmoid with its -log n bias, relu with 1/n).
+EXTRAPOLATION = MQARConfig(
+    vocab_size=2048,
+    train=_segments([(64, 4, 4_000)]),
+    test=_segments([(64, 4, 100), (128, 8, 50), (256, 16, 50), (512, 32, 25), (1024, 64, 25)]),
+    d_models=(64,),
+    learning_rates=(3e-3,),
+    mechanisms=("softmax", "sliding_window", "linear", "retention", "sigmoid", "relu"),
+    epochs=8,
+    batch_size=32,
+    test_batch_size=25,
+    early_stop=1.01,  # never: the long segments are not trained on, so pooled accuracy must not stop training
+    overrides=(("window", (32, 0)), ("sinks", 4)),
+)
+
+PRESETS: dict[str, MQARConfig] = {"cpu": CPU, "zoology": ZOOLOGY, "extrapolation": EXTRAPOLATION}
 
 
 def preset(name: str, **changes: Any) -> MQARConfig:
@@ -664,5 +683,6 @@ def best_over_lr(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         key = (row["mechanism"], int(m["d_model"]))
         if key not in best or m["accuracy"] > best[key]["accuracy"]:
             best[key] = {"mechanism": row["mechanism"], "d_model": int(m["d_model"]), "accuracy": m["accuracy"], "lr": m.get("lr"),
-                         "state_size": m.get("state_size"), "kv_cache_size": m.get("kv_cache_size"), "steps": m.get("steps")}
+                         "state_size": m.get("state_size"), "kv_cache_size": m.get("kv_cache_size"), "steps": m.get("steps"),
+                         "by_segment": m.get("by_segment") or {}}
     return [best[k] for k in sorted(best)]

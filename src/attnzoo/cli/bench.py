@@ -467,6 +467,20 @@ def mqar_table(rows: Sequence[dict[str, Any]]) -> Table:
     return table
 
 
+def mqar_length_table(rows: Sequence[dict[str, Any]], config: Any) -> Table:
+    """Accuracy per test segment (length) of the best learning rate: B4's extrapolation view."""
+    trained = {s.seq_len for s in config.train}
+    table = Table(title="MQAR accuracy by test length (* = a length trained on)")
+    table.add_column("mechanism")
+    table.add_column("d_model", justify="right")
+    for segment in config.test:
+        table.add_column(f"L={segment.seq_len}{'*' if segment.seq_len in trained else ''}", justify="right")
+    for r in best_over_lr(rows):
+        cells = [r["by_segment"].get(s.name) for s in config.test]
+        table.add_row(r["mechanism"], str(r["d_model"]), *("-" if c is None else f"{c:.3f}" for c in cells))
+    return table
+
+
 def _cmd_mqar(args: argparse.Namespace, console: Console) -> int:
     config = _mqar_config(args)
     for name in config.mechanisms or ():
@@ -477,6 +491,8 @@ def _cmd_mqar(args: argparse.Namespace, console: Console) -> int:
         results = _with_threads(args.threads, lambda: run_mqar(config, store, machine=machine, resume=args.resume, on_case=advance))
         rows = [r for r in store.results(kind="mqar", latest=True) if r["mechanism"] in {x.mechanism for x in results}]
     console.print(mqar_table(rows))
+    if len(config.test) > 1:
+        console.print(mqar_length_table(rows, config))
     skipped = sorted({r.mechanism for r in results if r.metrics.get("accuracy") is None})
     if skipped:
         console.print(Text("not run: " + ", ".join(skipped) + " (no causal self pattern, or the note in the database)", "dim"))
@@ -485,7 +501,7 @@ def _cmd_mqar(args: argparse.Namespace, console: Console) -> int:
 
 
 def _add_mqar_options(mqar: argparse.ArgumentParser) -> None:
-    mqar.add_argument("--preset", choices=sorted(MQAR_PRESETS), default="cpu", help="cpu (minutes per mechanism on 2 cores, the default) or zoology (the paper's)")
+    mqar.add_argument("--preset", choices=sorted(MQAR_PRESETS), default="cpu", help="cpu (minutes per mechanism on 2 cores, the default), zoology (the paper's) or extrapolation (B4: train at 64, test to 1024)")
     mqar.add_argument("--mechanisms", nargs="+", metavar="NAME", help="only these (default: every mechanism with the causal self pattern)")
     mqar.add_argument("--d-models", type=_positive_int, nargs="+", help="model widths (default: the preset's)")
     mqar.add_argument("--lrs", type=_positive_float, nargs="+", help="learning rates of the sweep (default: the preset's)")
