@@ -9,7 +9,8 @@ Both compute their attention through a registered mechanism (``mechanism=``, sof
 and take ``key_padding_mask`` (B, N) bool, True = ignore that token/position.
 """
 
+from .global_local import GlobalLocalCrossAttention, PairwiseCrossAttention, attention_rollout
 from .pointer import PointerHead
 from .probe import AttentiveProbe
 
-__all__ = ["AttentiveProbe", "PointerHead"]
+__all__ = ["AttentiveProbe", "PointerHead", "GlobalLocalCrossAttention", "PairwiseCrossAttention", "attention_rollout"]
