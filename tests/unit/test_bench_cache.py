@@ -14,7 +14,6 @@ from attnzoo.bench.cache_recall import (
     prompt_length,
     run_cache,
     select,
-    train_recall_model,
 )
 from attnzoo.bench.mqar import IGNORE_INDEX, MQARModel
 from attnzoo.bench.report import collect
@@ -75,8 +74,7 @@ def test_decoder_after_compression_equals_a_forward_that_masks_the_evicted_keys(
         x = x + layer.conv(layer.conv_norm(x))
         mixer = layer.mixer
         h = layer.mixer_norm(x)
-        split = lambda t: t.view(2, n, mixer.num_heads, mixer.head_dim).transpose(1, 2)  # noqa: E731
-        q, k, v = split(mixer.q_proj(h)), split(mixer.k_proj(h)), split(mixer.v_proj(h))
+        q, k, v = (proj(h).view(2, n, mixer.num_heads, mixer.head_dim).transpose(1, 2) for proj in (mixer.q_proj, mixer.k_proj, mixer.v_proj))
         visible = torch.ones(2, mixer.num_heads, n, n, dtype=torch.bool).tril()
         evicted = torch.ones(2, mixer.num_heads, s, dtype=torch.bool)
         evicted.scatter_(2, keep, False)

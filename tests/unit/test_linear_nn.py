@@ -27,6 +27,15 @@ def test_hedgehog_map_plugs_into_the_functional_form():
     assert fmap.bias.grad is not None
 
 
+@pytest.mark.parametrize("shape", [(1, 2, 2, 24, 8), (2, 24, 8), (2, 3, 24, 8), (2, 2, 24, 5)], ids=["extra-dim", "no-heads", "wrong-heads", "wrong-D"])
+def test_hedgehog_map_refuses_a_wrong_shape(shape):
+    """Regression (module suite): a (1, B, H, N, D) input broadcast through the per-head matmul
+    and came out (1, B, H, N, 2F) without a word; the map now names x and the expected layout."""
+    fmap = HedgehogFeatureMap(num_heads=2, head_dim=8)
+    with pytest.raises(ShapeError, match=r"x: expected \(B, H=2, N, D=8\)"):
+        fmap(torch.randn(*shape))
+
+
 def test_hedgehog_distillation_loss_is_the_cross_entropy_written_out():
     fmap = HedgehogFeatureMap(num_heads=2, head_dim=8)
     q, k = _qk(n=6)
@@ -161,4 +170,4 @@ def test_modules_pass_the_padding_mask_through(make, sides):
             out = module(x, key_padding_mask=pad)
             for b, r in enumerate(rows):
                 alone = module(x[b : b + 1, r])
-                torch.testing.assert_close(out[b : b + 1, r], alone, atol=1e-10, rtol=1e-8, msg=lambda m: f"{side}, sequence {b}: {m}")
+                torch.testing.assert_close(out[b : b + 1, r], alone, atol=1e-10, rtol=1e-8, msg=lambda m, side=side, b=b: f"{side}, sequence {b}: {m}")

@@ -26,6 +26,7 @@ from ..kernels.reference import stable_softmax_lse
 from ..masks import causal_offset
 from ..registry import Mechanism, Problem, get
 from ._checks import check_tokens, merge_heads, positive_int, split_heads
+from ._registry import ModuleExample, register_module
 
 __all__ = ["MultiheadAttention", "ShortConvolution", "self_pattern", "cross_pattern"]
 
@@ -97,6 +98,15 @@ def _open_empty_rows(bias: Tensor, padding: Optional[Tensor]) -> tuple[Tensor, T
     return torch.where(empty, torch.zeros((), dtype=bias.dtype, device=bias.device), bias), empty
 
 
+@register_module(
+    "D1",
+    paper="Attention Is All You Need (Vaswani et al., NeurIPS 2017); FlashAttention-2 (Dao, ICLR 2024)",
+    layout="(B, N, C) with batch_first=True; torch's (L, B, E) by default",
+    example=ModuleExample(
+        dict(embed_dim=512, num_heads=8, batch_first=True), inputs=[(1, 1024, 512)], test_inputs=[(2, 17, 32)],
+        test_kwargs=dict(embed_dim=32, num_heads=2),
+    ),
+)
 class MultiheadAttention(nn.Module):
     """``torch.nn.MultiheadAttention`` with any registered mechanism as the token mixer.
 

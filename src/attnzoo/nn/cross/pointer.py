@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import positive_int
+from .._registry import ModuleExample, register_module
 from ..mha import _open_empty_rows
 from ...errors import ParameterError, ShapeError
 from ._common import cross_mechanism, padding_param, takes
@@ -30,6 +31,16 @@ class _TanhClip:
         return torch.where(score == float("-inf"), score, self.cap * torch.tanh(score / self.cap))
 
 
+@register_module(
+    "X4",
+    paper="Pointer Networks (Vinyals et al., NeurIPS 2015); Attention, Learn to Solve Routing Problems! (Kool et al., ICLR 2019)",
+    layout="decoder (B, M, C), encoder (B, N, C) -> log p (B, M, N)",
+    # bench: TSP-100 (Kool et al.: 128 channels, tanh clipping C = 10), 100 decoder states at once
+    example=ModuleExample(
+        dict(embed_dim=128, clip=10.0), inputs=[(64, 100, 128), (64, 100, 128)], test_inputs=[(2, 5, 16), (2, 7, 16)],
+        test_kwargs=dict(embed_dim=16), output=lambda shapes: (shapes[0][0], shapes[0][1], shapes[1][1]),
+    ),
+)
 class PointerHead(nn.Module):
     """Log-probabilities over the N input positions for each of M decoder states: a pointer.
 

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import check_tokens, positive_int
+from .._registry import ModuleExample, register_module
 from ...errors import ParameterError
 from ._common import cross_mechanism, padding_param
 
@@ -16,6 +17,16 @@ __all__ = ["AttentiveProbe"]
 _OWNER = "AttentiveProbe"
 
 
+@register_module(
+    "X3",
+    paper="Attention, Please! Revisiting Attentive Probing for Masked Image Modeling (Psomas et al., 2025)",
+    layout="(B, N, C) -> (B, num_classes)",
+    # bench: a ViT-B/16's 196 patch tokens probed for 1000 classes; num_classes is kept in the test (the output shape reads only the inputs)
+    example=ModuleExample(
+        dict(embed_dim=768, num_queries=32, num_classes=1000), inputs=[(8, 196, 768)], test_inputs=[(2, 17, 32)],
+        test_kwargs=dict(embed_dim=32, num_queries=4), output=lambda shapes: (shapes[0][0], 1000),
+    ),
+)
 class AttentiveProbe(nn.Module):
     """Multi-query cross-attention pooling of (B, N, C) tokens: attentive probing.
 

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import odd_kernel, spatial_dims_1_or_2
+from .._registry import ModuleExample, register_module
 from ...errors import ParameterError, ShapeError
 from ...functional.linear import agent_attention
 from .attention import _TokenMixer
@@ -40,6 +41,16 @@ from .attention import _TokenMixer
 __all__ = ["AgentAttention"]
 
 
+@register_module(
+    "F4",
+    "M13",
+    paper="Agent Attention: On the Integration of Softmax and Linear Attention (Han et al., ECCV 2024)",
+    layout="(B, H, W, C)",
+    example=ModuleExample(
+        dict(dim=96, num_heads=3, agent_num=49), inputs=[(1, 56, 56, 96)], test_inputs=[(2, 8, 8, 16)],
+        test_kwargs=dict(dim=16, num_heads=2, agent_num=4),
+    ),
+)
 class AgentAttention(_TokenMixer):
     """Agent attention over channels-last tokens: qkv projection, agents pooled from Q, two
     softmax attentions through the agents, plus a depthwise convolution of V, output projection.

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import positive_int
+from .._registry import ModuleExample, register_module
 from ...errors import ParameterError, ShapeError
 from ...functional.linear import linear_attention, retention
 from ...functional.linear.feature_maps import default_num_features, hedgehog_features, orthogonal_gaussian, positive_random_features
@@ -27,11 +28,22 @@ __all__ = ["HedgehogFeatureMap", "RandomFeatureMap", "LinearAttention", "Retenti
 
 
 
+@register_module(
+    "F1",
+    paper="The Hedgehog & the Porcupine: Expressive Linear Attentions with Softmax Mimicry (Zhang et al., ICLR 2024)",
+    layout="(B, H, N, D) heads -> (B, H, N, 2F)",
+    example=ModuleExample(
+        dict(num_heads=8, head_dim=64), inputs=[(1, 8, 1024, 64)], test_inputs=[(2, 2, 17, 8)],
+        test_kwargs=dict(num_heads=2, head_dim=8),
+        output=lambda shapes: (*shapes[0][:3], 2 * shapes[0][3]),  # feature_dim defaults to head_dim: 2F = 2D
+    ),
+)
 class HedgehogFeatureMap(nn.Module):
     """Hedgehog's learned feature map (Zhang et al., 2024, Sec. 4), one single-layer MLP per head.
 
     ``phi(x) = softmax([x W_h + b_h, -(x W_h + b_h)])`` over its 2F features, W_h (D, F)
-    initialized to the identity (the map starts as a plain exp map of x). Pass it to the
+    initialized to the identity (the map starts as a plain exp map of x); heads (B, H, N, D) ->
+    features (B, H, N, 2F), cost O(N H D F). Pass it to the
     functional form with ``linear_attention(q, k, v, **fmap.attention_params())``, and train it
     with :meth:`distillation_loss` against the softmax attention it should mimic.
 
@@ -52,6 +64,11 @@ class HedgehogFeatureMap(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, H, N, D) -> (B, H, N, 2F)."""
+        if x.dim() != 4 or x.shape[1] != self.num_heads or x.shape[-1] != self.head_dim:
+            # without it a (..., B, H, N, D) input broadcasts through the per-head matmul silently
+            raise ShapeError(
+                f"HedgehogFeatureMap: x: expected (B, H={self.num_heads}, N, D={self.head_dim}), got shape {tuple(x.shape)}", argument="x"
+            )
         return hedgehog_features(x, self.weight, self.bias)
 
     def attention_params(self) -> dict[str, Any]:
@@ -158,6 +175,14 @@ class _TokenMixer(nn.Module):
         return out.transpose(1, 2).reshape(out.shape[0], out.shape[2], self.dim)
 
 
+@register_module(
+    "F1",
+    paper="Transformers are RNNs: Fast Autoregressive Transformers with Linear Attention (Katharopoulos et al., ICML 2020)",
+    layout="(B, N, C)",
+    example=ModuleExample(
+        dict(dim=512, num_heads=8), inputs=[(1, 1024, 512)], test_inputs=[(2, 17, 32)], test_kwargs=dict(dim=32, num_heads=2)
+    ),
+)
 class LinearAttention(_TokenMixer):
     """Linear attention over (B, N, C) tokens: qkv projection, :func:`linear_attention`, output projection.
 
@@ -215,6 +240,14 @@ class LinearAttention(_TokenMixer):
         return f"dim={self.dim}, num_heads={self.num_heads}, causal={self.causal}, normalize={self.normalize}"
 
 
+@register_module(
+    "F2",
+    paper="Retentive Network (Sun et al., 2023); ViR: Vision Retention Networks (Hatamizadeh et al., 2023)",
+    layout="(B, N, C)",
+    example=ModuleExample(
+        dict(dim=512, num_heads=8), inputs=[(1, 1024, 512)], test_inputs=[(2, 17, 32)], test_kwargs=dict(dim=32, num_heads=2)
+    ),
+)
 class Retention(_TokenMixer):
     """Retention over (B, N, C) tokens (RetNet, Sun et al., 2023): qkv projection, :func:`retention`,
     a per-head GroupNorm (RetNet's; it makes the output invariant to the per-row scale of the

@@ -33,6 +33,7 @@ from typing import Any, Optional
 from torch import Tensor, nn
 
 from .._checks import check_tokens, merge_heads, positive_int, split_heads
+from .._registry import ModuleExample, register_module
 from ..mha import ShortConvolution
 from ...errors import ParameterError
 from ...functional import sliding_window_attention
@@ -63,6 +64,12 @@ def _heads(owner: str, d_model: int, num_heads: Any) -> int:
 # short convolutions
 # --------------------------------------------------------------------------------------------
 
+@register_module(
+    "F5",
+    paper="Zoology: Measuring and Improving Recall in Efficient Language Models (Arora et al., ICLR 2024); Based (Arora et al., ICML 2024)",
+    layout="(B, N, C)",
+    example=ModuleExample(dict(d_model=512), inputs=[(1, 1024, 512)], test_inputs=[(2, 17, 32)], test_kwargs=dict(d_model=32)),
+)
 class BaseConv(nn.Module):
     """Zoology's gated short convolution, the conv layers of Based's MQAR models:
     ``y = ShortConvolution(u) * (u W + b)  (+ u)``.
@@ -70,7 +77,13 @@ class BaseConv(nn.Module):
     Arora et al. (2024) and Zoology (Arora et al., 2023) call it BaseConv; ``residual=True``
     (default) adds the input as their ``BaseConv.forward`` does (inside the mixer, besides the
     block's own residual). Based's language models use a wider variant (in/out projections
-    and a SiLU); this is the one of the recall experiments.
+    and a SiLU); this is the one of the recall experiments. Tokens (B, N, C) -> (B, N, C);
+    cost O(N C (C + K)).
+
+    Example::
+
+        >>> conv = BaseConv(64)
+        >>> y = conv(torch.randn(2, 128, 64))           # (2, 128, 64)
     """
 
     def __init__(self, d_model: int, kernel_size: int = 3, *, residual: bool = True):
@@ -95,6 +108,15 @@ class BaseConv(nn.Module):
 # --------------------------------------------------------------------------------------------
 # attention layers
 # --------------------------------------------------------------------------------------------
+@register_module(
+    "F5",
+    paper="Simple linear attention language models balance the recall-throughput tradeoff (Based; Arora et al., ICML 2024)",
+    layout="(B, N, C)",
+    example=ModuleExample(
+        dict(d_model=512, num_heads=8, feature_dim=16), inputs=[(1, 1024, 512)], test_inputs=[(2, 17, 32)],
+        test_kwargs=dict(d_model=32, num_heads=2, feature_dim=4),
+    ),
+)
 class TaylorLinearAttention(nn.Module):
     """Based's linear-attention layer: q, k projected to ``feature_dim`` per head, v to ``head_dim``,
     :func:`~attnzoo.functional.based_attention` (normalized, causal by default), output projection.
@@ -102,6 +124,12 @@ class TaylorLinearAttention(nn.Module):
     As the official layer (HazyResearch/based ``LinearAttention``, zoology ``Based``): no biases,
     ``head_dim = d_model // num_heads``, eps 1e-12, scale ``feature_dim^-0.5`` (their TaylorExp
     map's exp(q.k / sqrt d)). ``num_heads=1`` is the MQAR configs' value (the LMs use 16).
+    Tokens (B, N, C) -> (B, N, C); cost O(N H feature_dim^2 head_dim) (the Taylor state).
+
+    Example::
+
+        >>> layer = TaylorLinearAttention(512, num_heads=8, feature_dim=16)
+        >>> y = layer(torch.randn(2, 1024, 512))        # causal, (2, 1024, 512)
     """
 
     def __init__(
@@ -149,6 +177,16 @@ class TaylorLinearAttention(nn.Module):
         return f"d_model={self.d_model}, num_heads={self.num_heads}, feature_dim={self.feature_dim}, head_dim={self.head_dim}, causal={self.causal}"
 
 
+@register_module(
+    "L2",
+    "F5",
+    paper="Simple linear attention language models balance the recall-throughput tradeoff (Based; Arora et al., ICML 2024)",
+    layout="(B, N, C)",
+    example=ModuleExample(
+        dict(d_model=512, num_heads=8, window=64), inputs=[(1, 1024, 512)], test_inputs=[(2, 17, 32)],
+        test_kwargs=dict(d_model=32, num_heads=2, window=4),
+    ),
+)
 class SlidingWindowAttention(nn.Module):
     """Exact softmax attention over a sliding window: query t sees keys t - window .. t.
 
@@ -156,7 +194,13 @@ class SlidingWindowAttention(nn.Module):
     (:func:`~attnzoo.functional.sliding_window_attention`, ``window=(window, 0)``, causal),
     output projection. ``window=64`` is the paper's (Sec. 4; the official layer passes
     FlashAttention ``window_size // 2`` keys back, 64 for its default 128). ``causal=False``
-    gives the two-sided window (window keys each side).
+    gives the two-sided window (window keys each side). Tokens (B, N, C) -> (B, N, C); cost
+    O(N window C).
+
+    Example::
+
+        >>> layer = SlidingWindowAttention(512, num_heads=8, window=64)
+        >>> y = layer(torch.randn(2, 1024, 512))        # (2, 1024, 512)
     """
 
     def __init__(

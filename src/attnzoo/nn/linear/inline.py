@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import odd_kernel, spatial_dims_1_or_2
+from .._registry import ModuleExample, register_module
 from ...errors import ShapeError
 from ...functional.linear.inline import inline_attention
 from .attention import _TokenMixer
@@ -31,6 +32,14 @@ from .attention import _TokenMixer
 __all__ = ["InLineAttention"]
 
 
+@register_module(
+    "F8",
+    paper="Bridging the Divide: Reconsidering Softmax and Linear Attention (InLine; Han et al., NeurIPS 2024)",
+    layout="(B, H, W, C)",
+    example=ModuleExample(
+        dict(dim=96, num_heads=3), inputs=[(1, 56, 56, 96)], test_inputs=[(2, 8, 8, 16)], test_kwargs=dict(dim=16, num_heads=2)
+    ),
+)
 class InLineAttention(_TokenMixer):
     """Injective linear attention plus the predicted depthwise-convolution term, over channels-last tokens.
 

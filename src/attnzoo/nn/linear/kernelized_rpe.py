@@ -18,11 +18,21 @@ from torch import Tensor, nn
 from ...errors import ParameterError, ShapeError
 from ...functional.linear.kernelized_rpe import kernelized_rpe_attention
 from .._checks import positive_int
+from .._registry import ModuleExample, register_module
 from .attention import RandomFeatureMap, _TokenMixer
 
 __all__ = ["KernelizedRPEAttention"]
 
 
+@register_module(
+    "F9",
+    paper="Stable, Fast and Accurate: Kernelized Attention with Relative Positional Encoding (Luo et al., NeurIPS 2021)",
+    layout="(B, N, C)",
+    example=ModuleExample(
+        dict(dim=512, num_heads=8, max_len=1024, num_features=128), inputs=[(1, 1024, 512)], test_inputs=[(2, 17, 32)],
+        test_kwargs=dict(dim=32, num_heads=2, max_len=17, num_features=16),
+    ),
+)
 class KernelizedRPEAttention(_TokenMixer):
     """Random-feature attention weighted by learned ``e^(b_(j-i))``, over (B, N, C) tokens.
 

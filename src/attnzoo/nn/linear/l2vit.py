@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import odd_kernel, spatial_dims_1_or_2
+from .._registry import ModuleExample, register_module
 from ...errors import ParameterError, ShapeError
 from ...functional.linear import linear_attention
 from ...kernels.linear_scan import append_ones
@@ -50,6 +51,12 @@ def _check_layout(owner: str, x: Tensor, dim: int, spatial_dims: int) -> None:
         raise ShapeError(f"{owner}: x: expected {layout} with C={dim}, got shape {tuple(x.shape)}", argument="x")
 
 
+@register_module(
+    "F8",
+    paper="The Linear Attention Resurrection in Vision Transformer (L2ViT; Zheng, 2025)",
+    layout="(B, H, W, C)",
+    example=ModuleExample(dict(dim=96), inputs=[(1, 56, 56, 96)], test_inputs=[(2, 8, 8, 16)], test_kwargs=dict(dim=16)),
+)
 class LocalConcentrationModule(nn.Module):
     """L2ViT's LCM: depthwise conv, GELU, BatchNorm, depthwise conv, on channels-last tokens.
 
@@ -102,6 +109,14 @@ class _EnhancedLinearAttention(_TokenMixer):
         return self.proj(self.merge(out))
 
 
+@register_module(
+    "F8",
+    paper="The Linear Attention Resurrection in Vision Transformer (L2ViT; Zheng, 2025)",
+    layout="(B, H, W, C)",
+    example=ModuleExample(
+        dict(dim=96, num_heads=3), inputs=[(1, 56, 56, 96)], test_inputs=[(2, 8, 8, 16)], test_kwargs=dict(dim=16, num_heads=2)
+    ),
+)
 class L2ViTAttention(nn.Module):
     """L2ViT's enhanced linear global attention with its LCM, as two residual steps on channels-last tokens.
 

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from ...errors import ParameterError, ShapeError
 from ...functional.linear.linfusion import linfusion_attention
+from .._registry import ModuleExample, register_module
 
 __all__ = ["LinFusionAttention", "token_mlp"]
 
@@ -36,6 +37,15 @@ def token_mlp(dim: int, mid_dim: Optional[int]) -> Optional[nn.Module]:
     return nn.Sequential(nn.Linear(dim, width), nn.LayerNorm(width), nn.LeakyReLU(), nn.Linear(width, dim))
 
 
+@register_module(
+    "F8",
+    paper="LinFusion: 1 GPU, 1 Minute, 16K Image (Liu et al., 2024)",
+    layout="(B, N, C)",
+    # bench: the self-attention of SD 1.5's first UNet stage (a 64 x 64 latent, 320 channels, 5 heads)
+    example=ModuleExample(
+        dict(dim=320, num_heads=5), inputs=[(1, 4096, 320)], test_inputs=[(2, 17, 32)], test_kwargs=dict(dim=32, num_heads=2)
+    ),
+)
 class LinFusionAttention(nn.Module):
     """LinFusion's generalized linear attention over (B, N, C) tokens, self or cross.
 

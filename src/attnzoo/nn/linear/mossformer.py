@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import positive_int
+from .._registry import ModuleExample, register_module
 from ...errors import ParameterError, ShapeError
 from ...functional.linear.mossformer import DEFAULT_GROUP_SIZE, joint_chunk_attention
 
@@ -97,6 +98,15 @@ def rotate(x: Tensor, dims: int, theta: float = 10000.0) -> Tensor:
     return torch.cat((turned, x[..., dims:]), dim=-1)
 
 
+@register_module(
+    "F10",
+    paper="MossFormer: Gated Single-Head Transformer with Convolution-Augmented Joint Self-Attentions (Zhao & Ma, ICASSP 2023)",
+    layout="(B, N, C)",
+    example=ModuleExample(
+        dict(dim=512, group_size=256), inputs=[(1, 1024, 512)], test_inputs=[(2, 17, 32)],
+        test_kwargs=dict(dim=32, group_size=8, query_key_dim=16, kernel_size=5),
+    ),
+)
 class MossFormerAttention(nn.Module):
     """MossFormer's gated single-head block with convolution-augmented joint attention, residual included.
 

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from ...errors import ParameterError
 from ...functional.linear.transnormer import normalize_output, transnormer_attention, transnormer_diag_attention
+from .._registry import ModuleExample, register_module
 from .attention import _TokenMixer
 
 __all__ = ["TransNormerAttention"]
@@ -31,6 +32,14 @@ __all__ = ["TransNormerAttention"]
 KINDS = ("norm", "diag")
 
 
+@register_module(
+    "F7",
+    paper="The Devil in Linear Transformer (TransNormer; Qin et al., EMNLP 2022)",
+    layout="(B, N, C)",
+    example=ModuleExample(
+        dict(dim=512, num_heads=8), inputs=[(1, 1024, 512)], test_inputs=[(2, 17, 32)], test_kwargs=dict(dim=32, num_heads=2)
+    ),
+)
 class TransNormerAttention(_TokenMixer):
     """TransNormer's attention over (B, N, C) tokens: qkv projection, NormAttention or
     DiagAttention, XNorm over the merged heads (the official layer), output projection.

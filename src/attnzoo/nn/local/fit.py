@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from ...errors import ParameterError, ShapeError
 from ...functional.dense import softmax_attention
 from .._checks import positive_int
+from .._registry import ModuleExample, register_module
 
 __all__ = ["FITBlock"]
 
@@ -105,6 +106,16 @@ class _Layer(nn.Module):
         return x + self.mlp(self.norm(x))
 
 
+@register_module(
+    "L10",
+    paper="FIT: Far-reaching Interleaved Transformers (Chen & Li, 2023)",
+    layout="(B, N, C)",
+    # forward returns (x, latents); the suite checks x, which every parameter reaches through the write step
+    example=ModuleExample(
+        dict(dim=512, group_size=64, latents_per_group=8, num_heads=8, num_groups=16), inputs=[(1, 1024, 512)],
+        test_inputs=[(2, 16, 16)], test_kwargs=dict(dim=16, group_size=4, latents_per_group=2, num_heads=2, num_groups=4),
+    ),
+)
 class FITBlock(nn.Module):
     """One FIT block: group-local layers, latent read, global latent layers, write back.
 

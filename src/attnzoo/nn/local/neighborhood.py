@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from ..._validate import per_axis
 from ...errors import ParameterError, ShapeError
 from ...functional.local import neighborhood_attention
+from .._registry import ModuleExample, register_module
 
 __all__ = ["NeighborhoodAttention1D", "NeighborhoodAttention2D", "NeighborhoodAttention3D"]
 
@@ -99,6 +100,16 @@ class _NeighborhoodAttention(nn.Module):
         )
 
 
+@register_module(
+    "L1",
+    "M7",
+    paper="Neighborhood Attention Transformer (Hassani et al., CVPR 2023); Dilated Neighborhood Attention Transformer (Hassani & Shi, 2022)",
+    layout="(B, N, C)",
+    example=ModuleExample(
+        dict(dim=512, num_heads=8, kernel_size=7, dilation=2), inputs=[(1, 1024, 512)], test_inputs=[(2, 17, 32)],
+        test_kwargs=dict(dim=32, num_heads=2, kernel_size=5),
+    ),
+)
 class NeighborhoodAttention1D(_NeighborhoodAttention):
     """Neighborhood attention over (B, L, C) tokens (catalog M7; NAT/DiNAT), see :func:`neighborhood_attention`.
 
@@ -111,6 +122,17 @@ class NeighborhoodAttention1D(_NeighborhoodAttention):
     spatial_dims = 1
 
 
+@register_module(
+    "L1",
+    "M7",
+    paper="Neighborhood Attention Transformer (Hassani et al., CVPR 2023); Dilated Neighborhood Attention Transformer (Hassani & Shi, 2022)",
+    layout="(B, H, W, C)",
+    # bench: NAT-Mini's first stage (64 channels, 2 heads, 7 x 7 windows with NAT's relative bias)
+    example=ModuleExample(
+        dict(dim=64, num_heads=2, kernel_size=7, rpb=True), inputs=[(1, 56, 56, 64)], test_inputs=[(2, 8, 8, 16)],
+        test_kwargs=dict(dim=16, num_heads=2, kernel_size=3),
+    ),
+)
 class NeighborhoodAttention2D(_NeighborhoodAttention):
     """Neighborhood attention over (B, H, W, C) feature maps (catalog M7; NAT/DiNAT).
 
@@ -123,7 +145,23 @@ class NeighborhoodAttention2D(_NeighborhoodAttention):
     spatial_dims = 2
 
 
+@register_module(
+    "L1",
+    "M7",
+    paper="Generalized Neighborhood Attention (Hassani et al., 2025); Faster Neighborhood Attention (Hassani et al., NeurIPS 2024)",
+    layout="(B, T, H, W, C)",
+    example=ModuleExample(
+        dict(dim=64, num_heads=4, kernel_size=(3, 7, 7), rpb=True), inputs=[(1, 8, 32, 32, 64)], test_inputs=[(2, 4, 5, 5, 16)],
+        test_kwargs=dict(dim=16, num_heads=2, kernel_size=3),
+    ),
+)
 class NeighborhoodAttention3D(_NeighborhoodAttention):
-    """Neighborhood attention over (B, T, H, W, C) volumes (catalog M7)."""
+    """Neighborhood attention over (B, T, H, W, C) volumes (catalog M7).
+
+    Example::
+
+        >>> layer = NeighborhoodAttention3D(dim=64, num_heads=4, kernel_size=(3, 7, 7))
+        >>> y = layer(torch.randn(2, 8, 32, 32, 64))
+    """
 
     spatial_dims = 3

@@ -16,12 +16,22 @@ from torch import Tensor, nn
 from ..._validate import per_axis
 from ...errors import ParameterError, ShapeError
 from ...functional.local.varying_window import varying_window_attention
+from .._registry import ModuleExample, register_module
 
 __all__ = ["VaryingWindowAttention"]
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
 
+@register_module(
+    "L8",
+    paper="Multi-Scale Representations by Varying Window Attention for Semantic Segmentation (VWA; Yan et al., ICLR 2024)",
+    layout="(B, H, W, C)",
+    example=ModuleExample(
+        dict(dim=256, num_heads=8, window_size=8, ratio=2), inputs=[(1, 64, 64, 256)], test_inputs=[(2, 8, 8, 16)],
+        test_kwargs=dict(dim=16, num_heads=2, window_size=4),
+    ),
+)
 class VaryingWindowAttention(nn.Module):
     """Varying window attention over (B, *spatial, C) feature maps (catalog L8; VWA).
 

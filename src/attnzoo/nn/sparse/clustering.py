@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from ...errors import ParameterError
 from ...functional.sparse.clustering import kmeans_routing_attention, route_scores, token_centres_attention
 from .._checks import check_tokens, merge_heads, positive_int, split_heads
+from .._registry import ModuleExample, register_module
 
 __all__ = ["RoutingAttention", "TokenCentreAttention", "online_kmeans_update", "spherical_kmeans_step"]
 
@@ -55,6 +56,15 @@ def online_kmeans_update(centroids: Tensor, x: Tensor, decay: float) -> Tensor:
     return torch.where(counts[..., None] > 0, moved, centroids.double()).to(centroids.dtype)
 
 
+@register_module(
+    "S4",
+    paper="Efficient Content-Based Sparse Attention with Routing Transformers (Roy et al., TACL 2021)",
+    layout="(B, N, C)",
+    example=ModuleExample(
+        dict(d_model=512, num_heads=8, num_clusters=32), inputs=[(1, 1024, 512)], test_inputs=[(2, 17, 32)],
+        test_kwargs=dict(d_model=32, num_heads=2, num_clusters=4),
+    ),
+)
 class RoutingAttention(nn.Module):
     """Routing Transformer attention layer: q/k/v projections, online k-means centroids, clustered attention.
 
@@ -153,6 +163,16 @@ def spherical_kmeans_step(x: Tensor, centres: Tensor) -> Tensor:
     return torch.where(counts[:, None] > 0, F.normalize(sums, dim=-1), cn).to(centres.dtype)
 
 
+@register_module(
+    "S4",
+    paper="CATANet: Efficient Content-Aware Token Aggregation for Lightweight Image Super-Resolution (Liu et al., CVPR 2025)",
+    layout="(B, N, C)",
+    # bench: CATANet's width (40 channels, qk 36) on a 64 x 64 patch
+    example=ModuleExample(
+        dict(d_model=40, num_heads=4, num_centres=16, group_size=64, qk_dim=36), inputs=[(1, 4096, 40)], test_inputs=[(2, 17, 16)],
+        test_kwargs=dict(d_model=16, num_heads=2, num_centres=4, group_size=4, qk_dim=8),
+    ),
+)
 class TokenCentreAttention(nn.Module):
     """CATANet's content-aware token aggregation attention (the attention of its Token-Aggregation Block).
 

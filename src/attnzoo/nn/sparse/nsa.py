@@ -27,6 +27,7 @@ from ...errors import ParameterError
 from ...functional.sparse import nsa_attention
 from ...functional.sparse.nsa import compressed_count
 from .._checks import check_tokens, merge_heads, positive_int, split_heads
+from .._registry import ModuleExample, register_module
 
 __all__ = ["NativeSparseAttention", "BlockCompressor"]
 
@@ -55,6 +56,16 @@ class BlockCompressor(nn.Module):
         return f"head_dim={self.head_dim}, block={self.block}, stride={self.stride}"
 
 
+@register_module(
+    "S2",
+    paper="Native Sparse Attention: Hardware-Aligned and Natively Trainable Sparse Attention (Yuan et al., 2025)",
+    layout="(B, N, C)",
+    # bench: the paper's l', l, d, n, w (64, 32, 16, 16, 512) with GQA 8:2
+    example=ModuleExample(
+        dict(d_model=512, num_heads=8, num_kv_heads=2), inputs=[(1, 1024, 512)], test_inputs=[(2, 17, 32)],
+        test_kwargs=dict(d_model=32, num_heads=2, num_kv_heads=1, block_size=4, compress_block=4, compress_stride=2, top_n=2, window=4),
+    ),
+)
 class NativeSparseAttention(nn.Module):
     """Causal NSA layer: projections, learned compressor phi, per-head sigmoid gates, the three branches, output projection.
 

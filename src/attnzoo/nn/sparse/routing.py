@@ -23,10 +23,22 @@ from torch import Tensor, nn
 from ...errors import ParameterError, ShapeError
 from ...functional.sparse import bilevel_routing_attention
 from .._checks import odd_kernel, positive_int
+from .._registry import ModuleExample, register_module
 
 __all__ = ["BiLevelRoutingAttention"]
 
 
+@register_module(
+    "S3",
+    "M13",
+    paper="BiFormer: Vision Transformer with Bi-Level Routing Attention (Zhu et al., CVPR 2023)",
+    layout="(B, H, W, C)",
+    # bench: BiFormer-T's first stage (64 channels, 2 heads, 7 x 7 regions of a 56 x 56 map); topk 4 (its second stage's)
+    example=ModuleExample(
+        dict(dim=64, num_heads=2, n_win=7, topk=4), inputs=[(1, 56, 56, 64)], test_inputs=[(2, 8, 8, 16)],
+        test_kwargs=dict(dim=16, num_heads=2, n_win=2, topk=2, side_dwconv=3),
+    ),
+)
 class BiLevelRoutingAttention(nn.Module):
     """qkv projection, bi-level routing attention per head, ``+ LCE(V)``, output projection.
 

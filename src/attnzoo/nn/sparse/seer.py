@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from ...errors import ShapeError
 from .._checks import positive_int
+from .._registry import ModuleExample, register_module
 
 __all__ = ["SeerAttentionGate", "seer_distillation_target", "seer_distillation_loss"]
 
@@ -42,6 +43,18 @@ def _pooled(x: Tensor, block: int, how: str) -> Tensor:
     return padded.amax(3) if how == "max" else padded.amin(3)
 
 
+@register_module(
+    "S2",
+    paper="SeerAttention: Learning Intrinsic Sparse Attention in Your LLMs (Gao et al., 2024)",
+    layout="q (B, H, N, D), k (B, Hkv, N, D) -> block scores (B, H, N / block, N / block)",
+    # bench: a Llama-3-8B layer's heads (32 query, 8 key/value, D = 128) at 4096 tokens; the test keeps
+    # block_size 64 (the output shape is a function of the input shapes only) with 200 tokens: 4 blocks
+    example=ModuleExample(
+        dict(num_heads=32, head_dim=128), inputs=[(1, 32, 4096, 128), (1, 8, 4096, 128)],
+        test_inputs=[(2, 4, 200, 8), (2, 2, 200, 8)], test_kwargs=dict(num_heads=4, head_dim=8, hidden=16),
+        output=lambda shapes: (shapes[0][0], shapes[0][1], -(-shapes[0][2] // 64), -(-shapes[1][2] // 64)),
+    ),
+)
 class SeerAttentionGate(nn.Module):
     """Block scores from pooled queries and keys: ``forward(q, k, causal=False)`` -> (B, H, nb, nb) probabilities.
 
@@ -50,6 +63,13 @@ class SeerAttentionGate(nn.Module):
         hidden: gate features per head (the paper's 128). block_size: tokens per block (64).
         rope: optional callable ``(x (B, H, n_blocks, hidden), positions (n_blocks,)) -> x`` applied to
             both pooled sides, as the official gate applies RoPE.
+
+    Cost: O(N D) to pool, O((N / block)^2 hidden) for the block scores.
+
+    Example::
+
+        >>> gate = SeerAttentionGate(num_heads=32, head_dim=128)
+        >>> scores = gate(torch.randn(1, 32, 4096, 128), torch.randn(1, 8, 4096, 128), causal=True)  # (1, 32, 64, 64)
     """
 
     def __init__(self, num_heads: int, head_dim: int, hidden: int = 128, block_size: int = 64, rope: Optional[Callable[[Tensor, Tensor], Tensor]] = None):

@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from ...errors import ParameterError, ShapeError
 from ...functional.sparse.sparsifiner import sparsifiner_attention
 from .._checks import check_tokens, merge_heads, positive_int, split_heads
+from .._registry import ModuleExample, register_module
 
 __all__ = ["Sparsifiner", "sparsifiner_reconstruction_loss"]
 
@@ -54,6 +55,19 @@ def sparsifiner_reconstruction_loss(approx: Tensor, teacher: Tensor) -> Tensor:
     return (approx - teacher.detach()).pow(2).sum()
 
 
+@register_module(
+    "S8",
+    paper="Sparsifiner: Learning Sparse Instance-Dependent Attention for Efficient Vision Transformers (Wei et al., CVPR 2023)",
+    layout="(B, N, C)",
+    # bench: DeiT-S (197 tokens, 384 channels, 6 heads)
+    example=ModuleExample(
+        dict(dim=384, num_heads=6, num_tokens=197), inputs=[(1, 197, 384)], test_inputs=[(2, 16, 32)],
+        test_kwargs=dict(dim=32, num_heads=2, num_tokens=16, reduce_n_factor=4, coef_topk=2),
+        # the connectivity predictor only picks the mask (discrete, detached as in the official code): the
+        # task loss of forward() never reaches it, reconstruction_loss() trains it (see the module docstring)
+        no_grad=("proj_n", "proj_back_n", "proj_c_q.weight", "proj_c_q.bias", "proj_c_k.weight", "proj_c_k.bias"),
+    ),
+)
 class Sparsifiner(nn.Module):
     """Multi-head self-attention on a learned, instance-dependent sparse connectivity mask.
 
@@ -66,6 +80,12 @@ class Sparsifiner(nn.Module):
             default config 6). reduce_c_factor: predictor head dim = head_dim // it (2).
         basis_threshold, coef_topk: the inference-time sparsification of W_up and C (2e-2, 8).
         qkv_bias: bias of the qkv projection. backend: passed to the functional form.
+
+    Example::
+
+        >>> layer = Sparsifiner(384, num_heads=6, num_tokens=197)       # DeiT-S
+        >>> y = layer(torch.randn(2, 197, 384))
+        >>> y, loss = layer.reconstruction_loss(torch.randn(2, 197, 384))  # the predictor's training phase
     """
 
     def __init__(

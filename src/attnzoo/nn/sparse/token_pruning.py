@@ -16,10 +16,21 @@ import torch
 from torch import Tensor, nn
 
 from ...errors import ParameterError, ShapeError
+from .._registry import ModuleExample, register_module
 
 __all__ = ["TokenKeepFuse"]
 
 
+@register_module(
+    "S9",
+    paper="Not All Patches are What You Need: Expediting Vision Transformers via Token Reorganizations (EViT; Liang et al., ICLR 2022)",
+    layout="(B, N, C) with [CLS] first, attention (B, H, N, N) -> (B, 1 + K + 1, C)",
+    # bench: DeiT-S tokens and its 6-head attention, keep rate 0.7 (EViT's); output: [CLS], ceil(0.7 (N - 1)) kept, the fused token
+    example=ModuleExample(
+        dict(keep_rate=0.7), inputs=[(1, 197, 384), (1, 6, 197, 197)], test_inputs=[(2, 17, 16), (2, 2, 17, 17)],
+        output=lambda shapes: (shapes[0][0], 1 + math.ceil(0.7 * (shapes[0][1] - 1)) + 1, shapes[0][2]),
+    ),
+)
 class TokenKeepFuse(nn.Module):
     """Keep the most attentive tokens, fuse the rest (EViT). No parameters.
 
