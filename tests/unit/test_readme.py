@@ -112,3 +112,13 @@ def test_block_sparse_example_runs(readme):
     allowed = namespace["blocks"].repeat_interleave(64, 0).repeat_interleave(64, 1)
     want = torch.softmax((q @ k.transpose(-1, -2) / 4).masked_fill(~allowed, float("-inf")), -1).nan_to_num(0.0) @ v
     torch.testing.assert_close(namespace["out"], want, atol=1e-5, rtol=1e-4)
+
+
+def test_modules_example_runs(readme):
+    blocks = [body for lang, body in FENCE.findall(section(readme, "Vision mixers, CNN blocks and head variants")) if lang == "python"]
+    assert len(blocks) == 1
+    namespace: dict = {}
+    exec(compile(blocks[0], "README.md:modules", "exec"), namespace)
+    assert namespace["y"].shape == namespace["x"].shape
+    assert namespace["z"].shape == (2, 64, 28, 28)
+    assert type(namespace["eca"]).__name__ == "EfficientChannelAttention"
