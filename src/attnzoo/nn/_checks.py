@@ -8,7 +8,7 @@ from torch import Tensor
 
 from ..errors import ParameterError, ShapeError
 
-__all__ = ["positive_int", "odd_kernel", "spatial_dims_1_or_2", "check_tokens", "split_heads", "merge_heads"]
+__all__ = ["positive_int", "odd_kernel", "spatial_dims_1_or_2", "check_tokens", "check_image", "check_sequence", "split_heads", "merge_heads"]
 
 
 def positive_int(owner: str, name: str, value: Any) -> int:
@@ -41,6 +41,18 @@ def check_tokens(owner: str, x: Tensor, d_model: int) -> None:
     """``x`` must be tokens (B, N, C) with C = ``d_model``."""
     if x.dim() != 3 or x.shape[-1] != d_model:
         raise ShapeError(f"{owner}: x: expected (B, N, C={d_model}), got shape {tuple(x.shape)}", argument="x")
+
+
+def check_image(owner: str, x: Tensor, channels: int, name: str = "x") -> None:
+    """``x`` must be a feature map (B, C, H, W) with C = ``channels``."""
+    if x.dim() != 4 or x.shape[1] != channels:
+        raise ShapeError(f"{owner}: {name}: expected (B, C={channels}, H, W), got shape {tuple(x.shape)}", argument=name)
+
+
+def check_sequence(owner: str, x: Tensor, channels: int, name: str = "x") -> None:
+    """``x`` must be a feature sequence (B, C, T) with C = ``channels`` (speech frames, as ECAPA-TDNN holds them)."""
+    if x.dim() != 3 or x.shape[1] != channels:
+        raise ShapeError(f"{owner}: {name}: expected (B, C={channels}, T), got shape {tuple(x.shape)}", argument=name)
 
 
 def split_heads(x: Tensor, heads: int) -> Tensor:

@@ -28,7 +28,7 @@ from ...errors import ParameterError
 from ...functional import softmax_attention
 from .._checks import positive_int
 from .._registry import ModuleExample, register_module
-from ._common import check_image
+from .._checks import check_image
 
 __all__ = ["PositionAttentionModule", "ChannelAttentionModule"]
 

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from ...errors import ParameterError, ShapeError
 from .._checks import odd_kernel, positive_int
 from .._registry import ModuleExample, register_module
-from ._common import check_sequence
+from .._checks import check_sequence
 
 __all__ = ["AttentiveStatisticsPooling", "SERes2Block"]
 

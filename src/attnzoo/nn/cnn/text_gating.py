@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from ...errors import ShapeError
 from .._checks import positive_int
 from .._registry import ModuleExample, register_module
-from ._common import check_image
+from .._checks import check_image
 
 __all__ = ["SentenceAttentionBlock"]
 

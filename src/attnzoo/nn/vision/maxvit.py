@@ -26,7 +26,7 @@ from ...errors import ParameterError, ShapeError
 from ...functional import softmax_attention
 from .._checks import positive_int
 from .._registry import ModuleExample, register_module
-from .swin import IntOr2, check_grid, pair, relative_position_index, unwindows, windows
+from ._grid_ops import IntOr2, check_grid, pair, relative_position_index, unwindows, windows
 
 __all__ = ["MaxViTBlockAttention", "MaxViTGridAttention"]
 

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from ...errors import ParameterError, ShapeError
 from .._checks import positive_int
 from .._registry import ModuleExample, register_module
-from .swin import check_grid
+from ._grid_ops import check_grid
 
 __all__ = ["OutlookAttention"]
 
