@@ -36,7 +36,17 @@ from .sparse import (
     vertical_slash_attention,
     xattention,
 )
-from .variants import differential_attention, relu_attention, sigmoid_attention
+from .variants import (
+    differential_attention,
+    length_temperature_attention,
+    position_temperature_attention,
+    relu_attention,
+    reversed_attention,
+    selective_attention,
+    sigmoid_attention,
+    softcap_attention,
+    softplus_attention,
+)
 from .local import (
     HeadPattern,
     axial_attention,
@@ -68,6 +78,12 @@ __all__ = [
     "sigmoid_attention",
     "differential_attention",
     "relu_attention",
+    "length_temperature_attention",
+    "position_temperature_attention",
+    "reversed_attention",
+    "selective_attention",
+    "softcap_attention",
+    "softplus_attention",
     "topk_attention",
     "moba_attention",
     "bilevel_routing_attention",

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from ..errors import ParameterError, ShapeError
 
-__all__ = ["positive_int", "odd_kernel", "spatial_dims_1_or_2", "check_tokens", "check_image", "check_sequence", "split_heads", "merge_heads"]
+__all__ = ["positive_int", "odd_kernel", "spatial_dims_1_or_2", "check_tokens", "heads_divide", "check_image", "check_sequence", "split_heads", "merge_heads"]
 
 
 def positive_int(owner: str, name: str, value: Any) -> int:
@@ -53,6 +53,17 @@ def check_sequence(owner: str, x: Tensor, channels: int, name: str = "x") -> Non
     """``x`` must be a feature sequence (B, C, T) with C = ``channels`` (speech frames, as ECAPA-TDNN holds them)."""
     if x.dim() != 3 or x.shape[1] != channels:
         raise ShapeError(f"{owner}: {name}: expected (B, C={channels}, T), got shape {tuple(x.shape)}", argument=name)
+
+
+def heads_divide(owner: str, dim: int, num_heads: int) -> int:
+    """The head width ``dim // num_heads``; a ParameterError unless ``num_heads`` divides ``dim``."""
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1 or dim % num_heads:
+        raise ParameterError(f"{owner}: num_heads: expected a divisor of dim={dim}, got {num_heads!r}", argument="num_heads")
+    return dim // num_heads
+
+
+#: The official Swin code's (and timm's) additive mask between sub-windows of a shifted window.
+SHIFT_MASK_VALUE = -100.0
 
 
 def split_heads(x: Tensor, heads: int) -> Tensor:

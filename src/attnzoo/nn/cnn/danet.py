@@ -26,9 +26,8 @@ from torch import Tensor, nn
 
 from ...errors import ParameterError
 from ...functional import softmax_attention
-from .._checks import positive_int
+from .._checks import check_image, positive_int
 from .._registry import ModuleExample, register_module
-from .._checks import check_image
 
 __all__ = ["PositionAttentionModule", "ChannelAttentionModule"]
 

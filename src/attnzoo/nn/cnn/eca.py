@@ -19,9 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from ...errors import ParameterError
-from .._checks import odd_kernel, positive_int
+from .._checks import check_image, odd_kernel, positive_int
 from .._registry import ModuleExample, register_module
-from .._checks import check_image
 
 __all__ = ["EfficientChannelAttention", "eca_kernel_size"]
 

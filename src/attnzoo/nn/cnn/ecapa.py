@@ -29,9 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...errors import ParameterError, ShapeError
-from .._checks import odd_kernel, positive_int
+from .._checks import check_sequence, odd_kernel, positive_int
 from .._registry import ModuleExample, register_module
-from .._checks import check_sequence
 
 __all__ = ["AttentiveStatisticsPooling", "SERes2Block"]
 

@@ -32,9 +32,8 @@ import torch
 from torch import Tensor, nn
 
 from ...errors import ParameterError
-from .._checks import positive_int
+from .._checks import check_image, positive_int
 from .._registry import ModuleExample, register_module
-from .._checks import check_image
 
 __all__ = ["PolarizedSelfAttention"]
 

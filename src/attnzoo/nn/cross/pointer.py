@@ -9,10 +9,10 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
+from ...errors import ParameterError, ShapeError
 from .._checks import positive_int
 from .._registry import ModuleExample, register_module
 from ..mha import _open_empty_rows
-from ...errors import ParameterError, ShapeError
 from ._common import cross_mechanism, padding_param, takes
 
 __all__ = ["PointerHead"]

@@ -7,9 +7,9 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
+from ...errors import ParameterError
 from .._checks import check_tokens, positive_int
 from .._registry import ModuleExample, register_module
-from ...errors import ParameterError
 from ._common import cross_mechanism, padding_param
 
 __all__ = ["AttentiveProbe"]

@@ -1,11 +1,11 @@
 """Multi-head variants (catalog H): how heads are chosen, fed and combined."""
 
 from .cascaded import CascadedGroupAttention
-from .single_head import SingleHeadAttention
-from .moh import MixtureOfHeadAttention
-from .low_rank import LowRankFactorizedAttention
 from .dual_head import SpatioTemporalDualHeadAttention
+from .low_rank import LowRankFactorizedAttention
+from .moh import MixtureOfHeadAttention
 from .selective import SelectiveMultiHeadAttention
+from .single_head import SingleHeadAttention
 
 __all__: list[str] = ["CascadedGroupAttention", "SingleHeadAttention"]
 __all__ += ["MixtureOfHeadAttention"]

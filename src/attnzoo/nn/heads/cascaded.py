@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from ...errors import ParameterError, ShapeError
 from ...functional.dense import softmax_attention
-from .._checks import odd_kernel, positive_int
+from .._checks import heads_divide, odd_kernel, positive_int
 from .._registry import ModuleExample, register_module
 
 __all__ = ["CascadedGroupAttention", "ConvBN"]
@@ -121,9 +121,7 @@ class CascadedGroupAttention(nn.Module):
     ):
         super().__init__()
         name = type(self).__name__
-        positive_int(name, "dim", dim)
-        if positive_int(name, "num_heads", num_heads) and dim % num_heads:
-            raise ParameterError(f"{name}: num_heads: expected a divisor of dim={dim}, got {num_heads}", argument="num_heads")
+        heads_divide(name, positive_int(name, "dim", dim), num_heads)
         positive_int(name, "key_dim", key_dim)
         positive_int(name, "resolution", resolution)
         kernels = [kernel_sizes] * num_heads if isinstance(kernel_sizes, int) else list(kernel_sizes)

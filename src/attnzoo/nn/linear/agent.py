@@ -32,10 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import odd_kernel, spatial_dims_1_or_2
-from .._registry import ModuleExample, register_module
 from ...errors import ParameterError, ShapeError
 from ...functional.linear import agent_attention
+from .._checks import odd_kernel, spatial_dims_1_or_2
+from .._registry import ModuleExample, register_module
 from .attention import _TokenMixer
 
 __all__ = ["AgentAttention"]

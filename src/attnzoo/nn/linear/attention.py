@@ -16,12 +16,12 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from .._checks import positive_int
-from .._registry import ModuleExample, register_module
 from ...errors import ParameterError, ShapeError
 from ...functional.linear import linear_attention, retention
 from ...functional.linear.feature_maps import default_num_features, hedgehog_features, orthogonal_gaussian, positive_random_features
 from ...kernels.linear_scan import parallel_scores
+from .._checks import positive_int
+from .._registry import ModuleExample, register_module
 
 __all__ = ["HedgehogFeatureMap", "RandomFeatureMap", "LinearAttention", "Retention"]
 

@@ -32,12 +32,12 @@ from typing import Any, Optional
 
 from torch import Tensor, nn
 
-from .._checks import check_tokens, merge_heads, positive_int, split_heads
-from .._registry import ModuleExample, register_module
-from ..mha import ShortConvolution
 from ...errors import ParameterError
 from ...functional import sliding_window_attention
 from ...functional.linear.based import BASED, DEFAULT_FEATURE_DIM, based_attention
+from .._checks import check_tokens, merge_heads, positive_int, split_heads
+from .._registry import ModuleExample, register_module
+from ..mha import ShortConvolution
 
 __all__ = ["BaseConv", "TaylorLinearAttention", "SlidingWindowAttention", "BasedMixer", "MIXER_KINDS"]
 

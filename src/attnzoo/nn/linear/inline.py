@@ -23,10 +23,10 @@ from typing import Any, Optional
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import odd_kernel, spatial_dims_1_or_2
-from .._registry import ModuleExample, register_module
 from ...errors import ShapeError
 from ...functional.linear.inline import inline_attention
+from .._checks import odd_kernel, spatial_dims_1_or_2
+from .._registry import ModuleExample, register_module
 from .attention import _TokenMixer
 
 __all__ = ["InLineAttention"]

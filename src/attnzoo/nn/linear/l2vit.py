@@ -31,11 +31,11 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .._checks import odd_kernel, spatial_dims_1_or_2
-from .._registry import ModuleExample, register_module
 from ...errors import ParameterError, ShapeError
 from ...functional.linear import linear_attention
 from ...kernels.linear_scan import append_ones
+from .._checks import odd_kernel, spatial_dims_1_or_2
+from .._registry import ModuleExample, register_module
 from .attention import _TokenMixer
 
 __all__ = ["LocalConcentrationModule", "L2ViTAttention", "DENOMINATOR_FLOOR"]

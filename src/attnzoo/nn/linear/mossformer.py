@@ -34,10 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import positive_int
-from .._registry import ModuleExample, register_module
 from ...errors import ParameterError, ShapeError
 from ...functional.linear.mossformer import DEFAULT_GROUP_SIZE, joint_chunk_attention
+from .._checks import positive_int
+from .._registry import ModuleExample, register_module
 
 __all__ = ["MossFormerAttention", "FFConvM", "ScaleNorm"]
 

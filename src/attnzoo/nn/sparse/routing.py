@@ -20,9 +20,9 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ...errors import ParameterError, ShapeError
+from ...errors import ShapeError
 from ...functional.sparse import bilevel_routing_attention
-from .._checks import odd_kernel, positive_int
+from .._checks import heads_divide, odd_kernel, positive_int
 from .._registry import ModuleExample, register_module
 
 __all__ = ["BiLevelRoutingAttention"]
@@ -68,9 +68,7 @@ class BiLevelRoutingAttention(nn.Module):
     ):
         super().__init__()
         name = type(self).__name__
-        positive_int(name, "dim", dim)
-        if positive_int(name, "num_heads", num_heads) and dim % num_heads:
-            raise ParameterError(f"{name}: num_heads: expected a divisor of dim={dim}, got {num_heads}", argument="num_heads")
+        heads_divide(name, positive_int(name, "dim", dim), num_heads)
         self.dim, self.num_heads = dim, num_heads
         self.n_win, self.topk = positive_int(name, "n_win", n_win), positive_int(name, "topk", topk)
         self.scale = dim**-0.5 if biformer_scale else None

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from ...errors import ParameterError
-from .._checks import check_tokens, positive_int
+from .._checks import check_tokens, heads_divide, positive_int
 from .._registry import ModuleExample, register_module
 
 __all__ = ["GaussianAdaptiveAttention"]
@@ -72,8 +72,7 @@ class GaussianAdaptiveAttention(nn.Module):
         super().__init__()
         name = type(self).__name__
         self.dim = positive_int(name, "dim", dim)
-        if positive_int(name, "num_heads", num_heads) and dim % num_heads:
-            raise ParameterError(f"{name}: num_heads: expected a divisor of dim={dim}, got {num_heads}", argument="num_heads")
+        heads_divide(name, dim, num_heads)
         self.num_heads = num_heads
         self.num_gaussians = positive_int(name, "num_gaussians", num_gaussians)
         if norm_axis not in ("channels", "tokens"):

@@ -4,20 +4,20 @@ from .channel_attention import ChannelGroupAttention
 from .crossformer import DynamicPositionBias, LongShortDistanceAttention
 from .crossvit import ClassTokenCrossAttention
 from .fcaformer import ForwardCrossAttention
+from .focal import FocalModulation
 from .global_query import GlobalQueryAttention, GlobalQueryGenerator
 from .halo import HaloAttention
-from .tnt import TNTBlock
-from .hilo import HiLoAttention
 from .hat import ConvChannelAttentionBlock, OverlappingCrossAttention
+from .hilo import HiLoAttention
+from .maxvit import MaxViTBlockAttention, MaxViTGridAttention
+from .mixers import FFNifiedAttention, GLUMixer, NetworkInNetworkGating, RecursiveGatedConv, ScaleAwareModulation, SpectralGating
+from .outlook import OutlookAttention
 from .rgt import RecursiveGeneralizationAttention
 from .strip import StripSelfAttention
 from .styleswin import DoubleWindowAttention
-from .transnext import AggregatedAttention, ConvolutionalGLU, LengthScaledCosineAttention
-from .focal import FocalModulation
-from .maxvit import MaxViTBlockAttention, MaxViTGridAttention
-from .outlook import OutlookAttention
 from .swin import SwinWindowAttention
-from .mixers import SpectralGating, RecursiveGatedConv, ScaleAwareModulation, GLUMixer, FFNifiedAttention, NetworkInNetworkGating
+from .tnt import TNTBlock
+from .transnext import AggregatedAttention, ConvolutionalGLU, LengthScaledCosineAttention
 
 __all__: list[str] = []
 __all__ += ["HiLoAttention", "LongShortDistanceAttention", "DynamicPositionBias"]

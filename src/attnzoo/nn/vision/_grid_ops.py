@@ -32,7 +32,6 @@ __all__ = [
     "SHIFT_MASK_VALUE",
     "check_grid",
     "check_divisible",
-    "heads_divide",
     "to_windows",
     "from_windows",
     "relative_position_index",
@@ -47,13 +46,6 @@ def check_divisible(owner: str, x: Tensor, size: int, what: str) -> None:
         raise ShapeError(
             f"{owner}: x: expected H and W divisible by {what}={size}, got shape {tuple(x.shape)}", argument="x"
         )
-
-
-def heads_divide(owner: str, dim: int, num_heads: int) -> int:
-    """The head width ``dim // num_heads``; a ParameterError unless ``num_heads`` divides ``dim``."""
-    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1 or dim % num_heads:
-        raise ParameterError(f"{owner}: num_heads: expected a divisor of dim={dim}, got {num_heads!r}", argument="num_heads")
-    return dim // num_heads
 
 
 #: The official Swin code's (and timm's) additive mask between sub-windows of a shifted window.

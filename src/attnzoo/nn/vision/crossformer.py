@@ -19,9 +19,9 @@ from torch import Tensor, nn
 
 from ...errors import ParameterError
 from ...functional import softmax_attention
-from .._checks import merge_heads, positive_int, split_heads
+from .._checks import heads_divide, merge_heads, positive_int, split_heads
 from .._registry import ModuleExample, register_module
-from ._grid_ops import check_grid, heads_divide, relative_position_index
+from ._grid_ops import check_grid, relative_position_index
 
 __all__ = ["DynamicPositionBias", "LongShortDistanceAttention"]
 

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from ...errors import ParameterError, ShapeError
 from ...functional.dense import softmax_attention
-from .._checks import check_tokens, merge_heads, positive_int, split_heads
+from .._checks import check_tokens, heads_divide, merge_heads, positive_int, split_heads
 from .._registry import ModuleExample, register_module
 
 __all__ = ["ClassTokenCrossAttention"]
@@ -65,9 +65,7 @@ class ClassTokenCrossAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int = 8, *, qkv_bias: bool = False, backend: Optional[str] = None):
         super().__init__()
         name = type(self).__name__
-        positive_int(name, "dim", dim)
-        if positive_int(name, "num_heads", num_heads) and dim % num_heads:
-            raise ParameterError(f"{name}: num_heads: expected a divisor of dim={dim}, got {num_heads}", argument="num_heads")
+        heads_divide(name, positive_int(name, "dim", dim), num_heads)
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
         self.backend = backend
         self.wq = nn.Linear(dim, dim, bias=qkv_bias)

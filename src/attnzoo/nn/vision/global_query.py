@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from ...errors import ParameterError, ShapeError
 from ...functional.dense import softmax_attention
-from .._checks import merge_heads, positive_int
+from .._checks import heads_divide, merge_heads, positive_int
 from .._registry import ModuleExample, register_module
 
 __all__ = ["GlobalQueryAttention", "GlobalQueryGenerator"]
@@ -97,9 +97,7 @@ class GlobalQueryAttention(nn.Module):
     ):
         super().__init__()
         name = type(self).__name__
-        positive_int(name, "dim", dim)
-        if positive_int(name, "num_heads", num_heads) and dim % num_heads:
-            raise ParameterError(f"{name}: num_heads: expected a divisor of dim={dim}, got {num_heads}", argument="num_heads")
+        heads_divide(name, positive_int(name, "dim", dim), num_heads)
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
         self.window_size = _pair(name, "window_size", window_size)
         self.use_global = bool(use_global)

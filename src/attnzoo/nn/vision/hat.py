@@ -23,9 +23,9 @@ from torch import Tensor, nn
 
 from ...errors import ParameterError
 from ...functional import softmax_attention
-from .._checks import merge_heads, positive_int, split_heads
+from .._checks import heads_divide, merge_heads, positive_int, split_heads
 from .._registry import ModuleExample, register_module
-from ._grid_ops import check_divisible, check_grid, from_windows, heads_divide, to_windows
+from ._grid_ops import check_divisible, check_grid, from_windows, to_windows
 
 __all__ = ["ConvChannelAttentionBlock", "OverlappingCrossAttention", "oca_relative_position_index"]
 

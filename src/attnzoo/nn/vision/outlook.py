@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...errors import ParameterError, ShapeError
-from .._checks import positive_int
+from .._checks import heads_divide, positive_int
 from .._registry import ModuleExample, register_module
 from ._grid_ops import check_grid
 
@@ -75,8 +75,7 @@ class OutlookAttention(nn.Module):
         super().__init__()
         name = type(self).__name__
         self.dim = positive_int(name, "dim", dim)
-        if positive_int(name, "num_heads", num_heads) and dim % num_heads:
-            raise ParameterError(f"{name}: num_heads: expected a divisor of dim={dim}, got {num_heads}", argument="num_heads")
+        heads_divide(name, dim, num_heads)
         self.num_heads, self.head_dim = num_heads, dim // num_heads
         self.kernel_size = positive_int(name, "kernel_size", kernel_size)
         self.stride = positive_int(name, "stride", stride)

@@ -34,6 +34,7 @@ __all__ = ["SwinWindowAttention"]
 
 from ._grid_ops import IntOr2, check_grid, pair, relative_position_index, shift_mask, unwindows, windows
 
+
 @register_module(
     "M1",
     paper="Swin Transformer (Liu et al., ICCV 2021)",

@@ -23,9 +23,9 @@ from torch import Tensor, nn
 
 from ...errors import ParameterError, ShapeError
 from ...functional import softmax_attention
-from .._checks import merge_heads, odd_kernel, positive_int, split_heads
+from .._checks import heads_divide, merge_heads, odd_kernel, positive_int, split_heads
 from .._registry import ModuleExample, register_module
-from ._grid_ops import check_grid, heads_divide
+from ._grid_ops import check_grid
 
 __all__ = ["AggregatedAttention", "LengthScaledCosineAttention", "ConvolutionalGLU", "log_spaced_relative_coords"]
 
