@@ -309,3 +309,57 @@ def test_the_readmes_transformers_and_cache_examples_run():
     cache, tokens = namespace["cache"], namespace["tokens"]
     assert tokens.shape == (1, 96 + 8)
     assert all(cache.stored_length(layer) <= 48 + 8 for layer in range(2))  # the budget after the prompt, then the new tokens
+
+
+# ---- K5: ZipCache mixed precision inside generate() ------------------------------------------
+def test_zipcache_at_8_bits_generates_the_stock_tokens_in_a_quarter_of_the_memory():
+    m = model()
+    ids = prompt()
+    expected = generate(m, ids, DynamicCache())
+    cache = zc.ZipCacheCache(m, high_fraction=1.0, high_bits=8)
+    assert torch.equal(generate(m, ids, cache), expected)
+    assert cache.get_seq_length() == cache.stored_length() == PROMPT + NEW - 1
+    fp32_prompt = LAYERS * 2 * 2 * PROMPT * 16 * 4  # layers x (K, V) x kv heads x tokens x head_dim x float32
+    quantized = sum(layer.quantized.nbytes for layer in cache.layers)
+    assert quantized < fp32_prompt / 2  # codes in a quarter, plus the scales
+    assert cache.kv_bytes() == quantized + LAYERS * 2 * 2 * (NEW - 1) * 16 * 4  # generated tokens in float32
+    zc.unbind(m)
+
+
+def test_zipcache_quantizes_the_prompt_by_the_rule_on_the_models_tensors():
+    # oracle: record the prompt's keys, values and queries with a stock cache, apply the pure rule
+    m = model()
+    ids = prompt()
+    recorded = {}
+
+    def recording(module, query, key, value, attention_mask, **kwargs):
+        recorded.setdefault(module.layer_idx, (query, key, value, kwargs.get("scaling")))
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register("zc-record", recording)
+    AttentionMaskInterface.register("zc-record", sdpa_mask)
+    m.set_attn_implementation("zc-record")
+    with torch.no_grad():
+        m(ids, cache=DynamicCache())
+    m.set_attn_implementation("sdpa")
+    cache = zc.ZipCacheCache(m, high_fraction=0.25, high_bits=4, low_bits=2)
+    generate(m, ids, cache, max_new_tokens=1, min_new_tokens=1)
+    from attnzoo.cache.quantized import mixed_precision_kv, normalized_attention_saliency
+
+    for layer_idx, (q, k, v, scale) in recorded.items():
+        want = mixed_precision_kv(k, v, normalized_attention_saliency(q, k, scale=scale), high_fraction=0.25, high_bits=4, low_bits=2)
+        got = cache.layers[layer_idx].quantized
+        assert torch.equal(got.salient, want.salient)
+        for a, b in zip(got.dequantize(), want.dequantize()):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    zc.unbind(m)
+
+
+def test_zipcache_needs_the_model_and_valid_bits():
+    with pytest.raises(ParameterError, match="model"):
+        zc.ZipCacheCache()
+    m = model()
+    with pytest.raises(ParameterError, match="high_bits"):
+        zc.ZipCacheCache(m, high_bits=3)
+    with pytest.raises(ParameterError, match="high_fraction"):
+        zc.ZipCacheCache(m, high_fraction=0)

@@ -21,12 +21,13 @@ __all__ = [
     "H2OCache",
     "SnapKVCache",
     "TOVACache",
+    "ZipCacheCache",
     "PolicyCache",
     "CacheStateError",
     "unbind",
 ]
 
-_LAZY = {"StreamingLLMCache", "KeyNormCache", "H2OCache", "SnapKVCache", "TOVACache", "PolicyCache", "CacheStateError", "unbind"}
+_LAZY = {"StreamingLLMCache", "KeyNormCache", "H2OCache", "SnapKVCache", "TOVACache", "ZipCacheCache", "PolicyCache", "CacheStateError", "unbind"}
 
 
 def __getattr__(name: str):

@@ -7,6 +7,9 @@
     out = model.generate(ids, cache=SnapKVCache(model, budget=256), max_new_tokens=64)
     out = model.generate(ids, cache=StreamingLLMCache(budget=256, n_sink=4), max_new_tokens=64)
 
+``ZipCacheCache(model, high_fraction=0.2)`` (K5) evicts nothing: it stores the prompt in 4 and 2
+bits (ZipCache's split by saliency) and returns it dequantized at each step.
+
 (``past_key_values=`` works too; transformers 5.24+ names the argument ``cache`` and warns on
 the old name.) Each cache is a transformers ``Cache`` whose layers subclass ``CacheLayerMixin``;
 the eviction rules are the pure functions of :mod:`attnzoo.cache.policies`.
@@ -79,6 +82,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS  # noqa: E402
 
 from ..errors import AttnZooError, ParameterError  # noqa: E402
 from . import policies  # noqa: E402
+from .quantized import MixedPrecisionKV, mixed_precision_kv, normalized_attention_saliency  # noqa: E402
 
 __all__ = [
     "CacheStateError",
@@ -88,6 +92,7 @@ __all__ = [
     "H2OCache",
     "SnapKVCache",
     "TOVACache",
+    "ZipCacheCache",
     "unbind",
 ]
 
@@ -302,6 +307,61 @@ class _TOVALayer(_PolicyLayer):
         self._keep(policies.tova(self.keys, queries[:, :, -1:], budget=self.budget, scale=scale))
 
 
+class _ZipCacheLayer(_PolicyLayer):
+    """K5: the prompt's keys and values quantized once after the prefill (ZipCache's split by
+    normalized attention saliency), generated tokens kept in full precision; nothing is evicted.
+
+    ``update`` returns the dequantized prompt followed by the full-precision tokens, so every
+    step attends to all tokens; the layer holds the packed codes (``quantized``) and the new
+    tokens (``keys``/``values``), not a float copy of the prompt.
+    """
+
+    def __init__(self, *, high_fraction: float = 0.2, high_bits: int = 4, low_bits: int = 2, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.high_fraction, self.high_bits, self.low_bits = high_fraction, high_bits, low_bits
+        self.quantized: Optional[MixedPrecisionKV] = None
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        keys, values = super().update(key_states, value_states, *args, **kwargs)
+        if self.quantized is None:
+            return keys, values
+        prompt_keys, prompt_values = self.quantized.dequantize()
+        keys, values = torch.cat([prompt_keys.to(keys.dtype), keys], -2), torch.cat([prompt_values.to(values.dtype), values], -2)
+        self._returned = keys
+        return keys, values
+
+    def _after_append(self, q: int) -> None:
+        self._pending = self.quantized is None  # quantize once, with the prompt's queries
+
+    def _evict_with_queries(self, queries: Tensor, scale: float) -> None:
+        saliency = normalized_attention_saliency(queries, self.keys, scale=scale)
+        self.quantized = mixed_precision_kv(
+            self.keys, self.values, saliency, high_fraction=self.high_fraction, high_bits=self.high_bits, low_bits=self.low_bits
+        )
+        b, h, _, d = self.keys.shape
+        self.keys, self.values = self.keys.new_empty(b, h, 0, d), self.values.new_empty(b, h, 0, self.values.shape[-1])
+        self.positions = self.positions[..., :0]
+
+    def stored_length(self) -> int:
+        return super().stored_length() + (0 if self.quantized is None else self.quantized.length)
+
+    def kv_bytes(self) -> int:
+        full = sum(t.numel() * t.element_size() for t in (self.keys, self.values) if t is not None)
+        return full + (0 if self.quantized is None else self.quantized.nbytes)
+
+    def memory_bytes(self) -> int:
+        return super().memory_bytes() + (0 if self.quantized is None else self.quantized.nbytes)
+
+    def _map(self, fn) -> None:
+        if self.quantized is not None:
+            raise CacheStateError("ZipCacheCache: reordering or selecting rows of a quantized prompt is not supported")
+        super()._map(fn)
+
+    def reset(self) -> None:
+        super().reset()
+        self.quantized = None
+
+
 def _refuse_padding_from_positions(kwargs: dict) -> None:
     """Refuse rows whose positions differ: generate's left padding (it passes position_ids)."""
     inner = kwargs.get("kwargs") if isinstance(kwargs.get("kwargs"), dict) else kwargs
@@ -435,8 +495,15 @@ class PolicyCache(Cache):
         return sum(layer.memory_bytes() for layer in self.layers)
 
     def kv_bytes(self) -> int:
-        """Bytes of the kept keys and values only (what a KV budget counts)."""
-        return sum(t.numel() * t.element_size() for layer in self.layers for t in (layer.keys, layer.values) if t is not None)
+        """Bytes of the kept keys and values only (what a KV budget counts; packed codes and their
+        scales for a quantized layer)."""
+        total = 0
+        for layer in self.layers:
+            if hasattr(layer, "kv_bytes"):
+                total += layer.kv_bytes()
+            else:
+                total += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values) if t is not None)
+        return total
 
     def stored_length(self, layer_idx: int = 0) -> int:
         """Keys stored by a layer (``get_seq_length`` reports the tokens seen instead)."""
@@ -502,3 +569,28 @@ class TOVACache(PolicyCache):
 
     _layer_class = _TOVALayer
     needs_queries = True
+
+
+class ZipCacheCache(PolicyCache):
+    """K5 ZipCache mixed precision: after the prompt, every prompt token is kept, the
+    ``high_fraction`` most salient (normalized attention, scored with the prompt's own queries)
+    quantized to ``high_bits`` and the rest to ``low_bits``, keys per channel and values per token
+    (:mod:`attnzoo.cache.quantized`); generated tokens stay in full precision. Needs the model
+    (the saliency reads the queries). ``budget``/``compression_ratio`` are not used: memory is set
+    by the bits, read it with ``kv_bytes()``.
+    """
+
+    _layer_class = _ZipCacheLayer
+    needs_queries = True
+
+    def __init__(self, model=None, *, high_fraction: float = 0.2, high_bits: int = 4, low_bits: int = 2):
+        from .quantized import _check_bits
+
+        if isinstance(high_fraction, bool) or not isinstance(high_fraction, (int, float)) or not 0 < high_fraction <= 1:
+            raise ParameterError(f"high_fraction: expected a float in (0, 1], got {high_fraction!r}", argument="high_fraction")
+        _check_bits("high_bits", high_bits)
+        _check_bits("low_bits", low_bits)
+        super().__init__(model, compression_ratio=0.0, high_fraction=high_fraction, high_bits=high_bits, low_bits=low_bits)
+
+    def _check_params(self, **params: Any) -> None:
+        pass  # checked in __init__
