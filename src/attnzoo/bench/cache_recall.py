@@ -43,8 +43,8 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -55,7 +55,7 @@ from ..cache.quantized import mixed_precision_kv, normalized_attention_saliency
 from ..errors import ParameterError
 from .machine import machine_info
 from .mqar import IGNORE_INDEX, MQARModel
-from .results import Result, ResultStore, case_key
+from .results import case_key, config_json, Result, ResultStore
 
 __all__ = [
     "CacheConfig",
@@ -389,7 +389,7 @@ def run_cache(
     if trained is None:
         trained = train_recall_model(config, None if log is None else (lambda step, loss: log(f"step {step}: loss {loss:.3f}")))
     inputs, labels = test_set(config)
-    run_id = store.start_run("cache", _config_json(config), machine_info("cpu")) if store is not None else None
+    run_id = store.start_run("cache", config_json(config), machine_info("cpu")) if store is not None else None
     rows = []
     for policy in config.policies:
         for fraction in (1.0,) if policy == "full" else config.budgets:
@@ -405,12 +405,8 @@ def run_cache(
     return trained, rows
 
 
-def _config_json(config: CacheConfig) -> dict[str, Any]:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
-
-
 def _result(row: CacheRow, config: CacheConfig, trained: Trained) -> Result:
-    identity = {"policy": row.policy, "fraction": row.budget_fraction, "config": _config_json(config)}
+    identity = {"policy": row.policy, "fraction": row.budget_fraction, "config": config_json(config)}
     return Result(
         kind="cache",
         mechanism=row.policy,

@@ -22,7 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..nn import ModuleEntry, list_modules
 from .machine import machine_info
-from .results import Result, ResultStore, case_key
+from .results import case_key, config_json, Result, ResultStore
 from .timing import Timing, time_call
 
 __all__ = ["ModulesConfig", "ModuleRow", "run_modules"]
@@ -123,7 +123,7 @@ def run_modules(
 ) -> list[ModuleRow]:
     """Every selected module; returns the rows (never prints). With ``store`` each row is written
     as it finishes, under a new run of kind ``"modules"``."""
-    run_id = store.start_run("modules", _config_json(config), machine_info("cpu")) if store is not None else None
+    run_id = store.start_run("modules", config_json(config), machine_info("cpu")) if store is not None else None
     rows = []
     for entry in selected(config):
         try:
@@ -139,10 +139,6 @@ def run_modules(
     if store is not None and run_id is not None:
         store.finish_run(run_id)
     return rows
-
-
-def _config_json(config: ModulesConfig) -> dict[str, Any]:
-    return {name: list(value) if isinstance(value, tuple) else value for name, value in vars(config).items()}
 
 
 def _result(row: ModuleRow, config: ModulesConfig) -> Result:

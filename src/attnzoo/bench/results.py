@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional
 
-__all__ = ["SCHEMA_VERSION", "Result", "ResultStore", "default_db_path", "case_key", "to_json"]
+__all__ = ["SCHEMA_VERSION", "Result", "ResultStore", "default_db_path", "case_key", "config_json", "to_json"]
 
 SCHEMA_VERSION = 1
 
@@ -234,3 +234,8 @@ class ResultStore:
         for name in json_columns:
             out[name] = json.loads(out[name]) if out.get(name) else {}
         return out
+
+
+def config_json(config: Any) -> dict[str, Any]:
+    """A benchmark's dataclass config as stored with its run: tuples as lists, fields by name."""
+    return {name: list(value) if isinstance(value, tuple) else value for name, value in vars(config).items()}

@@ -31,7 +31,7 @@ from ..kernels import reference as _reference_kernel
 from ..registry import Mechanism, get, list_mechanisms
 from .error import ErrorConfig, Sample, minilm_samples, random_samples
 from .machine import machine_info
-from .results import Result, ResultStore, case_key
+from .results import case_key, config_json, Result, ResultStore
 
 __all__ = ["SparsityConfig", "SparsityRow", "averaged", "grid_shape", "points", "sparse_mechanisms", "run_sparsity", "plot_sparsity"]
 
@@ -191,7 +191,7 @@ def run_sparsity(
     """Every swept mechanism x sample x share; returns the rows (never prints). With ``store``
     each case is written as it finishes, under a new run of kind ``"sparsity"``."""
     mechs = sparse_mechanisms(config)
-    run_id = store.start_run("sparsity", _config_json(config), machine_info("cpu")) if store is not None else None
+    run_id = store.start_run("sparsity", config_json(config), machine_info("cpu")) if store is not None else None
     rows = []
     for sample in _samples(config):
         exacts = {causal: _exact(sample, causal) for causal in {_causal_only(m) for m in mechs}}
@@ -206,10 +206,6 @@ def run_sparsity(
     if store is not None and run_id is not None:
         store.finish_run(run_id)
     return rows
-
-
-def _config_json(config: SparsityConfig) -> dict[str, Any]:
-    return {name: list(value) if isinstance(value, tuple) else value for name, value in vars(config).items()}
 
 
 def _result(row: SparsityRow, sample: Sample, config: SparsityConfig) -> Result:
