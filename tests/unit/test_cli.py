@@ -15,7 +15,7 @@ import attnzoo
 from attnzoo.bench.efficiency import AUTO, BASELINE, NOT_DECLARED, RAW_TORCH, EfficiencyConfig, plan_cases, quick_config, run_efficiency
 from attnzoo.bench.results import ResultStore
 from attnzoo.cli import catalog_ids_covered, main, mechanism_table_markdown, pattern_marks
-from attnzoo.cli.catalog import module_table_markdown, readme_tables_markdown
+from attnzoo.cli.catalog import FEATURES, module_table_markdown, readme_tables_markdown, resolve
 from attnzoo.registry import PATTERNS
 
 TINY_BENCH = ["bench", "--lengths", "16", "32", "--budget", "0.01", "--max-repeats", "3", "--device", "cpu", "--patterns", "noncausal_self"]
@@ -45,7 +45,7 @@ def test_list_table_shows_every_mechanism_and_the_coverage_line():
             assert backend in out
     for entry in attnzoo.nn.list_modules():
         assert entry.name in out
-    ids = catalog_ids_covered(all_mechanisms(), attnzoo.nn.list_modules())
+    ids = catalog_ids_covered(all_mechanisms(), attnzoo.nn.list_modules(), FEATURES)
     coverage = " ".join(out[out.rindex("catalog ids covered:") :].split())  # the line wraps at the console's width
     assert coverage == f"catalog ids covered: {' '.join(ids)} ({len(ids)})"
 
@@ -412,3 +412,10 @@ def test_bench_alone_is_the_quick_run_and_options_mean_efficiency(argv, expected
     from attnzoo.cli.bench import normalize_bench_argv
 
     assert normalize_bench_argv(argv) == expected
+
+
+def test_every_feature_path_resolves_and_its_id_is_not_a_registered_one():
+    registered = set(catalog_ids_covered(all_mechanisms(), attnzoo.nn.list_modules()))
+    for cat_id, (path, what) in FEATURES.items():
+        assert resolve(path) is not None, path
+        assert what and cat_id not in registered, cat_id

@@ -60,19 +60,68 @@ def _catalog_sort_key(cat_id: str) -> tuple[str, int, str]:
     return (match.group(1), int(match.group(2)), match.group(3))
 
 
-def catalog_ids_covered(mechs: Iterable[Mechanism], modules: Iterable[ModuleEntry] = ()) -> list[str]:
-    """The distinct catalog ids the mechanisms and modules implement, sorted by letter then number."""
-    ids = {c for m in mechs for c in m.catalog} | {c for e in modules for c in e.catalog}
+def catalog_ids_covered(mechs: Iterable[Mechanism], modules: Iterable[ModuleEntry] = (), features: Iterable[str] = ()) -> list[str]:
+    """The distinct catalog ids the mechanisms, modules and features implement, sorted by letter then number."""
+    ids = {c for m in mechs for c in m.catalog} | {c for e in modules for c in e.catalog} | set(features)
     return sorted(ids, key=_catalog_sort_key)
 
 
-def coverage_line(mechs: Iterable[Mechanism], modules: Iterable[ModuleEntry] = ()) -> str:
-    """``catalog ids covered: D1 D2 (2)``, by the registered mechanisms and modules together."""
-    ids = catalog_ids_covered(mechs, modules)
+def coverage_line(mechs: Iterable[Mechanism], modules: Iterable[ModuleEntry] = (), features: Iterable[str] = ()) -> str:
+    """``catalog ids covered: D1 D2 (2)``, by the registered mechanisms, modules and features together."""
+    ids = catalog_ids_covered(mechs, modules, features)
     return f"catalog ids covered: {' '.join(ids)} ({len(ids)})"
 
 
 WIDE_CONSOLE = 120
+
+#: Catalog entries that are neither a mechanism nor a layer: tools, caches, analyses, benchmarks.
+#: id -> (where it lives, what it is). ``tests/unit/test_cli.py`` imports every path.
+FEATURES: dict[str, tuple[str, str]] = {
+    "K1": ("attnzoo.registry.Mechanism.init_state", "decoding for every causal mechanism (a state or a KV cache), or a documented refusal"),
+    "K2": ("attnzoo.cache.policies.streaming_llm", "sinks + recent window; StreamingLLMCache in generate()"),
+    "K3": ("attnzoo.cache.policies.h2o", "heavy hitters + recent; H2OCache in generate()"),
+    "K4": ("attnzoo.cache.policies.snapkv", "observation-window votes, pooled; SnapKVCache in generate()"),
+    "K5": ("attnzoo.cache.quantized.mixed_precision_kv", "salient tokens in more bits (ZipCache); ZipCacheCache in generate()"),
+    "K6": ("attnzoo.cache.policies.pyramid_budgets", "budgets per layer (PyramidKV, LongGen) and per head (MoA spans)"),
+    "X1": ("attnzoo.hooks.attention_hooks", "capture and edit attention maps during a forward"),
+    "X2": ("attnzoo.masks_epipolar.epipolar_mask", "epipolar mask_mod from two cameras"),
+    "V9": ("attnzoo.hooks_calibration.calibrate_sinks", "post-softmax calibration edits (ACT sinks, VAR, per-head modulation)"),
+    "A1": ("attnzoo.analysis.rollout", "attention rollout, per-head entropy"),
+    "A2": ("attnzoo.analysis.first_token_mass", "sink mass, extreme tokens, value-norm drains"),
+    "A3": ("attnzoo.analysis.retrieval_score", "retrieval-head score, head ablation importance"),
+    "A4": ("attnzoo.analysis.attention_distance", "attention distance per head, head clustering"),
+    "B1": ("attnzoo.bench.efficiency.run_efficiency", "attnzoo bench efficiency: time and memory, four patterns"),
+    "B2": ("attnzoo.bench.mqar.run_mqar", "attnzoo bench mqar: multi-query associative recall"),
+    "B4": ("attnzoo.bench.mqar.EXTRAPOLATION", "attnzoo bench mqar --preset extrapolation: train at 64, test to 1024"),
+    "B5": ("attnzoo.bench.cache_recall.run_cache", "attnzoo bench cache: needle recall at a fixed KV budget"),
+    "B6": ("attnzoo.bench.error.run_error", "attnzoo bench error / sparsity: error against exact softmax"),
+}
+
+
+def resolve(path: str):
+    """The object a dotted ``module.attribute`` path names (ImportError / AttributeError if none)."""
+    import importlib
+
+    parts = path.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        for name in parts[cut:]:
+            obj = getattr(obj, name)
+        return obj
+    raise ImportError(path)
+
+
+def features_table_markdown() -> str:
+    """Catalog entries that are tools rather than mechanisms or layers, as Markdown."""
+    lines = ["| catalog | where | what |", "|---|---|---|"]
+    for cat_id in sorted(FEATURES, key=_catalog_sort_key):
+        path, what = FEATURES[cat_id]
+        lines.append(f"| {cat_id} | `{path}` | {_markdown_cell(what)} |")
+    return "\n".join(lines) + "\n"
+
 
 MODULE_COLUMNS = ("module", "family", "catalog", "layout", "from_timm", "paper", "summary")
 
@@ -149,7 +198,7 @@ def readme_tables_markdown() -> str:
     """The README's block: the mechanism table, the module table, and the coverage of both."""
     mechs, modules = list_mechanisms(), list_modules()
     return "\n".join(
-        [mechanism_table_markdown(mechs), module_table_markdown(modules), coverage_line(mechs, modules) + "\n"]
+        [mechanism_table_markdown(mechs), module_table_markdown(modules), features_table_markdown(), coverage_line(mechs, modules, FEATURES) + "\n"]
     )
 
 
@@ -227,7 +276,7 @@ def cmd_list(args: argparse.Namespace, console: Console) -> int:
         console.print(mechanism_table(mechs, console.width))
     if modules:
         console.print(module_table(modules, console.width))
-    console.print(Text(coverage_line(mechs, modules)))
+    console.print(Text(coverage_line(mechs, modules, FEATURES if args.family is None and not args.modules else ())))
     return 0
 
 
