@@ -363,3 +363,35 @@ def test_zipcache_needs_the_model_and_valid_bits():
         zc.ZipCacheCache(m, high_bits=3)
     with pytest.raises(ParameterError, match="high_fraction"):
         zc.ZipCacheCache(m, high_fraction=0)
+
+
+# ---- K6: PyramidKV's per-layer budgets inside generate() --------------------------------------
+def test_pyramidkv_keeps_each_layers_share_and_generates():
+    budget, window = 20, 8
+    m = model()
+    ids = prompt()
+    queries, keys = record_prefill(m, ids)
+    cache = zc.PyramidKVCache(m, budget=budget, window=window)
+    with torch.no_grad():
+        m(ids, cache=cache)
+    shares = P.pyramid_budgets(budget, LAYERS, PROMPT, window=window)
+    assert shares[0] > shares[-1] and sum(shares) == pytest.approx(LAYERS * budget, abs=LAYERS)
+    for i in range(LAYERS):  # each layer: SnapKV's rule at its own share, on the model's tensors
+        expected = P.snapkv(keys[i], queries[i][:, :, -window:], budget=shares[i], scale=16**-0.5)
+        assert torch.equal(cache.layers[i].positions, expected)
+    zc.unbind(m)
+    out = generate(m, ids, zc.PyramidKVCache(m, budget=budget, window=window), max_new_tokens=6, min_new_tokens=6)
+    assert out.shape == (1, PROMPT + 6)
+    zc.unbind(m)
+
+
+def test_pyramidkv_at_a_full_budget_generates_the_stock_tokens():
+    m = model()
+    ids = prompt()
+    expected = generate(m, ids, DynamicCache())
+    assert torch.equal(generate(m, ids, zc.PyramidKVCache(m, budget=PROMPT + NEW, window=8)), expected)
+    zc.unbind(m)
+    with pytest.raises(ParameterError, match="model"):
+        zc.PyramidKVCache(budget=10)
+    with pytest.raises(ParameterError, match="sdpa"):
+        zc.PyramidKVCache(model("eager"), budget=10)

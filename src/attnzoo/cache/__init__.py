@@ -22,12 +22,13 @@ __all__ = [
     "SnapKVCache",
     "TOVACache",
     "ZipCacheCache",
+    "PyramidKVCache",
     "PolicyCache",
     "CacheStateError",
     "unbind",
 ]
 
-_LAZY = {"StreamingLLMCache", "KeyNormCache", "H2OCache", "SnapKVCache", "TOVACache", "ZipCacheCache", "PolicyCache", "CacheStateError", "unbind"}
+_LAZY = {"StreamingLLMCache", "KeyNormCache", "H2OCache", "SnapKVCache", "TOVACache", "ZipCacheCache", "PyramidKVCache", "PolicyCache", "CacheStateError", "unbind"}
 
 
 def __getattr__(name: str):

@@ -93,6 +93,7 @@ __all__ = [
     "SnapKVCache",
     "TOVACache",
     "ZipCacheCache",
+    "PyramidKVCache",
     "unbind",
 ]
 
@@ -297,6 +298,27 @@ class _SnapKVLayer(_PolicyLayer):
     def reset(self) -> None:
         super().reset()
         self.compressed = False
+
+
+class _PyramidKVLayer(_SnapKVLayer):
+    """SnapKV with PyramidKV's per-layer budget: ``budget`` is the mean, the layer's own share is
+    :func:`attnzoo.cache.policies.pyramid_budgets` at its index (set by :class:`PyramidKVCache`)."""
+
+    def __init__(self, *, beta: int = 20, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.beta = beta
+        self.layer_idx, self.num_layers = 0, 1
+
+    def _configure(self) -> None:
+        super()._configure()
+        self._prompt_pending = True  # the layer's share needs the prompt length: set after the append
+
+    def _after_append(self, q: int) -> None:
+        if getattr(self, "_prompt_pending", False):
+            self._prompt_pending = False
+            if self.budget > self.window:
+                self.budget = policies.pyramid_budgets(self.budget, self.num_layers, q, window=self.window, beta=self.beta)[self.layer_idx]
+        super()._after_append(q)
 
 
 class _TOVALayer(_PolicyLayer):
@@ -561,6 +583,34 @@ class SnapKVCache(PolicyCache):
         policies._check_int("kernel_size", kernel_size, 1)
         if kernel_size % 2 == 0:
             raise ParameterError(f"kernel_size: expected an odd int, got {kernel_size}", argument="kernel_size")
+
+
+class PyramidKVCache(SnapKVCache):
+    """K6 PyramidKV: SnapKV's selection with a budget per layer, decreasing from the first layer to
+    the last in an arithmetic sequence whose mean is ``budget`` (:func:`attnzoo.cache.policies.pyramid_budgets`,
+    ``beta`` sets the top layer's share). transformers sizes one attention mask from layer 0 for every
+    layer; with ``sdpa`` (required) a one-token step without padding gets no mask, so layers holding
+    different numbers of keys attend correctly; eager would add layer 0's mask to every layer."""
+
+    _layer_class = _PyramidKVLayer
+
+    def __init__(self, model=None, *, budget=None, compression_ratio=None, window: int = 64, kernel_size: int = 5, beta: int = 20):
+        if model is None:
+            raise ParameterError("model: PyramidKVCache needs the model (its queries and its number of layers): PyramidKVCache(model, budget=...)", argument="model")
+        policies._check_int("beta", beta, 1)
+        impl = model.config._attn_implementation
+        if (impl[len(_PREFIX) :] if impl.startswith(_PREFIX) else impl) != "sdpa":
+            raise ParameterError(
+                f"model: PyramidKVCache needs attn_implementation='sdpa', got {impl!r}: transformers builds one mask for "
+                "every layer from layer 0, and only sdpa drops it for a one-token step, so layers of other sizes fit",
+                argument="model",
+            )
+        PolicyCache.__init__(self, model, budget=budget, compression_ratio=compression_ratio, window=window, kernel_size=kernel_size, beta=beta)
+        for index, layer in enumerate(self.layers):
+            layer.layer_idx, layer.num_layers = index, len(self.layers)
+
+    def _check_params(self, *, window: int, kernel_size: int, beta: int) -> None:
+        super()._check_params(window=window, kernel_size=kernel_size)
 
 
 class TOVACache(PolicyCache):
