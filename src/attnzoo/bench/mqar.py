@@ -380,19 +380,20 @@ CPU = MQARConfig(
 #: of pairs to length (L / 16); V = 2048 > 1024. The mechanisms of the catalog's B4 entry, each
 #: with parameters fixed across lengths (a window that grew with N would not be extrapolating):
 #: softmax, sliding_window with 4 sinks and a 32-token window, linear, retention, and the
-#: score-level variants (sigmoid with its -log n bias, relu with 1/n).
+#: score-level variants (sigmoid with its -log n bias, relu with 1/n, softcap, and the two
+#: length-aware ones told the training length: softplus (V1) and length_temperature (V4)).
 EXTRAPOLATION = MQARConfig(
     vocab_size=2048,
     train=_segments([(64, 4, 4_000)]),
     test=_segments([(64, 4, 100), (128, 8, 50), (256, 16, 50), (512, 32, 25), (1024, 64, 25)]),
     d_models=(64,),
     learning_rates=(3e-3,),
-    mechanisms=("softmax", "sliding_window", "linear", "retention", "sigmoid", "relu"),
+    mechanisms=("softmax", "sliding_window", "linear", "retention", "sigmoid", "relu", "softcap", "softplus", "length_temperature"),
     epochs=8,
     batch_size=32,
     test_batch_size=25,
     early_stop=1.01,  # never: the long segments are not trained on, so pooled accuracy must not stop training
-    overrides=(("window", (32, 0)), ("sinks", 4)),
+    overrides=(("window", (32, 0)), ("sinks", 4), ("train_length", 64)),
 )
 
 PRESETS: dict[str, MQARConfig] = {"cpu": CPU, "zoology": ZOOLOGY, "extrapolation": EXTRAPOLATION}
