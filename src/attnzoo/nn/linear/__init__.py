@@ -9,6 +9,7 @@ from .kernelized_rpe import KernelizedRPEAttention
 from .l2vit import L2ViTAttention, LocalConcentrationModule
 from .linfusion import LinFusionAttention
 from .mossformer import MossFormerAttention
+from .titans import NeuralMemory, TitansMAC, TitansMAG
 from .transnormer import TransNormerAttention
 
 __all__ = [
@@ -27,5 +28,8 @@ __all__ = [
     "LocalConcentrationModule",
     "LinFusionAttention",
     "MossFormerAttention",
+    "NeuralMemory",
+    "TitansMAC",
+    "TitansMAG",
     "TransNormerAttention",
 ]
