@@ -33,6 +33,7 @@ from ..bench.efficiency import (
     run_efficiency,
 )
 from ..bench.error import SOURCES, ErrorConfig, ErrorRow, run_error, table as error_table
+from ..bench.distributed import add_distributed_parser
 from ..bench.cache_recall import POLICIES, CacheConfig, CacheRow, plot_cache, run_cache
 from ..bench.modules import ModuleRow, ModulesConfig, run_modules
 from ..bench.sparsity import SHARES, SparsityConfig, SparsityRow, plot_sparsity, run_sparsity
@@ -51,7 +52,7 @@ __all__ = ["add_bench_parser", "add_report_parser", "bench_table", "BENCH_KINDS"
 DEFAULT_REPORT_DIR = "attnzoo-report"
 
 #: The subcommands of ``attnzoo bench``; options without one mean ``efficiency``.
-BENCH_KINDS = ("efficiency", "mqar", "error", "sparsity", "modules", "cache")
+BENCH_KINDS = ("efficiency", "mqar", "error", "sparsity", "modules", "cache", "distributed")
 PATTERN_ALIASES = {"all": PATTERNS, "self": ("noncausal_self", "causal_self"), "cross": ("noncausal_cross", "causal_cross")}
 
 
@@ -428,6 +429,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     _add_error_options(kinds.add_parser("error", help="approximation error against softmax on random and MiniLM q/k/v (B6)"))
     _add_sparsity_options(kinds.add_parser("sparsity", help="content-sparse mechanisms: error and mass kept against density, random and MiniLM q/k/v"))
     _add_cache_options(kinds.add_parser("cache", help="KV-cache eviction policies: needle recall of a model trained here, against KV memory (B5)"))
+    add_distributed_parser(kinds)
     _add_modules_options(kinds.add_parser("modules", help="every registered attnzoo.nn module at its standard size: params, GFLOPs, forward and train time"))
 
 

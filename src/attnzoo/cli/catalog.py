@@ -95,6 +95,7 @@ FEATURES: dict[str, tuple[str, str]] = {
     "B4": ("attnzoo.bench.mqar.EXTRAPOLATION", "attnzoo bench mqar --preset extrapolation: train at 64, test to 1024"),
     "B5": ("attnzoo.bench.cache_recall.run_cache", "attnzoo bench cache: needle recall at a fixed KV budget"),
     "B6": ("attnzoo.bench.error.run_error", "attnzoo bench error / sparsity: error against exact softmax"),
+    "P1": ("attnzoo.distributed.ring_attention", "ring (context-parallel), Ulysses (head-parallel), linear state passing, halo exchange over torch.distributed"),
 }
 
 
